@@ -1,0 +1,58 @@
+"""Build the Starlette app: routes, middleware, error handlers, and the lifespan that loads models.
+
+State lives on ``app.state`` (the settings, the model registry), never in
+module globals. Models load on a start-up thread so /health answers at once
+and /ready turns 200 when every model is in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+
+from server.config import Settings
+from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from server.models.registry import ModelRegistry, build_registry
+from server.routes import health, models
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
+    """The ASGI app. Pass a registry to share already-loaded models (tests); else models load at start."""
+    owns_registry = registry is None
+    registry = registry if registry is not None else ModelRegistry()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if owns_registry:
+            loader = threading.Thread(target=build_registry, args=(registry, settings), name="model-loader",
+                                      daemon=True)
+            loader.start()
+            app.state.loader = loader
+        yield
+
+    app = Starlette(
+        routes=[*health.routes, *models.routes],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(AuthMiddleware, api_keys=settings.api_keys),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        ],
+        exception_handlers={
+            APIError: handle_api_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    return app

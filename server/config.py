@@ -1,0 +1,177 @@
+"""One settings object, from command-line flags and MLX_DROPIN_* environment variables.
+
+Nothing else in the package reads the environment. Precedence: flag, then
+environment variable, then default. Every flag has an environment twin named
+``MLX_DROPIN_`` + the flag in upper case with dashes as underscores
+(``--max-body-mb`` -> ``MLX_DROPIN_MAX_BODY_MB``); list flags take a
+comma-separated value there (``MLX_DROPIN_API_KEYS=k1,k2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.models.cache import default_cache_root
+
+ENV_PREFIX = "MLX_DROPIN_"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve: its public id and where it comes from (hub repo, local dir or GGUF file)."""
+
+    id: str
+    source: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """``ID=SOURCE`` or just ``SOURCE`` (the id is then the repo name or file stem)."""
+        if "=" in text:
+            model_id, source = text.split("=", 1)
+            if not model_id or not source:
+                raise ValueError(f"bad --model value {text!r}: expected ID=SOURCE or SOURCE")
+            return cls(model_id, source)
+        source = text.rstrip("/")
+        if not source:
+            raise ValueError("empty --model value")
+        path = Path(os.path.expanduser(source))
+        if path.suffix == ".gguf":
+            return cls(path.stem, source)
+        if path.exists():
+            return cls(path.name, source)
+        return cls(source, source)  # a hub repo id keeps its org/name form
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[ModelSpec, ...] = ()
+    default_models: bool = True
+    api_keys: tuple[str, ...] = ()
+    cache_dir: Path = field(default_factory=default_cache_root)
+    data_dir: Path = field(default_factory=lambda: Path(os.path.expanduser("~/.local/share/mlx-dropin")))
+    dtype: str = "auto"
+    max_body_mb: float = 32.0
+    log_level: str = "info"
+    offline: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.max_body_mb <= 0:
+            raise ValueError("max_body_mb must be positive")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        ids = [spec.id for spec in self.models]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        if not self.models and not self.default_models:
+            raise ValueError("no models to serve: pass --model or drop --no-default-models")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
+_DEFAULTS = Settings()
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(ENV_PREFIX + name)
+    return value if value not in (None, "") else None
+
+
+def _env_list(environ: Mapping[str, str], name: str) -> list[str]:
+    value = _env(environ, name)
+    return [item.strip() for item in value.split(",") if item.strip()] if value else []
+
+
+def _env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _env(environ, name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ENV_PREFIX}{name} must be true or false, got {value!r}")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` flags; defaults are applied in settings_from_args so env can fill them."""
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--model", action="append", default=None, metavar="[ID=]SOURCE",
+                        help="serve a model: a Hugging Face repo id, a local MLX directory or a .gguf file; "
+                             "repeatable")
+    parser.add_argument("--no-default-models", action="store_true", default=None,
+                        help="do not serve the embedded defaults (smollm2-135m-instruct, all-minilm-l6-v2)")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="require this bearer key (repeatable); without any, the server is open")
+    parser.add_argument("--cache-dir", help="model cache (default ~/.cache/mlx-dropin)")
+    parser.add_argument("--data-dir", help="files, jobs and adapters (default ~/.local/share/mlx-dropin)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="weights dtype: auto = float32 on CPU, keep quantized on Metal/CUDA (default auto)")
+    parser.add_argument("--max-body-mb", type=float, help="largest request body in MiB (default 32)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    parser.add_argument("--offline", action="store_true", default=None,
+                        help="never reach the hub; serve only what the cache holds")
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+
+    def pick(name: str, flag_value: object, convert: type = str) -> object:
+        if flag_value is not None:
+            return flag_value
+        raw = _env(env, name.upper())
+        if raw is not None:
+            try:
+                return convert(raw)
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: {exc}") from exc
+        return getattr(_DEFAULTS, name)
+
+    model_texts = args.model if args.model is not None else _env_list(env, "MODELS")
+    api_keys = args.api_key if args.api_key is not None else _env_list(env, "API_KEYS")
+    no_defaults = args.no_default_models if args.no_default_models is not None else \
+        _env_bool(env, "NO_DEFAULT_MODELS", False)
+    offline = args.offline if args.offline is not None else _env_bool(env, "OFFLINE", False)
+    cache_dir = pick("cache_dir", args.cache_dir)
+    data_dir = pick("data_dir", args.data_dir)
+    return Settings(
+        host=str(pick("host", args.host)),
+        port=int(pick("port", args.port, int)),  # type: ignore[arg-type]
+        models=tuple(ModelSpec.parse(text) for text in model_texts),
+        default_models=not no_defaults,
+        api_keys=tuple(api_keys),
+        cache_dir=Path(os.path.expanduser(str(cache_dir))),
+        data_dir=Path(os.path.expanduser(str(data_dir))),
+        dtype=str(pick("dtype", args.dtype)),
+        max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),  # type: ignore[arg-type]
+        log_level=str(pick("log_level", args.log_level)),
+        offline=offline,
+    )
+
+
+def resolve_cache_dir(flag_value: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """The cache directory for commands other than `serve`: flag, then MLX_DROPIN_CACHE_DIR, then default."""
+    value = flag_value or _env(os.environ if environ is None else environ, "CACHE_DIR")
+    return Path(os.path.expanduser(value)) if value else default_cache_root()
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings for `serve` from argv (without the subcommand) and the environment."""
+    parser = argparse.ArgumentParser(prog="mlx-dropin serve")
+    add_serve_arguments(parser)
+    return settings_from_args(parser.parse_args(list(argv)), environ)

@@ -1,0 +1,136 @@
+"""The registry of served models: public ids -> model directories and, once loaded, the weights.
+
+Building it has two stages. ``prepare`` fetches or converts every model's
+files (may download, may take minutes on first start) and registers them;
+``load`` reads chat weights into memory. The server answers /health during
+both, and /ready only after both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.config import ModelSpec, Settings
+from server.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from server.models.cache import ModelCache
+from server.models.defaults import DEFAULTS, ModelKind, build_default
+from server.models.loading import detect_kind, load_chat_model, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One model the server answers for; `model`/`tokenizer` are set once its weights are loaded."""
+
+    id: str
+    kind: ModelKind
+    path: Path
+    created: int = field(default_factory=lambda: int(time.time()))
+    owned_by: str = "mlx-dropin"
+    model: Any = None
+    tokenizer: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.kind != "chat" or self.model is not None
+
+
+class ModelRegistry:
+    """Maps public model ids to ServedModels; picks the default per kind when a request names none."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._defaults: dict[ModelKind, str] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.failure: str | None = None
+
+    def add(self, served: ServedModel) -> None:
+        with self._lock:
+            if served.id in self._models:
+                raise ValueError(f"model id {served.id!r} is registered twice")
+            self._models[served.id] = served
+            self._defaults.setdefault(served.kind, served.id)
+
+    def list(self) -> list[ServedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def get(self, model_id: str) -> ServedModel:
+        with self._lock:
+            served = self._models.get(model_id)
+        if served is None:
+            raise ModelNotFoundError(model_id)
+        return served
+
+    def default_id(self, kind: ModelKind) -> str | None:
+        return self._defaults.get(kind)
+
+    def resolve(self, model_id: str | None, kind: ModelKind) -> ServedModel:
+        """The model a request asked for (or the default of its kind), loaded and of the right kind."""
+        if not model_id:
+            default = self._defaults.get(kind)
+            if default is None:
+                raise ModelNotFoundError("", param="model")
+            model_id = default
+        served = self.get(model_id)
+        if served.kind != kind:
+            raise InvalidRequestError(f"The model '{model_id}' is an {served.kind} model and cannot serve "
+                                      f"this endpoint.", param="model", code="model_not_supported")
+        if not served.loaded:
+            raise ServiceUnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
+                                          headers={"retry-after": "5"})
+        return served
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def mark_ready(self) -> None:
+        self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+
+def prepare(registry: ModelRegistry, settings: Settings) -> None:
+    """Fetch/convert every configured model and register it (no weights loaded yet)."""
+    cache = ModelCache(settings.cache_dir)
+    for spec in settings.models:
+        path = resolve_source(spec.source, cache, settings.offline)
+        registry.add(ServedModel(id=spec.id, kind=detect_kind(path), path=path))
+    if settings.default_models:
+        for default in DEFAULTS:
+            if default.id in {spec.id for spec in settings.models}:
+                continue
+            registry.add(ServedModel(id=default.id, kind=default.kind, path=build_default(default, cache)))
+
+
+def load(registry: ModelRegistry, settings: Settings) -> None:
+    """Load the weights of every chat model (embedding encoders load with their endpoint)."""
+    for served in registry.list():
+        if served.kind == "chat" and served.model is None:
+            started = time.perf_counter()
+            served.model, served.tokenizer = load_chat_model(served.path, settings.dtype)
+            log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
+
+
+def build_registry(registry: ModelRegistry, settings: Settings) -> None:
+    """prepare + load, recording a failure instead of raising (runs on a start-up thread)."""
+    try:
+        prepare(registry, settings)
+        load(registry, settings)
+    except Exception as exc:  # reported by /ready and the start-up log; the process stays up
+        registry.failure = f"{type(exc).__name__}: {exc}"
+        log.exception("model start-up failed")
+        return
+    registry.mark_ready()
+
+
+__all__ = ["ModelRegistry", "ServedModel", "ModelSpec", "build_registry", "prepare", "load"]

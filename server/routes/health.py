@@ -1,0 +1,27 @@
+"""`GET /health` (the process is alive) and `GET /ready` (every model is loaded)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.models.registry import ModelRegistry
+from server.wire.codec import json_response
+
+
+async def health(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    registry: ModelRegistry = request.app.state.registry
+    if registry.ready:
+        return json_response({"status": "ready", "models": [m.id for m in registry.list()]})
+    if registry.failure:
+        return json_response({"status": "failed", "error": registry.failure}, status=503)
+    return json_response({"status": "loading", "models": [m.id for m in registry.list() if m.loaded]},
+                         status=503, headers={"retry-after": "2"})
+
+
+routes = [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"])]

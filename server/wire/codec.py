@@ -1,0 +1,64 @@
+"""Request decoding and response encoding with msgspec, with OpenAI-shaped 400s for bad bodies.
+
+Unknown fields are accepted (msgspec ignores them), explicit nulls decode to
+the field's default where the Struct allows None, and a wrong type names the
+offending field in `param` (``messages[0].content``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.errors import InvalidRequestError
+
+T = TypeVar("T")
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_encoder = msgspec.json.Encoder()
+
+
+_MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
+
+
+def _param_from(message: str) -> tuple[str, str | None]:
+    match = _PATH.search(message)
+    missing = _MISSING.search(message)
+    if not match:
+        return message, missing.group("field") if missing else None
+    path = match.group("path").lstrip(".")
+    if missing:
+        path = f"{path}.{missing.group('field')}" if path else missing.group("field")
+    return message[: match.start()], path or None
+
+
+def decode_json(body: bytes, kind: type[T]) -> T:
+    """Decode a JSON body into `kind`, raising InvalidRequestError (400) naming the bad param."""
+    if not body.strip():
+        raise InvalidRequestError("The request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        message, param = _param_from(str(exc))
+        where = f" (at '{param}')" if param else ""
+        raise InvalidRequestError(f"Invalid request: {message}{where}.", param=param) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload.",
+            code="invalid_json") from exc
+
+
+async def read_json(request: Request, kind: type[T]) -> T:
+    return decode_json(await request.body(), kind)
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(obj), status_code=status, headers=headers, media_type="application/json")

