@@ -1,0 +1,1 @@
+"""The batch engine: block pool, paged KV cache, scheduler, sampling."""

@@ -1,0 +1,377 @@
+"""The batch engine: one thread owns all MLX work; the asyncio side submits and streams through it.
+
+    HTTP (asyncio)                         engine thread
+    submit(request, sink) --inbox-->  drain -> Scheduler.schedule()
+                                            -> ModelRunner.prefill / decode
+                                            -> sample_batch -> detokenize
+    sink(TokenEvent) <--call_soon_threadsafe-- events per token, per sequence
+
+Requests are validated in `submit` (on the caller's thread), so a bad one
+fails fast with InvalidRequestError and never reaches the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from server.engine.block_pool import BlockPool, PoolExhaustedError
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_manager import KVCacheManager
+from server.engine.paged_cache import KVStore, probe_kv_shape
+from server.engine.request import GenerationRequest, TokenEvent
+from server.engine.runner import ModelRunner
+from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from server.engine.sequence import Sequence, SequenceStatus
+from server.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_gb: float = 2.0
+    num_blocks: int | None = None  # overrides kv_cache_gb when set
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.kv_cache_gb <= 0 or (self.num_blocks is not None and self.num_blocks < 1):
+            raise ValueError("block_size, kv_cache_gb and num_blocks must be positive")
+
+
+@dataclass
+class EngineStats:
+    """Counters for the metrics endpoint."""
+
+    blocks_total: int = 0
+    blocks_used: int = 0
+    blocks_free: int = 0
+    blocks_cached: int = 0
+    blocks_pinned: int = 0
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens_computed: int = 0
+    prompt_tokens_reused: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    decode_tokens_per_s: float = 0.0
+    max_decode_batch: int = 0
+
+
+@dataclass
+class _Add:
+    request: GenerationRequest
+    sink: Sink
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class Engine:
+    """Continuous batching over a paged KV pool for one model."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
+                 context_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        shape = probe_kv_shape(model)
+        bs = self.config.block_size
+        num_blocks = self.config.num_blocks or max(
+            1, int(self.config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs))
+        self.pool = BlockPool(num_blocks, bs)
+        self.store = KVStore(shape, num_blocks, bs)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(self.kv, self.store, self.config.scheduler)
+        self.runner = ModelRunner(model, self.store)
+        self.context_length = context_length or _context_length(model)
+        self.vocab_size = _vocab_size(model, tokenizer)
+        self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or
+                                 ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None
+                                  else []))
+        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._sinks: dict[str, Sink] = {}
+        self._seqs: dict[str, list[Sequence]] = {}
+        self._stats = EngineStats(blocks_total=num_blocks)
+        self._decode_window: list[tuple[float, int]] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        log.info("KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)", num_blocks, bs,
+                 self.store.nbytes / (1 << 30), shape.bytes_per_token)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mlx-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- the public interface -----------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> int:
+        """Check a request against the model's limits; return its max_tokens."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("Prompt cannot be empty", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(f"Prompt contains token ids outside the vocabulary (0..{self.vocab_size - 1})",
+                                      param="prompt")
+        bad_bias = [t for t in request.params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad_bias:
+            raise InvalidRequestError(f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}",
+                                      param="logit_bias")
+        room = self.context_length - len(prompt)
+        asked = request.params.max_tokens
+        if room < 1 or (asked is not None and asked > room):
+            wanted = len(prompt) + (asked or 1)
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{wanted} tokens ({len(prompt)} in the messages, {asked or 1} in the completion). Please reduce "
+                f"the length of the messages or completion. (context_length_exceeded)",
+                param="messages", code="context_length_exceeded")
+        return asked if asked is not None else room
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; `sink` receives its TokenEvents on the engine thread."""
+        self.validate(request)
+        self._inbox.put(_Add(request, sink))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed at the next step."""
+        self._inbox.put(_Abort(request_id))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and yield events until every sequence of the request finished; abort on exit."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        remaining = request.params.n
+        try:
+            while remaining:
+                event = await events.get()
+                if event.finish_reason is not None:
+                    remaining -= 1
+                raise_if_failed(event)
+                yield event
+        finally:
+            if remaining:
+                self.abort(request.request_id)
+
+    def generate(self, request: GenerationRequest, timeout: float = 600.0) -> list[TokenEvent]:
+        """Blocking helper for scripts and tests: every event of the request."""
+        events: queue.Queue[TokenEvent] = queue.Queue()
+        self.submit(request, events.put)
+        out: list[TokenEvent] = []
+        remaining = request.params.n
+        deadline = time.monotonic() + timeout
+        while remaining:
+            event = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            raise_if_failed(event)
+            out.append(event)
+            remaining -= event.finish_reason is not None
+        return out
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            stats = EngineStats(**vars(self._stats))
+        now = time.monotonic()
+        window = [(t, n) for t, n in self._decode_window if now - t < 10]
+        if window:
+            span = max(now - window[0][0], 1e-3)
+            stats.decode_tokens_per_s = sum(n for _, n in window) / span
+        return stats
+
+    def check_integrity(self) -> None:
+        """Pool invariants; call when idle (tests)."""
+        self.pool.check_integrity()
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        stream = mx.new_stream(mx.default_device())
+        with mx.stream(stream):
+            while True:
+                if not self._drain(block=not self.scheduler.has_work):
+                    break
+                if self.scheduler.has_work:
+                    self._step()
+
+    def _drain(self, block: bool) -> bool:
+        while True:
+            try:
+                command = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            block = False
+            if command is None:
+                self._abort_everything()
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self._abort(command.request_id, SequenceStatus.FINISHED_ABORTED)
+
+    def _add(self, command: _Add) -> None:
+        request = command.request
+        max_tokens = self.validate(request)
+        seqs = []
+        for index in range(request.params.n):
+            sampler = SequenceSampler(request.params, request.prompt_token_ids)
+            if request.params.seed is not None and index:
+                sampler = SequenceSampler(_with_seed(request.params, request.params.seed + index),
+                                          request.prompt_token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, request.prompt_token_ids)
+            seqs.append(Sequence(request.request_id, index, list(request.prompt_token_ids), request.params,
+                                 sampler, detok, max_tokens, request.salt, request.conversation_key))
+        self._sinks[request.request_id] = command.sink
+        self._seqs[request.request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _abort(self, request_id: str, status: SequenceStatus, error: str | None = None) -> None:
+        for seq in self._seqs.get(request_id, []):
+            if not seq.finished:
+                seq.error = error
+                self._finish(seq, status, "")
+
+    def _abort_everything(self) -> None:
+        for request_id in list(self._seqs):
+            self._abort(request_id, SequenceStatus.FINISHED_ABORTED)
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        for seq in plan.failed:
+            self._finish(seq, SequenceStatus.FINISHED_ERROR, "")
+        try:
+            self._run(plan)
+        except Exception as exc:  # a failing forward must not take the engine down
+            log.exception("engine step failed")
+            for seq in [s for s, _ in plan.prefills] + plan.decodes:
+                if not seq.finished:
+                    seq.error = f"generation failed: {exc}"
+                    seq.error_kind = "internal"
+                    self._finish(seq, SequenceStatus.FINISHED_ERROR, "")
+        with self._lock:
+            s = self._stats
+            s.steps += 1
+            s.blocks_used, s.blocks_free = self.pool.num_used, self.pool.num_free
+            s.blocks_cached, s.blocks_pinned = self.pool.num_cached_free, self.kv.num_pinned_blocks
+            s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def _run(self, plan: StepPlan) -> None:
+        for seq, num_tokens in plan.prefills:
+            self.runner.prefill(seq, num_tokens)
+            seq.num_computed_tokens += num_tokens
+            self._stats.prompt_tokens_computed += num_tokens
+            self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
+        if not plan.decodes:
+            return
+        fresh = [s for s in plan.decodes if not s.output_token_ids]
+        self._stats.prompt_tokens_computed += len(fresh)  # a prompt's last token is fed by its first decode
+        self._stats.prompt_tokens_reused += sum(s.num_cached_tokens for s in fresh)
+        logits = self.runner.decode(plan.decodes)
+        samples = sample_batch(logits, [s.sampler for s in plan.decodes])
+        self._decode_window.append((time.monotonic(), len(plan.decodes)))
+        self._stats.max_decode_batch = max(self._stats.max_decode_batch, len(plan.decodes))
+        if len(self._decode_window) > 512:
+            del self._decode_window[:256]
+        for seq, sample in zip(plan.decodes, samples):
+            seq.num_computed_tokens += 1
+            self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
+            self._accept(seq, sample)
+
+    def _accept(self, seq: Sequence, sample: TokenSample) -> None:
+        token = sample.token_id
+        seq.output_token_ids.append(token)
+        seq.sampler.record(token)
+        self._stats.generated_tokens += 1
+        params = seq.params
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED, "", sample)
+            return
+        text = seq.detokenizer.add(token)
+        if seq.detokenizer.stopped:
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED, text, sample)
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.context_length:
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH, text + seq.detokenizer.flush(), sample)
+        else:
+            self._emit(seq, text, sample)
+
+    def _emit(self, seq: Sequence, text: str, sample: TokenSample | None, finish: str | None = None) -> None:
+        sink = self._sinks.get(seq.request_id)
+        if sink is None:
+            return
+        event = TokenEvent(
+            request_id=seq.request_id, index=seq.index, token_id=sample.token_id if sample else None, text=text,
+            logprob=sample.logprob if sample else None, top_logprobs=sample.top_logprobs if sample else None,
+            finish_reason=finish, prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_tokens,
+            completion_tokens=len(seq.output_token_ids), error=seq.error, error_kind=seq.error_kind)
+        try:
+            sink(event)
+        except Exception:  # a closed event loop on the other side: the request is gone
+            log.debug("dropping event for %s", seq.request_id, exc_info=True)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None) -> None:
+        seq.status = status
+        if seq.conversation_key and status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
+            self.kv.pin(seq.conversation_key, seq.token_ids[: seq.num_computed_tokens], seq.block_ids)
+        self.scheduler.remove(seq)
+        self._emit(seq, text, sample, seq.finish_reason)
+        siblings = self._seqs.get(seq.request_id, [])
+        if all(s.finished for s in siblings):
+            self._seqs.pop(seq.request_id, None)
+            self._sinks.pop(seq.request_id, None)
+
+
+class GenerationError(RuntimeError):
+    """A sequence failed inside the engine (not the client's fault)."""
+
+
+def raise_if_failed(event: TokenEvent) -> None:
+    """Turn an error event into the matching exception (PoolExhaustedError or GenerationError)."""
+    if event.finish_reason != "error":
+        return
+    if event.error_kind == "pool_exhausted":
+        raise PoolExhaustedError(event.error or "KV pool exhausted")
+    raise GenerationError(event.error or "generation failed")
+
+
+def _with_seed(params: Any, seed: int) -> Any:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+def _context_length(model: Any) -> int:
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "context_length", "max_seq_len"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4096
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    args = getattr(model, "args", None)
+    value = getattr(args, "vocab_size", None)
+    return int(value) if isinstance(value, int) else len(tokenizer.vocab)
+
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "GenerationError", "PoolExhaustedError"]

@@ -1,0 +1,196 @@
+"""KV bytes in MLX: the per-layer slot pools, and the cache objects mlx-lm's models call each step.
+
+Every layer has one K and one V array of shape ``(num_blocks * block_size,
+kv_heads, head_dim)``: slot ``block * block_size + i`` holds token ``i`` of
+that block. A step writes its new K/V by scatter (in place: MLX donates the
+pool buffer) and reads each row's context by gathering its slots:
+
+    row r:  block table [4, 9]   positions 0..19 (block_size 16)
+            slots = [64..79, 144..147]  -> gather -> (S, H, D) per row
+
+``PagedLayerCache`` speaks mlx-lm's cache protocol (``offset``,
+``update_and_fetch``, ``make_mask``), so model code runs unchanged. A single
+row gets exactly the keys it needs and mlx-lm's own masks ("causal" for a
+chunk, none for one token), which keeps greedy output equal to
+``mlx_lm.generate``; several rows get a boolean mask hiding padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one token's KV looks like in every layer (probed from the model)."""
+
+    num_layers: int
+    kv_heads: tuple[int, ...]
+    k_dims: tuple[int, ...]
+    v_dims: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def bytes_per_token(self) -> int:
+        size = self.dtype.size
+        return sum(h * (k + v) * size for h, k, v in zip(self.kv_heads, self.k_dims, self.v_dims))
+
+
+def probe_kv_shape(model: Any) -> KVShape:
+    """Run one token through the model with mlx-lm's own cache and read the shapes it stored."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    heads, k_dims, v_dims = [], [], []
+    dtype = None
+    for layer_cache in cache:
+        keys, values = getattr(layer_cache, "keys", None), getattr(layer_cache, "values", None)
+        if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
+            raise ValueError(f"unsupported cache type {type(layer_cache).__name__}: only attention KV caches "
+                             "can be paged (SSM / linear-attention layers are not supported yet)")
+        heads.append(keys.shape[1])
+        k_dims.append(keys.shape[3])
+        v_dims.append(values.shape[3])
+        dtype = keys.dtype
+    return KVShape(len(cache), tuple(heads), tuple(k_dims), tuple(v_dims), dtype)
+
+
+class KVStore:
+    """The K and V slot pools of every layer."""
+
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int) -> None:
+        self.shape = shape
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        self.keys = [mx.zeros((slots, h, d), shape.dtype) for h, d in zip(shape.kv_heads, shape.k_dims)]
+        self.values = [mx.zeros((slots, h, d), shape.dtype) for h, d in zip(shape.kv_heads, shape.v_dims)]
+        mx.eval(self.keys, self.values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+    def copy_slots(self, src_block: int, dst_block: int, count: int) -> None:
+        """Copy the first `count` token slots of one block into another, in every layer."""
+        bs = self.block_size
+        src = slice(src_block * bs, src_block * bs + count)
+        dst = slice(dst_block * bs, dst_block * bs + count)
+        for pool in (*self.keys, *self.values):
+            pool[dst] = pool[src]
+        mx.eval(self.keys, self.values)
+
+
+def slot_ids(block_table: Sequence[int], start: int, stop: int, block_size: int) -> np.ndarray:
+    """Slots of positions start..stop-1 for one row."""
+    positions = np.arange(start, stop)
+    table = np.asarray(block_table, dtype=np.int64)
+    return (table[positions // block_size] * block_size + positions % block_size).astype(np.int32)
+
+
+@dataclass
+class StepLayout:
+    """Where one forward step writes and reads, shared by every layer's cache object.
+
+    Every row feeds the same number of new tokens (`num_new`); row r already has
+    `offsets[r]` tokens of KV.
+    """
+
+    offsets: list[int]
+    num_new: int
+    block_tables: list[list[int]]
+    block_size: int
+    write_slots: mx.array = field(init=False)
+    read_slots: mx.array = field(init=False)
+    _masks: dict[int | None, Any] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bs, n = self.block_size, self.num_new
+        writes = [slot_ids(t, o, o + n, bs) for t, o in zip(self.block_tables, self.offsets)]
+        self.write_slots = mx.array(np.concatenate(writes))
+        width = max(self.offsets) + n
+        reads = np.zeros((len(self.offsets), width), dtype=np.int32)
+        for r, (table, offset) in enumerate(zip(self.block_tables, self.offsets)):
+            reads[r, : offset + n] = slot_ids(table, 0, offset + n, bs)
+        self.read_slots = mx.array(reads)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def offset(self) -> int | mx.array:
+        return self.offsets[0] if self.batch_size == 1 else mx.array(self.offsets)
+
+    def mask(self, window_size: int | None) -> Any:
+        if window_size not in self._masks:
+            self._masks[window_size] = self._build_mask(window_size)
+        return self._masks[window_size]
+
+    def _build_mask(self, window_size: int | None) -> Any:
+        n = self.num_new
+        width = max(self.offsets) + n
+        if self.batch_size == 1 and (window_size is None or width <= window_size):
+            return "causal" if n > 1 else None  # mlx-lm's own single-sequence masks
+        offsets = np.asarray(self.offsets)[:, None, None]  # (B, 1, 1)
+        query_pos = offsets + np.arange(n)[None, :, None]  # (B, n, 1)
+        key_pos = np.arange(width)[None, None, :]  # (1, 1, S)
+        visible = key_pos <= query_pos
+        if window_size is not None:
+            visible &= key_pos > query_pos - window_size
+        return mx.array(visible[:, None, :, :])  # (B, 1, n, S)
+
+
+class PagedLayerCache:
+    """One layer's view of a step: mlx-lm's cache protocol over the slot pools."""
+
+    def __init__(self, store: KVStore, layer: int, layout: StepLayout) -> None:
+        self.store = store
+        self.layer = layer
+        self.layout = layout
+
+    @property
+    def offset(self) -> int | mx.array:
+        return self.layout.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        batch, heads, n, _ = keys.shape
+        layout = self.layout
+        k_pool, v_pool = self.store.keys[self.layer], self.store.values[self.layer]
+        k_pool[layout.write_slots] = keys.transpose(0, 2, 1, 3).reshape(batch * n, heads, -1)
+        v_pool[layout.write_slots] = values.transpose(0, 2, 1, 3).reshape(batch * n, heads, -1)
+        return (k_pool[layout.read_slots].transpose(0, 2, 1, 3),
+                v_pool[layout.read_slots].transpose(0, 2, 1, 3))
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
+        mask = self.layout.mask(window_size)
+        if return_array and isinstance(mask, str) or (return_array and mask is None and n > 1):
+            return self._array_mask(window_size)
+        return mask
+
+    def _array_mask(self, window_size: int | None) -> mx.array:
+        offset, n = self.layout.offsets[0], self.layout.num_new
+        query_pos = offset + np.arange(n)[:, None]
+        key_pos = np.arange(offset + n)[None, :]
+        visible = key_pos <= query_pos
+        if window_size is not None:
+            visible &= key_pos > query_pos - window_size
+        return mx.array(visible)
+
+    # mlx-lm checks these on some code paths; a paged cache is neither trimmable nor quantized
+    def is_trimmable(self) -> bool:
+        return False
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        return self.store.keys[self.layer], self.store.values[self.layer]
+
+
+def step_caches(store: KVStore, layout: StepLayout) -> list[PagedLayerCache]:
+    return [PagedLayerCache(store, layer, layout) for layer in range(store.shape.num_layers)]

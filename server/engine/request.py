@@ -1,0 +1,41 @@
+"""What the HTTP layer hands the engine (GenerationRequest) and what comes back (TokenEvent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt to continue `params.n` times.
+
+    `salt` scopes KV reuse: the model or adapter id and the tenant, so two
+    tenants or a base and a fine-tuned model never read each other's blocks.
+    `conversation_key` pins the finished turn's KV for the next turn.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    conversation_key: str | None = None
+    salt: bytes = b""
+
+
+@dataclass
+class TokenEvent:
+    """One step's output for one sequence; the last event of a sequence has a finish_reason."""
+
+    request_id: str
+    index: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    error_kind: str | None = None  # "pool_exhausted" | "internal" when finish_reason is "error"

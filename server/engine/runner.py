@@ -1,0 +1,62 @@
+"""The model runner: turns a step's prefill chunks and decode batch into forward passes.
+
+Prefill chunks run one sequence at a time (B=1), through the model's body
+only when it has one (no vocabulary projection for tokens whose logits nobody
+reads); the decode batch runs every decode-ready sequence as one (B, 1)
+forward and returns the last logits. Like ``mlx_lm.generate``, a prompt's
+last token is fed by its first decode step, never by prefill.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import mlx.core as mx
+
+from server.engine.paged_cache import KVStore, StepLayout, step_caches
+from server.engine.sequence import Sequence
+
+
+def _body_of(model: Any) -> Any | None:
+    """The model's transformer body if it takes mlx-lm's `cache` argument, else None."""
+    body = getattr(model, "model", None)
+    if body is None or not callable(body):
+        return None
+    try:
+        params = inspect.signature(body.__call__).parameters
+    except (TypeError, ValueError):
+        return None
+    return body if "cache" in params else None
+
+
+class ModelRunner:
+    """Runs forward passes of one mlx-lm model over the paged KV store."""
+
+    def __init__(self, model: Any, store: KVStore) -> None:
+        self.model = model
+        self.store = store
+        self._body = _body_of(model)
+
+    def _sync_pools(self, *outputs: mx.array) -> None:
+        mx.eval(*outputs, self.store.keys, self.store.values)
+
+    def prefill(self, seq: Sequence, num_tokens: int) -> None:
+        """Compute KV for the next num_tokens of seq (never its last token)."""
+        start = seq.num_computed_tokens
+        assert start + num_tokens <= seq.num_tokens - 1, "prefill must leave the last token to decode"
+        tokens = seq.token_ids[start:start + num_tokens]
+        layout = StepLayout([start], num_tokens, [seq.block_ids], self.store.block_size)
+        forward = self._body if self._body is not None else self.model
+        out = forward(mx.array([tokens], dtype=mx.int32), cache=step_caches(self.store, layout))
+        self._sync_pools(out)
+
+    def decode(self, seqs: Seq[Sequence]) -> mx.array:
+        """Feed each sequence's next uncomputed token; return (B, V) logits, evaluated."""
+        offsets = [s.num_computed_tokens for s in seqs]
+        tokens = [[s.token_ids[o]] for s, o in zip(seqs, offsets)]
+        layout = StepLayout(offsets, 1, [s.block_ids for s in seqs], self.store.block_size)
+        logits = self.model(mx.array(tokens, dtype=mx.int32), cache=step_caches(self.store, layout))[:, -1, :]
+        self._sync_pools(logits)
+        return logits

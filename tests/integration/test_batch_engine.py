@@ -1,0 +1,248 @@
+"""The batch engine on the real default model (SmolLM2-135M-Instruct, float32 on CPU)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from mlx_lm.generate import generate_step
+
+from server.engine.block_pool import PoolExhaustedError
+from server.engine.engine import Engine, EngineConfig
+from server.engine.request import GenerationRequest, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import SchedulerConfig
+from server.errors import InvalidRequestError
+from server.models.registry import ModelRegistry
+
+BS = 16
+SYSTEM = ("You are a meticulous assistant for a company that builds servers for language models. "
+          "Answer briefly, cite nothing, and never invent facts. Keep every answer under fifty words. ")
+
+
+@pytest.fixture(scope="module")
+def smol(registry: ModelRegistry) -> tuple[Any, Any]:
+    served = registry.get("smollm2-135m-instruct")
+    return served.model, served.tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(smol: tuple[Any, Any]) -> Iterator[Engine]:
+    model, tokenizer = smol
+    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=256))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+_ids = iter(range(10**9))
+
+
+def request(tokens: list[int], max_tokens: int = 8, conversation: str | None = None, salt: bytes = b"",
+            **params: Any) -> GenerationRequest:
+    return GenerationRequest(f"req-{next(_ids)}", tokens, SamplingParams(max_tokens=max_tokens,
+                             temperature=params.pop("temperature", 0.0), **params), conversation, salt)
+
+
+def chat_tokens(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def tokens_of(events: list[TokenEvent], index: int = 0) -> list[int]:
+    return [e.token_id for e in events if e.index == index and e.token_id is not None]
+
+
+def reference(smol: tuple[Any, Any], prompt: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm's own single-sequence greedy generation, stopping at EOS like the engine."""
+    import mlx.core as mx
+
+    model, tokenizer = smol
+    out: list[int] = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        out.append(int(token))
+        if int(token) in tokenizer.eos_token_ids:
+            break
+    return out
+
+
+def idle(engine: Engine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.scheduler.has_work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    engine.check_integrity()
+
+
+def test_fresh_generation(engine: Engine, smol: tuple[Any, Any]) -> None:
+    prompt = chat_tokens(smol[1], "What is the capital of France?")
+    events = engine.generate(request(prompt, max_tokens=12, conversation="fresh"))
+    assert "".join(e.text for e in events).strip()
+    assert events[-1].finish_reason in ("stop", "length")
+    assert events[-1].prompt_tokens == len(prompt)
+    idle(engine)
+    assert len(engine.kv.conversations["fresh"].block_ids) == -(-(len(prompt) + len(tokens_of(events)) - 1) // BS)
+
+
+def test_second_turn_computes_only_new_tokens_and_matches_recompute(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokenizer = smol[1]
+    turn1 = chat_tokens(tokenizer, "Name a colour of the sky.")
+    first = engine.generate(request(turn1, max_tokens=10, conversation="resume"))
+    out1 = tokens_of(first)
+    idle(engine)
+    blocks1 = list(engine.kv.conversations["resume"].block_ids)
+    cached_tokens_expected = len(turn1) + len(out1) - 1  # the last sampled token was never fed
+    follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd at night?<|im_end|>\n<|im_start|>assistant\n",
+                              add_special_tokens=False)
+    turn2 = turn1 + out1 + list(follow)
+    computed_before = engine.stats().prompt_tokens_computed
+    second = engine.generate(request(turn2, max_tokens=10, conversation="resume"))
+    computed = engine.stats().prompt_tokens_computed - computed_before
+    assert second[-1].cached_tokens == cached_tokens_expected
+    assert computed == len(turn2) - cached_tokens_expected
+    idle(engine)
+    blocks2 = engine.kv.conversations["resume"].block_ids
+    assert blocks2[: cached_tokens_expected // BS] == blocks1[: cached_tokens_expected // BS]
+    scratch = engine.generate(request(turn2, max_tokens=10, salt=b"no-reuse"))
+    assert scratch[-1].cached_tokens == 0
+    assert tokens_of(second) == tokens_of(scratch)
+
+
+def test_three_agents_of_different_lengths_batch_together(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokenizer = smol[1]
+    prompts = [chat_tokens(tokenizer, "Hi"), chat_tokens(tokenizer, "Tell me about rivers. " * 6),
+               chat_tokens(tokenizer, "Summarise the history of Rome in one line. " * 12)]
+    assert len({len(p) for p in prompts}) == 3
+    results: dict[int, list[TokenEvent]] = {}
+
+    def run(i: int) -> None:
+        results[i] = engine.generate(request(prompts[i], max_tokens=8, salt=b"agents"))
+
+    before = engine.stats().max_decode_batch
+    engine._stats.max_decode_batch = 0
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(results[i][-1].finish_reason in ("stop", "length") for i in range(3))
+    assert engine.stats().max_decode_batch >= 2
+    engine._stats.max_decode_batch = max(before, engine._stats.max_decode_batch)
+    idle(engine)
+
+
+def test_no_leaks_after_generations_cancellations_and_failures(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokenizer = smol[1]
+    engine.kv.unpin_all()
+    idle(engine)
+    assert engine.pool.num_used == 0
+    for i in range(10):
+        engine.generate(request(chat_tokens(tokenizer, f"Count to {i}."), max_tokens=4, conversation=f"leak-{i % 3}"))
+    # cancellations mid-stream
+    for i in range(3):
+        got_one = threading.Event()
+        req = request(chat_tokens(tokenizer, f"Write a long story number {i}."), max_tokens=200)
+        engine.submit(req, lambda e: got_one.set())
+        assert got_one.wait(30)
+        engine.abort(req.request_id)
+    # requests that fail validation never reach the pool
+    with pytest.raises(InvalidRequestError):
+        engine.submit(request([1, 2, 3], logit_bias={10**7: 5.0}), lambda e: None)
+    with pytest.raises(InvalidRequestError):
+        engine.submit(request([10**8]), lambda e: None)
+    idle(engine)
+    pool = engine.pool
+    assert pool.num_free + pool.num_used == pool.num_blocks
+    assert pool.num_used == engine.kv.num_pinned_blocks  # only conversation pins hold blocks
+    assert set(engine.kv.conversations) == {"leak-0", "leak-1", "leak-2"}
+    engine.kv.unpin_all()  # eviction reclaims them
+    assert pool.num_used == 0 and pool.num_free == pool.num_blocks
+    pool.check_integrity()
+
+
+def test_pool_exhaustion_fails_cleanly_and_engine_keeps_serving(smol: tuple[Any, Any]) -> None:
+    model, tokenizer = smol
+    small = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=6,
+                                                  scheduler=SchedulerConfig(admission_timeout=0.5)))
+    small.start()
+    try:
+        too_long = chat_tokens(tokenizer, "word " * 120)
+        with pytest.raises(PoolExhaustedError):
+            small.generate(request(too_long, max_tokens=4))
+        # one request fills most of the pool for a while; a second cannot get blocks in time
+        hog = request(chat_tokens(tokenizer, "Tell me a long story about dragons. " * 3), max_tokens=30,
+                      ignore_eos=True)
+        done = threading.Event()
+        small.submit(hog, lambda e: e.finish_reason and done.set())
+        time.sleep(0.2)
+        with pytest.raises(PoolExhaustedError):
+            small.generate(request(chat_tokens(tokenizer, "And a story about cats. " * 3), max_tokens=4))
+        assert done.wait(120)
+        ok = small.generate(request(chat_tokens(tokenizer, "Hi"), max_tokens=3))
+        assert ok[-1].finish_reason in ("stop", "length")
+        idle(small)
+        assert small.pool.num_used == 0
+    finally:
+        small.shutdown()
+
+
+def test_empty_prompt_is_rejected(engine: Engine) -> None:
+    with pytest.raises(InvalidRequestError, match="Prompt cannot be empty"):
+        engine.submit(request([]), lambda e: None)
+
+
+@pytest.mark.parametrize("kind", ["short", "multi-block"])
+def test_greedy_matches_mlx_lm_generate(engine: Engine, smol: tuple[Any, Any], kind: str) -> None:
+    text = "What is 2+2?" if kind == "short" else "Explain why the sky is blue, in detail please. " * 8
+    prompt = chat_tokens(smol[1], text)
+    assert kind == "short" or len(prompt) > 4 * BS
+    ours = tokens_of(engine.generate(request(prompt, max_tokens=16, salt=kind.encode())))
+    assert ours == reference(smol, prompt, 16)
+
+
+def test_resumed_conversation_matches_mlx_lm_generate(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokenizer = smol[1]
+    turn1 = chat_tokens(tokenizer, "Give me one fruit.")
+    out1 = tokens_of(engine.generate(request(turn1, max_tokens=8, conversation="exact")))
+    turn2 = turn1 + out1 + list(tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnother?<|im_end|>\n"
+                                                 "<|im_start|>assistant\n", add_special_tokens=False))
+    events = engine.generate(request(turn2, max_tokens=12, conversation="exact"))
+    assert events[-1].cached_tokens > len(turn1)
+    assert tokens_of(events) == reference(smol, turn2, 12)
+
+
+def test_mixed_batch_matches_solo_runs(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokenizer = smol[1]
+    texts = ["Name three planets.", "What is the boiling point of water?", "Write a haiku about snow.",
+             "Translate 'good morning' to French."]
+    prompts = [chat_tokens(tokenizer, t) for t in texts]
+    solo = [reference(smol, p, 12) for p in prompts]
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = tokens_of(engine.generate(request(prompts[i], max_tokens=12, salt=b"mixed")))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    agree = sum(results[i] == solo[i] for i in range(len(prompts)))
+    # float32 sums over differently shaped batches may differ in the last bits; report, and require most
+    print(f"mixed batch: {agree}/{len(prompts)} sequences token-identical to their solo mlx-lm run")
+    assert agree >= len(prompts) - 1
+
+
+def test_shared_system_prompt_is_computed_once(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokenizer = smol[1]
+    a = chat_tokens(tokenizer, "First question about servers?", system=SYSTEM * 3)
+    b = chat_tokens(tokenizer, "A different question entirely?", system=SYSTEM * 3)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared > 4 * BS
+    first = engine.generate(request(a, max_tokens=4, conversation="agent-a", salt=b"shared"))
+    second = engine.generate(request(b, max_tokens=4, conversation="agent-b", salt=b"shared"))
+    assert first[-1].cached_tokens == 0
+    assert second[-1].cached_tokens == (shared // BS) * BS
