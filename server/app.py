@@ -19,7 +19,7 @@ from starlette.middleware import Middleware
 from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from server.models.registry import ModelRegistry, build_registry
+from server.models.registry import ModelRegistry, build_registry, shutdown
 from server.routes import health, models
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                                       daemon=True)
             loader.start()
             app.state.loader = loader
-        yield
+        try:
+            yield
+        finally:
+            if owns_registry:
+                shutdown(registry)
 
     app = Starlette(
         routes=[*health.routes, *models.routes],

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.engine.config import EngineConfig, SchedulerConfig
 from server.models.cache import default_cache_root
 
 ENV_PREFIX = "MLX_DROPIN_"
@@ -59,12 +60,21 @@ class Settings:
     max_body_mb: float = 32.0
     log_level: str = "info"
     offline: bool = False
+    kv_cache_gb: float = 2.0
+    block_size: int = 16
+    max_num_seqs: int = 64
+    prefill_chunk: int = 512
+    queue_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_body_mb <= 0:
             raise ValueError("max_body_mb must be positive")
+        if self.kv_cache_gb <= 0 or self.block_size < 1 or self.max_num_seqs < 1 or self.prefill_chunk < 1:
+            raise ValueError("kv_cache_gb, block_size, max_num_seqs and prefill_chunk must be positive")
+        if self.queue_timeout < 0:
+            raise ValueError("queue_timeout must be >= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         ids = [spec.id for spec in self.models]
@@ -80,6 +90,12 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(block_size=self.block_size, kv_cache_gb=self.kv_cache_gb,
+                            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                                      prefill_budget=self.prefill_chunk,
+                                                      admission_timeout=self.queue_timeout))
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
@@ -126,6 +142,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     parser.add_argument("--offline", action="store_true", default=None,
                         help="never reach the hub; serve only what the cache holds")
+    parser.add_argument("--kv-cache-gb", type=float, help="KV block pool size per chat model in GiB (default 2)")
+    parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    parser.add_argument("--max-num-seqs", type=int, help="sequences decoding together (default 64)")
+    parser.add_argument("--prefill-chunk", type=int,
+                        help="prompt tokens computed per engine step, so long prompts never stall decoding "
+                             "(default 512)")
+    parser.add_argument("--queue-timeout", type=float,
+                        help="seconds a request waits for KV blocks before a 503 (default 30)")
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -161,6 +185,11 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),  # type: ignore[arg-type]
         log_level=str(pick("log_level", args.log_level)),
         offline=offline,
+        kv_cache_gb=float(pick("kv_cache_gb", args.kv_cache_gb, float)),  # type: ignore[arg-type]
+        block_size=int(pick("block_size", args.block_size, int)),  # type: ignore[arg-type]
+        max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),  # type: ignore[arg-type]
+        prefill_chunk=int(pick("prefill_chunk", args.prefill_chunk, int)),  # type: ignore[arg-type]
+        queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),  # type: ignore[arg-type]
     )
 
 

@@ -65,6 +65,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._by_hash: dict[bytes, int] = {}
+        self._num_cached_free = 0  # free blocks that still hold a hash
 
     # -- counts -------------------------------------------------------------------------------
     @property
@@ -78,7 +79,7 @@ class BlockPool:
     @property
     def num_cached_free(self) -> int:
         """Free blocks that still hold a reusable prefix."""
-        return sum(1 for i in self._free if self.blocks[i].hash is not None)
+        return self._num_cached_free
 
     # -- allocation ---------------------------------------------------------------------------
     def allocate(self) -> int:
@@ -88,6 +89,7 @@ class BlockPool:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
+            self._num_cached_free -= 1
             if self._by_hash.get(block.hash) == block_id:
                 del self._by_hash[block.hash]
             block.hash = None
@@ -99,6 +101,7 @@ class BlockPool:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
+            self._num_cached_free -= block.hash is not None
         block.ref_count += 1
 
     def release(self, block_id: int) -> None:
@@ -108,6 +111,7 @@ class BlockPool:
         block.ref_count -= 1
         if block.ref_count == 0:
             self._free[block_id] = None
+            self._num_cached_free += block.hash is not None
 
     def release_all(self, block_ids: Sequence[int]) -> None:
         """Release in reverse so a chain's tail is evicted before its head."""
@@ -143,5 +147,6 @@ class BlockPool:
         for block in self.blocks:
             assert block.ref_count >= 0
             assert (block.ref_count == 0) == (block.id in self._free), f"block {block.id} misfiled"
+        assert self._num_cached_free == sum(1 for i in self._free if self.blocks[i].hash is not None)
         for block_hash, block_id in self._by_hash.items():
             assert self.blocks[block_id].hash == block_hash

@@ -30,25 +30,14 @@ from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
-from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from server.engine.config import EngineConfig
+from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence, SequenceStatus
 from server.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[TokenEvent], None]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_gb: float = 2.0
-    num_blocks: int | None = None  # overrides kv_cache_gb when set
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.kv_cache_gb <= 0 or (self.num_blocks is not None and self.num_blocks < 1):
-            raise ValueError("block_size, kv_cache_gb and num_blocks must be positive")
 
 
 @dataclass

@@ -16,20 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.block_pool import PoolExhaustedError
+from server.engine.config import SchedulerConfig
 from server.engine.kv_manager import KVCacheManager
 from server.engine.paged_cache import KVStore
 from server.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64  # sequences decoding together
-    prefill_budget: int = 512  # prompt tokens computed per step, across sequences
-    admission_timeout: float = 30.0  # seconds a request may wait for blocks before PoolExhaustedError
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.prefill_budget < 1 or self.admission_timeout < 0:
-            raise ValueError("max_num_seqs and prefill_budget must be >= 1, admission_timeout >= 0")
 
 
 @dataclass

@@ -35,6 +35,7 @@ class ServedModel:
     owned_by: str = "mlx-dropin"
     model: Any = None
     tokenizer: Any = None
+    engine: Any = None  # server.engine.engine.Engine for chat models, once loaded
 
     @property
     def loaded(self) -> bool:
@@ -113,12 +114,25 @@ def prepare(registry: ModelRegistry, settings: Settings) -> None:
 
 
 def load(registry: ModelRegistry, settings: Settings) -> None:
-    """Load the weights of every chat model (embedding encoders load with their endpoint)."""
+    """Load every chat model's weights and start its batch engine (embedding encoders load with their endpoint)."""
+    from server.engine.engine import Engine
+
     for served in registry.list():
         if served.kind == "chat" and served.model is None:
             started = time.perf_counter()
-            served.model, served.tokenizer = load_chat_model(served.path, settings.dtype)
+            model, tokenizer = load_chat_model(served.path, settings.dtype)
+            engine = Engine(model, tokenizer, settings.engine_config())
+            engine.start()
+            served.tokenizer, served.engine = tokenizer, engine
+            served.model = model  # last: `loaded` turns true only with the engine running
             log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
+
+
+def shutdown(registry: ModelRegistry) -> None:
+    """Stop every engine (in-flight sequences end with finish_reason "abort")."""
+    for served in registry.list():
+        if served.engine is not None:
+            served.engine.shutdown()
 
 
 def build_registry(registry: ModelRegistry, settings: Settings) -> None:
@@ -133,4 +147,4 @@ def build_registry(registry: ModelRegistry, settings: Settings) -> None:
     registry.mark_ready()
 
 
-__all__ = ["ModelRegistry", "ServedModel", "ModelSpec", "build_registry", "prepare", "load"]
+__all__ = ["ModelRegistry", "ServedModel", "ModelSpec", "build_registry", "prepare", "load", "shutdown"]

@@ -246,3 +246,59 @@ def test_shared_system_prompt_is_computed_once(engine: Engine, smol: tuple[Any, 
     second = engine.generate(request(b, max_tokens=4, conversation="agent-b", salt=b"shared"))
     assert first[-1].cached_tokens == 0
     assert second[-1].cached_tokens == (shared // BS) * BS
+
+
+def test_n_sequences_share_the_prompt_blocks(engine: Engine, smol: tuple[Any, Any]) -> None:
+    prompt = chat_tokens(smol[1], "Invent a name for a cat. " * 6)
+    computed_before = engine.stats().prompt_tokens_computed
+    events = engine.generate(request(prompt, max_tokens=6, temperature=0.9, seed=11, n=3, salt=b"fork"))
+    computed = engine.stats().prompt_tokens_computed - computed_before
+    finals = [e for e in events if e.finish_reason]
+    assert sorted(e.index for e in finals) == [0, 1, 2]
+    # sequence 0 computes the prompt; the others reuse its full blocks and compute < one block each
+    assert computed < len(prompt) + 2 * BS
+    assert all(e.cached_tokens >= (len(prompt) // BS - 1) * BS for e in finals if e.index > 0)
+    idle(engine)
+
+
+def test_same_seed_same_output(engine: Engine, smol: tuple[Any, Any]) -> None:
+    prompt = chat_tokens(smol[1], "Say something surprising.")
+    runs = [tokens_of(engine.generate(request(prompt, max_tokens=10, temperature=1.0, seed=1234, salt=s)))
+            for s in (b"s1", b"s2")]
+    assert runs[0] == runs[1]
+    other = tokens_of(engine.generate(request(prompt, max_tokens=10, temperature=1.0, seed=99)))
+    assert other != runs[0]
+
+
+def test_stop_string_is_not_emitted(engine: Engine, smol: tuple[Any, Any]) -> None:
+    prompt = chat_tokens(smol[1], "What is the capital of France?")
+    full = "".join(e.text for e in engine.generate(request(prompt, max_tokens=12)))
+    assert "Paris" in full
+    events = engine.generate(request(prompt, max_tokens=12, stop=("Paris",)))
+    text = "".join(e.text for e in events)
+    assert "Paris" not in text and full.startswith(text) and events[-1].finish_reason == "stop"
+
+
+def test_async_stream_cancel_frees_blocks_within_a_step(engine: Engine, smol: tuple[Any, Any]) -> None:
+    import asyncio
+
+    engine.kv.unpin_all()
+    idle(engine)
+    prompt = chat_tokens(smol[1], "Write a very long poem about the sea.")
+
+    async def consume_three() -> int:
+        seen = 0
+        stream = engine.stream(request(prompt, max_tokens=500, ignore_eos=True))
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()  # the generator's finally aborts the request
+        return seen
+
+    assert asyncio.run(consume_three()) == 3
+    deadline = time.monotonic() + 5
+    while engine.pool.num_used and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.pool.num_used == 0
+    engine.check_integrity()
