@@ -293,7 +293,7 @@ class Engine:
         self._stats.generated_tokens += 1
         params = seq.params
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            self._finish(seq, SequenceStatus.FINISHED_STOPPED, "", sample)
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED, seq.detokenizer.flush(), sample)
             return
         text = seq.detokenizer.add(token)
         if seq.detokenizer.stopped:
