@@ -1,0 +1,47 @@
+"""OpenAI request fields -> the engine's SamplingParams, with 400s that name the offending field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.engine.sampling import SamplingParams
+from server.errors import InvalidRequestError
+
+MAX_STOP_SEQUENCES = 4
+_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "logit_bias", "seed", "stop", "top_logprobs", "logprobs", "n")
+
+
+def _param_of(message: str) -> str | None:
+    for name in _FIELDS:
+        if message.startswith(name):
+            return name
+    return None
+
+
+def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else list(stop)
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}.",
+                                  param="stop")
+    if any(not s for s in items):
+        raise InvalidRequestError("'stop' sequences must be non-empty strings.", param="stop")
+    return tuple(items)
+
+
+def build_params(**fields: Any) -> SamplingParams:
+    """SamplingParams from OpenAI-named fields; None means "use the default"."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if "logit_bias" in given:
+        try:
+            given["logit_bias"] = {int(k): float(v) for k, v in given["logit_bias"].items()}
+        except (TypeError, ValueError):
+            raise InvalidRequestError("logit_bias keys must be token ids (integers as strings).",
+                                      param="logit_bias") from None
+    try:
+        return SamplingParams(**given)
+    except ValueError as exc:
+        message = str(exc)
+        raise InvalidRequestError(f"Invalid value: {message}.", param=_param_of(message)) from exc
