@@ -1,0 +1,247 @@
+"""Legacy completions: prompts (text or token ids, one or many) -> engine requests -> text_completion objects.
+
+Choices are flat: choice ``index = prompt_index * n + j``. ``best_of`` runs
+best_of sequences per prompt and keeps the n with the highest total logprob.
+``suffix`` uses the model's fill-in-the-middle tokens when it has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.block_pool import PoolExhaustedError
+from server.engine.engine import GenerationError
+from server.engine.request import GenerationRequest, TokenEvent
+from server.errors import InvalidRequestError
+from server.models.registry import ServedModel
+from server.serving.chat import SYSTEM_FINGERPRINT, engine_failure
+from server.serving.logprobs import TokenText
+from server.serving.params import build_params, stop_list
+from server.serving.scope import RequestScope
+from server.wire.chat import PromptTokensDetails, Usage
+from server.wire.codec import encode
+from server.wire.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+
+MAX_PROMPTS = 2048
+MAX_LOGPROBS = 5
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def parse_prompts(prompt: Any, tokenizer: Any) -> list[tuple[list[int], str]]:
+    """Every accepted prompt shape as (token ids, text) pairs."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif _is_ids(prompt) and prompt:
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        items = prompt
+    else:
+        raise InvalidRequestError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
+                                  "token-id lists.", param="prompt")
+    if len(items) > MAX_PROMPTS:
+        raise InvalidRequestError(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((list(tokenizer.encode(item)), item))
+        else:
+            out.append((list(item), tokenizer.decode(item)))
+    return out
+
+
+def _with_suffix(ids: list[int], suffix: str, tokenizer: Any) -> list[int]:
+    fim = [tokenizer.convert_tokens_to_ids(t) for t in FIM_TOKENS]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if any(t is None or t == unk for t in fim):
+        raise InvalidRequestError("'suffix' needs a model with fill-in-the-middle tokens; this one has none.",
+                                  param="suffix")
+    prefix, suffix_tok, middle = fim
+    return [prefix, *ids, suffix_tok, *tokenizer.encode(suffix, add_special_tokens=False), middle]
+
+
+@dataclass
+class CompletionPlan:
+    served: ServedModel
+    requests: list[GenerationRequest]
+    prompt_texts: list[str]
+    n: int
+    echo: bool
+    logprobs: int | None
+    include_usage: bool
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def best_of(self) -> int:
+        return self.requests[0].params.n
+
+
+def prepare(body: CompletionRequest, served: ServedModel, scope: RequestScope, conversation: str | None) -> CompletionPlan:
+    tokenizer = served.tokenizer
+    n = body.n if body.n is not None else 1
+    best_of = body.best_of if body.best_of is not None else n
+    if best_of < n:
+        raise InvalidRequestError("'best_of' must be greater than or equal to 'n'.", param="best_of")
+    if body.stream and best_of > n:
+        raise InvalidRequestError("'best_of' cannot be used with 'stream'.", param="best_of")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}.", param="logprobs")
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError("'echo' together with 'logprobs' (prompt logprobs) is not supported yet.",
+                                  param="echo")
+    prompts = parse_prompts(body.prompt, tokenizer)
+    params = build_params(
+        max_tokens=body.max_tokens if body.max_tokens is not None else 16, temperature=body.temperature,
+        top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+        logit_bias=body.logit_bias, seed=body.seed, stop=stop_list(body.stop),
+        logprobs=body.logprobs is not None or best_of > n, top_logprobs=body.logprobs or 0, n=best_of)
+    requests = []
+    for ids, _ in prompts:
+        if body.suffix:
+            ids = _with_suffix(ids, body.suffix, tokenizer)
+        request = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,
+                                    conversation_key=scope.conversation_key(served.id, conversation),
+                                    salt=scope.salt(served.id))
+        served.engine.validate(request)
+        requests.append(request)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return CompletionPlan(served, requests, [t for _, t in prompts], n, bool(body.echo), body.logprobs, include_usage)
+
+
+async def _merged(plan: CompletionPlan) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Events of every prompt's request, as (prompt index, event), as they come."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, request: GenerationRequest) -> None:
+        try:
+            async for event in plan.served.engine.stream(request):
+                await queue.put((i, event))
+        except BaseException as exc:  # re-raised in the consumer
+            await queue.put((i, exc))
+            return
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(plan.requests)]
+    try:
+        done = 0
+        while done < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    finish: str | None = None
+    tokens: int = 0
+    lp_tokens: list[str] = field(default_factory=list)
+    lp_values: list[float | None] = field(default_factory=list)
+    lp_tops: list[dict[str, float] | None] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    cached: int = 0
+
+    @property
+    def total_logprob(self) -> float:
+        return sum(v for v in self.lp_values if v is not None)
+
+
+class _Accumulator:
+    def __init__(self, plan: CompletionPlan) -> None:
+        self.plan = plan
+        self.text_of = TokenText(plan.served.tokenizer)
+        self.eos = plan.served.engine.eos_ids
+        self.choices = {(p, j): _Choice() for p in range(len(plan.requests)) for j in range(plan.best_of)}
+
+    def add(self, prompt_index: int, event: TokenEvent) -> _Choice:
+        choice = self.choices[(prompt_index, event.index)]
+        if event.token_id is not None and event.logprob is not None and event.token_id not in self.eos:
+            token, _ = self.text_of(event.token_id)
+            choice.offsets.append(len(choice.text))
+            choice.lp_tokens.append(token)
+            choice.lp_values.append(event.logprob)
+            tops = {self.text_of(t)[0]: lp for t, lp in event.top_logprobs or []}
+            tops.setdefault(token, event.logprob)
+            choice.lp_tops.append(tops)
+        choice.text += event.text
+        if event.finish_reason is not None:
+            choice.finish, choice.tokens, choice.cached = event.finish_reason, event.completion_tokens, event.cached_tokens
+        return choice
+
+    def logprobs_of(self, choice: _Choice) -> CompletionLogprobs | None:
+        if self.plan.logprobs is None:
+            return None
+        return CompletionLogprobs(choice.lp_tokens, choice.lp_values, choice.lp_tops, choice.offsets)
+
+    def usage(self) -> Usage:
+        prompt = sum(len(r.prompt_token_ids) for r in self.plan.requests)
+        completion = sum(c.tokens for c in self.choices.values())
+        cached = sum(self.choices[(p, 0)].cached for p in range(len(self.plan.requests)))
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+async def complete(plan: CompletionPlan) -> Completion:
+    acc = _Accumulator(plan)
+    try:
+        async for prompt_index, event in _merged(plan):
+            acc.add(prompt_index, event)
+    except (PoolExhaustedError, GenerationError) as exc:
+        raise engine_failure(exc) from exc
+    choices = []
+    for p, prompt_text in enumerate(plan.prompt_texts):
+        ranked = [acc.choices[(p, j)] for j in range(plan.best_of)]
+        if plan.best_of > plan.n:
+            ranked.sort(key=lambda c: c.total_logprob, reverse=True)
+        for j, choice in enumerate(ranked[: plan.n]):
+            text = prompt_text + choice.text if plan.echo else choice.text
+            choices.append(CompletionChoice(index=p * plan.n + j, text=text, finish_reason=choice.finish,
+                                            logprobs=acc.logprobs_of(choice)))
+    return Completion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
+                      system_fingerprint=SYSTEM_FINGERPRINT, usage=acc.usage())
+
+
+def _chunk(plan: CompletionPlan, choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, str]:
+    body = Completion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
+                      system_fingerprint=SYSTEM_FINGERPRINT, usage=usage)
+    return {"data": encode(body).decode()}
+
+
+async def stream(plan: CompletionPlan) -> AsyncIterator[dict[str, str]]:
+    acc = _Accumulator(plan)
+    if plan.echo:
+        yield _chunk(plan, [CompletionChoice(index=p * plan.n + j, text=text, finish_reason=None)
+                            for p, text in enumerate(plan.prompt_texts) for j in range(plan.n)])
+    try:
+        async for p, event in _merged(plan):
+            choice = acc.add(p, event)
+            if event.text or event.finish_reason is not None or plan.logprobs is not None:
+                logprobs = None
+                if plan.logprobs is not None and choice.lp_tokens and event.token_id not in acc.eos:
+                    logprobs = CompletionLogprobs(choice.lp_tokens[-1:], choice.lp_values[-1:], choice.lp_tops[-1:],
+                                                  choice.offsets[-1:])
+                yield _chunk(plan, [CompletionChoice(index=p * plan.n + event.index, text=event.text,
+                                                     finish_reason=event.finish_reason, logprobs=logprobs)])
+    except (PoolExhaustedError, GenerationError) as exc:
+        yield {"data": encode(engine_failure(exc).body()).decode()}
+        return
+    if plan.include_usage:
+        yield _chunk(plan, [], acc.usage())
+    yield {"data": "[DONE]"}
