@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from server.models.cache import ModelCache, default_cache_root
+from server.config import resolve_cache_dir
+from server.models.cache import ModelCache
 from server.models.defaults import SMOLLM2, fetch_member
 from server.models.registry import ModelRegistry
 
 
 @pytest.fixture(scope="session")
 def model_cache() -> ModelCache:
-    return ModelCache(default_cache_root())
+    return ModelCache(resolve_cache_dir(None))
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +24,12 @@ def smollm2_gguf(model_cache: ModelCache) -> Path:
 
 
 @pytest.fixture(scope="session")
-def registry() -> ModelRegistry:
+def registry(model_cache: ModelCache) -> ModelRegistry:
     """The embedded default models, prepared and loaded once for the whole session."""
     from server.config import Settings
     from server.models.registry import ModelRegistry, build_registry
 
     reg = ModelRegistry()
-    build_registry(reg, Settings(cache_dir=default_cache_root()))
+    build_registry(reg, Settings(cache_dir=model_cache.root))
     assert reg.ready, reg.failure
     return reg
