@@ -7,16 +7,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-
-_results: dict[str, dict[str, int]] = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": 0})
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -86,23 +82,27 @@ def chat_model(client: openai.OpenAI) -> str:
     return "smollm2-135m-instruct" if "smollm2-135m-instruct" in ids else ids[0]
 
 
+_checks: list[tuple[str, str, str]] = []
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "compat" not in report.nodeid or (report.when != "call" and not report.skipped and report.passed):
-        return
-    area = Path(report.nodeid.split("::")[0]).stem.removeprefix("test_")
-    if report.when == "call" or report.skipped or report.failed:
-        outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
-        _results[area][outcome] += 1
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        outcome = "pass" if report.passed else "skip" if report.skipped else "FAIL"
+        detail = ""
+        if report.failed:
+            detail = str(report.longrepr).strip().splitlines()[-1][:100] if report.longrepr else ""
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            detail = str(report.longrepr[2])[:100]
+        _checks.append((report.nodeid.split("::")[-1].removeprefix("test_"), outcome, detail))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not _results:
+    if not _checks:
         return
-    terminalreporter.section("OpenAI conformance score")
-    terminalreporter.write_line(f"{'area':<16}{'passed':>8}{'failed':>8}{'skipped':>9}")
-    total_pass = total = 0
-    for area, counts in sorted(_results.items()):
-        terminalreporter.write_line(f"{area:<16}{counts['passed']:>8}{counts['failed']:>8}{counts['skipped']:>9}")
-        total_pass += counts["passed"]
-        total += counts["passed"] + counts["failed"]
-    terminalreporter.write_line(f"score: {total_pass}/{total} checks passed")
+    terminalreporter.section("OpenAI conformance kit")
+    width = max(len(name) for name, _, _ in _checks) + 2
+    for name, outcome, detail in _checks:
+        terminalreporter.write_line(f"{name:<{width}}{outcome:<6}{detail}")
+    passed = sum(1 for _, outcome, _ in _checks if outcome == "pass")
+    counted = sum(1 for _, outcome, _ in _checks if outcome != "skip")
+    terminalreporter.write_line(f"score: {passed}/{counted} checks passed")

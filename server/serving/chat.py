@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from jinja2 import TemplateError
 
 from server import __version__
@@ -25,9 +26,11 @@ from server.models.registry import ServedModel
 from server.serving.logprobs import TokenText
 from server.serving.params import build_params, stop_list
 from server.serving.scope import RequestScope
+from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_format, with_tools
 from server.wire.chat import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice,
-    ChoiceLogprobs, ChunkChoice, Delta, PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
+    ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, NamedToolChoice, PromptTokensDetails, TokenLogprob, ToolCall,
+    ToolCallDelta, TopLogprob, Usage,
 )
 from server.wire.codec import encode
 
@@ -99,6 +102,8 @@ class ChatPlan:
     request: GenerationRequest
     include_usage: bool
     want_logprobs: bool
+    tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
+    tool_format: ToolFormat | None = None
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -106,14 +111,34 @@ class ChatPlan:
     def engine(self) -> Engine:
         return self.served.engine  # type: ignore[no-any-return]
 
+    def tool_parser(self) -> ToolCallParser | None:
+        if self.tools is None or self.tool_format is None:
+            return None
+        return ToolCallParser(self.tool_format, self.tools)
+
+
+def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, str | None]:
+    """('none' | 'auto' | 'required', forced function name or None)."""
+    choice = body.tool_choice
+    if choice is None:
+        return ("auto" if body.tools else "none"), None
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise InvalidRequestError(f"tool_choice names '{choice.function.name}', which is not in 'tools'.",
+                                      param="tool_choice")
+        return "required", choice.function.name
+    if choice not in ("none", "auto", "required"):
+        raise InvalidRequestError(f"Invalid tool_choice '{choice}'.", param="tool_choice")
+    if choice != "none" and not body.tools:
+        raise InvalidRequestError(f"tool_choice '{choice}' needs 'tools'.", param="tool_choice")
+    return choice, None
+
 
 def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScope,
             conversation: str | None) -> ChatPlan:
     if body.response_format is not None and body.response_format.type not in ("text",):
         raise InvalidRequestError(f"response_format type '{body.response_format.type}' is not supported yet.",
                                   param="response_format")
-    if body.tools:
-        raise InvalidRequestError("Tool calling is not supported yet.", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
     params = build_params(
@@ -122,13 +147,21 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, seed=body.seed,
         stop=stop_list(body.stop), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, n=body.n)
-    prompt = render_prompt(served.tokenizer, template_messages(body.messages), None)
+    tools = [{"type": "function", "function": msgspec.structs.asdict(t.function)} for t in body.tools or []]
+    for tool in tools:
+        tool["function"] = {k: v for k, v in tool["function"].items() if v is not None}
+    mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
+    messages = template_messages(body.messages)
+    fmt = tool_format(served.tokenizer) if mode != "none" else None
+    if fmt is not None and not fmt.native:
+        messages = with_tools(messages, tools, forced)
+    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
     request = GenerationRequest(
         request_id=f"chat-{uuid.uuid4().hex}", prompt_token_ids=prompt, params=params,
         conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id))
     served.engine.validate(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(served, request, include_usage, bool(body.logprobs))
+    return ChatPlan(served, request, include_usage, bool(body.logprobs), tools if fmt else None, fmt)
 
 
 def engine_failure(exc: Exception) -> APIError:
@@ -182,11 +215,35 @@ async def complete(plan: ChatPlan) -> ChatCompletion:
                     cached = event.cached_tokens
     except (PoolExhaustedError, GenerationError) as exc:
         raise engine_failure(exc) from exc
-    choices = [Choice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i],
-                      logprobs=ChoiceLogprobs(content=logprobs[i]) if builder is not None else None)
-               for i in range(n)]
+    choices = []
+    for i in range(n):
+        content: str | None = texts[i]
+        calls: list[ParsedCall] = []
+        parser = plan.tool_parser()
+        if parser is not None:
+            shown, calls = parser.feed(texts[i])
+            rest, more = parser.finish()
+            content, calls = (shown + rest) or None, calls + more
+        message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
+        reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
+        choices.append(Choice(index=i, message=message, finish_reason=reason,
+                              logprobs=ChoiceLogprobs(content=logprobs[i]) if builder is not None else None))
     return ChatCompletion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
                           usage=_usage(plan, sum(counts), cached), system_fingerprint=SYSTEM_FINGERPRINT)
+
+
+def _tool_call(call: ParsedCall) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _call_deltas(index: int, calls: list[ParsedCall], first: int) -> list[Delta]:
+    """Two deltas per call: id, type and name (empty arguments), then the arguments."""
+    deltas = []
+    for k, call in enumerate(calls, start=first):
+        deltas.append(Delta(tool_calls=[ToolCallDelta(index=k, id=call.id, type="function",
+                                                      function={"name": call.name, "arguments": ""})]))
+        deltas.append(Delta(tool_calls=[ToolCallDelta(index=k, function={"arguments": call.arguments})]))
+    return deltas
 
 
 def _chunk(plan: ChatPlan, choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
@@ -202,19 +259,31 @@ async def stream(plan: ChatPlan) -> AsyncIterator[dict[str, str]]:
     yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
     counts = [0] * n
     cached = 0
+    parsers = [plan.tool_parser() for _ in range(n)]
+    num_calls = [0] * n
     try:
         async for event in plan.engine.stream(plan.request):
+            i = event.index
             entry = builder.entry(event) if builder is not None else None
-            if event.text or entry is not None:
+            text, calls = event.text, []
+            parser = parsers[i]
+            if parser is not None:
+                text, calls = parser.feed(event.text)
+                if event.finish_reason is not None:
+                    rest, more = parser.finish()
+                    text, calls = text + rest, calls + more
+            if text or entry is not None:
                 logprobs = ChoiceLogprobs(content=[entry]) if entry is not None else None
-                yield _chunk(plan, [ChunkChoice(index=event.index, delta=Delta(content=event.text),
-                                                logprobs=logprobs)])
+                yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(content=text), logprobs=logprobs)])
+            for delta in _call_deltas(i, calls, num_calls[i]):
+                yield _chunk(plan, [ChunkChoice(index=i, delta=delta)])
+            num_calls[i] += len(calls)
             if event.finish_reason is not None:
-                counts[event.index] = event.completion_tokens
-                if event.index == 0:
+                counts[i] = event.completion_tokens
+                if i == 0:
                     cached = event.cached_tokens
-                yield _chunk(plan, [ChunkChoice(index=event.index, delta=Delta(),
-                                                finish_reason=event.finish_reason)])
+                reason = "tool_calls" if num_calls[i] and event.finish_reason == "stop" else event.finish_reason
+                yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
     except (PoolExhaustedError, GenerationError) as exc:
         yield {"data": encode(engine_failure(exc).body()).decode()}
         return
