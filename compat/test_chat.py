@@ -47,7 +47,7 @@ def test_sdk_async_stream(base_url: str, api_key: str, chat_model: str) -> None:
 
 
 def test_sdk_stream_helper(client: openai.OpenAI, chat_model: str) -> None:
-    with client.chat.completions.stream(model=chat_model, messages=MESSAGES, max_tokens=6) as stream:
+    with client.chat.completions.stream(model=chat_model, messages=MESSAGES, max_tokens=48, temperature=0) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].message.content is not None
 
@@ -110,3 +110,68 @@ def test_raw_explicit_nulls_and_unknown_fields(base_url: str, api_key: str, chat
 def test_sdk_legacy_completion(client: openai.OpenAI, chat_model: str) -> None:
     r = client.completions.create(model=chat_model, prompt=["Paris is", "Rome is"], max_tokens=3)
     assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1]
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                   "additionalProperties": False}}}]
+
+
+def test_sdk_forced_tool_call(client: openai.OpenAI, chat_model: str) -> None:
+    r = client.chat.completions.create(model=chat_model, max_tokens=48, tools=TOOLS, messages=[
+        {"role": "user", "content": "What's the weather in Paris?"}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.id and call.type == "function" and call.function.name == "get_weather"
+    assert "city" in json.loads(call.function.arguments)
+
+
+def test_sdk_tool_round_trip(client: openai.OpenAI, chat_model: str) -> None:
+    messages: list = [{"role": "user", "content": "What's the weather in Paris?"}]
+    first = client.chat.completions.create(model=chat_model, max_tokens=48, tools=TOOLS, messages=messages,
+                                           tool_choice="required")
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    final = client.chat.completions.create(model=chat_model, max_tokens=24, tools=TOOLS, messages=messages)
+    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_sdk_streamed_tool_call_deltas(client: openai.OpenAI, chat_model: str) -> None:
+    chunks = list(client.chat.completions.create(
+        model=chat_model, max_tokens=48, tools=TOOLS, tool_choice="required", stream=True,
+        messages=[{"role": "user", "content": "Weather in Rome?"}]))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and all(isinstance(d.index, int) for d in deltas) and deltas[0].id and deltas[0].function
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    assert "city" in json.loads(arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "<tool_call>" not in text
+
+
+def test_sdk_tool_choice_none_answers_in_text(client: openai.OpenAI, chat_model: str) -> None:
+    r = client.chat.completions.create(model=chat_model, max_tokens=16, tools=TOOLS, tool_choice="none",
+                                       messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_json_object(client: openai.OpenAI, chat_model: str) -> None:
+    prompt = 'Reply with a JSON object with one key, "name", holding a name for a cat.'
+    r = client.chat.completions.create(model=chat_model, max_tokens=120, response_format={"type": "json_object"},
+                                       temperature=0, messages=[{"role": "user", "content": prompt}])
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+
+
+def test_sdk_json_schema(client: openai.OpenAI, chat_model: str) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20},
+                                               "confidence": {"type": "integer"}},
+              "required": ["answer", "confidence"], "additionalProperties": False}
+    r = client.chat.completions.create(model=chat_model, max_tokens=60, messages=MESSAGES, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    data = json.loads(r.choices[0].message.content or "")
+    assert set(data) == {"answer", "confidence"} and isinstance(data["confidence"], int)

@@ -24,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 
 from server.engine.block_pool import BlockPool, PoolExhaustedError
+from server.engine.constraints import ConstraintFactory
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_manager import KVCacheManager
 from server.engine.paged_cache import KVStore, probe_kv_shape
@@ -92,6 +93,8 @@ class Engine:
         self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or
                                  ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None
                                   else []))
+        # grammar-constrained decoding (response_format); llguidance's tokenizer is built on first use
+        self.constraints = ConstraintFactory(tokenizer, self.vocab_size, self.eos_ids)
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._seqs: dict[str, list[Sequence]] = {}
@@ -127,6 +130,11 @@ class Engine:
         if bad_bias:
             raise InvalidRequestError(f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}",
                                       param="logit_bias")
+        if request.params.grammar is not None:
+            try:
+                self.constraints.validate(request.params.grammar)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="response_format") from None
         room = self.context_length - len(prompt)
         asked = request.params.max_tokens
         if room < 1 or (asked is not None and asked > room):
@@ -221,11 +229,13 @@ class Engine:
         request = command.request
         max_tokens = self.validate(request)
         seqs = []
+        grammar = request.params.grammar
         for index in range(request.params.n):
-            sampler = SequenceSampler(request.params, request.prompt_token_ids)
-            if request.params.seed is not None and index:
-                sampler = SequenceSampler(_with_seed(request.params, request.params.seed + index),
-                                          request.prompt_token_ids)
+            params = request.params
+            if params.seed is not None and index:
+                params = _with_seed(params, params.seed + index)
+            constraint = self.constraints.create(grammar) if grammar is not None else None
+            sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
             detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, request.prompt_token_ids)
             seqs.append(Sequence(request.request_id, index, list(request.prompt_token_ids), request.params,
                                  sampler, detok, max_tokens, request.salt, request.conversation_key))
@@ -296,8 +306,14 @@ class Engine:
             self._finish(seq, SequenceStatus.FINISHED_STOPPED, seq.detokenizer.flush(), sample)
             return
         text = seq.detokenizer.add(token)
+        constraint = seq.sampler.constraint
         if seq.detokenizer.stopped:
             self._finish(seq, SequenceStatus.FINISHED_STOPPED, text, sample)
+        elif constraint is not None and constraint.finished:  # grammar complete: only EOS could follow
+            if constraint.error:
+                seq.error, seq.error_kind = f"constrained decoding failed: {constraint.error}", "internal"
+            status = SequenceStatus.FINISHED_ERROR if constraint.error else SequenceStatus.FINISHED_STOPPED
+            self._finish(seq, status, text + seq.detokenizer.flush(), sample)
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.context_length:
             self._finish(seq, SequenceStatus.FINISHED_LENGTH, text + seq.detokenizer.flush(), sample)
         else:

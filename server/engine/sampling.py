@@ -6,7 +6,9 @@ token set) and `sample_batch`, which turns one (B, V) logits matrix into one `To
 
 Order for a row: logit_bias, repetition penalty (HF/CTRL, prompt + output), frequency and presence
 penalties (OpenAI, output only), then argmax when temperature is 0, else temperature, top_k, top_p,
-min_p and a Gumbel-max categorical draw with the row's own key. Logprobs come from the raw logits.
+min_p and a Gumbel-max categorical draw with the row's own key. A row with a grammar constraint
+(`SequenceConstraint`, from `params.grammar`) has the tokens its grammar forbids set to -inf after the
+penalties, before choosing (greedy rows too). Logprobs come from the raw logits.
 Shared work is batched across rows and everything is evaluated with one `mx.eval`; the only extra
 host sync is for top_p rows without top_k whose nucleus is not within the top `_TOP_P_CANDIDATES`.
 """
@@ -18,10 +20,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
+
+from server.engine.constraints import GrammarSpec, apply_bitmask, fill_masks
+
+if TYPE_CHECKING:
+    from server.engine.constraints import SequenceConstraint
 
 _MAX_TOP_LOGPROBS = 20
 _MAX_N = 128
@@ -67,6 +74,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -107,6 +115,8 @@ class SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs")
         _integer("n", self.n, 1, _MAX_N)
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"grammar must be a GrammarSpec, got {type(self.grammar).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -127,10 +137,13 @@ def ensure_valid_token_ids(params: SamplingParams, vocab_size: int) -> None:
 
 class SequenceSampler:
     """One sequence's sampling state: its params, its PRNG key (from seed, else from os.urandom),
-    counts of generated tokens for penalties, and the prompt token set for repetition_penalty."""
+    counts of generated tokens for penalties, the prompt token set for repetition_penalty, and its
+    grammar constraint if any (advanced by `record`)."""
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]) -> None:
+    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int],
+                 constraint: SequenceConstraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._key: list[int] = mx.random.key(seed % 2**64).tolist()  # two uint32 words, host side
         self.counts: dict[int, int] = {}
@@ -150,6 +163,8 @@ class SequenceSampler:
     def record(self, token_id: int) -> None:
         """Account for a token the engine appended to this sequence."""
         self.num_generated += 1
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         count = self.counts.get(token_id, 0)
         self.counts[token_id] = count + 1
         if not count and token_id not in self._prompt_set:
@@ -301,12 +316,15 @@ def sample_batch(logits: mx.array, samplers: Sequence[SequenceSampler]) -> list[
         if s._max_bias_id >= vocab:
             raise ValueError(f"logit_bias token id {s._max_bias_id} is outside the vocabulary (0..{vocab - 1})")
     want_lp = [i for i, s in enumerate(samplers) if s.params.logprobs]
-    if not want_lp and all(s.argmax and not s.has_processors for s in samplers):
+    constrained = [(i, s.constraint) for i, s in enumerate(samplers) if s.constraint is not None]
+    if not want_lp and not constrained and all(s.argmax and not s.has_processors for s in samplers):
         return [TokenSample(t, None, None) for t in mx.argmax(_as_float32(logits), axis=-1).tolist()]
 
     raw = _as_float32(logits)
     proc_rows = [i for i, s in enumerate(samplers) if s.has_processors]
     x = apply_processors(raw, samplers, proc_rows) if proc_rows else raw
+    if constrained:
+        x = apply_bitmask(x, fill_masks(constrained, batch, vocab))
     greedy_rows = [i for i, s in enumerate(samplers) if s.argmax]
     sampled_rows = [i for i, s in enumerate(samplers) if not s.argmax]
     groups: list[tuple[list[int], mx.array]] = []

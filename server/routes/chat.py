@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,7 +22,8 @@ async def chat_completions(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
     served = registry.resolve(body.model, "chat")
     conversation = conversation_id(request, body.prompt_cache_key, body.user)
-    plan = chat.prepare(body, served, RequestScope.of(request), conversation)
+    # tokenizing and compiling a grammar can take a while: keep it off the event loop
+    plan = await run_in_threadpool(chat.prepare, body, served, RequestScope.of(request), conversation)
     if body.stream:
         return EventSourceResponse(chat.stream(plan), ping=KEEPALIVE_SECONDS)
     return json_response(await chat.complete(plan))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,7 +22,7 @@ async def create_completion(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
     served = registry.resolve(body.model, "chat")
     conversation = conversation_id(request, body.prompt_cache_key, body.user)
-    plan = completions.prepare(body, served, RequestScope.of(request), conversation)
+    plan = await run_in_threadpool(completions.prepare, body, served, RequestScope.of(request), conversation)
     if body.stream:
         return EventSourceResponse(completions.stream(plan), ping=KEEPALIVE_SECONDS)
     return json_response(await completions.complete(plan))

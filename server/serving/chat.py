@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 
 from server import __version__
 from server.engine.block_pool import PoolExhaustedError
+from server.engine.constraints import GrammarSpec
 from server.engine.engine import Engine, GenerationError
 from server.engine.request import GenerationRequest, TokenEvent
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
@@ -26,7 +27,7 @@ from server.models.registry import ServedModel
 from server.serving.logprobs import TokenText
 from server.serving.params import build_params, stop_list
 from server.serving.scope import RequestScope
-from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_format, with_tools
+from server.serving.tools import HERMES_START, ParsedCall, ToolCallParser, ToolFormat, tool_format, with_tools
 from server.wire.chat import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice,
     ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, NamedToolChoice, PromptTokensDetails, TokenLogprob, ToolCall,
@@ -134,27 +135,50 @@ def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, st
     return choice, None
 
 
+def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    function = tool["function"]
+    arguments = dict(function.get("parameters") or {"type": "object"})
+    if "properties" in arguments:
+        # arguments a tool does not declare are useless to it; small models invent them and run on
+        arguments.setdefault("additionalProperties", False)
+    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def _grammar(body: ChatCompletionRequest, tools: list[dict[str, Any]], mode: str, forced: str | None,
+             fmt: ToolFormat | None) -> GrammarSpec | None:
+    """The decoding constraint: a forced tool call, else the response_format, else none."""
+    if mode == "required" and fmt is not None and fmt.start == HERMES_START:
+        chosen = [t for t in tools if forced is None or t["function"]["name"] == forced]
+        schema = _call_schema(chosen[0]) if len(chosen) == 1 else {"anyOf": [_call_schema(t) for t in chosen]}
+        text = (f"start: {json.dumps(fmt.start)} call {json.dumps(fmt.end)}\n"
+                f"call: %json {json.dumps(schema)}\n")
+        return GrammarSpec(kind="lark", text=text, strict=False)
+    if body.response_format is None:
+        return None
+    try:
+        return GrammarSpec.from_response_format(msgspec.to_builtins(body.response_format))
+    except ValueError as exc:
+        raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
+
+
 def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScope,
             conversation: str | None) -> ChatPlan:
-    if body.response_format is not None and body.response_format.type not in ("text",):
-        raise InvalidRequestError(f"response_format type '{body.response_format.type}' is not supported yet.",
-                                  param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-    params = build_params(
-        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, seed=body.seed,
-        stop=stop_list(body.stop), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, n=body.n)
-    tools = [{"type": "function", "function": msgspec.structs.asdict(t.function)} for t in body.tools or []]
-    for tool in tools:
-        tool["function"] = {k: v for k, v in tool["function"].items() if v is not None}
+    tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
     mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
     messages = template_messages(body.messages)
     fmt = tool_format(served.tokenizer) if mode != "none" else None
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced)
+    params = build_params(
+        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, seed=body.seed,
+        stop=stop_list(body.stop), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, n=body.n,
+        grammar=_grammar(body, tools, mode, forced, fmt))
     prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
     request = GenerationRequest(
         request_id=f"chat-{uuid.uuid4().hex}", prompt_token_ids=prompt, params=params,

@@ -36,7 +36,7 @@ class ChatMessage(msgspec.Struct):
     tool_call_id: str | None = None
 
 
-class FunctionDef(msgspec.Struct):
+class FunctionDef(msgspec.Struct, omit_defaults=True):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
