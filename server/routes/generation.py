@@ -1,0 +1,50 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`: decode, plan off the event loop, answer.
+
+Both endpoints share one shape: a request Struct, a service whose `prepare`
+builds the engine request (tokenizing, compiling any grammar: kept off the
+event loop), then `complete` for JSON or `stream` for SSE with keep-alive
+comments while a long prompt prefills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.models.registry import ModelRegistry
+from server.serving import chat, completions
+from server.serving.scope import RequestScope, conversation_id
+from server.wire.chat import ChatCompletionRequest
+from server.wire.codec import json_response, read_json
+from server.wire.completions import CompletionRequest
+
+KEEPALIVE_SECONDS = 5
+
+
+def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: Callable[[Any], Awaitable[Any]],
+                        stream: Callable[[Any], AsyncIterator[dict[str, str]]]) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        body = await read_json(request, body_type)
+        registry: ModelRegistry = request.app.state.registry
+        served = registry.resolve(body.model, "chat")
+        conversation = conversation_id(request, body.prompt_cache_key, body.user)
+        plan = await run_in_threadpool(prepare, body, served, RequestScope.of(request), conversation)
+        if body.stream:
+            return EventSourceResponse(stream(plan), ping=KEEPALIVE_SECONDS)
+        return json_response(await complete(plan))
+
+    return endpoint
+
+
+routes = [
+    Route("/v1/chat/completions", generation_endpoint(ChatCompletionRequest, chat.prepare, chat.complete, chat.stream),
+          methods=["POST"]),
+    Route("/v1/completions", generation_endpoint(CompletionRequest, completions.prepare, completions.complete,
+                                                 completions.stream), methods=["POST"]),
+]
