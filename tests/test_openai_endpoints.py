@@ -257,3 +257,44 @@ def test_completion_stream(client: openai.OpenAI) -> None:
 def test_completion_bad_prompts_are_400(base: str, prompt: object) -> None:
     response = raw(base, "/completions", {"prompt": prompt, "max_tokens": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_edited_history_reuses_exactly_the_common_prefix(client: openai.OpenAI, registry: ModelRegistry) -> None:
+    tokenizer = registry.get(MODEL).tokenizer
+    turn1 = [{"role": "user", "content": "List three colours of the rainbow, please."}]
+    first = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=6, temperature=0,
+                                           prompt_cache_key="edit-me")
+    edited = [{"role": "user", "content": "List three animals of the savanna, please."}]
+    second = client.chat.completions.create(model=MODEL, messages=edited, max_tokens=2, temperature=0,
+                                            prompt_cache_key="edit-me")
+    ids1 = list(tokenizer.apply_chat_template(turn1, add_generation_prompt=True))
+    ids2 = list(tokenizer.apply_chat_template(edited, add_generation_prompt=True))
+    common = next(i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b)
+    assert first.usage and second.usage
+    assert second.usage.prompt_tokens_details.cached_tokens == common  # type: ignore[union-attr]
+
+
+def test_forced_tool_call_and_tool_choice_errors(client: openai.OpenAI, base: str) -> None:
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers",
+              "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                             "required": ["a", "b"]}}}]
+    r = client.chat.completions.create(model=MODEL, max_tokens=40, tools=tools, tool_choice="required",
+                                       messages=[{"role": "user", "content": "Add 2 and 3."}])
+    call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+    assert set(json.loads(call.function.arguments)) == {"a", "b"}
+    bad = raw(base, "/chat/completions", {"messages": USER, "tools": tools,
+                                          "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+    bad = raw(base, "/chat/completions", {"messages": USER, "tool_choice": "required"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_unsupported_schema_is_400_naming_the_keyword(base: str) -> None:
+    schema = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    response = raw(base, "/chat/completions", {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+    assert "uniqueItems" in response.json()["error"]["message"]
+    response = raw(base, "/chat/completions", {"messages": USER, "response_format": {"type": "yaml"}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
