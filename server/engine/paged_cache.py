@@ -46,7 +46,9 @@ def probe_kv_shape(model: Any) -> KVShape:
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
+    # evaluating the probe also materializes arrays models build lazily (Llama 3's RoPE frequencies),
+    # which must not be left as graphs tied to this thread's stream for the engine thread to trip on
+    mx.eval(model(mx.array([[0]]), cache=cache), [c.state for c in cache])
     heads, k_dims, v_dims = [], [], []
     dtype = None
     for layer_cache in cache:

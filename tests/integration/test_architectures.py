@@ -21,6 +21,9 @@ COMMON = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "
           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": VOCAB, "max_position_embeddings": 2048}
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", **COMMON, "tie_word_embeddings": True},
+    "llama3_rope": {"model_type": "llama", **COMMON, "tie_word_embeddings": True, "rope_theta": 500000.0,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
     "qwen2": {"model_type": "qwen2", **COMMON, "tie_word_embeddings": False},
     "qwen3": {"model_type": "qwen3", **COMMON, "head_dim": 16, "tie_word_embeddings": True, "rope_theta": 1e6},
     "gemma3_text": {"model_type": "gemma3_text", **COMMON, "head_dim": 16, "num_hidden_layers": 6,
@@ -29,7 +32,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def build(model_type: str) -> Any:
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    module = importlib.import_module(f"mlx_lm.models.{CONFIGS[model_type]['model_type']}")
     mx.random.seed(7)
     model = module.Model(module.ModelArgs.from_dict(CONFIGS[model_type]))
     model.update(model.parameters())  # random init as constructed

@@ -1,0 +1,512 @@
+"""Our Engine against mlx-lm's BatchGenerator on the same requests, in one process.
+
+Two scenarios, greedy decoding and a fixed number of generated tokens on both sides (ours with
+ignore_eos, mlx-lm without stop tokens):
+
+1. batch: B requests of --prompt-len random token ids each generate --gen-len tokens, submitted at
+   once, for every B in --batches, after a warm-up round per side (other random prompts; before
+   every batch size on a GPU, once before the first on the CPU: --warmup-each). Per side:
+     decode tok/s  sum over requests of (tokens - 1) / (first token of the batch -> last token of the
+                   batch): time to first token is outside the window, except where a side staggers
+                   admissions (both do at B > 8 with their default prefill settings);
+     steady tok/s  tokens emitted while every request is decoding / (last request's first token ->
+                   first request's last token): full-batch decode, no prefill inside;
+     e2e tok/s     all tokens / (submission -> last token);
+     TTFT          mean time from submission to a request's first token (mlx-lm's BatchGenerator
+                   reports a token only after feeding it, one step later than ours).
+   "agree" is the fraction of requests whose greedy tokens are identical on both sides. Sides
+   alternate which one runs first.
+2. multi-turn: --agents conversations x --turns turns, in lock step (every agent's turn t is
+   submitted together). Turn t+1's prompt is turn t's prompt + turn t's output + --turn-new new
+   tokens. Ours passes a conversation key (the finished turn's KV stays pinned); mlx-lm's
+   BatchGenerator recomputes every prompt from scratch. With --mlxlm-reuse, a third line feeds
+   mlx-lm's BatchGenerator the prompt cache its finished turn returned (what mlx_lm.server's
+   prompt cache does), so only the new tokens are computed there too.
+
+Models: the default SmolLM2-135M-Instruct from the model cache, --model DIR for another MLX model
+directory, or random weights: --shape llama-1b (Llama-3.2-1B's shape) or --random-weights CONFIG_JSON.
+Random-weight models get random prompts like the others; their detokenizer is the default
+SmolLM2 tokenizer, used directly when the model's vocabulary fits in it, else with ids folded modulo
+its size (decode costs what a real BPE decode of that many tokens costs; the text is meaningless).
+mlx-lm's side does not detokenize unless --mlxlm-detok (its streaming detokenizer per request,
+as mlx_lm.server does); ours always does.
+
+    .venv/bin/python bench/engine_vs_mlxlm.py                         # CPU defaults, ~3 minutes on 2 idle cores
+    .venv/bin/python bench/engine_vs_mlxlm.py --shape llama-1b --batches 1,8,32,64 --gen-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from server.engine.engine import Engine, EngineConfig  # noqa: E402
+from server.engine.request import GenerationRequest, TokenEvent  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.scheduler import SchedulerConfig  # noqa: E402
+
+LLAMA_1B = {  # Llama-3.2-1B's config (weights random)
+    "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
+    "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
+SHAPES = {"llama-1b": LLAMA_1B}
+
+
+# -- models ------------------------------------------------------------------------------------------
+class FoldedTokenizer:
+    """A tokenizer whose decode accepts any id: ids are folded modulo the wrapped vocabulary."""
+
+    def __init__(self, inner: Any, size: int) -> None:
+        self.inner, self.size = inner, size
+        self.eos_token_ids = set(getattr(inner, "eos_token_ids", ()) or ())
+        self.eos_token_id = getattr(inner, "eos_token_id", None)
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        return self.inner.decode([i % self.size for i in ids], **kwargs)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.inner.vocab
+
+    @property
+    def detokenizer(self) -> Any:
+        """mlx-lm's streaming detokenizer (for --mlxlm-detok), folding ids the same way."""
+        return _FoldedDetokenizer(self.inner.detokenizer, self.size)
+
+
+class _FoldedDetokenizer:
+    def __init__(self, inner: Any, size: int) -> None:
+        self.inner, self.size = inner, size
+
+    def add_token(self, token: int) -> None:
+        self.inner.add_token(token % self.size)
+
+    @property
+    def last_segment(self) -> str:
+        return self.inner.last_segment
+
+    def finalize(self) -> None:
+        self.inner.finalize()
+
+
+def materialize_private_arrays(model: Any) -> list[str]:
+    """Evaluate arrays modules keep outside their parameters (e.g. Llama 3 RoPE's ``_freqs``) here.
+
+    They are built lazily at construction on this thread's stream; our engine thread evaluating them
+    fails with "There is no Stream(cpu, 0) in current thread" (an engine bug this benchmark works
+    around and reports)."""
+    found = [(f"{name}.{key}" if name else key, value) for name, module in model.named_modules()
+             for key, value in module.items() if key.startswith("_") and isinstance(value, mx.array)]
+    mx.eval([value for _, value in found])
+    return [name for name, _ in found]
+
+
+def default_model_dir() -> Path:
+    from server.models.cache import default_cache_root
+
+    return default_cache_root() / "models" / "smollm2-135m-instruct"
+
+
+def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, tokenizer for our engine, description)."""
+    if args.shape or args.random_weights:
+        from mlx.utils import tree_map
+        from mlx_lm.utils import _get_classes, load_tokenizer
+
+        config = dict(SHAPES[args.shape]) if args.shape else json.loads(Path(args.random_weights).read_text())
+        model_cls, args_cls = _get_classes(config)
+        mx.random.seed(args.seed)
+        model = model_cls(args_cls.from_dict(config))
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        dtype = getattr(mx, ("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
+        model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                              model.parameters()))
+        mx.eval(model.parameters())
+        model.eval()
+        tok = load_tokenizer(default_model_dir())
+        vocab = int(config["vocab_size"])
+        tok_size = len(tok.vocab)
+        if vocab <= tok_size:
+            note = "SmolLM2 tokenizer (ids fit)"
+            our_tok = tok
+        else:
+            note = f"SmolLM2 tokenizer, ids folded modulo {tok_size} for decode"
+            our_tok = FoldedTokenizer(tok, tok_size)
+        name = args.shape or Path(args.random_weights).name
+        return model, our_tok, f"{name} random weights, {dtype}; detokenizer: {note}"
+    from server.models.loading import load_chat_model
+
+    path = Path(args.model) if args.model else default_model_dir()
+    model, tok = load_chat_model(path)
+    dtype = next(iter(v.dtype for _, v in _flat(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)))
+    return model, tok, f"{path.name}, {dtype}"
+
+
+def _flat(tree: Any) -> list[tuple[str, mx.array]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def vocab_size(model: Any) -> int:
+    return int(model.args.vocab_size)
+
+
+# -- one round per side -------------------------------------------------------------------------------
+@dataclass
+class Round:
+    t_submit: float
+    first: list[float]  # per request: time of its first token
+    last: list[float]  # per request: time of its last token
+    tokens: list[list[int]]  # per request: generated ids
+    times: list[list[float]] = field(default_factory=list)  # per request: time of each token
+    prompt_computed: int = 0
+    prompt_reused: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wall(self) -> float:
+        return max(self.last) - self.t_submit
+
+    @property
+    def total(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tps(self) -> float:
+        span = max(self.last) - min(self.first)
+        n = sum(len(t) - 1 for t in self.tokens)
+        return n / span if span > 0 else math.nan
+
+    @property
+    def steady_tps(self) -> float:
+        """Tokens per second while every request is decoding: (last first token, first last token].
+
+        The edges are shifted by a little (a tenth of a step, at most 1 ms) so that tokens of one step,
+        which reach our sinks microseconds apart, all fall on the same side of each edge."""
+        t0, t1 = max(self.first), min(self.last)
+        gaps = [float(np.median(np.diff(t))) for t in self.times if len(t) > 1]
+        if t1 <= t0 or not gaps:
+            return math.nan
+        eps = min(0.1 * min(gaps), 1e-3)
+        n = sum(sum(1 for t in times if t0 + eps < t <= t1 + eps) for times in self.times)
+        return n / (t1 - t0)
+
+    @property
+    def e2e_tps(self) -> float:
+        return self.total / self.wall
+
+    @property
+    def ttft_ms(self) -> float:
+        return 1e3 * (sum(self.first) / len(self.first) - self.t_submit)
+
+
+def run_ours(engine: Engine, prompts: list[list[int]], gen: int, tag: str,
+             conversation_keys: list[str] | None = None) -> Round:
+    n = len(prompts)
+    first = [0.0] * n
+    last = [0.0] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    times: list[list[float]] = [[] for _ in range(n)]
+    done = threading.Event()
+    remaining = [n]
+    errors: list[str] = []
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+
+    def sink_for(i: int) -> Any:
+        def sink(event: TokenEvent) -> None:
+            now = time.perf_counter()
+            if event.token_id is not None:
+                if not tokens[i]:
+                    first[i] = now
+                tokens[i].append(event.token_id)
+                times[i].append(now)
+                last[i] = now
+            if event.finish_reason is not None:
+                if event.finish_reason not in ("length", "stop"):
+                    errors.append(f"{tag}-{i}: {event.finish_reason} {event.error}")
+                remaining[0] -= 1
+                if not remaining[0]:
+                    done.set()
+        return sink
+
+    before = engine.stats()
+    t_submit = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        key = conversation_keys[i] if conversation_keys else None
+        engine.submit(GenerationRequest(f"{tag}-{i}", prompt, params, conversation_key=key), sink_for(i))
+    if not done.wait(timeout=3600):
+        raise RuntimeError("our engine did not finish within an hour")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    after = engine.stats()
+    return Round(t_submit, first, last, tokens, times,
+                 prompt_computed=after.prompt_tokens_computed - before.prompt_tokens_computed,
+                 prompt_reused=after.prompt_tokens_reused - before.prompt_tokens_reused,
+                 extra={"max_decode_batch": after.max_decode_batch})
+
+
+def run_mlxlm(model: Any, prompts: list[list[int]], gen: int, args: argparse.Namespace, tokenizer: Any = None,
+              caches: list[Any] | None = None, all_tokens: list[list[int]] | None = None) -> Round:
+    """One round through a fresh BatchGenerator; prompts are full prompts, or only the new tokens when
+    caches (mlx-lm prompt caches covering all_tokens) are given."""
+    from mlx_lm.generate import BatchGenerator
+
+    n = len(prompts)
+    gen_batch = BatchGenerator(model, max_tokens=gen, completion_batch_size=max(args.completion_batch, n),
+                               prefill_batch_size=args.prefill_batch)
+    first = [0.0] * n
+    last = [0.0] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    times: list[list[float]] = [[] for _ in range(n)]
+    detoks = [tokenizer.detokenizer for _ in range(n)] if tokenizer is not None else None
+    returned: list[Any] = [None] * n
+    t_submit = time.perf_counter()
+    uids = gen_batch.insert(prompts, max_tokens=[gen] * n, caches=caches, all_tokens=all_tokens)
+    index = {uid: i for i, uid in enumerate(uids)}
+    remaining = n
+    try:
+        while remaining:
+            responses = gen_batch.next_generated()
+            now = time.perf_counter()
+            if not responses:
+                raise RuntimeError("mlx-lm's BatchGenerator ran out of work with requests unfinished")
+            for r in responses:
+                i = index[r.uid]
+                if not tokens[i]:
+                    first[i] = now
+                tokens[i].append(int(r.token))
+                times[i].append(now)
+                last[i] = now
+                if detoks is not None:
+                    detoks[i].add_token(int(r.token))
+                    _ = detoks[i].last_segment
+                if r.finish_reason is not None:
+                    if detoks is not None:
+                        detoks[i].finalize()
+                    returned[i] = (r.prompt_cache, list(r.all_tokens))
+                    remaining -= 1
+    finally:
+        gen_batch.close()
+    computed = sum(len(p) for p in prompts)
+    reused = sum(len(t) for t in all_tokens) if all_tokens else 0
+    return Round(t_submit, first, last, tokens, times, prompt_computed=computed, prompt_reused=reused,
+                 extra={"caches": returned})
+
+
+# -- scenarios --------------------------------------------------------------------------------------
+def random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
+    low = min(100, vocab // 2)  # skip the low ids, where special tokens usually live
+    return [rng.integers(low, vocab, size=length).tolist() for _ in range(n)]
+
+
+def agreement(a: Round, b: Round) -> float:
+    return sum(x == y for x, y in zip(a.tokens, b.tokens)) / len(a.tokens)
+
+
+def batch_scenario(engine: Engine, model: Any, tok: Any, args: argparse.Namespace,
+                   rng: np.random.Generator) -> list[str]:
+    vocab = vocab_size(model)
+    detok = tok if args.mlxlm_detok else None
+    lines = []
+    header = (f"{'batch':>5} | {'decode tok/s':>12} {'mlx-lm':>8} {'ours/mlx':>8} | {'steady tok/s':>12} {'mlx-lm':>8} "
+              f"{'ours/mlx':>8} | {'e2e tok/s':>9} {'mlx-lm':>8} {'ours/mlx':>8} | {'TTFT ms':>8} {'mlx-lm':>8} | "
+              f"{'wall s':>6} {'mlx-lm':>6} | {'agree':>5}")
+    lines += [header, "-" * len(header)]
+
+    def warm_up(b: int) -> None:
+        warm = random_prompts(rng, b, args.prompt_len, vocab)
+        run_ours(engine, warm, args.warmup_gen, f"warm{b}")
+        run_mlxlm(model, warm, args.warmup_gen, args, detok)
+
+    if not args.warmup_each:
+        warm_up(min(args.batches))
+    for k, b in enumerate(args.batches):
+        if args.warmup_each:
+            warm_up(b)
+        prompts = random_prompts(rng, b, args.prompt_len, vocab)
+        t0 = time.perf_counter()
+        if k % 2 == 0:  # alternate which side goes first, so drift on a shared machine does not favour one
+            ours = run_ours(engine, prompts, args.gen_len, f"b{b}")
+            ref = run_mlxlm(model, prompts, args.gen_len, args, detok)
+        else:
+            ref = run_mlxlm(model, prompts, args.gen_len, args, detok)
+            ours = run_ours(engine, prompts, args.gen_len, f"b{b}")
+        assert ours.total == ref.total == b * args.gen_len, (ours.total, ref.total)
+
+        def r(a: float, b: float) -> str:
+            return f"{a / b:>8.2f}" if b == b and b > 0 and a == a else f"{'-':>8}"
+
+        line = (f"{b:>5} | {ours.decode_tps:>12.1f} {ref.decode_tps:>8.1f} {r(ours.decode_tps, ref.decode_tps)} | "
+                f"{ours.steady_tps:>12.1f} {ref.steady_tps:>8.1f} {r(ours.steady_tps, ref.steady_tps)} | "
+                f"{ours.e2e_tps:>9.1f} {ref.e2e_tps:>8.1f} {r(ours.e2e_tps, ref.e2e_tps)} | "
+                f"{ours.ttft_ms:>8.0f} {ref.ttft_ms:>8.0f} | {ours.wall:>6.2f} {ref.wall:>6.2f} | "
+                f"{agreement(ours, ref):>5.2f}")
+        print(f"  [batch {b} measured in {time.perf_counter() - t0:.0f}s; our max decode batch so far "
+              f"{ours.extra['max_decode_batch']}]", file=sys.stderr, flush=True)
+        lines.append(line)
+    return lines
+
+
+def multi_turn(engine: Engine, model: Any, tok: Any, args: argparse.Namespace, rng: np.random.Generator
+               ) -> list[str]:
+    vocab = vocab_size(model)
+    detok = tok if args.mlxlm_detok else None
+    n, gen = args.agents, args.gen_len
+    base = random_prompts(rng, n, args.prompt_len, vocab)
+    news = [random_prompts(rng, n, args.turn_new, vocab) for _ in range(args.turns)]
+    keys = [f"agent-{i}-{rng.integers(1 << 62)}" for i in range(n)]
+
+    def drive(step: Any) -> tuple[float, int, int, list[list[list[int]]]]:
+        prompts = [list(p) for p in base]
+        state: Any = None
+        computed = reused = 0
+        outputs = []
+        t0 = time.perf_counter()
+        for turn in range(args.turns):
+            r, state = step(turn, prompts, state)
+            computed += r.prompt_computed
+            reused += r.prompt_reused
+            outputs.append(r.tokens)
+            if turn + 1 < args.turns:
+                prompts = [p + out + new for p, out, new in zip(prompts, r.tokens, news[turn + 1])]
+        return time.perf_counter() - t0, computed, reused, outputs
+
+    def ours_step(turn: int, prompts: list[list[int]], state: Any) -> tuple[Round, Any]:
+        return run_ours(engine, prompts, gen, f"mt{turn}", conversation_keys=keys), None
+
+    def mlx_step(turn: int, prompts: list[list[int]], state: Any) -> tuple[Round, Any]:
+        return run_mlxlm(model, prompts, gen, args, detok), None
+
+    def mlx_reuse_step(turn: int, prompts: list[list[int]], state: Any) -> tuple[Round, Any]:
+        if state is None:
+            r = run_mlxlm(model, prompts, gen, args, detok)
+        else:
+            caches, seen = state  # seen: tokens whose KV each cache holds
+            deltas = [p[len(s):] for p, s in zip(prompts, seen)]
+            assert all(p[:len(s)] == s for p, s in zip(prompts, seen))
+            r = run_mlxlm(model, deltas, gen, args, detok, caches=caches, all_tokens=seen)
+        # a finished sequence's cache holds the tokens it reports (its last generated token included:
+        # BatchGenerator feeds each token before returning it)
+        caches = [c for c, _ in r.extra["caches"]]
+        seen = [t for _, t in r.extra["caches"]]
+        return r, (caches, seen)
+
+    final_len = args.prompt_len + (args.turns - 1) * (gen + args.turn_new)
+    total_prompt = sum(args.prompt_len + t * (gen + args.turn_new) for t in range(args.turns)) * n
+    rows = [("ours (conversation keys)", drive(ours_step)),
+            ("mlx-lm BatchGenerator (recompute)", drive(mlx_step))]
+    if args.mlxlm_reuse:
+        rows.append(("mlx-lm BatchGenerator + prompt cache", drive(mlx_reuse_step)))
+    ours_wall = rows[0][1][0]
+    lines = [f"{n} agents x {args.turns} turns: prompts {args.prompt_len} -> {final_len} tokens, +{args.turn_new} "
+             f"new tokens a turn, {gen} generated a turn ({total_prompt} prompt tokens in all)"]
+    header = (f"{'side':<38} {'wall s':>7} {'ours/this':>9} {'prompt computed':>15} {'reused':>7} "
+              f"{'computed vs ours':>16} {'agree':>5}")
+    lines += [header, "-" * len(header)]
+    ours_computed = rows[0][1][1]
+    for name, (wall, computed, reused, outputs) in rows:
+        same = sum(a == b for ta, tb in zip(rows[0][1][3], outputs) for a, b in zip(ta, tb))
+        lines.append(f"{name:<38} {wall:>7.2f} {ours_wall / wall:>9.2f} {computed:>15} {reused:>7} "
+                     f"{computed / max(ours_computed, 1):>15.2f}x {same / (n * args.turns):>5.2f}")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="an MLX model directory (default: the cached SmolLM2-135M-Instruct)")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights in this model's shape")
+    src.add_argument("--random-weights", metavar="CONFIG_JSON", help="random weights for this config.json")
+    p.add_argument("--dtype", default="auto", help="random weights only: auto = bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--warmup-gen", type=int, default=None,
+                   help="tokens per warm-up round (default: --gen-len on a GPU, min(--gen-len, 8) on the CPU)")
+    p.add_argument("--warmup-each", action=argparse.BooleanOptionalAction, default=None,
+                   help="a warm-up round per side before every batch size (default: on a GPU; on the CPU one "
+                        "round per side before the first)")
+    p.add_argument("--agents", type=int, default=4)
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--turn-new", type=int, default=16, help="new tokens a turn adds (default %(default)s)")
+    p.add_argument("--skip-batch", action="store_true", help="only the multi-turn scenario")
+    p.add_argument("--skip-multi-turn", action="store_true", help="only the batch scenario")
+    p.add_argument("--mlxlm-reuse", action="store_true",
+                   help="multi-turn: also mlx-lm with the prompt caches its finished turns return")
+    p.add_argument("--mlxlm-detok", action="store_true", help="mlx-lm side detokenizes every token too")
+    p.add_argument("--block-size", type=int, default=16, help="our KV block size (default %(default)s)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="our KV pool size in blocks (default: sized to fit)")
+    p.add_argument("--prefill-budget", type=int, default=SchedulerConfig().prefill_budget,
+                   help="our prompt tokens per step (default: the engine's, %(default)s)")
+    p.add_argument("--prefill-batch", type=int, default=8, help="mlx-lm prefill_batch_size (default: mlx-lm's, 8)")
+    p.add_argument("--completion-batch", type=int, default=32,
+                   help="mlx-lm completion_batch_size, raised to the batch (default: mlx-lm's, 32)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    args.warmup_gen = args.warmup_gen or (args.gen_len if on_gpu else min(args.gen_len, 8))
+    if args.warmup_each is None:
+        args.warmup_each = on_gpu
+
+    model, tok, desc = load_models(args)
+    private = materialize_private_arrays(model)
+    rng = np.random.default_rng(args.seed)
+    bs = args.block_size
+    longest_turn = args.prompt_len + (args.turns - 1) * (args.gen_len + args.turn_new) + args.gen_len + 1
+    num_blocks = args.kv_blocks or (max(max(args.batches) * -(-(args.prompt_len + args.gen_len + 1) // bs),
+                                        3 * args.agents * -(-longest_turn // bs)) + 64)
+    max_seqs = max(SchedulerConfig().max_num_seqs, max(args.batches), args.agents)
+    engine = Engine(model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks,
+                                             scheduler=SchedulerConfig(max_num_seqs=max_seqs,
+                                                                       prefill_budget=args.prefill_budget)))
+    engine.start()
+    print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}")
+    print(f"ours: block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
+          f"{args.prefill_budget}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
+          f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}")
+    print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated (ignore EOS), greedy; warm-up: one round per "
+          f"side {'before every batch size' if args.warmup_each else 'before the first batch size'} "
+          f"({args.warmup_gen} tokens)")
+    if private:
+        print(f"note: evaluated {len(private)} private module arrays ({', '.join(private[:2])}{', ...' if len(private) > 2 else ''}) "
+              "before starting the engine: without that our engine thread fails on this model with "
+              "'There is no Stream(cpu, 0) in current thread'")
+    print(flush=True)
+    try:
+        if not args.skip_batch:
+            for line in batch_scenario(engine, model, tok, args, rng):
+                print(line, flush=True)
+            print("decode tok/s: (tokens - 1 per request) / (first token -> last token of the batch); steady: tokens "
+                  "while every request decodes / (last first token -> first last token); e2e: all tokens / "
+                  "(submission -> last token); TTFT: mean submission -> first token; agree: share of requests "
+                  "with identical greedy tokens")
+            print(flush=True)
+        if not args.skip_multi_turn:
+            for line in multi_turn(engine, model, tok, args, rng):
+                print(line, flush=True)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
