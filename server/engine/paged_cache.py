@@ -136,17 +136,26 @@ class StepLayout:
         return self._masks[window_size]
 
     def _build_mask(self, window_size: int | None) -> Any:
-        n = self.num_new
-        width = max(self.offsets) + n
-        if self.batch_size == 1 and (window_size is None or width <= window_size):
-            return "causal" if n > 1 else None  # mlx-lm's own single-sequence masks
-        offsets = np.asarray(self.offsets)[:, None, None]  # (B, 1, 1)
-        query_pos = offsets + np.arange(n)[None, :, None]  # (B, n, 1)
-        key_pos = np.arange(width)[None, None, :]  # (1, 1, S)
-        visible = key_pos <= query_pos
-        if window_size is not None:
-            visible &= key_pos > query_pos - window_size
-        return mx.array(visible[:, None, :, :])  # (B, 1, n, S)
+        return attention_mask(self.offsets, self.num_new, window_size)
+
+
+def attention_mask(offsets: Sequence[int], num_new: int, window_size: int | None) -> Any:
+    """The mask for rows that already hold `offsets[r]` tokens and feed `num_new` more, keys left-aligned.
+
+    A single row uses mlx-lm's own masks ("causal" for a chunk, None for one token), which keeps
+    greedy output identical to mlx_lm.generate; several rows get a boolean (B, 1, n, S) mask.
+    """
+    n = num_new
+    width = max(offsets) + n
+    if len(offsets) == 1 and (window_size is None or width <= window_size):
+        return "causal" if n > 1 else None
+    starts = np.asarray(offsets)[:, None, None]  # (B, 1, 1)
+    query_pos = starts + np.arange(n)[None, :, None]  # (B, n, 1)
+    key_pos = np.arange(width)[None, None, :]  # (1, 1, S)
+    visible = key_pos <= query_pos
+    if window_size is not None:
+        visible &= key_pos > query_pos - window_size
+    return mx.array(visible[:, None, :, :])
 
 
 class PagedLayerCache:

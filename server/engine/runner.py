@@ -1,9 +1,10 @@
 """The model runner: turns a step's prefill chunks and decode batch into forward passes.
 
-Prefill chunks run one sequence at a time (B=1), through the model's body
-only when it has one (no vocabulary projection for tokens whose logits nobody
-reads); the decode batch runs every decode-ready sequence as one (B, 1)
-forward and returns the last logits. Like ``mlx_lm.generate``, a prompt's
+Prefill chunks run one sequence at a time (B=1) over the paged pool, through
+the model's body when it has one (no vocabulary projection for tokens whose
+logits nobody reads); the decode batch runs every decode-ready sequence as one
+(B, 1) forward over contiguous rows (see decode_rows.py) and returns the last
+logits. Like ``mlx_lm.generate``, a prompt's
 last token is fed by its first decode step, never by prefill.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from server.engine.decode_rows import DecodeRows
 from server.engine.paged_cache import KVStore, StepLayout, step_caches
 from server.engine.sequence import Sequence
 
@@ -38,6 +40,7 @@ class ModelRunner:
         self.model = model
         self.store = store
         self._body = _body_of(model)
+        self.rows = DecodeRows(store)
 
     def _sync_pools(self, *outputs: mx.array) -> None:
         mx.eval(*outputs, self.store.keys, self.store.values)
@@ -53,10 +56,12 @@ class ModelRunner:
         self._sync_pools(out)
 
     def decode(self, seqs: Seq[Sequence]) -> mx.array:
-        """Feed each sequence's next uncomputed token; return (B, V) logits, evaluated."""
-        offsets = [s.num_computed_tokens for s in seqs]
-        tokens = [[s.token_ids[o]] for s, o in zip(seqs, offsets)]
-        layout = StepLayout(offsets, 1, [s.block_ids for s in seqs], self.store.block_size)
-        logits = self.model(mx.array(tokens, dtype=mx.int32), cache=step_caches(self.store, layout))[:, -1, :]
-        self._sync_pools(logits)
+        """Feed each sequence's next uncomputed token; return (B, V) logits in seqs' order, evaluated."""
+        rows = self.rows.assign(seqs)
+        caches, order = self.rows.step_caches(seqs, rows)
+        tokens = [[seqs[i].token_at(seqs[i].num_computed_tokens)] if i >= 0 else [0] for i in order]
+        logits = self.model(mx.array(tokens, dtype=mx.int32), cache=caches)[:, -1, :]
+        if rows != list(range(len(rows))):
+            logits = logits[mx.array(rows)]
+        mx.eval(logits, self.rows.keys, self.rows.values, self.store.keys, self.store.values)
         return logits

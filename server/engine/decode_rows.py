@@ -1,0 +1,173 @@
+"""Contiguous KV rows for the decode batch, written through to the block pool.
+
+Gathering every row's context out of the slot pools each decode step copies
+all of the batch's KV once per layer per token: at batch 32 that made decoding
+a third slower than mlx-lm's contiguous cache. So each decode-ready sequence
+gets a row of a per-layer array ``(rows * kv_heads, capacity, head_dim)``
+(mlx-lm's BatchKVCache layout, viewed as ``(rows, heads, capacity, dim)``):
+
+    admission to decode:  pool slots [0, n) --gather once--> row r, columns [0, n)
+    every decode step:    new K/V -> row r, column n  and  -> pool slot of position n
+    attention reads:      rows[:B, :, :max_len]  (a view, no copy)
+
+The pool stays the truth (prefix caching, conversation pins, preemption); the
+rows are a cache of it for running sequences. Rows of finished sequences
+become holes that new sequences fill lowest-first; a hole in the middle of the
+batch is computed with a dummy token and its output ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from server.engine.paged_cache import KVStore, attention_mask, slot_ids
+from server.engine.sequence import Sequence
+
+ROW_GROWTH = 8
+LENGTH_STEP = 256
+
+
+def _key(seq: Sequence) -> tuple[str, int]:
+    return seq.request_id, seq.index
+
+
+class DecodeRows:
+    """Row storage and row assignment for the sequences that decode."""
+
+    def __init__(self, store: KVStore) -> None:
+        self.store = store
+        self.shape = store.shape
+        self.capacity_rows = 0
+        self.capacity_len = 0
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.row_of: dict[tuple[str, int], int] = {}
+        self.length: list[int] = []  # tokens held per row (0 for holes)
+
+    # -- storage ------------------------------------------------------------------------------
+    def _grow(self, rows: int, length: int) -> None:
+        new_rows = max(self.capacity_rows, -(-rows // ROW_GROWTH) * ROW_GROWTH)
+        new_len = max(self.capacity_len, -(-length // LENGTH_STEP) * LENGTH_STEP)
+        if (new_rows, new_len) == (self.capacity_rows, self.capacity_len):
+            return
+        old_k, old_v = self.keys, self.values
+        self.keys, self.values = [], []
+        for layer, heads in enumerate(self.shape.kv_heads):
+            for pools, olds, dim in ((self.keys, old_k, self.shape.k_dims[layer]),
+                                     (self.values, old_v, self.shape.v_dims[layer])):
+                grown = mx.zeros((new_rows * heads, new_len, dim), self.shape.dtype)
+                if olds:
+                    grown[: self.capacity_rows * heads, : self.capacity_len] = olds[layer]
+                pools.append(grown)
+        self.capacity_rows, self.capacity_len = new_rows, new_len
+        self.length += [0] * (new_rows - len(self.length))
+        mx.eval(self.keys, self.values)
+
+    # -- rows ---------------------------------------------------------------------------------
+    def _load(self, row: int, seq: Sequence, count: int) -> None:
+        """Copy the sequence's first `count` tokens of KV from the pool into its row."""
+        if count:
+            slots = mx.array(slot_ids(seq.block_ids, 0, count, self.store.block_size))
+            for layer, heads in enumerate(self.shape.kv_heads):
+                rows = slice(row * heads, (row + 1) * heads)
+                self.keys[layer][rows, :count] = self.store.keys[layer][slots].transpose(1, 0, 2)
+                self.values[layer][rows, :count] = self.store.values[layer][slots].transpose(1, 0, 2)
+        self.length[row] = count
+
+    def assign(self, seqs: Seq[Sequence]) -> list[int]:
+        """Give every sequence a row holding its computed KV; free the rows of everyone else."""
+        wanted = {_key(s) for s in seqs}
+        for key in [k for k in self.row_of if k not in wanted]:
+            self.length[self.row_of.pop(key)] = 0
+        used = set(self.row_of.values())
+        free = (r for r in range(len(self.length) + len(seqs)) if r not in used)
+        rows = []
+        for seq in seqs:
+            row = self.row_of.get(_key(seq))
+            if row is None:
+                row = next(free)
+                self.row_of[_key(seq)] = row
+            rows.append(row)
+        self._grow(max(rows) + 1, max(s.num_computed_tokens for s in seqs) + 1)
+        for seq, row in zip(seqs, rows):
+            if self.length[row] != seq.num_computed_tokens:
+                self._load(row, seq, seq.num_computed_tokens)
+        return rows
+
+    def step_caches(self, seqs: Seq[Sequence], rows: list[int]) -> tuple[list[Any], list[int]]:
+        """Cache objects for one decode step over rows 0..max(rows), and the token order to feed."""
+        width = max(rows) + 1
+        order = [-1] * width
+        for i, row in enumerate(rows):
+            order[row] = i
+        offsets = [self.length[r] if order[r] >= 0 else 0 for r in range(width)]
+        real = [r for r in range(width) if order[r] >= 0]
+        write_slots = np.concatenate([
+            slot_ids(seqs[order[r]].block_ids, offsets[r], offsets[r] + 1, self.store.block_size) for r in real])
+        step = _DecodeStep(offsets, mx.array(np.asarray(real, dtype=np.int32)), mx.array(write_slots),
+                           len(real) == width)
+        for r in real:
+            self.length[r] += 1
+        return [RowLayerCache(self, layer, step) for layer in range(self.shape.num_layers)], order
+
+
+class _DecodeStep:
+    def __init__(self, offsets: list[int], real_rows: mx.array, write_slots: mx.array, dense: bool) -> None:
+        self.offsets = offsets
+        self.real_rows = real_rows
+        self.write_slots = write_slots
+        self.dense = dense  # no holes among the rows fed
+        self.width = max(offsets) + 1
+        self._masks: dict[int | None, Any] = {}
+        self.offset: int | mx.array = offsets[0] if len(offsets) == 1 else mx.array(offsets)
+        self.column = mx.array(np.asarray(offsets, dtype=np.int32))
+
+    def mask(self, window_size: int | None) -> Any:
+        if window_size not in self._masks:
+            self._masks[window_size] = attention_mask(self.offsets, 1, window_size)
+        return self._masks[window_size]
+
+
+class RowLayerCache:
+    """One layer's decode step in mlx-lm's cache protocol: write row columns and pool slots, read views."""
+
+    def __init__(self, rows: DecodeRows, layer: int, step: _DecodeStep) -> None:
+        self.rows = rows
+        self.layer = layer
+        self.step = step
+
+    @property
+    def offset(self) -> int | mx.array:
+        return self.step.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        batch, heads, _, _ = keys.shape
+        step, rows, store = self.step, self.rows, self.rows.store
+        row_index = (mx.arange(batch)[:, None] * heads + mx.arange(heads)[None, :]).reshape(-1)
+        column = mx.repeat(step.column, heads)
+        out = []
+        for new, table, pool in ((keys, rows.keys, store.keys), (values, rows.values, store.values)):
+            flat = new.reshape(batch * heads, -1)
+            table[self.layer][row_index, column] = flat
+            real = new[:, :, 0, :] if step.dense else new[step.real_rows, :, 0, :]
+            pool[self.layer][step.write_slots] = real
+            view = table[self.layer].reshape(rows.capacity_rows, heads, rows.capacity_len, -1)
+            out.append(view[:batch, :, : step.width, :])
+        return out[0], out[1]
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
+        mask = self.step.mask(window_size)
+        if mask is None and return_array:
+            return mx.ones((1, 1, 1, self.step.width), dtype=mx.bool_)
+        return mask
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        return self.rows.keys[self.layer], self.rows.values[self.layer]
