@@ -65,6 +65,7 @@ class Settings:
     max_num_seqs: int = 64
     prefill_chunk: int = 512
     queue_timeout: float = 30.0
+    sse_keepalive: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -73,8 +74,8 @@ class Settings:
             raise ValueError("max_body_mb must be positive")
         if self.kv_cache_gb <= 0 or self.block_size < 1 or self.max_num_seqs < 1 or self.prefill_chunk < 1:
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and prefill_chunk must be positive")
-        if self.queue_timeout < 0:
-            raise ValueError("queue_timeout must be >= 0")
+        if self.queue_timeout < 0 or self.sse_keepalive <= 0:
+            raise ValueError("queue_timeout must be >= 0 and sse_keepalive > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         ids = [spec.id for spec in self.models]
@@ -150,6 +151,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 512)")
     parser.add_argument("--queue-timeout", type=float,
                         help="seconds a request waits for KV blocks before a 503 (default 30)")
+    parser.add_argument("--sse-keepalive", type=float,
+                        help="seconds between keep-alive comments on a quiet stream (default 5)")
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -190,6 +193,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),  # type: ignore[arg-type]
         prefill_chunk=int(pick("prefill_chunk", args.prefill_chunk, int)),  # type: ignore[arg-type]
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),  # type: ignore[arg-type]
+        sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),  # type: ignore[arg-type]
     )
 
 

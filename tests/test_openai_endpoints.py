@@ -298,3 +298,21 @@ def test_unsupported_schema_is_400_naming_the_keyword(base: str) -> None:
     assert "uniqueItems" in response.json()["error"]["message"]
     response = raw(base, "/chat/completions", {"messages": USER, "response_format": {"type": "yaml"}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_keepalive_comments_during_a_long_prefill(registry: ModelRegistry) -> None:
+    settings = replace(Settings(), sse_keepalive=0.05)
+    long_prompt = "Here is a long document about the history of bridges. " * 60
+    with running_server(create_app(settings, registry)) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2, "stream": True}) as response:
+            lines = [line for line in response.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:") and '"content":""' not in line)
+    assert any(line.startswith(":") for line in lines[:first_data]), lines[:5]
+
+
+def test_h2c_prior_knowledge(registry: ModelRegistry) -> None:
+    with running_server(create_app(Settings(), registry)) as url:
+        with httpx.Client(http1=False, http2=True) as h2:
+            response = h2.get(url + "/v1/models")
+    assert response.status_code == 200 and response.http_version == "HTTP/2"

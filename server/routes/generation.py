@@ -24,9 +24,6 @@ from server.wire.chat import ChatCompletionRequest
 from server.wire.codec import json_response, read_json
 from server.wire.completions import CompletionRequest
 
-KEEPALIVE_SECONDS = 5
-
-
 def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: Callable[[Any], Awaitable[Any]],
                         stream: Callable[[Any], AsyncIterator[dict[str, str]]]) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
@@ -36,7 +33,7 @@ def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: 
         conversation = conversation_id(request, body.prompt_cache_key, body.user)
         plan = await run_in_threadpool(prepare, body, served, RequestScope.of(request), conversation)
         if body.stream:
-            return EventSourceResponse(stream(plan), ping=KEEPALIVE_SECONDS)
+            return EventSourceResponse(stream(plan), ping=request.app.state.settings.sse_keepalive)
         return json_response(await complete(plan))
 
     return endpoint
