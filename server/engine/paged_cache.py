@@ -82,10 +82,14 @@ class KVStore:
     def copy_slots(self, src_block: int, dst_block: int, count: int) -> None:
         """Copy the first `count` token slots of one block into another, in every layer."""
         bs = self.block_size
-        src = slice(src_block * bs, src_block * bs + count)
-        dst = slice(dst_block * bs, dst_block * bs + count)
-        for pool in (*self.keys, *self.values):
-            pool[dst] = pool[src]
+        src = mx.arange(src_block * bs, src_block * bs + count)
+        dst = mx.arange(dst_block * bs, dst_block * bs + count)
+        # gather into fresh buffers first: assigning a view of the pool into the pool would keep MLX
+        # from updating it in place and copy the whole pool instead
+        parts = [pool[src] for pool in (*self.keys, *self.values)]
+        mx.eval(parts)
+        for pool, part in zip((*self.keys, *self.values), parts):
+            pool[dst] = part
         mx.eval(self.keys, self.values)
 
 

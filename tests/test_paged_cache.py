@@ -1,0 +1,38 @@
+"""The KV slot pools: copies between blocks stay in place (no whole-pool copy) and copy the right slots."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+
+from server.engine.paged_cache import KVShape, KVStore, attention_mask, slot_ids
+
+
+def test_copy_slots_copies_exactly_and_in_place() -> None:
+    store = KVStore(KVShape(2, (2, 2), (4, 4), (4, 4), mx.float32), num_blocks=4, block_size=4)
+    for layer in range(2):
+        store.keys[layer][4:8] = mx.arange(4 * 2 * 4, dtype=mx.float32).reshape(4, 2, 4) + layer
+    mx.eval(store.keys)
+    store.copy_slots(1, 3, 3)
+    for layer in range(2):
+        assert mx.array_equal(store.keys[layer][12:15], store.keys[layer][4:7]).item()
+        assert not store.keys[layer][15].any().item()
+
+
+def test_copy_slots_does_not_copy_the_whole_pool() -> None:
+    big = KVStore(KVShape(30, (3,) * 30, (64,) * 30, (64,) * 30, mx.float32), num_blocks=4096, block_size=16)
+    big.copy_slots(1, 2, 5)  # warm up
+    started = time.perf_counter()
+    big.copy_slots(3, 4, 9)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.1, f"copy_slots took {elapsed * 1000:.0f} ms: the pool was copied, not updated in place"
+
+
+def test_slots_and_masks() -> None:
+    assert slot_ids([5, 2], 2, 6, 4).tolist() == [22, 23, 8, 9]
+    assert attention_mask([7], 1, None) is None and attention_mask([0], 5, None) == "causal"
+    mask = attention_mask([1, 3], 1, None)
+    assert mask.shape == (2, 1, 1, 4) and mask[0, 0, 0].tolist() == [True, True, False, False]
+    windowed = attention_mask([5], 1, 2)
+    assert windowed[0, 0, 0].tolist() == [False, False, False, False, True, True]
