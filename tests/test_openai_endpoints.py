@@ -316,3 +316,18 @@ def test_h2c_prior_knowledge(registry: ModelRegistry) -> None:
         with httpx.Client(http1=False, http2=True) as h2:
             response = h2.get(url + "/v1/models")
     assert response.status_code == 200 and response.http_version == "HTTP/2"
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp and r.choices[0].text.startswith(prompt)
+    n_prompt = len(client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=0)
+                   .choices[0].logprobs.tokens) - 1  # type: ignore[union-attr]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # type: ignore[index]
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])  # type: ignore[index]
+    assert "".join(lp.tokens[:n_prompt]) == prompt  # type: ignore[index]
+    # " Paris" after "The capital of France is" is likely under the model: among the top alternatives
+    paris = lp.tokens.index(" Paris")  # type: ignore[union-attr]
+    assert lp.token_logprobs[paris] > -3  # type: ignore[index,operator]

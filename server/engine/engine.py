@@ -276,7 +276,9 @@ class Engine:
 
     def _run(self, plan: StepPlan) -> None:
         for seq, num_tokens in plan.prefills:
-            self.runner.prefill(seq, num_tokens)
+            start = seq.num_computed_tokens
+            found = self.runner.prefill(seq, num_tokens)
+            seq.prompt_logprobs[start:start + len(found)] = found
             seq.num_computed_tokens += num_tokens
             self._stats.prompt_tokens_computed += num_tokens
             self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
@@ -327,7 +329,8 @@ class Engine:
             request_id=seq.request_id, index=seq.index, token_id=sample.token_id if sample else None, text=text,
             logprob=sample.logprob if sample else None, top_logprobs=sample.top_logprobs if sample else None,
             finish_reason=finish, prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_tokens,
-            completion_tokens=len(seq.output_token_ids), error=seq.error, error_kind=seq.error_kind)
+            completion_tokens=len(seq.output_token_ids), error=seq.error, error_kind=seq.error_kind,
+            prompt_logprobs=seq.prompt_logprobs if len(seq.output_token_ids) == 1 and seq.prompt_logprobs else None)
         try:
             sink(event)
         except Exception:  # a closed event loop on the other side: the request is gone

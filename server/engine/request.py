@@ -39,3 +39,5 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_kind: str | None = None  # "pool_exhausted" | "internal" when finish_reason is "error"
+    # with the first generated token, when asked: (token id, logprob, top alternatives) of prompt tokens 1..n-1
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None

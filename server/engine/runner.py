@@ -20,6 +20,8 @@ from server.engine.decode_rows import DecodeRows
 from server.engine.paged_cache import KVStore, StepLayout, step_caches
 from server.engine.sequence import Sequence
 
+PromptLogprob = tuple[int, float, list[tuple[int, float]]]  # token id, its logprob, top alternatives
+
 
 def _body_of(model: Any) -> Any | None:
     """The model's transformer body if it takes mlx-lm's `cache` argument, else None."""
@@ -45,15 +47,31 @@ class ModelRunner:
     def _sync_pools(self, *outputs: mx.array) -> None:
         mx.eval(*outputs, self.store.keys, self.store.values)
 
-    def prefill(self, seq: Sequence, num_tokens: int) -> None:
-        """Compute KV for the next num_tokens of seq (never its last token)."""
+    def prefill(self, seq: Sequence, num_tokens: int) -> list[PromptLogprob]:
+        """Compute KV for the next num_tokens of seq (never its last token).
+
+        With `prompt_logprobs` asked, also return the logprob (and top alternatives) of each
+        following prompt token under the model, from this chunk's logits.
+        """
         start = seq.num_computed_tokens
         assert start + num_tokens <= seq.num_tokens - 1, "prefill must leave the last token to decode"
         tokens = seq.token_ids[start:start + num_tokens]
         layout = StepLayout([start], num_tokens, [seq.block_ids], self.store.block_size)
-        forward = self._body if self._body is not None else self.model
-        out = forward(mx.array([tokens], dtype=mx.int32), cache=step_caches(self.store, layout))
-        self._sync_pools(out)
+        alternatives = seq.params.prompt_logprobs
+        if alternatives is None:
+            forward = self._body if self._body is not None else self.model
+            self._sync_pools(forward(mx.array([tokens], dtype=mx.int32), cache=step_caches(self.store, layout)))
+            return []
+        logits = self.model(mx.array([tokens], dtype=mx.int32), cache=step_caches(self.store, layout))[0]
+        logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+        targets = mx.array([seq.token_at(start + j + 1) for j in range(num_tokens)])
+        chosen = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        top = mx.argsort(-logprobs, axis=-1)[:, :alternatives] if alternatives else None
+        top_values = mx.take_along_axis(logprobs, top, axis=-1) if top is not None else None
+        self._sync_pools(chosen, *([top, top_values] if top is not None else []))
+        ids = top.tolist() if top is not None else [[] for _ in range(num_tokens)]
+        values = top_values.tolist() if top_values is not None else [[] for _ in range(num_tokens)]
+        return [(t, lp, list(zip(i, v))) for t, lp, i, v in zip(targets.tolist(), chosen.tolist(), ids, values)]
 
     def decode(self, seqs: Seq[Sequence]) -> mx.array:
         """Feed each sequence's next uncomputed token; return (B, V) logits in seqs' order, evaluated."""

@@ -74,6 +74,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    prompt_logprobs: int | None = None  # logprobs of the prompt's tokens, with this many alternatives
     grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
@@ -115,6 +116,8 @@ class SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs")
         _integer("n", self.n, 1, _MAX_N)
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, 0, _MAX_TOP_LOGPROBS)
         if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
             raise ValueError(f"grammar must be a GrammarSpec, got {type(self.grammar).__name__}")
 

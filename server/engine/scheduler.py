@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from server.engine.block_pool import PoolExhaustedError
 from server.engine.config import SchedulerConfig
-from server.engine.kv_manager import KVCacheManager
+from server.engine.kv_manager import KVCacheManager, PrefixHit
 from server.engine.paged_cache import KVStore
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -68,7 +68,10 @@ class Scheduler:
                    for s in (*self.running, *self.waiting))
 
     def _admit(self, seq: Sequence) -> bool:
-        hit = self.kv.match(seq.token_ids, seq.salt, seq.conversation_key)
+        if seq.params.prompt_logprobs is not None and seq.index == 0 and not seq.admitted_once:
+            hit = PrefixHit()  # every prompt token's logits are needed: compute them all
+        else:
+            hit = self.kv.match(seq.token_ids, seq.salt, seq.conversation_key)
         held = len(hit.block_ids)
         needed = self.kv.blocks_needed(held, seq.num_tokens)
         pool = self.kv.pool

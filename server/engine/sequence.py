@@ -68,6 +68,7 @@ class Sequence:
     admitted_once: bool = False
     error: str | None = None
     error_kind: str | None = None  # "pool_exhausted" | "internal"
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -95,16 +95,14 @@ def prepare(body: CompletionRequest, served: ServedModel, scope: RequestScope, c
         raise InvalidRequestError("'best_of' cannot be used with 'stream'.", param="best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}.", param="logprobs")
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError("'echo' together with 'logprobs' (prompt logprobs) is not supported yet.",
-                                  param="echo")
     prompts = parse_prompts(body.prompt, tokenizer)
     params = build_params(
         max_tokens=body.max_tokens if body.max_tokens is not None else 16, temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         logit_bias=body.logit_bias, seed=body.seed, stop=stop_list(body.stop),
-        logprobs=body.logprobs is not None or best_of > n, top_logprobs=body.logprobs or 0, n=best_of)
+        logprobs=body.logprobs is not None or best_of > n, top_logprobs=body.logprobs or 0, n=best_of,
+        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
     requests = []
     for ids, _ in prompts:
         if body.suffix:
@@ -169,9 +167,12 @@ class _Accumulator:
         self.text_of = TokenText(plan.served.tokenizer)
         self.eos = plan.served.engine.eos_ids
         self.choices = {(p, j): _Choice() for p in range(len(plan.requests)) for j in range(plan.best_of)}
+        self.prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]]]] = {}
 
     def add(self, prompt_index: int, event: TokenEvent) -> _Choice:
         choice = self.choices[(prompt_index, event.index)]
+        if event.prompt_logprobs is not None and event.index == 0:
+            self.prompt_logprobs[prompt_index] = event.prompt_logprobs
         if event.token_id is not None and event.logprob is not None and event.token_id not in self.eos:
             token, _ = self.text_of(event.token_id)
             choice.offsets.append(len(choice.text))
@@ -185,10 +186,29 @@ class _Accumulator:
             choice.finish, choice.tokens, choice.cached = event.finish_reason, event.completion_tokens, event.cached_tokens
         return choice
 
-    def logprobs_of(self, choice: _Choice) -> CompletionLogprobs | None:
+    def logprobs_of(self, prompt_index: int, choice: _Choice) -> CompletionLogprobs | None:
         if self.plan.logprobs is None:
             return None
-        return CompletionLogprobs(choice.lp_tokens, choice.lp_values, choice.lp_tops, choice.offsets)
+        if not self.plan.echo:
+            return CompletionLogprobs(choice.lp_tokens, choice.lp_values, choice.lp_tops, choice.offsets)
+        # echo: the prompt's tokens come first; the first has no logprob (nothing precedes it)
+        prompt_ids = self.plan.requests[prompt_index].prompt_token_ids
+        tokens = [self.text_of(prompt_ids[0])[0]]
+        values: list[float | None] = [None]
+        tops: list[dict[str, float] | None] = [None]
+        for token_id, logprob, alternatives in self.prompt_logprobs.get(prompt_index, []):
+            tokens.append(self.text_of(token_id)[0])
+            values.append(logprob)
+            alts = {self.text_of(t)[0]: lp for t, lp in alternatives}
+            alts.setdefault(tokens[-1], logprob)
+            tops.append(alts)
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        prompt_len = len(self.plan.prompt_texts[prompt_index])
+        return CompletionLogprobs(tokens + choice.lp_tokens, values + choice.lp_values, tops + choice.lp_tops,
+                                  offsets + [prompt_len + o for o in choice.offsets])
 
     def usage(self) -> Usage:
         prompt = sum(len(r.prompt_token_ids) for r in self.plan.requests)
@@ -213,7 +233,7 @@ async def complete(plan: CompletionPlan) -> Completion:
         for j, choice in enumerate(ranked[: plan.n]):
             text = prompt_text + choice.text if plan.echo else choice.text
             choices.append(CompletionChoice(index=p * plan.n + j, text=text, finish_reason=choice.finish,
-                                            logprobs=acc.logprobs_of(choice)))
+                                            logprobs=acc.logprobs_of(p, choice)))
     return Completion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
                       system_fingerprint=SYSTEM_FINGERPRINT, usage=acc.usage())
 

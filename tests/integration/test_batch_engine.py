@@ -302,3 +302,19 @@ def test_async_stream_cancel_frees_blocks_within_a_step(engine: Engine, smol: tu
         time.sleep(0.02)
     assert engine.pool.num_used == 0
     engine.check_integrity()
+
+
+def test_prompt_logprobs_match_a_full_forward(engine: Engine, smol: tuple[Any, Any]) -> None:
+    import mlx.core as mx
+
+    model, tokenizer = smol
+    prompt = chat_tokens(tokenizer, "Spell the word banana.")
+    events = engine.generate(request(prompt, max_tokens=2, logprobs=True, top_logprobs=2, prompt_logprobs=2))
+    got = next(e.prompt_logprobs for e in events if e.prompt_logprobs)
+    logits = model(mx.array([prompt]))[0].astype(mx.float32)
+    reference_lp = (logits - mx.logsumexp(logits, axis=-1, keepdims=True)).tolist()
+    assert [t for t, _, _ in got] == prompt[1:]
+    for position, (token, logprob, alternatives) in enumerate(got):
+        assert abs(logprob - reference_lp[position][token]) < 1e-3
+        assert len(alternatives) == 2 and alternatives[0][1] >= alternatives[1][1]
+    idle(engine)
