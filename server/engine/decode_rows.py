@@ -124,7 +124,18 @@ class _DecodeStep:
         self.width = max(offsets) + 1
         self._masks: dict[int | None, Any] = {}
         self.offset: int | mx.array = offsets[0] if len(offsets) == 1 else mx.array(offsets)
-        self.column = mx.array(np.asarray(offsets, dtype=np.int32))
+        self.column = np.asarray(offsets, dtype=np.int32)
+        self._indices: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def indices(self, heads: int) -> tuple[mx.array, mx.array]:
+        """(row*heads + head, column) for every (row, head): where this step's K/V land in the rows."""
+        found = self._indices.get(heads)
+        if found is None:
+            batch = len(self.offsets)
+            rows = (np.arange(batch)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
+            found = (mx.array(rows.astype(np.int32)), mx.array(np.repeat(self.column, heads)))
+            self._indices[heads] = found
+        return found
 
     def mask(self, window_size: int | None) -> Any:
         if window_size not in self._masks:
@@ -147,8 +158,7 @@ class RowLayerCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         batch, heads, _, _ = keys.shape
         step, rows, store = self.step, self.rows, self.rows.store
-        row_index = (mx.arange(batch)[:, None] * heads + mx.arange(heads)[None, :]).reshape(-1)
-        column = mx.repeat(step.column, heads)
+        row_index, column = step.indices(heads)
         out = []
         for new, table, pool in ((keys, rows.keys, store.keys), (values, rows.values, store.values)):
             flat = new.reshape(batch * heads, -1)

@@ -45,7 +45,7 @@ FINISH_REASONS: dict[SequenceStatus, str] = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field: the scheduler tests membership every step
 class Sequence:
     """One generated completion (a request with n > 1 has n of them)."""
 
