@@ -73,3 +73,11 @@ def test_instructions_and_history_for_templates_without_tools() -> None:
     out = with_tools(history, TOOLS, None)
     assert out[0]["role"] == "system" and "get_weather" in out[0]["content"]
     assert HERMES_START in out[2]["content"] and out[3]["role"] == "user" and "sunny" in out[3]["content"]
+
+
+def test_parallel_tool_calls_false_keeps_only_the_first_call() -> None:
+    p = ToolCallParser(tool_format(_NoTools()), TOOLS, max_calls=1)
+    text, calls = p.feed(CALL + CALL)
+    assert len(calls) == 1 and text == ""
+    unlimited = parser()
+    assert len(unlimited.feed(CALL + CALL)[1]) == 2

@@ -105,6 +105,7 @@ class ChatPlan:
     want_logprobs: bool
     tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
     tool_format: ToolFormat | None = None
+    parallel_tool_calls: bool = True
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -115,7 +116,7 @@ class ChatPlan:
     def tool_parser(self) -> ToolCallParser | None:
         if self.tools is None or self.tool_format is None:
             return None
-        return ToolCallParser(self.tool_format, self.tools)
+        return ToolCallParser(self.tool_format, self.tools, None if self.parallel_tool_calls else 1)
 
 
 def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, str | None]:
@@ -185,7 +186,8 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
         conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id))
     served.engine.validate(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(served, request, include_usage, bool(body.logprobs), tools if fmt else None, fmt)
+    return ChatPlan(served, request, include_usage, bool(body.logprobs), tools if fmt else None, fmt,
+                    body.parallel_tool_calls is not False)
 
 
 def engine_failure(exc: Exception) -> APIError:

@@ -88,9 +88,10 @@ class ParsedCall:
 class ToolCallParser:
     """Splits streamed model text into content and tool calls."""
 
-    def __init__(self, fmt: ToolFormat, tools: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, fmt: ToolFormat, tools: list[dict[str, Any]] | None = None, max_calls: int | None = None) -> None:
         self.fmt = fmt
         self.tools = tools
+        self.max_calls = max_calls  # 1 when the request set parallel_tool_calls: false
         self._buffer = ""
         self._in_call = False
         self.calls: list[ParsedCall] = []
@@ -138,6 +139,8 @@ class ToolCallParser:
             return None
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             return None
+        if self.max_calls is not None and len(self.calls) >= self.max_calls:
+            return None  # calls beyond the allowed number are dropped, not shown as text
         arguments = value.get("arguments", {})
         encoded = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
         call = ParsedCall(value["name"], encoded)
