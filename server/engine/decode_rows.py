@@ -78,8 +78,12 @@ class DecodeRows:
                 self.values[layer][rows, :count] = self.store.values[layer][slots].transpose(1, 0, 2)
         self.length[row] = count
 
-    def assign(self, seqs: Seq[Sequence]) -> list[int]:
-        """Give every sequence a row holding its computed KV; free the rows of everyone else."""
+    def assign(self, seqs: Seq[Sequence], offsets: Seq[int]) -> list[int]:
+        """Give every sequence a row holding its first `offsets[i]` tokens of KV; free everyone else's rows.
+
+        A row holding more than asked keeps it (the extra column was written by a step that ran ahead
+        with the same token, so it is valid) and is simply cut back.
+        """
         wanted = {_key(s) for s in seqs}
         for key in [k for k in self.row_of if k not in wanted]:
             self.length[self.row_of.pop(key)] = 0
@@ -92,10 +96,11 @@ class DecodeRows:
                 row = next(free)
                 self.row_of[_key(seq)] = row
             rows.append(row)
-        self._grow(max(rows) + 1, max(s.num_computed_tokens for s in seqs) + 1)
-        for seq, row in zip(seqs, rows):
-            if self.length[row] != seq.num_computed_tokens:
-                self._load(row, seq, seq.num_computed_tokens)
+        self._grow(max(rows) + 1, max(offsets) + 1)
+        for seq, row, offset in zip(seqs, rows, offsets):
+            if self.length[row] < offset:
+                self._load(row, seq, offset)
+            self.length[row] = offset
         return rows
 
     def step_caches(self, seqs: Seq[Sequence], rows: list[int]) -> tuple[list[Any], list[int]]:

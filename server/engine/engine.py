@@ -29,7 +29,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_manager import KVCacheManager
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelRunner, greedy_tokens
 from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
 from server.engine.config import EngineConfig
 from server.engine.scheduler import Scheduler, StepPlan
@@ -58,6 +58,7 @@ class EngineStats:
     steps: int = 0
     decode_tokens_per_s: float = 0.0
     max_decode_batch: int = 0
+    decode_steps_ahead: int = 0  # decode steps whose forward was launched a step early (overlapped)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Engine:
         self._stats = EngineStats(blocks_total=num_blocks)
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
+        self._ahead: tuple[list[Sequence], Any] | None = None  # (sequences, their next greedy tokens on device)
         self._lock = threading.Lock()
         log.info("KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)", num_blocks, bs,
                  self.store.nbytes / (1 << 30), shape.bytes_per_token)
@@ -262,6 +264,7 @@ class Engine:
             self._run(plan)
         except Exception as exc:  # a failing forward must not take the engine down
             log.exception("engine step failed")
+            self._ahead = None
             for seq in [s for s, _ in plan.prefills] + plan.decodes:
                 if not seq.finished:
                     seq.error = f"generation failed: {exc}"
@@ -287,8 +290,7 @@ class Engine:
         fresh = [s for s in plan.decodes if not s.output_token_ids]
         self._stats.prompt_tokens_computed += len(fresh)  # a prompt's last token is fed by its first decode
         self._stats.prompt_tokens_reused += sum(s.num_cached_tokens for s in fresh)
-        logits = self.runner.decode(plan.decodes)
-        samples = sample_batch(logits, [s.sampler for s in plan.decodes])
+        samples = self._decode(plan.decodes)
         self._decode_window.append((time.monotonic(), len(plan.decodes)))
         self._stats.max_decode_batch = max(self._stats.max_decode_batch, len(plan.decodes))
         if len(self._decode_window) > 512:
@@ -297,6 +299,30 @@ class Engine:
             seq.num_computed_tokens += 1
             self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
             self._accept(seq, sample)
+
+    def _decode(self, decodes: list[Sequence]) -> list[TokenSample]:
+        """One decode step's samples; all-greedy batches run one step ahead (see ModelRunner.decode_ahead).
+
+        The step launched ahead is used only when the next step decodes exactly the same sequences;
+        otherwise it is dropped: its KV writes repeat what the next step writes, with the same tokens.
+        """
+        ahead, self._ahead = self._ahead, None
+        if not all(_greedy_on_device(s) for s in decodes):
+            return sample_batch(self.runner.decode(decodes), [s.sampler for s in decodes])
+        if ahead is not None and ahead[0] == decodes:
+            tokens = ahead[1]
+            self._stats.decode_steps_ahead += 1
+        else:
+            tokens = greedy_tokens(self.runner.decode(decodes))
+        if self._worth_running_ahead(decodes):
+            self._ahead = (list(decodes), self.runner.decode_ahead(decodes, tokens))
+        return [TokenSample(token, None, None) for token in tokens.tolist()]
+
+    def _worth_running_ahead(self, decodes: list[Sequence]) -> bool:
+        """Every sequence has a slot for the next position and none is certain to finish this step."""
+        capacity = self.pool.block_size
+        return all(s.num_tokens < len(s.block_ids) * capacity and len(s.output_token_ids) + 1 < s.max_tokens
+                   and s.num_tokens + 1 < self.context_length for s in decodes)
 
     def _accept(self, seq: Sequence, sample: TokenSample) -> None:
         token = sample.token_id
@@ -359,6 +385,12 @@ def raise_if_failed(event: TokenEvent) -> None:
     if event.error_kind == "pool_exhausted":
         raise PoolExhaustedError(event.error or "KV pool exhausted")
     raise GenerationError(event.error or "generation failed")
+
+
+def _greedy_on_device(seq: Sequence) -> bool:
+    """Argmax alone picks the token: nothing needs the host between steps."""
+    sampler = seq.sampler
+    return sampler.argmax and not sampler.has_processors and sampler.constraint is None and not seq.params.logprobs
 
 
 def _with_seed(params: Any, seed: int) -> Any:

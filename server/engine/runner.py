@@ -73,13 +73,40 @@ class ModelRunner:
         values = top_values.tolist() if top_values is not None else [[] for _ in range(num_tokens)]
         return [(t, lp, list(zip(i, v))) for t, lp, i, v in zip(targets.tolist(), chosen.tolist(), ids, values)]
 
-    def decode(self, seqs: Seq[Sequence]) -> mx.array:
-        """Feed each sequence's next uncomputed token; return (B, V) logits in seqs' order, evaluated."""
-        rows = self.rows.assign(seqs)
+    def _forward_rows(self, seqs: Seq[Sequence], offsets: list[int], inputs: mx.array | list[int]) -> mx.array:
+        """Build (not evaluate) one decode step: seqs[i] feeds inputs[i] at position offsets[i]."""
+        rows = self.rows.assign(seqs, offsets)
         caches, order = self.rows.step_caches(seqs, rows)
-        tokens = [[seqs[i].token_at(seqs[i].num_computed_tokens)] if i >= 0 else [0] for i in order]
-        logits = self.model(mx.array(tokens, dtype=mx.int32), cache=caches)[:, -1, :]
+        if isinstance(inputs, mx.array):
+            tokens = inputs[mx.array([max(i, 0) for i in order])][:, None]  # holes feed a copy of row 0's token
+        else:
+            tokens = mx.array([[inputs[i]] if i >= 0 else [0] for i in order], dtype=mx.int32)
+        logits = self.model(tokens, cache=caches)[:, -1, :]
         if rows != list(range(len(rows))):
             logits = logits[mx.array(rows)]
+        return logits
+
+    def decode(self, seqs: Seq[Sequence]) -> mx.array:
+        """Feed each sequence's next uncomputed token; return (B, V) logits in seqs' order, evaluated."""
+        offsets = [s.num_computed_tokens for s in seqs]
+        logits = self._forward_rows(seqs, offsets, [s.token_at(o) for s, o in zip(seqs, offsets)])
         mx.eval(logits, self.rows.keys, self.rows.values, self.store.keys, self.store.values)
         return logits
+
+    def decode_ahead(self, seqs: Seq[Sequence], tokens: mx.array) -> mx.array:
+        """Launch the step after the current one without waiting for its tokens on the host.
+
+        `tokens` are the greedy tokens the current step sampled (still on the device); the step
+        feeds them one position further and returns its own greedy tokens, evaluating
+        asynchronously while the host handles the current step's output (mlx-lm's overlap).
+        """
+        offsets = [s.num_computed_tokens + 1 for s in seqs]
+        logits = self._forward_rows(seqs, offsets, tokens)
+        following = greedy_tokens(logits)
+        mx.async_eval(following, self.rows.keys, self.rows.values, self.store.keys, self.store.values)
+        return following
+
+
+def greedy_tokens(logits: mx.array) -> mx.array:
+    """Argmax per row, computed as sample_batch's greedy path does (float32)."""
+    return mx.argmax(logits.astype(mx.float32), axis=-1)

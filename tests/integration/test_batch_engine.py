@@ -199,8 +199,11 @@ def test_greedy_matches_mlx_lm_generate(engine: Engine, smol: tuple[Any, Any], k
     text = "What is 2+2?" if kind == "short" else "Explain why the sky is blue, in detail please. " * 8
     prompt = chat_tokens(smol[1], text)
     assert kind == "short" or len(prompt) > 4 * BS
+    ahead_before = engine.stats().decode_steps_ahead
     ours = tokens_of(engine.generate(request(prompt, max_tokens=16, salt=kind.encode())))
     assert ours == reference(smol, prompt, 16)
+    if len(ours) > 3:  # greedy decoding overlapped steps (ran one step ahead) and stayed exact
+        assert engine.stats().decode_steps_ahead > ahead_before
 
 
 def test_resumed_conversation_matches_mlx_lm_generate(engine: Engine, smol: tuple[Any, Any]) -> None:
