@@ -21,6 +21,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_gb: float = 2.0
     num_blocks: int | None = None  # overrides kv_cache_gb when set
+    # launch greedy decode steps one ahead (see ModelRunner.decode_ahead); None: on GPUs only, since on
+    # a CPU the overlapped host work competes with the matmuls for the same cores
+    decode_ahead: bool | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

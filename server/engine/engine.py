@@ -103,6 +103,8 @@ class Engine:
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
         self._ahead: tuple[list[Sequence], Any] | None = None  # (sequences, their next greedy tokens on device)
+        self._run_ahead = (self.config.decode_ahead if self.config.decode_ahead is not None
+                           else mx.default_device() != mx.cpu)
         self._lock = threading.Lock()
         log.info("KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)", num_blocks, bs,
                  self.store.nbytes / (1 << 30), shape.bytes_per_token)
@@ -319,7 +321,10 @@ class Engine:
         return [TokenSample(token, None, None) for token in tokens.tolist()]
 
     def _worth_running_ahead(self, decodes: list[Sequence]) -> bool:
-        """Every sequence has a slot for the next position and none is certain to finish this step."""
+        """Every sequence has a slot for the next position, none is certain to finish this step, and
+        no other sequence is about to join the batch (which would change the next step's members)."""
+        if not self._run_ahead or self.scheduler.waiting or any(s.num_pending_prefill for s in self.scheduler.running):
+            return False
         capacity = self.pool.block_size
         return all(s.num_tokens < len(s.block_ids) * capacity and len(s.output_token_ids) + 1 < s.max_tokens
                    and s.num_tokens + 1 < self.context_length for s in decodes)

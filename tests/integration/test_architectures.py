@@ -49,7 +49,7 @@ def reference(model: Any, prompt: list[int], n: int) -> list[int]:
 def test_family_matches_mlx_lm(model_type: str, registry: ModelRegistry) -> None:
     tokenizer = registry.get("smollm2-135m-instruct").tokenizer
     model = build(model_type)
-    engine = Engine(model, tokenizer, EngineConfig(block_size=8, num_blocks=64))
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, num_blocks=64, decode_ahead=True))
     engine.start()
     try:
         prompt = [(i * 7919) % 5000 + 100 for i in range(37)]  # spans several blocks (and the sliding window)
