@@ -331,3 +331,9 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) 
     # " Paris" after "The capital of France is" is likely under the model: among the top alternatives
     paris = lp.tokens.index(" Paris")  # type: ignore[union-attr]
     assert lp.token_logprobs[paris] > -3  # type: ignore[index,operator]
+
+
+def test_suffix_without_fill_in_the_middle_tokens_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="def add(a, b):", suffix="    return c", max_tokens=4)
+    assert info.value.param == "suffix"
