@@ -16,7 +16,7 @@ schema = {
     "properties": {
         "city": {"type": "string", "maxLength": 40},
         "country": {"type": "string", "maxLength": 40},
-        "population_millions": {"type": "number"},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 100},
     },
     "required": ["city", "country", "population_millions"],
     "additionalProperties": False,
@@ -25,7 +25,10 @@ response = client.chat.completions.create(
     model=os.environ.get("MODEL", "smollm2-135m-instruct"),
     messages=[{"role": "user", "content": "Describe Paris as JSON."}],
     response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}},
-    max_tokens=80,
+    max_tokens=200,
+    temperature=0,
 )
-data = json.loads(response.choices[0].message.content)
-print(json.dumps(data, indent=2))
+choice = response.choices[0]
+if choice.finish_reason == "length":  # the grammar guarantees valid JSON only when generation completes
+    raise SystemExit(f"cut off by max_tokens: {choice.message.content!r}")
+print(json.dumps(json.loads(choice.message.content), indent=2))
