@@ -20,7 +20,7 @@ from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.models.registry import ModelRegistry, build_registry, shutdown
-from server.routes import generation, health, models
+from server.routes import embeddings, generation, health, models
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 shutdown(registry)
 
     app = Starlette(
-        routes=[*health.routes, *models.routes, *generation.routes],
+        routes=[*health.routes, *models.routes, *generation.routes, *embeddings.routes],
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(AuthMiddleware, api_keys=settings.api_keys),

@@ -33,3 +33,15 @@ def registry(model_cache: ModelCache) -> ModelRegistry:
     build_registry(reg, Settings(cache_dir=model_cache.root))
     assert reg.ready, reg.failure
     return reg
+
+
+@pytest.fixture(scope="session")
+def minilm(model_cache: ModelCache, request: pytest.FixtureRequest):
+    """The default all-MiniLM-L6-v2 as an `Encoder` (its directory is `minilm.path`)."""
+    from server.embeddings.encoder import Encoder
+    from server.models.defaults import MINILM
+
+    path = model_cache.ready(MINILM.id)
+    if path is None:  # not extracted yet: let the registry fetch and prepare it
+        path = request.getfixturevalue("registry").get(MINILM.id).path
+    return Encoder.load(Path(path))

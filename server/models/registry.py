@@ -36,10 +36,12 @@ class ServedModel:
     model: Any = None
     tokenizer: Any = None
     engine: Any = None  # server.engine.engine.Engine for chat models, once loaded
+    encoder: Any = None  # an Encoder or DecoderEncoder (server.embeddings) for embedding models, once loaded
+    batcher: Any = None  # its micro-batcher
 
     @property
     def loaded(self) -> bool:
-        return self.kind != "chat" or self.model is not None
+        return self.model is not None if self.kind == "chat" else self.batcher is not None
 
 
 class ModelRegistry:
@@ -114,10 +116,17 @@ def prepare(registry: ModelRegistry, settings: Settings) -> None:
 
 
 def load(registry: ModelRegistry, settings: Settings) -> None:
-    """Load every chat model's weights and start its batch engine (embedding encoders load with their endpoint)."""
+    """Load every model: chat models get a running batch engine, embedding models an encoder and batcher."""
     from server.engine.engine import Engine
 
     for served in registry.list():
+        if served.kind == "embedding" and served.batcher is None:
+            from server.embeddings.batcher import EmbeddingBatcher
+            from server.embeddings.decoder import load_embedding_model
+
+            served.encoder = load_embedding_model(served.path, settings.dtype)
+            served.batcher = EmbeddingBatcher(served.encoder)
+            continue
         if served.kind == "chat" and served.model is None:
             started = time.perf_counter()
             model, tokenizer = load_chat_model(served.path, settings.dtype)
@@ -133,6 +142,8 @@ def shutdown(registry: ModelRegistry) -> None:
     for served in registry.list():
         if served.engine is not None:
             served.engine.shutdown()
+        if served.batcher is not None:
+            served.batcher.shutdown()
 
 
 def build_registry(registry: ModelRegistry, settings: Settings) -> None:

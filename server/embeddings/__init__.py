@@ -1,0 +1,1 @@
+"""Sentence-embedding models: an MLX BERT-family encoder plus sentence-transformers pooling."""
