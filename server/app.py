@@ -1,6 +1,7 @@
 """Build the Starlette app: routes, middleware, error handlers, and the lifespan that loads models.
 
-State lives on ``app.state`` (the settings, the model registry), never in
+State lives on ``app.state`` (the settings, the model registry, the SQLite
+database under --data-dir), never in
 module globals. Models load on a start-up thread so /health answers at once
 and /ready turns 200 when every model is in memory.
 """
@@ -21,6 +22,7 @@ from server.errors import APIError, handle_api_error, handle_http_exception, han
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.models.registry import ModelRegistry, build_registry, shutdown
 from server.routes import embeddings, generation, health, models
+from server.storage.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         finally:
             if owns_registry:
                 shutdown(registry)
+            app.state.database.close()
 
     app = Starlette(
         routes=[*health.routes, *models.routes, *generation.routes, *embeddings.routes],
@@ -59,4 +62,5 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.database = Database.in_dir(settings.data_dir)
     return app

@@ -1,0 +1,1 @@
+"""Persistence: the SQLite database shared by files, fine-tuning jobs and stored responses."""
