@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from server.embeddings import cpu_kernels
+
 _ACTIVATIONS = {
     "gelu": nn.gelu,
     "gelu_python": nn.gelu,
@@ -130,6 +132,7 @@ class _Attention(nn.Module):
         self.n_heads = c.num_attention_heads
         self.self = _SelfAttention(c)
         self.output = _DenseLN(c.hidden_size, c.hidden_size, c.layer_norm_eps)
+        self.softmax = cpu_kernels.softmax() if mx.default_device() == mx.cpu else None
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         B, L, D = x.shape
@@ -139,7 +142,12 @@ class _Attention(nn.Module):
             return t.reshape(B, L, h, D // h).transpose(0, 2, 1, 3)
 
         q, k, v = split(self.self.query(x)), split(self.self.key(x)), split(self.self.value(x))
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // h) ** -0.5, mask=mask)
+        scale = (D // h) ** -0.5
+        if self.softmax is not None:  # CPU: MLX's fused attention there computes exp a scalar at a time
+            scores = mx.where(mask, (q * scale) @ k.swapaxes(-1, -2), -1e30)
+            o = self.softmax(scores) @ v
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, D)
         return self.output(o, x)
 
@@ -151,6 +159,8 @@ class _Intermediate(nn.Module):
         if c.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {c.hidden_act!r}")
         self.act = _ACTIVATIONS[c.hidden_act]
+        if self.act is nn.gelu and mx.default_device() == mx.cpu:
+            self.act = cpu_kernels.gelu()
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.act(self.dense(x))
