@@ -9,6 +9,9 @@ one decode step in our design (server/engine/paged_cache.py) does:
               (``pool[read_slots].transpose(0, 2, 1, 3)``: what ``update_and_fetch`` returns);
   (c) write   one new token's K and V scattered into every layer's pool (``pool[write_slots] = kv``);
   (d) step    (b)+(c) through the real ``PagedLayerCache.update_and_fetch`` for every layer.
+  (e) read_blocks / load: once per request, when a sequence joins decoding, its blocks are
+              gathered whole (``KVStore.read_blocks``) and copied into its contiguous decode row
+              (server/engine/decode_rows.py): "read blocks" is the gather alone, "load" gather + copy.
 
 References, measured the same way in the same run:
 
@@ -132,10 +135,27 @@ def bench_ours(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
         outs = [c.update_and_fetch(k_new, v_new) for c in step_caches(store, lay)]
         mx.eval(outs, store.keys, store.values)
 
+    blocks_mx = mx.array(table)
+    rows_k = [mx.zeros((H, n, D), dtype) for _ in range(layers)]
+    rows_v = [mx.zeros((H, n, D), dtype) for _ in range(layers)]
+    mx.eval(rows_k, rows_v)
+
+    def read_blocks() -> None:
+        outs = [store.read_blocks(layer, blocks_mx, n) for layer in range(layers)]
+        mx.eval(outs)
+
+    def load_rows() -> None:  # what DecodeRows._load does once per request
+        for layer in range(layers):
+            keys, values = store.read_blocks(layer, blocks_mx, n)
+            rows_k[layer][:, :n] = keys.transpose(1, 0, 2)
+            rows_v[layer][:, :n] = values.transpose(1, 0, 2)
+        mx.eval(rows_k, rows_v)
+
     out["read"] = measure(read, args)
+    out["read_blocks"] = measure(read_blocks, args)
+    out["load_rows"] = measure(load_rows, args)
     out["write"] = measure(write, args)
     out["step"] = measure(step, args)
-    del store, lay
     return out
 
 
@@ -289,6 +309,9 @@ def main() -> int:
 
         row("layout", "ours StepLayout (slot tables)", ours["layout"])
         row("read", "ours gather (K+V, all layers)", ours["read"], contig["read"], seed["reconstruct"])
+        row("read", "ours block gather (K+V, all layers)", ours["read_blocks"], contig["read"],
+            seed["reconstruct"])
+        row("load", "ours block gather into decode rows", ours["load_rows"], None, seed["reconstruct"])
         row("read", "contiguous keys[..., :n, :]", contig["read"])
         row("read", "seed concat reconstruct", seed["reconstruct"])
         row("write", "ours scatter 1 token", ours["write"], contig["write"], seed["extract_copies"])

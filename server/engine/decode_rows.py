@@ -71,11 +71,13 @@ class DecodeRows:
     def _load(self, row: int, seq: Sequence, count: int) -> None:
         """Copy the sequence's first `count` tokens of KV from the pool into its row."""
         if count:
-            slots = mx.array(slot_ids(seq.block_ids, 0, count, self.store.block_size))
+            bs = self.store.block_size
+            blocks = mx.array(seq.block_ids[: -(-count // bs)])
             for layer, heads in enumerate(self.shape.kv_heads):
                 rows = slice(row * heads, (row + 1) * heads)
-                self.keys[layer][rows, :count] = self.store.keys[layer][slots].transpose(1, 0, 2)
-                self.values[layer][rows, :count] = self.store.values[layer][slots].transpose(1, 0, 2)
+                keys, values = self.store.read_blocks(layer, blocks, count)
+                self.keys[layer][rows, :count] = keys.transpose(1, 0, 2)
+                self.values[layer][rows, :count] = values.transpose(1, 0, 2)
         self.length[row] = count
 
     def assign(self, seqs: Seq[Sequence], offsets: Seq[int]) -> list[int]:
