@@ -1,0 +1,1 @@
+"""Fine-tuning: validate training files, train LoRA adapters in a worker process, persist jobs, serve results."""
