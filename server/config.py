@@ -58,6 +58,7 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.path.expanduser("~/.local/share/mlx-dropin")))
     dtype: str = "auto"
     max_body_mb: float = 32.0
+    max_file_mb: float = 512.0
     log_level: str = "info"
     offline: bool = False
     kv_cache_gb: float = 2.0
@@ -70,8 +71,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        if self.max_body_mb <= 0:
-            raise ValueError("max_body_mb must be positive")
+        if self.max_body_mb <= 0 or self.max_file_mb <= 0:
+            raise ValueError("max_body_mb and max_file_mb must be positive")
         if self.kv_cache_gb <= 0 or self.block_size < 1 or self.max_num_seqs < 1 or self.prefill_chunk < 1:
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and prefill_chunk must be positive")
         if self.queue_timeout < 0 or self.sse_keepalive <= 0:
@@ -87,6 +88,10 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
 
     @property
     def auth_enabled(self) -> bool:
@@ -140,6 +145,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES,
                         help="weights dtype: auto = float32 on CPU, keep quantized on Metal/CUDA (default auto)")
     parser.add_argument("--max-body-mb", type=float, help="largest request body in MiB (default 32)")
+    parser.add_argument("--max-file-mb", type=float, help="largest upload to /v1/files in MiB (default 512)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     parser.add_argument("--offline", action="store_true", default=None,
                         help="never reach the hub; serve only what the cache holds")
@@ -186,6 +192,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         data_dir=Path(os.path.expanduser(str(data_dir))),
         dtype=str(pick("dtype", args.dtype)),
         max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),  # type: ignore[arg-type]
+        max_file_mb=float(pick("max_file_mb", args.max_file_mb, float)),  # type: ignore[arg-type]
         log_level=str(pick("log_level", args.log_level)),
         offline=offline,
         kv_cache_gb=float(pick("kv_cache_gb", args.kv_cache_gb, float)),  # type: ignore[arg-type]

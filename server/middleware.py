@@ -86,21 +86,26 @@ class AuthMiddleware:
 class BodyLimitMiddleware:
     """Refuse bodies over the limit: by Content-Length up front, or while reading a chunked body."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = dict(uploads or {})  # path -> a larger limit for POSTs there (file uploads)
 
-    def _too_large(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"Request body is larger than the server's limit of {self.max_bytes} bytes.")
+    @staticmethod
+    def _too_large(limit: int) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"Request body is larger than the server's limit of {limit} bytes.")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if scope.get("method") == "POST" and scope.get("path") in self.uploads:
+            limit = self.uploads[scope["path"]] + 64 * 1024  # room for the multipart framing
         length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             request_id = scope.get("state", {}).get("request_id")
-            await error_response(self._too_large(), request_id)(scope, receive, send)
+            await error_response(self._too_large(limit), request_id)(scope, receive, send)
             return
         seen = 0
 
@@ -109,8 +114,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._too_large()  # becomes a 413 through the app's error handler
+                if seen > limit:
+                    raise self._too_large(limit)  # becomes a 413 through the app's error handler
             return message
 
         await self.app(scope, limited_receive, send)
