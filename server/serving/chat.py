@@ -67,8 +67,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = [{"id": c.id, "type": "function",
-                                    "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            entry["tool_calls"] = [tool_call_entry(c.id, c.function.name, c.function.arguments)
                                    for c in message.tool_calls]
         if message.role == "tool":
             if not message.tool_call_id:
@@ -79,11 +78,13 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _arguments(raw: str) -> Any:
+def tool_call_entry(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A past tool call as chat templates expect it (arguments parsed from their JSON string when they parse)."""
     try:
-        return json.loads(raw) if raw else {}
+        parsed: Any = json.loads(arguments) if arguments else {}
     except ValueError:
-        return raw
+        parsed = arguments
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
@@ -119,21 +120,26 @@ class ChatPlan:
         return ToolCallParser(self.tool_format, self.tools, None if self.parallel_tool_calls else 1)
 
 
-def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, str | None]:
-    """('none' | 'auto' | 'required', forced function name or None)."""
-    choice = body.tool_choice
+def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple[str, str | None]:
+    """('none' | 'auto' | 'required', forced function name or None) from a tool_choice string or a named function."""
+    if forced is not None:
+        if forced not in names:
+            raise InvalidRequestError(f"tool_choice names '{forced}', which is not in 'tools'.", param="tool_choice")
+        return "required", forced
     if choice is None:
-        return ("auto" if body.tools else "none"), None
-    if isinstance(choice, NamedToolChoice):
-        if choice.function.name not in names:
-            raise InvalidRequestError(f"tool_choice names '{choice.function.name}', which is not in 'tools'.",
-                                      param="tool_choice")
-        return "required", choice.function.name
+        return ("auto" if names else "none"), None
     if choice not in ("none", "auto", "required"):
         raise InvalidRequestError(f"Invalid tool_choice '{choice}'.", param="tool_choice")
-    if choice != "none" and not body.tools:
+    if choice != "none" and not names:
         raise InvalidRequestError(f"tool_choice '{choice}' needs 'tools'.", param="tool_choice")
     return choice, None
+
+
+def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, str | None]:
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return tool_mode(None, choice.function.name, names)
+    return tool_mode(choice, None, names)
 
 
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +152,7 @@ def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def _grammar(body: ChatCompletionRequest, tools: list[dict[str, Any]], mode: str, forced: str | None,
+def _grammar(response_format: dict[str, Any] | None, tools: list[dict[str, Any]], mode: str, forced: str | None,
              fmt: ToolFormat | None) -> GrammarSpec | None:
     """The decoding constraint: a forced tool call, else the response_format, else none."""
     if mode == "required" and fmt is not None and fmt.start == HERMES_START:
@@ -155,12 +161,33 @@ def _grammar(body: ChatCompletionRequest, tools: list[dict[str, Any]], mode: str
         text = (f"start: {json.dumps(fmt.start)} call {json.dumps(fmt.end)}\n"
                 f"call: %json {json.dumps(schema)}\n")
         return GrammarSpec(kind="lark", text=text, strict=False)
-    if body.response_format is None:
+    if response_format is None:
         return None
     try:
-        return GrammarSpec.from_response_format(msgspec.to_builtins(body.response_format))
+        return GrammarSpec.from_response_format(response_format)
     except ValueError as exc:
         raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
+
+
+def build_request(served: ServedModel, scope: RequestScope, conversation: str | None,
+                  messages: list[dict[str, Any]], tools: list[dict[str, Any]], mode: str, forced: str | None,
+                  response_format: dict[str, Any] | None, *, request_id: str,
+                  **sampling: Any) -> tuple[GenerationRequest, ToolFormat | None]:
+    """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
+
+    Tools reach the prompt (natively or as a system message), a forced call or the response format
+    becomes the grammar, and the KV is salted by tenant and model and keyed by the conversation.
+    """
+    fmt = tool_format(served.tokenizer) if mode != "none" else None
+    if fmt is not None and not fmt.native:
+        messages = with_tools(messages, tools, forced)
+    params = build_params(**sampling, grammar=_grammar(response_format, tools, mode, forced, fmt))
+    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
+    request = GenerationRequest(
+        request_id=request_id, prompt_token_ids=prompt, params=params,
+        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id))
+    served.engine.validate(request)
+    return request, fmt
 
 
 def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScope,
@@ -170,21 +197,15 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
     tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
     mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
     messages = template_messages(body.messages)
-    fmt = tool_format(served.tokenizer) if mode != "none" else None
-    if fmt is not None and not fmt.native:
-        messages = with_tools(messages, tools, forced)
-    params = build_params(
+    request, fmt = build_request(
+        served, scope, conversation, messages, tools, mode, forced,
+        msgspec.to_builtins(body.response_format) if body.response_format is not None else None,
+        request_id=f"chat-{uuid.uuid4().hex}",
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, seed=body.seed,
-        stop=stop_list(body.stop), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, n=body.n,
-        grammar=_grammar(body, tools, mode, forced, fmt))
-    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
-    request = GenerationRequest(
-        request_id=f"chat-{uuid.uuid4().hex}", prompt_token_ids=prompt, params=params,
-        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id))
-    served.engine.validate(request)
+        stop=stop_list(body.stop), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, n=body.n)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return ChatPlan(served, request, include_usage, bool(body.logprobs), tools if fmt else None, fmt,
                     body.parallel_tool_calls is not False)
