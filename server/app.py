@@ -21,7 +21,7 @@ from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.models.registry import ModelRegistry, build_registry, shutdown
-from server.routes import embeddings, generation, health, models
+from server.routes import embeddings, generation, health, models, responses
 from server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             app.state.database.close()
 
     app = Starlette(
-        routes=[*health.routes, *models.routes, *generation.routes, *embeddings.routes],
+        routes=[*health.routes, *models.routes, *generation.routes, *responses.routes, *embeddings.routes],
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(AuthMiddleware, api_keys=settings.api_keys),

@@ -1,0 +1,181 @@
+"""Responses API output: the model's text -> output items, as one response object or OpenAI's event stream.
+
+    response.created, response.in_progress
+    a message:  output_item.added, content_part.added, output_text.delta ..., output_text.done,
+                content_part.done, output_item.done
+    a call:     output_item.added, function_call_arguments.delta, function_call_arguments.done,
+                output_item.done
+    response.completed | response.incomplete (max_output_tokens) | response.failed
+
+JSON and streamed answers run the same `_generate`. A stored response is saved
+before its final event, so a client that has it can continue it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from server.engine.block_pool import PoolExhaustedError
+from server.engine.engine import GenerationError
+from server.responses.store import ResponseStore
+from server.serving.chat import engine_failure
+from server.serving.responses import ResponsePlan, new_id
+from server.serving.tools import ParsedCall, ToolCallParser
+from server.wire.codec import encode
+from server.wire.responses import (
+    ContentPartAdded, ContentPartDone, FunctionCallArgumentsDelta, FunctionCallArgumentsDone, FunctionCallItem,
+    IncompleteDetails, InputTokensDetails, Item, MessageItem, OutputItemAdded, OutputItemDone, OutputText,
+    OutputTextDelta, OutputTextDone, Response, ResponseCompleted, ResponseCreated, ResponseError, ResponseFailed,
+    ResponseIncomplete, ResponseInProgress, ResponseUsage, StreamEvent,
+)
+
+
+class OutputBuilder:
+    """Builds output items from streamed text (tool calls parsed out) and says each step as stream events.
+
+    Whitespace before a message's first visible text is held back, so a tool call the model
+    starts after a newline does not leave an empty message in front of it.
+    """
+
+    def __init__(self, parser: ToolCallParser | None) -> None:
+        self.parser = parser
+        self.items: list[Item] = []  # finished items; an open message becomes items[len(items)]
+        self.finish_reason: str | None = None
+        self.usage: ResponseUsage | None = None
+        self._message_id: str | None = None
+        self._text = ""
+        self._pending = ""
+
+    def feed(self, text: str, final: bool) -> list[StreamEvent]:
+        calls: list[ParsedCall] = []
+        if self.parser is not None:
+            text, calls = self.parser.feed(text)
+            if final:
+                rest, more = self.parser.finish()
+                text, calls = text + rest, calls + more
+        events = self._add_text(text)
+        for call in calls:
+            events += self._close_message("completed") + self._add_call(call)
+        return events
+
+    def close(self, finish_reason: str) -> list[StreamEvent]:
+        """End of generation: the open message is closed; a response that said nothing gets an empty one."""
+        events = self._open_message() if not self.items and self._message_id is None else []
+        return events + self._close_message("incomplete" if finish_reason == "length" else "completed")
+
+    def _add_text(self, text: str) -> list[StreamEvent]:
+        if self._message_id is not None:
+            return self._delta(text)
+        self._pending += text
+        return self._open_message() if self._pending.strip() else []
+
+    def _open_message(self) -> list[StreamEvent]:
+        self._message_id, self._text = new_id("msg"), ""
+        index = len(self.items)
+        started = MessageItem(id=self._message_id, role="assistant", content=[], status="in_progress")
+        events: list[StreamEvent] = [
+            OutputItemAdded(output_index=index, item=started),
+            ContentPartAdded(item_id=self._message_id, output_index=index, content_index=0, part=OutputText(""))]
+        text, self._pending = self._pending, ""
+        return events + self._delta(text)
+
+    def _delta(self, text: str) -> list[StreamEvent]:
+        if not text or self._message_id is None:
+            return []
+        self._text += text
+        return [OutputTextDelta(item_id=self._message_id, output_index=len(self.items), content_index=0, delta=text)]
+
+    def _close_message(self, status: str) -> list[StreamEvent]:
+        item_id, text, index = self._message_id, self._text, len(self.items)
+        if item_id is None:
+            return []
+        item = MessageItem(id=item_id, role="assistant", content=[OutputText(text)], status=status)
+        self.items.append(item)
+        self._message_id = None
+        return [OutputTextDone(item_id=item_id, output_index=index, content_index=0, text=text),
+                ContentPartDone(item_id=item_id, output_index=index, content_index=0, part=OutputText(text)),
+                OutputItemDone(output_index=index, item=item)]
+
+    def _add_call(self, call: ParsedCall) -> list[StreamEvent]:
+        self._pending = ""
+        index, item_id = len(self.items), new_id("fc")
+        item = FunctionCallItem(id=item_id, call_id=call.id, name=call.name, arguments=call.arguments)
+        self.items.append(item)
+        started = FunctionCallItem(id=item_id, call_id=call.id, name=call.name, arguments="", status="in_progress")
+        return [OutputItemAdded(output_index=index, item=started),
+                FunctionCallArgumentsDelta(item_id=item_id, output_index=index, delta=call.arguments),
+                FunctionCallArgumentsDone(item_id=item_id, output_index=index, name=call.name,
+                                          arguments=call.arguments),
+                OutputItemDone(output_index=index, item=item)]
+
+
+async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[StreamEvent]:
+    """Engine events -> output events, ending with every item closed and the usage known."""
+    async for event in plan.served.engine.stream(plan.request):
+        final = event.finish_reason is not None
+        for step in output.feed(event.text, final):
+            yield step
+        if final:
+            output.finish_reason = event.finish_reason
+            output.usage = ResponseUsage(
+                input_tokens=event.prompt_tokens, output_tokens=event.completion_tokens,
+                total_tokens=event.prompt_tokens + event.completion_tokens,
+                input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens))
+            for step in output.close(event.finish_reason):  # type: ignore[arg-type]
+                yield step
+
+
+def _finished(plan: ResponsePlan, output: OutputBuilder) -> Response:
+    incomplete = output.finish_reason == "length"
+    return msgspec.structs.replace(
+        plan.response, status="incomplete" if incomplete else "completed", output=output.items, usage=output.usage,
+        incomplete_details=IncompleteDetails("max_output_tokens") if incomplete else None,
+        completed_at=None if incomplete else int(time.time()))
+
+
+async def _save(plan: ResponsePlan, response: Response, store: ResponseStore) -> None:
+    if response.store and plan.conversation is not None:
+        await asyncio.to_thread(store.save, plan.tenant, response, plan.conversation, plan.history, plan.input)
+
+
+async def complete(plan: ResponsePlan, store: ResponseStore) -> Response:
+    output = OutputBuilder(plan.tool_parser())
+    try:
+        async for _ in _generate(plan, output):
+            pass
+    except (PoolExhaustedError, GenerationError) as exc:
+        raise engine_failure(exc) from exc
+    response = _finished(plan, output)
+    await _save(plan, response, store)
+    return response
+
+
+async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncIterator[dict[str, str]]:
+    """SSE payloads (`event:` + `data:`); a failure after the start ends the stream with response.failed."""
+    numbers = itertools.count()
+
+    def sse(event: StreamEvent) -> dict[str, str]:
+        event.sequence_number = next(numbers)
+        return {"event": type(event).__struct_config__.tag, "data": encode(event).decode()}  # type: ignore[dict-item]
+
+    yield sse(ResponseCreated(response=plan.response))
+    yield sse(ResponseInProgress(response=plan.response))
+    output = OutputBuilder(plan.tool_parser())
+    try:
+        async for event in _generate(plan, output):
+            yield sse(event)
+    except (PoolExhaustedError, GenerationError) as exc:
+        error = engine_failure(exc)
+        yield sse(ResponseFailed(response=msgspec.structs.replace(
+            plan.response, status="failed", output=output.items,
+            error=ResponseError(code=error.code or "server_error", message=error.message))))
+        return
+    response = _finished(plan, output)
+    await _save(plan, response, store)
+    yield sse(ResponseCompleted(response=response) if response.status == "completed"
+              else ResponseIncomplete(response=response))

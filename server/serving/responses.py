@@ -1,0 +1,241 @@
+"""Responses API requests: input items -> chat messages -> an engine request, continuing `previous_response_id`.
+
+A response continues its predecessor's whole conversation: the stored items
+before it, its input and its output, then the new input. The prompt is that
+conversation rendered with the chat template, so it starts with the tokens
+the previous turn computed, and the chain's conversation key (its root's, or
+the `prompt_cache_key` it began with) finds them pinned in the engine: only
+the new input is prefilled. `instructions`, `tools` and `text` are not
+inherited, as in OpenAI's API. Prompt building, tools and grammars are chat's
+(`server.serving.chat.build_request`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from server.engine.request import GenerationRequest
+from server.errors import InvalidRequestError
+from server.models.registry import ServedModel
+from server.responses.store import ResponseStore
+from server.serving.chat import build_request, tool_call_entry, tool_mode
+from server.serving.scope import RequestScope
+from server.serving.tools import ToolCallParser, ToolFormat
+from server.wire.responses import (
+    FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputContent, InputItem, InputText, Item, MessageItem,
+    OutputText, Response, ResponseRequest, TextConfig, TextFormat, ToolChoiceObject,
+)
+
+MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
+TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+# chat's parameter names in errors, as this API calls them
+_PARAMS = {"messages": "input", "prompt": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+MAX_METADATA = 16
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class ResponsePlan:
+    """One response to generate: the engine request, the response as created, and what storing it needs."""
+
+    served: ServedModel
+    request: GenerationRequest
+    response: Response  # status "in_progress", no output yet
+    tenant: str
+    conversation: str | None  # the chain's conversation key (stored with the response)
+    history: list[Item]  # the conversation before this response's input
+    input: list[Item]
+    tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
+    tool_format: ToolFormat | None = None
+    max_calls: int | None = None
+
+    def tool_parser(self) -> ToolCallParser | None:
+        return ToolCallParser(self.tool_format, self.tools, self.max_calls) if self.tools and self.tool_format else None
+
+
+# -- input items ------------------------------------------------------------------------------------
+def _text(content: str | list[InputContent] | None, param: str) -> str:
+    if content is None:
+        raise InvalidRequestError(f"'{param}' is required.", param=param)
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for j, part in enumerate(content):
+        if part.type not in TEXT_PARTS or part.text is None:
+            raise InvalidRequestError(f"Content parts of type '{part.type}' are not supported by this model; send "
+                                      f"text parts only.", param=f"{param}[{j}]", code="unsupported_content_type")
+        pieces.append(part.text)
+    return "".join(pieces)
+
+
+def _item(raw: InputItem, i: int) -> Item:
+    kind = raw.type or ("message" if raw.role else None)
+    where = f"input[{i}]"
+    if kind == "message":
+        if raw.role not in MESSAGE_ROLES:
+            raise InvalidRequestError(f"Invalid role '{raw.role}'; expected one of {sorted(MESSAGE_ROLES)}.",
+                                      param=f"{where}.role")
+        text = _text(raw.content, f"{where}.content")
+        part: InputText | OutputText = OutputText(text) if raw.role == "assistant" else InputText(text)
+        return MessageItem(id=raw.id or new_id("msg"), role=raw.role, content=[part])
+    if kind == "function_call":
+        if not raw.call_id or not raw.name:
+            missing = "call_id" if not raw.call_id else "name"
+            raise InvalidRequestError(f"A function_call item needs '{missing}'.", param=f"{where}.{missing}")
+        return FunctionCallItem(id=raw.id or new_id("fc"), call_id=raw.call_id, name=raw.name,
+                                arguments=raw.arguments or "")
+    if kind == "function_call_output":
+        if not raw.call_id:
+            raise InvalidRequestError("A function_call_output item needs 'call_id'.", param=f"{where}.call_id")
+        return FunctionCallOutputItem(id=raw.id or new_id("fco"), call_id=raw.call_id,
+                                      output=_text(raw.output, f"{where}.output"))
+    raise InvalidRequestError(
+        f"Input items of type '{kind}' are not supported; send messages, function_call and function_call_output "
+        f"items.", param=f"{where}.type", code="unsupported_item_type")
+
+
+def input_items(given: str | list[InputItem] | None) -> list[Item]:
+    """The request's `input` as stored items (ids assigned where the client sent none)."""
+    if given is None or given == [] or given == "":
+        raise InvalidRequestError("'input' must be a non-empty string or list of items.", param="input")
+    if isinstance(given, str):
+        return [MessageItem(id=new_id("msg"), role="user", content=[InputText(given)])]
+    return [_item(raw, i) for i, raw in enumerate(given)]
+
+
+def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str, Any]]:
+    """A conversation's items as chat-template messages; a function call joins the assistant turn before it."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    for item in items:
+        if isinstance(item, MessageItem):
+            role = "system" if item.role == "developer" else item.role
+            out.append({"role": role, "content": "".join(part.text for part in item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = tool_call_entry(item.call_id, item.name, item.arguments)
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        else:
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    return out
+
+
+# -- tools and formats ------------------------------------------------------------------------------
+def _tools(tools: list[FunctionTool] | None) -> list[dict[str, Any]]:
+    out = []
+    for i, tool in enumerate(tools or []):
+        if tool.type != "function":
+            raise InvalidRequestError(f"Tools of type '{tool.type}' are not supported; only function tools are.",
+                                      param=f"tools[{i}].type", code="unsupported_tool_type")
+        if not tool.name:
+            raise InvalidRequestError("A function tool needs a 'name'.", param=f"tools[{i}].name")
+        function = {"name": tool.name, "description": tool.description, "parameters": tool.parameters,
+                    "strict": tool.strict}
+        out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
+    return out
+
+
+def _tool_mode(choice: str | ToolChoiceObject | None, names: list[str]) -> tuple[str, str | None]:
+    if isinstance(choice, ToolChoiceObject):
+        if choice.type != "function" or not choice.name:
+            raise InvalidRequestError(
+                f"tool_choice of type '{choice.type}' is not supported; use 'none', 'auto', 'required' or "
+                '{"type": "function", "name": ...}.', param="tool_choice")
+        return tool_mode(None, choice.name, names)
+    return tool_mode(choice, None, names)
+
+
+def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
+    """`text.format` as chat's `response_format`."""
+    fmt = text.format if text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if fmt.type == "json_schema":
+        if fmt.schema is None:
+            raise InvalidRequestError("text.format of type 'json_schema' needs a 'schema'.", param="text.format.schema")
+        return {"type": "json_schema", "json_schema": {"name": fmt.name or "response", "schema": fmt.schema,
+                                                       "strict": fmt.strict}}
+    raise InvalidRequestError(f"text.format.type must be 'text', 'json_object' or 'json_schema', got '{fmt.type}'.",
+                              param="text.format.type")
+
+
+def _refuse_unsupported(body: ResponseRequest) -> None:
+    """Fields this server knows but cannot honour are a 400, never silently dropped."""
+    if body.background:
+        raise InvalidRequestError("Background responses are not supported.", param="background")
+    if body.conversation is not None:
+        raise InvalidRequestError("The Conversations API is not supported; continue with 'previous_response_id'.",
+                                  param="conversation")
+    if body.prompt is not None:
+        raise InvalidRequestError("Stored prompt templates are not supported; send 'input'.", param="prompt")
+    if body.top_logprobs:
+        raise InvalidRequestError("Logprobs are not supported on /v1/responses; use /v1/chat/completions.",
+                                  param="top_logprobs")
+    if body.max_tool_calls is not None and body.max_tool_calls < 1:
+        raise InvalidRequestError("'max_tool_calls' must be at least 1.", param="max_tool_calls")
+    metadata = body.metadata or {}
+    if len(metadata) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+        raise InvalidRequestError("'metadata' holds at most 16 pairs, keys up to 64 and values up to 512 characters.",
+                                  param="metadata")
+
+
+@contextlib.contextmanager
+def _responses_params() -> Iterator[None]:
+    """Errors raised by chat's helpers name this API's fields."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        exc.param = _PARAMS.get(exc.param or "", exc.param)
+        raise
+
+
+def prepare(body: ResponseRequest, served: ServedModel, scope: RequestScope, conversation: str | None,
+            store: ResponseStore) -> ResponsePlan:
+    """Check the request, load the conversation it continues, and build its engine request."""
+    _refuse_unsupported(body)
+    history: list[Item] = []
+    if body.previous_response_id:
+        previous = store.load(scope.tenant, body.previous_response_id)
+        if previous is None:
+            raise InvalidRequestError(f"Previous response with id '{body.previous_response_id}' not found.",
+                                      param="previous_response_id", code="previous_response_not_found")
+        history, conversation = previous.items, previous.conversation
+    items = input_items(body.input)
+    tools = _tools(body.tools)
+    mode, forced = _tool_mode(body.tool_choice, [t["function"]["name"] for t in tools])
+    response_id = new_id("resp")
+    store_it = body.store is not False
+    if conversation is None and store_it:
+        conversation = response_id  # a new chain: its follow-ups find its KV under this key
+    with _responses_params():
+        request, fmt = build_request(
+            served, scope, conversation, chat_messages(history + items, body.instructions), tools, mode, forced,
+            _response_format(body.text), request_id=f"resp-{uuid.uuid4().hex}", max_tokens=body.max_output_tokens,
+            temperature=body.temperature, top_p=body.top_p)
+    max_calls = 1 if body.parallel_tool_calls is False else None
+    if body.max_tool_calls is not None:
+        max_calls = min(max_calls or body.max_tool_calls, body.max_tool_calls)
+    response = Response(
+        id=response_id, created_at=int(time.time()), model=served.id, status="in_progress", output=[],
+        tools=body.tools or [], tool_choice=body.tool_choice or "auto",
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        text=TextConfig(format=(body.text.format if body.text else None) or TextFormat(type="text"),
+                        verbosity=(body.text.verbosity if body.text else None) or "medium"),
+        instructions=body.instructions, metadata=body.metadata or {},
+        previous_response_id=body.previous_response_id, max_output_tokens=body.max_output_tokens,
+        max_tool_calls=body.max_tool_calls, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, store=store_it, user=body.user,
+        prompt_cache_key=body.prompt_cache_key, safety_identifier=body.safety_identifier)
+    return ResponsePlan(served, request, response, scope.tenant, conversation, history, items,
+                        tools if fmt else None, fmt, max_calls)
