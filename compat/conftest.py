@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,8 @@ def base_url() -> Iterator[str]:
     port = _free_port()
     root = Path(__file__).resolve().parent.parent
     log_path = Path(os.environ.get("COMPAT_SERVER_LOG", "/tmp/mlx-dropin-compat-server.log"))
-    env = {**os.environ, "MLX_DROPIN_API_KEYS": "", "PYTHONUNBUFFERED": "1"}
+    data_dir = tempfile.TemporaryDirectory(prefix="mlx-dropin-compat-")  # stored responses: never in $HOME
+    env = {**os.environ, "MLX_DROPIN_API_KEYS": "", "MLX_DROPIN_DATA_DIR": data_dir.name, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=root, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -55,6 +57,7 @@ def base_url() -> Iterator[str]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        data_dir.cleanup()
 
 
 @pytest.fixture(scope="session")
