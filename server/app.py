@@ -21,7 +21,9 @@ from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from server.models.registry import ModelRegistry, build_registry, shutdown
-from server.routes import embeddings, generation, health, models, responses
+from server.files.store import FileStore
+from server.finetune.service import FineTuning
+from server.routes import embeddings, files, fine_tuning, generation, health, models, responses
 from server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -32,26 +34,34 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     owns_registry = registry is None
     registry = registry if registry is not None else ModelRegistry()
 
+    def start_models() -> None:
+        if owns_registry:
+            build_registry(registry, settings)
+        if registry.ready:
+            app.state.fine_tuning.register_models()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if owns_registry:
-            loader = threading.Thread(target=build_registry, args=(registry, settings), name="model-loader",
-                                      daemon=True)
-            loader.start()
-            app.state.loader = loader
+        loader = threading.Thread(target=start_models, name="model-loader", daemon=True)
+        loader.start()
+        app.state.loader = loader
+        app.state.fine_tuning.start()
         try:
             yield
         finally:
+            app.state.fine_tuning.shutdown()
             if owns_registry:
                 shutdown(registry)
             app.state.database.close()
 
     app = Starlette(
-        routes=[*health.routes, *models.routes, *generation.routes, *responses.routes, *embeddings.routes],
+        routes=[*health.routes, *models.routes, *generation.routes, *responses.routes, *embeddings.routes,
+                *files.routes, *fine_tuning.routes],
         middleware=[
             Middleware(RequestIdMiddleware),
             Middleware(AuthMiddleware, api_keys=settings.api_keys),
-            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       uploads={"/v1/files": settings.max_file_bytes}),
         ],
         exception_handlers={
             APIError: handle_api_error,
@@ -63,4 +73,6 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.settings = settings
     app.state.registry = registry
     app.state.database = Database.in_dir(settings.data_dir)
+    app.state.files = FileStore(app.state.database, settings.data_dir / "files")
+    app.state.fine_tuning = FineTuning(settings, app.state.database, app.state.files, registry)
     return app

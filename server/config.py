@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.engine.config import EngineConfig, SchedulerConfig
@@ -67,6 +67,9 @@ class Settings:
     prefill_chunk: int = 512
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
+    max_training_jobs: int = 1
+    max_loaded_adapters: int = 4
+    adapter_kv_cache_gb: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -77,6 +80,8 @@ class Settings:
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and prefill_chunk must be positive")
         if self.queue_timeout < 0 or self.sse_keepalive <= 0:
             raise ValueError("queue_timeout must be >= 0 and sse_keepalive > 0")
+        if self.max_training_jobs < 1 or self.max_loaded_adapters < 1 or self.adapter_kv_cache_gb <= 0:
+            raise ValueError("max_training_jobs, max_loaded_adapters and adapter_kv_cache_gb must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         ids = [spec.id for spec in self.models]
@@ -102,6 +107,10 @@ class Settings:
                             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                                       prefill_budget=self.prefill_chunk,
                                                       admission_timeout=self.queue_timeout))
+
+    def adapter_engine_config(self) -> EngineConfig:
+        """A fine-tuned chat model's engine: the same scheduling with its own, smaller KV pool."""
+        return replace(self.engine_config(), kv_cache_gb=self.adapter_kv_cache_gb)
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
@@ -157,6 +166,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 512)")
     parser.add_argument("--queue-timeout", type=float,
                         help="seconds a request waits for KV blocks before a 503 (default 30)")
+    parser.add_argument("--max-training-jobs", type=int,
+                        help="fine-tuning jobs training at once, each in its own worker process (default 1)")
+    parser.add_argument("--max-loaded-adapters", type=int,
+                        help="fine-tuned models kept loaded; the least recently used idle one is unloaded "
+                             "(default 4)")
+    parser.add_argument("--adapter-kv-cache-gb", type=float,
+                        help="KV block pool of each loaded fine-tuned chat model in GiB (default 0.5)")
     parser.add_argument("--sse-keepalive", type=float,
                         help="seconds between keep-alive comments on a quiet stream (default 5)")
 
@@ -201,6 +217,9 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         prefill_chunk=int(pick("prefill_chunk", args.prefill_chunk, int)),  # type: ignore[arg-type]
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),  # type: ignore[arg-type]
         sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),  # type: ignore[arg-type]
+        max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),  # type: ignore[arg-type]
+        max_loaded_adapters=int(pick("max_loaded_adapters", args.max_loaded_adapters, int)),  # type: ignore[arg-type]
+        adapter_kv_cache_gb=float(pick("adapter_kv_cache_gb", args.adapter_kv_cache_gb, float)),  # type: ignore[arg-type]
     )
 
 

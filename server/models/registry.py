@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,13 @@ class ServedModel:
     engine: Any = None  # server.engine.engine.Engine for chat models, once loaded
     encoder: Any = None  # an Encoder or DecoderEncoder (server.embeddings) for embedding models, once loaded
     batcher: Any = None  # its micro-batcher
+    owner: str | None = None  # the tenant a fine-tuned model belongs to; None = every caller sees it
+    base: ServedModel | None = None  # a fine-tuned model's base (its weights are shared)
+    adapter_path: Path | None = None  # a fine-tuned model's adapter directory
+    last_used: float = 0.0
+
+    def visible_to(self, tenant: str | None) -> bool:
+        return self.owner is None or tenant is None or self.owner == tenant
 
     @property
     def loaded(self) -> bool:
@@ -53,43 +61,70 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self.failure: str | None = None
+        # loads a fine-tuned model's adapter on first use (set by the fine-tuning service)
+        self.adapter_loader: Callable[[ServedModel], None] | None = None
+        self._loading = threading.Lock()
 
     def add(self, served: ServedModel) -> None:
         with self._lock:
             if served.id in self._models:
                 raise ValueError(f"model id {served.id!r} is registered twice")
             self._models[served.id] = served
-            self._defaults.setdefault(served.kind, served.id)
+            if served.owner is None:
+                self._defaults.setdefault(served.kind, served.id)
 
-    def list(self) -> list[ServedModel]:
+    def remove(self, model_id: str) -> ServedModel | None:
         with self._lock:
-            return list(self._models.values())
+            return self._models.pop(model_id, None)
 
-    def get(self, model_id: str) -> ServedModel:
+    def list(self, tenant: str | None = None) -> list[ServedModel]:
+        """Every model, or only those a tenant may see (the shared ones and its own fine-tuned ones)."""
+        with self._lock:
+            return [m for m in self._models.values() if m.visible_to(tenant)]
+
+    def get(self, model_id: str, tenant: str | None = None) -> ServedModel:
         with self._lock:
             served = self._models.get(model_id)
-        if served is None:
+        if served is None or not served.visible_to(tenant):
             raise ModelNotFoundError(model_id)
         return served
 
     def default_id(self, kind: ModelKind) -> str | None:
         return self._defaults.get(kind)
 
-    def resolve(self, model_id: str | None, kind: ModelKind) -> ServedModel:
+    def resolve(self, model_id: str | None, kind: ModelKind, tenant: str | None = None) -> ServedModel:
         """The model a request asked for (or the default of its kind), loaded and of the right kind."""
         if not model_id:
             default = self._defaults.get(kind)
             if default is None:
                 raise ModelNotFoundError("", param="model")
             model_id = default
-        served = self.get(model_id)
+        served = self.get(model_id, tenant)
         if served.kind != kind:
             raise InvalidRequestError(f"The model '{model_id}' is an {served.kind} model and cannot serve "
                                       f"this endpoint.", param="model", code="model_not_supported")
+        if not served.loaded and served.adapter_path is not None and self.adapter_loader is not None \
+                and served.base is not None and served.base.loaded:
+            with self._loading:  # one adapter load at a time; others wait for it
+                if not served.loaded:
+                    self.adapter_loader(served)
         if not served.loaded:
             raise ServiceUnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
                                           headers={"retry-after": "5"})
+        served.last_used = time.monotonic()
         return served
+
+    async def acquire(self, model_id: str | None, kind: ModelKind, tenant: str | None = None) -> ServedModel:
+        """`resolve` off the event loop when a fine-tuned model's adapter must be loaded first."""
+        try:
+            served = self.get(model_id, tenant) if model_id else None
+        except ModelNotFoundError:
+            served = None
+        if served is not None and served.adapter_path is not None and not served.loaded:
+            from starlette.concurrency import run_in_threadpool
+
+            return await run_in_threadpool(self.resolve, model_id, kind, tenant)
+        return self.resolve(model_id, kind, tenant)
 
     @property
     def ready(self) -> bool:
@@ -137,13 +172,17 @@ def load(registry: ModelRegistry, settings: Settings) -> None:
             log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
 
 
+def unload(served: ServedModel) -> None:
+    """Stop a model's engine or batcher (in-flight sequences end with finish_reason "abort")."""
+    if served.engine is not None:
+        served.engine.shutdown()
+    if served.batcher is not None:
+        served.batcher.shutdown()
+
+
 def shutdown(registry: ModelRegistry) -> None:
-    """Stop every engine (in-flight sequences end with finish_reason "abort")."""
     for served in registry.list():
-        if served.engine is not None:
-            served.engine.shutdown()
-        if served.batcher is not None:
-            served.batcher.shutdown()
+        unload(served)
 
 
 def build_registry(registry: ModelRegistry, settings: Settings) -> None:
@@ -158,4 +197,4 @@ def build_registry(registry: ModelRegistry, settings: Settings) -> None:
     registry.mark_ready()
 
 
-__all__ = ["ModelRegistry", "ServedModel", "ModelSpec", "build_registry", "prepare", "load", "shutdown"]
+__all__ = ["ModelRegistry", "ServedModel", "ModelSpec", "build_registry", "prepare", "load", "shutdown", "unload"]

@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from server.models.registry import ModelRegistry
 from server.serving import embeddings
+from server.serving.scope import RequestScope
 from server.wire.codec import json_response, read_json
 from server.wire.embeddings import EmbeddingRequest
 
@@ -16,7 +17,7 @@ from server.wire.embeddings import EmbeddingRequest
 async def create_embeddings(request: Request) -> Response:
     body = await read_json(request, EmbeddingRequest)
     registry: ModelRegistry = request.app.state.registry
-    served = registry.resolve(body.model, "embedding")
+    served = await registry.acquire(body.model, "embedding", RequestScope.of(request).tenant)
     embeddings.check_request(body, served)
     items = embeddings.input_items(body.input)
     ids = await run_in_threadpool(embeddings.token_ids, items, served, bool(body.truncate))

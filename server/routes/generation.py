@@ -29,7 +29,7 @@ def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: 
     async def endpoint(request: Request) -> Response:
         body = await read_json(request, body_type)
         registry: ModelRegistry = request.app.state.registry
-        served = registry.resolve(body.model, "chat")
+        served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
         conversation = conversation_id(request, body.prompt_cache_key, body.user)
         plan = await run_in_threadpool(prepare, body, served, RequestScope.of(request), conversation)
         if body.stream:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.models.registry import ModelRegistry, ServedModel
+from server.serving.scope import RequestScope
 from server.wire.codec import json_response
 from server.wire.models import ModelCard, ModelList
 
@@ -21,13 +22,13 @@ def _card(served: ServedModel) -> ModelCard:
 
 async def list_models(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
-    return json_response(ModelList(data=[_card(m) for m in registry.list()]))
+    return json_response(ModelList(data=[_card(m) for m in registry.list(RequestScope.of(request).tenant)]))
 
 
 async def get_model(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
     model_id = request.path_params["model_id"]  # the server already percent-decoded the path
-    return json_response(_card(registry.get(model_id)))
+    return json_response(_card(registry.get(model_id, RequestScope.of(request).tenant)))
 
 
 routes = [

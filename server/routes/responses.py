@@ -38,7 +38,7 @@ def _not_found(response_id: str) -> NotFoundError:
 async def create_response(request: Request) -> Response:
     body = await read_json(request, ResponseRequest)
     registry: ModelRegistry = request.app.state.registry
-    served = registry.resolve(body.model, "chat")
+    served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
     store = await run_in_threadpool(_store, request)
     conversation = conversation_id(request, body.prompt_cache_key, body.user)
     plan = await run_in_threadpool(responses.prepare, body, served, RequestScope.of(request), conversation, store)

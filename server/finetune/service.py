@@ -1,0 +1,268 @@
+"""FineTuning: the server side of `/v1/fine_tuning/jobs` and of serving `ft:` models.
+
+It checks a job request (400s for what can be known at once: unknown or
+unsupported model, missing or foreign files, bad hyperparameters), copies the
+files into the job's directory (deleting the upload later cannot break the
+job), hands the job to the `FineTuningSupervisor`, and turns finished jobs into
+models: each is registered under `ft:<base>:<org>:<suffix>:<job-id>`, visible
+only to its tenant, and loaded on first use by putting its adapter on the
+base model's shared weights with its own engine (so its KV never mixes with
+the base model's or another adapter's). At most `--max-loaded-adapters` stay
+loaded; the least recently used idle one is unloaded to make room.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+from server.errors import InvalidRequestError, NotFoundError
+from server.files.store import FileStore
+from server.finetune.jobs import Job, JobStore, model_name
+from server.finetune.spec import Hyperparameters, ValidationReport
+from server.finetune.supervisor import FineTuningSupervisor
+from server.finetune.worker import METRICS_FILE
+from server.models.registry import ModelRegistry, ServedModel, unload
+from server.storage.database import Database
+from server.wire.fine_tuning import JobCreateRequest
+
+log = logging.getLogger(__name__)
+
+SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESULTS_PURPOSE = "fine-tune-results"
+
+
+def requested_hyperparameters(body: JobCreateRequest) -> dict[str, Any]:
+    """The hyperparameters as asked: `method.supervised.hyperparameters`, else the older top-level field."""
+    if body.method is not None:
+        if body.method.type != "supervised":
+            raise InvalidRequestError(f"Fine-tuning method '{body.method.type}' is not supported; use 'supervised'.",
+                                      param="method.type")
+        given = body.method.supervised.hyperparameters if body.method.supervised else None
+        if given is None:
+            given = body.hyperparameters
+    else:
+        given = body.hyperparameters
+    out: dict[str, Any] = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    if given is not None:
+        for name in out:
+            value = getattr(given, name)
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def check_hyperparameters(values: dict[str, Any]) -> None:
+    limits = {"n_epochs": (1, 50), "batch_size": (1, 256)}
+    for name, value in values.items():
+        if value == "auto":
+            continue
+        if isinstance(value, str) or isinstance(value, bool):
+            raise InvalidRequestError(f"'{name}' must be a number or \"auto\".", param=f"hyperparameters.{name}")
+        if name in limits:
+            low, high = limits[name]
+            if not isinstance(value, int) or not low <= value <= high:
+                raise InvalidRequestError(f"'{name}' must be an integer between {low} and {high}.",
+                                          param=f"hyperparameters.{name}")
+        elif not 0 < value <= 100:
+            raise InvalidRequestError("'learning_rate_multiplier' must be greater than 0 and at most 100.",
+                                      param=f"hyperparameters.{name}")
+
+
+class FineTuning:
+    def __init__(self, settings: Settings, database: Database, files: FileStore, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.files = files
+        self.registry = registry
+        self.store = JobStore(database, settings.data_dir / "fine_tuning")
+        self.supervisor = FineTuningSupervisor(self.store, validate=self._validate, on_succeeded=self._serve,
+                                               data_dir=settings.data_dir, max_jobs=settings.max_training_jobs)
+        registry.adapter_loader = self._load_adapter
+
+    def start(self) -> None:
+        self.supervisor.start()
+
+    def register_models(self) -> None:
+        """List every stored fine-tuned model whose base is served (after the registry is built)."""
+        for model in self.store.models():
+            job = self.store.get(model.job_id)
+            if job is not None:
+                self._serve(job, publish=False)
+
+    def shutdown(self) -> None:
+        """Stop the supervisor and take this service's models out of the registry (it may outlive the app)."""
+        self.supervisor.shutdown()
+        for model in self.store.models():
+            served = self.registry.remove(model.id)
+            if served is not None:
+                _unload_adapter(served)
+        if self.registry.adapter_loader == self._load_adapter:
+            self.registry.adapter_loader = None
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def base_model(self, model_id: str, tenant: str) -> ServedModel:
+        served = self.registry.get(model_id, tenant)
+        if served.adapter_path is not None:
+            raise InvalidRequestError(f"Model {model_id} is itself fine-tuned; fine-tune its base "
+                                      f"'{served.base.id if served.base else ''}' instead.", param="model",
+                                      code="model_not_available")
+        if served.kind == "embedding":
+            from server.embeddings.encoder import Encoder
+
+            if served.encoder is not None and not isinstance(served.encoder, Encoder):
+                raise InvalidRequestError(f"Model {model_id} (a decoder embedding model) cannot be fine-tuned "
+                                          f"here; encoder models (BERT, XLM-RoBERTa) can.", param="model",
+                                          code="model_not_available")
+        return served
+
+    def _training_file(self, file_id: str, tenant: str, param: str) -> Path:
+        stored = self.files.get(tenant, file_id)
+        if stored is None:
+            raise InvalidRequestError(f"File {file_id} not found.", param=param, code="file_not_found")
+        if stored.purpose != "fine-tune":
+            raise InvalidRequestError(f"File {file_id} has purpose '{stored.purpose}'; upload training data "
+                                      f"with purpose 'fine-tune'.", param=param, code="invalid_file_purpose")
+        return self.files.path(stored.id)
+
+    def create(self, body: JobCreateRequest, tenant: str) -> Job:
+        base = self.base_model(body.model, tenant)
+        hyperparameters = requested_hyperparameters(body)
+        check_hyperparameters(hyperparameters)
+        if body.suffix is not None and not SUFFIX.match(body.suffix):
+            raise InvalidRequestError("'suffix' may hold up to 64 letters, digits, '-' and '_'.", param="suffix")
+        if body.metadata is not None and (len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512
+                                                                         for k, v in body.metadata.items())):
+            raise InvalidRequestError("'metadata' holds at most 16 pairs (keys up to 64, values up to 512 "
+                                      "characters).", param="metadata")
+        train = self._training_file(body.training_file, tenant, "training_file")
+        valid = self._training_file(body.validation_file, tenant, "validation_file") if body.validation_file else None
+        job_id = "ftjob-" + secrets.token_hex(12)
+        work = self.store.job_dir(job_id)
+        work.mkdir(parents=True)
+        shutil.copyfile(train, work / "train.jsonl")
+        if valid is not None:
+            shutil.copyfile(valid, work / "validation.jsonl")
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        job = Job(id=job_id, tenant=tenant, created_at=int(time.time()), model=base.id, kind=base.kind,
+                  base_path=base.path, training_file=body.training_file, validation_file=body.validation_file,
+                  hyperparameters=hyperparameters, suffix=body.suffix, seed=seed, metadata=body.metadata,
+                  status="validating_files")
+        self.store.create(job)
+        self.store.add_event(job.id, f"Validating training file: {body.training_file}")
+        self.supervisor.wake()
+        return self.store.get(job.id) or job
+
+    def get(self, job_id: str, tenant: str) -> Job:
+        job = self.store.get(job_id, tenant)
+        if job is None:
+            raise NotFoundError(f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id",
+                                code="job_not_found")
+        return job
+
+    def cancel(self, job_id: str, tenant: str) -> Job:
+        job = self.get(job_id, tenant)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            raise InvalidRequestError(f"Job {job_id} has already {job.status}; only active jobs can be cancelled.",
+                                      param="fine_tuning_job_id", code="job_not_cancellable")
+        return self.supervisor.cancel(job)
+
+    # -- validation (supervisor thread) -------------------------------------------------------
+    def _validate(self, job: Job) -> tuple[ValidationReport, dict[str, Any]]:
+        from server.finetune.examples import resolve_hyperparameters, validate_chat_file, validate_embedding_file
+
+        base = self.registry.get(job.model)
+        if not base.loaded:
+            raise RuntimeError(f"base model {job.model} is not loaded yet")
+        work = self.store.job_dir(job.id)
+        files = [work / "train.jsonl"] + ([work / "validation.jsonl"] if job.validation_file else [])
+        reports = []
+        for path in files:
+            if job.kind == "embedding":
+                reports.append(validate_embedding_file(path, base.encoder))
+            else:
+                reports.append(validate_chat_file(path, base.tokenizer, base.engine.context_length))
+        bad = [r for r in reports if not r.ok]
+        report = bad[0] if bad else reports[0]
+        hp = job.hyperparameters
+        resolved: Hyperparameters = resolve_hyperparameters(job.kind, reports[0].examples, hp.get("n_epochs"),
+                                                            hp.get("batch_size"), hp.get("learning_rate_multiplier"))
+        return report, {"n_epochs": resolved.n_epochs, "batch_size": resolved.batch_size,
+                        "learning_rate_multiplier": resolved.learning_rate_multiplier}
+
+    # -- serving ------------------------------------------------------------------------------
+    def _serve(self, job: Job, publish: bool = True) -> None:
+        """Register a succeeded job's model (and publish its metrics CSV as a result file)."""
+        models = [m for m in self.store.models() if m.job_id == job.id]
+        if not models:
+            return
+        model = models[0]
+        try:
+            base = self.registry.get(model.base)
+        except Exception:  # noqa: BLE001 - the base is not served by this server now
+            log.warning("not serving %s: its base %s is not served", model.id, model.base)
+            return
+        try:
+            self.registry.get(model.id)
+        except Exception:  # noqa: BLE001 - not registered yet
+            self.registry.add(ServedModel(id=model.id, kind=base.kind, path=base.path, created=model.created_at,
+                                          owned_by=job.tenant, owner=job.tenant, base=base,
+                                          adapter_path=model.adapter_path))
+        metrics = self.store.job_dir(job.id) / METRICS_FILE
+        if publish and metrics.is_file() and not job.result_files:
+            with metrics.open("rb") as f:
+                stored = self.files.add(job.tenant, f"{job.id}-metrics.csv", RESULTS_PURPOSE, f, 1 << 30)
+            self.store.update(job.id, result_files=[stored.id])
+
+    def _load_adapter(self, served: ServedModel) -> None:
+        """Put the adapter on the base's shared weights, with its own engine or batcher."""
+        assert served.base is not None and served.adapter_path is not None
+        self._make_room()
+        started = time.perf_counter()
+        if served.kind == "embedding":
+            from server.embeddings.batcher import EmbeddingBatcher
+            from server.finetune.embedding_trainer import encoder_with_adapter
+
+            served.encoder = encoder_with_adapter(served.base.encoder, served.adapter_path)
+            served.batcher = EmbeddingBatcher(served.encoder)
+        else:
+            from server.engine.engine import Engine
+            from server.finetune.chat_trainer import chat_model_with_adapter
+
+            model = chat_model_with_adapter(served.base.model, served.adapter_path)
+            engine = Engine(model, served.base.tokenizer, self.settings.adapter_engine_config())
+            engine.start()
+            served.tokenizer, served.engine = served.base.tokenizer, engine
+            served.model = model
+        log.info("loaded adapter %s in %.1fs", served.id, time.perf_counter() - started)
+
+    def _make_room(self) -> None:
+        loaded = [m for m in self.registry.list() if m.adapter_path is not None and m.loaded]
+        while len(loaded) >= self.settings.max_loaded_adapters:
+            idle = [m for m in loaded if m.engine is None or m.engine.stats().running + m.engine.stats().waiting == 0]
+            if not idle:
+                return  # everyone is busy: go over the cap rather than abort requests
+            victim = min(idle, key=lambda m: m.last_used)
+            _unload_adapter(victim)
+            loaded.remove(victim)
+
+    def delete_model(self, model_id: str, tenant: str) -> bool:
+        served = self.registry.get(model_id, tenant)
+        if served.adapter_path is None or served.owner != tenant:
+            raise InvalidRequestError(f"Model '{model_id}' is not a fine-tuned model of yours and cannot be "
+                                      f"deleted.", param="model", code="model_not_deletable")
+        self.store.delete_model(model_id, tenant)
+        self.registry.remove(model_id)
+        _unload_adapter(served)
+        shutil.rmtree(served.adapter_path, ignore_errors=True)
+        return True
+
+
+def _unload_adapter(served: ServedModel) -> None:
+    unload(served)
+    served.model = served.engine = served.encoder = served.batcher = None

@@ -1,0 +1,208 @@
+"""FineTuningSupervisor: moves jobs through their statuses and runs one worker process per training job.
+
+    validating_files --(file checks pass)--> queued --(a slot frees)--> running --> succeeded
+           |                                   |                          |-----> failed (error, or the worker died)
+           '--> failed (naming the line)       '--> cancelled             '-----> cancelled (within one step)
+
+A thread in the server validates new jobs against the base model's tokenizer
+(in process: no weights are loaded for it), starts `server.finetune.worker` in
+a child process for at most `max_jobs` jobs at a time (oldest first), and
+watches the children: a worker that exits while its job is still `running`
+(killed, out of memory) fails the job with the reason. At start-up, jobs left
+`running` or `validating_files` by a previous server are failed with a reason
+(their worker cannot have survived it), so nothing stays `running` forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.finetune.jobs import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+CANCEL_GRACE_SECONDS = 20.0  # a worker that ignores a cancel this long (e.g. still loading) is killed
+
+
+@dataclass
+class _Worker:
+    job_id: str
+    process: subprocess.Popen[bytes]
+    cancel_sent_at: float | None = None
+
+
+class FineTuningSupervisor:
+    def __init__(self, store: JobStore, *, validate: Callable[[Job], Any], on_succeeded: Callable[[Job], None],
+                 data_dir: Path, max_jobs: int = 1) -> None:
+        """`validate(job)` returns a ValidationReport (server/finetune/spec.py) and the resolved
+        hyperparameters as a dict, or raises ValueError; `on_succeeded(job)` serves the new model."""
+        self.store = store
+        self.validate = validate
+        self.on_succeeded = on_succeeded
+        self.data_dir = Path(data_dir)
+        self.max_jobs = max_jobs
+        self.workers: dict[str, _Worker] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._run, name="fine-tuning", daemon=True)
+        self._thread.start()
+
+    def recover(self) -> None:
+        """Fail what a previous server left active without a worker; queued jobs simply wait their turn."""
+        for job in self.store.with_status("running", "validating_files"):
+            if job.status == "validating_files":
+                continue  # validation is repeatable: the thread does it again
+            self.store.fail(job.id, "The server stopped while this job was running, so its training worker "
+                                    "stopped too. Create the job again to retrain.", code="worker_died")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; running jobs are failed with a reason and their workers terminated."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            workers = list(self.workers.values())
+            self.workers.clear()
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+            self.store.fail(worker.job_id, "The server shut down while this job was running. Create the job "
+                                           "again to retrain.", code="server_shutdown")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- API actions --------------------------------------------------------------------------
+    def cancel(self, job: Job) -> Job:
+        """Cancel a job: at once when it is not running; a running worker stops before its next step."""
+        if job.status in ("validating_files", "queued"):
+            if self.store.transition(job.id, ("validating_files", "queued"), "cancelled", cancel_requested=1):
+                self.store.add_event(job.id, "Fine-tuning job cancelled")
+        elif job.status == "running":
+            self.store.update(job.id, cancel_requested=1)
+            with self._lock:
+                worker = self.workers.get(job.id)
+                if worker is not None and worker.cancel_sent_at is None:
+                    worker.cancel_sent_at = time.monotonic()
+            deadline = time.monotonic() + 10.0  # usually one training step
+            while time.monotonic() < deadline:
+                current = self.store.get(job.id)
+                if current is None or current.status != "running":
+                    break
+                time.sleep(0.05)
+        return self.store.get(job.id) or job
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - keep supervising whatever one job did
+                log.exception("fine-tuning supervisor step failed")
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        for job in self.store.with_status("validating_files"):
+            self._validate(job)
+        self._reap()
+        with self._lock:
+            free = self.max_jobs - len(self.workers)
+        if free > 0:
+            for job in self.store.with_status("queued")[:free]:
+                self._launch(job)
+
+    def _validate(self, job: Job) -> None:
+        try:
+            report, hyperparameters = self.validate(job)
+        except ValueError as exc:
+            self.store.fail(job.id, str(exc), code="invalid_hyperparameters", param="hyperparameters")
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. the base model is not loaded yet: try again later
+            log.info("validation of %s deferred: %s", job.id, exc)
+            return
+        if not report.ok:
+            first = report.errors[0]
+            more = f" (and {len(report.errors) - 1} more problems)" if len(report.errors) > 1 else ""
+            self.store.fail(job.id, f"The training file has an error on line {first.line}: {first.message}{more}",
+                            code="invalid_training_file", param="training_file")
+            for problem in report.errors[1:20]:
+                self.store.add_event(job.id, f"Line {problem.line}: {problem.message}", level="error")
+            return
+        self.store.update(job.id, hyperparameters=hyperparameters)
+        if self.store.transition(job.id, ("validating_files",), "queued"):
+            self.store.add_event(job.id, f"Files validated: {report.examples} examples, {report.tokens} tokens")
+            self.store.add_event(job.id, "Fine-tuning job queued")
+
+    def _launch(self, job: Job) -> None:
+        if not self.store.transition(job.id, ("queued",), "running"):
+            return
+        work = self.store.job_dir(job.id)
+        logfile = (work / "worker.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.finetune.worker", "--data-dir", str(self.data_dir), "--job", job.id],
+            stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ),
+            start_new_session=True)
+        logfile.close()
+        self.store.update(job.id, worker_pid=process.pid)
+        with self._lock:
+            self.workers[job.id] = _Worker(job.id, process)
+
+    def _reap(self) -> None:
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            code = worker.process.poll()
+            if code is None:
+                if worker.cancel_sent_at is None:
+                    job = self.store.get(worker.job_id)
+                    if job is not None and job.cancel_requested:
+                        worker.cancel_sent_at = time.monotonic()
+                elif time.monotonic() - worker.cancel_sent_at > CANCEL_GRACE_SECONDS:
+                    worker.process.kill()  # reaped on the next tick
+                continue
+            with self._lock:
+                self.workers.pop(worker.job_id, None)
+            job = self.store.get(worker.job_id)
+            if job is None:
+                continue
+            if job.status == "running":
+                if job.cancel_requested:
+                    self.store.transition(job.id, ("running",), "cancelled")
+                    self.store.add_event(job.id, "Fine-tuning job cancelled")
+                else:
+                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    self.store.fail(job.id, f"The training worker died ({how}) before finishing; see "
+                                            f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
+            elif job.status == "succeeded":
+                self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        try:
+            self.on_succeeded(job)
+        except Exception:  # noqa: BLE001 - the model row stays; loading is retried on first use
+            log.exception("could not register %s", job.fine_tuned_model)

@@ -1,0 +1,150 @@
+"""The training worker process: `python -m server.finetune.worker --data-dir DIR --job ID`.
+
+It trains one job that the supervisor already validated and queued (its
+resolved hyperparameters are in the job row), reporting through the shared
+SQLite database: metrics events every few steps, a checkpoint row at every
+epoch end, `cancel_requested` read before every step. On success it writes the
+metrics CSV, registers the fine-tuned model row and marks the job succeeded;
+on any exception it marks the job failed with the reason. If it is killed
+outright, the supervisor notices the exit and fails the job instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import server  # noqa: F401  (OpenBLAS before mlx.core)
+from server.finetune.jobs import FineTunedModel, Job, JobStore, model_name
+from server.finetune.spec import (
+    CheckpointReport,
+    Hyperparameters,
+    StepReport,
+    TrainingCancelled,
+    TrainingResult,
+    TrainingSpec,
+)
+from server.storage.database import Database
+
+log = logging.getLogger("mlx_dropin.finetune.worker")
+
+METRICS_FILE = "metrics.csv"
+EVENTS_PER_JOB = 50  # about this many metrics events over a job, plus the first and last step
+
+
+def spec_of(job: Job, store: JobStore) -> TrainingSpec:
+    hp = job.hyperparameters
+    work = store.job_dir(job.id)
+    return TrainingSpec(
+        job_id=job.id, kind=job.kind,  # type: ignore[arg-type]
+        base_path=job.base_path, train_file=work / "train.jsonl",
+        validation_file=work / "validation.jsonl" if job.validation_file else None,
+        output_dir=work,
+        hyperparameters=Hyperparameters(int(hp["n_epochs"]), int(hp["batch_size"]),
+                                        float(hp["learning_rate_multiplier"])),
+        seed=job.seed)
+
+
+class JobHooks:
+    """TrainingHooks writing to the job's rows."""
+
+    def __init__(self, store: JobStore, job: Job) -> None:
+        self.store = store
+        self.job = job
+        self.rows: list[dict[str, float | int | str]] = []
+        self.last_check = 0.0
+
+    def should_stop(self) -> bool:
+        row = self.store.db.query_one("SELECT cancel_requested FROM ft_jobs WHERE id = ?", (self.job.id,))
+        return row is None or bool(row["cancel_requested"])
+
+    def on_step(self, report: StepReport) -> None:
+        self.rows.append({"step": report.step, "epoch": report.epoch, "train_loss": report.train_loss,
+                          "valid_loss": "" if report.valid_loss is None else report.valid_loss,
+                          "trained_tokens": report.trained_tokens})
+        every = max(1, report.total_steps // EVENTS_PER_JOB)
+        if report.step == 1 or report.step % every == 0 or report.step == report.total_steps \
+                or report.valid_loss is not None:
+            data: dict[str, float | int] = {"step": report.step, "total_steps": report.total_steps,
+                                            "epoch": report.epoch, "train_loss": report.train_loss}
+            message = f"Step {report.step}/{report.total_steps}: training loss={report.train_loss:.4f}"
+            if report.valid_loss is not None:
+                data["valid_loss"] = report.valid_loss
+                message += f", validation loss={report.valid_loss:.4f}"
+            self.store.add_event(self.job.id, message, data=data, type="metrics")
+        self.store.update(self.job.id, trained_tokens=report.trained_tokens)
+
+    def on_checkpoint(self, report: CheckpointReport) -> None:
+        name = f"{model_name(self.job.model, self.job.tenant, self.job.suffix, self.job.id)}:ckpt-step-{report.step}"
+        metrics = {"step": float(report.step), **report.metrics}
+        self.store.add_checkpoint(self.job.id, report.step, metrics, report.path, name)
+        self.store.add_event(self.job.id, f"Checkpoint created at step {report.step} (epoch {report.epoch})",
+                             data={"step": report.step, "epoch": report.epoch})
+
+    def write_metrics(self, path: Path) -> None:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", "train_loss", "valid_loss", "trained_tokens"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def train(spec: TrainingSpec, hooks: JobHooks) -> TrainingResult:
+    if spec.kind == "embedding":
+        from server.finetune.embedding_trainer import train_embedding
+
+        return train_embedding(spec, hooks)
+    from server.finetune.chat_trainer import train_chat
+
+    return train_chat(spec, hooks)
+
+
+def run(data_dir: Path, job_id: str) -> int:
+    store = JobStore(Database.in_dir(data_dir), Path(data_dir) / "fine_tuning")
+    job = store.get(job_id)
+    if job is None or job.status != "running":
+        log.error("job %s is not running (%s)", job_id, job.status if job else "missing")
+        return 2
+    hooks = JobHooks(store, job)
+    started = time.monotonic()
+    store.add_event(job.id, "Fine-tuning job started")
+    try:
+        result = train(spec_of(job, store), hooks)
+    except TrainingCancelled:
+        store.transition(job.id, ("running",), "cancelled")
+        store.add_event(job.id, "Fine-tuning job cancelled")
+        return 0
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error
+        traceback.print_exc()
+        store.fail(job.id, f"Training failed: {type(exc).__name__}: {exc}", code="training_failed")
+        return 1
+    hooks.write_metrics(store.job_dir(job.id) / METRICS_FILE)
+    name = model_name(job.model, job.tenant, job.suffix, job.id)
+    store.add_model(FineTunedModel(name, job.tenant, job.id, job.model, job.kind, result.adapter_dir,
+                                   int(time.time())))
+    if store.transition(job.id, ("running",), "succeeded", trained_tokens=result.trained_tokens,
+                        fine_tuned_model=name):
+        store.add_event(job.id, f"The job has successfully completed in {time.monotonic() - started:.1f}s: "
+                                f"{result.steps} steps, {result.trained_tokens} trained tokens",
+                        data={"steps": result.steps, "trained_tokens": result.trained_tokens,
+                              "epoch_losses": list(result.epoch_losses)})
+    else:  # cancelled while finishing: the model row must not outlive the job's answer
+        store.delete_model(name, job.tenant)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train one fine-tuning job (started by the server).")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--job", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args.data_dir, args.job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
