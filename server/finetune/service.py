@@ -24,7 +24,7 @@ from typing import Any
 from server.config import Settings
 from server.errors import InvalidRequestError, NotFoundError
 from server.files.store import FileStore
-from server.finetune.jobs import Job, JobStore, model_name
+from server.finetune.jobs import Job, JobStore
 from server.finetune.spec import Hyperparameters, ValidationReport
 from server.finetune.supervisor import FineTuningSupervisor
 from server.finetune.worker import METRICS_FILE
