@@ -98,22 +98,15 @@ class FineTuningSupervisor:
 
     # -- API actions --------------------------------------------------------------------------
     def cancel(self, job: Job) -> Job:
-        """Cancel a job: at once when it is not running; a running worker stops before its next step."""
-        if job.status in ("validating_files", "queued"):
-            if self.store.transition(job.id, ("validating_files", "queued"), "cancelled", cancel_requested=1):
-                self.store.add_event(job.id, "Fine-tuning job cancelled")
-        elif job.status == "running":
-            self.store.update(job.id, cancel_requested=1)
+        """Cancel an active job at once (as OpenAI answers); a running worker sees `cancel_requested` before
+        its next step and exits, and one that does not within CANCEL_GRACE_SECONDS is killed."""
+        if self.store.transition(job.id, ("validating_files", "queued", "running"), "cancelled", cancel_requested=1):
+            self.store.add_event(job.id, "Fine-tuning job cancelled")
             with self._lock:
                 worker = self.workers.get(job.id)
                 if worker is not None and worker.cancel_sent_at is None:
                     worker.cancel_sent_at = time.monotonic()
-            deadline = time.monotonic() + 10.0  # usually one training step
-            while time.monotonic() < deadline:
-                current = self.store.get(job.id)
-                if current is None or current.status != "running":
-                    break
-                time.sleep(0.05)
+            self._wake.set()
         return self.store.get(job.id) or job
 
     # -- the loop -----------------------------------------------------------------------------
@@ -191,13 +184,9 @@ class FineTuningSupervisor:
             if job is None:
                 continue
             if job.status == "running":
-                if job.cancel_requested:
-                    self.store.transition(job.id, ("running",), "cancelled")
-                    self.store.add_event(job.id, "Fine-tuning job cancelled")
-                else:
-                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                    self.store.fail(job.id, f"The training worker died ({how}) before finishing; see "
-                                            f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                self.store.fail(job.id, f"The training worker died ({how}) before finishing; see "
+                                        f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
             elif job.status == "succeeded":
                 self._finish(job)
 

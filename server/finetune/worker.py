@@ -114,9 +114,8 @@ def run(data_dir: Path, job_id: str) -> int:
     store.add_event(job.id, "Fine-tuning job started")
     try:
         result = train(spec_of(job, store), hooks)
-    except TrainingCancelled:
-        store.transition(job.id, ("running",), "cancelled")
-        store.add_event(job.id, "Fine-tuning job cancelled")
+    except TrainingCancelled:  # the API already marked the job cancelled
+        store.add_event(job.id, f"Training stopped after step {len(hooks.rows)}")
         return 0
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error
         traceback.print_exc()
