@@ -84,6 +84,7 @@ class FineTuning:
         self.supervisor = FineTuningSupervisor(self.store, validate=self._validate, on_succeeded=self._serve,
                                                data_dir=settings.data_dir, max_jobs=settings.max_training_jobs)
         registry.adapter_loader = self._load_adapter
+        self._registered: set[str] = set()  # the models this service put in the registry
 
     def start(self) -> None:
         self.supervisor.start()
@@ -98,10 +99,11 @@ class FineTuning:
     def shutdown(self) -> None:
         """Stop the supervisor and take this service's models out of the registry (it may outlive the app)."""
         self.supervisor.shutdown()
-        for model in self.store.models():
-            served = self.registry.remove(model.id)
+        for model_id in list(self._registered):
+            served = self.registry.remove(model_id)
             if served is not None:
                 _unload_adapter(served)
+        self._registered.clear()
         if self.registry.adapter_loader == self._load_adapter:
             self.registry.adapter_loader = None
 
@@ -213,6 +215,7 @@ class FineTuning:
             self.registry.add(ServedModel(id=model.id, kind=base.kind, path=base.path, created=model.created_at,
                                           owned_by=job.tenant, owner=job.tenant, base=base,
                                           adapter_path=model.adapter_path))
+            self._registered.add(model.id)
         metrics = self.store.job_dir(job.id) / METRICS_FILE
         if publish and metrics.is_file() and not job.result_files:
             with metrics.open("rb") as f:
@@ -258,6 +261,7 @@ class FineTuning:
                                       f"deleted.", param="model", code="model_not_deletable")
         self.store.delete_model(model_id, tenant)
         self.registry.remove(model_id)
+        self._registered.discard(model_id)
         _unload_adapter(served)
         shutil.rmtree(served.adapter_path, ignore_errors=True)
         return True
