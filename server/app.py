@@ -1,7 +1,7 @@
 """Build the Starlette app: routes, middleware, error handlers, and the lifespan that loads models.
 
 State lives on ``app.state`` (the settings, the model registry, the SQLite
-database under --data-dir), never in
+database under --data-dir, the API keys, rate limits and metrics), never in
 module globals. Models load on a start-up thread so /health answers at once
 and /ready turns 200 when every model is in memory.
 """
@@ -16,17 +16,26 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
-from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from server.keys import KeyRing
+from server.limits import RateLimits
+from server.metrics import Metrics
+from server.middleware import (
+    AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware,
+)
 from server.models.registry import ModelRegistry, build_registry, shutdown
 from server.files.store import FileStore
 from server.finetune.service import FineTuning
-from server.routes import embeddings, files, fine_tuning, generation, health, models, responses
+from server.routes import embeddings, files, fine_tuning, generation, health, metrics, models, responses
 from server.storage.database import Database
 
 log = logging.getLogger(__name__)
+
+EXPOSED_HEADERS = ["x-request-id", "retry-after", "retry-after-ms"] + [
+    f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")]
 
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
@@ -54,12 +63,22 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 shutdown(registry)
             app.state.database.close()
 
+    keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
+    limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm, settings.max_concurrent_per_key,
+                        settings.rate_limit_window)
+    observed = Metrics()
+    routes = [*health.routes, *metrics.routes, *models.routes, *generation.routes, *responses.routes,
+              *embeddings.routes, *files.routes, *fine_tuning.routes]
+    cors = [Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
+                       expose_headers=EXPOSED_HEADERS)] if settings.cors_origins else []
     app = Starlette(
-        routes=[*health.routes, *models.routes, *generation.routes, *responses.routes, *embeddings.routes,
-                *files.routes, *fine_tuning.routes],
+        routes=routes,
         middleware=[
             Middleware(RequestIdMiddleware),
-            Middleware(AuthMiddleware, api_keys=settings.api_keys),
+            Middleware(AccessLogMiddleware, metrics=observed, routes=routes),
+            *cors,  # outside auth: browsers send preflights without the key
+            Middleware(AuthMiddleware, keys=keys),
+            Middleware(RateLimitMiddleware, limits=limits),
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/files": settings.max_file_bytes}),
         ],
@@ -72,7 +91,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.keys = keys
+    app.state.limits = limits
+    app.state.metrics = observed
     app.state.database = Database.in_dir(settings.data_dir)
     app.state.files = FileStore(app.state.database, settings.data_dir / "files")
     app.state.fine_tuning = FineTuning(settings, app.state.database, app.state.files, registry)
+    observed.watch(app.state)
     return app

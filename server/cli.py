@@ -21,6 +21,11 @@ log = logging.getLogger("mlx_dropin")
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("mlx_dropin.access")  # bare JSON lines, one per request, on stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
 
 
 def _announce_when_ready(app_state: object, settings: Settings, stop: asyncio.Event,
@@ -45,12 +50,12 @@ def serve(settings: Settings) -> int:
 
     _setup_logging(settings.log_level)
     log.info("BLAS: %s", describe_blas())
-    if settings.auth_enabled:
-        log.info("API keys required (%d configured)", len(settings.api_keys))
+    app = create_app(settings)
+    if app.state.keys.enabled:
+        log.info("API keys required (%d configured)", len(app.state.keys))
     else:
         log.warning("no API keys configured: the server is OPEN to anyone who can reach %s:%d",
                     settings.host, settings.port)
-    app = create_app(settings)
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None

@@ -70,6 +70,13 @@ class Settings:
     max_training_jobs: int = 1
     max_loaded_adapters: int = 4
     adapter_kv_cache_gb: float = 0.5
+    api_keys_file: Path | None = None  # keys with organizations and per-key limits (server.keys)
+    rate_limit_rpm: int | None = None  # requests per window per key; None = off
+    rate_limit_tpm: int | None = None  # tokens per window per key; None = off
+    rate_limit_window: float = 60.0  # seconds the rpm/tpm limits are per (no flag: a minute, tests shorten it)
+    max_concurrent_per_key: int | None = None  # sequences generating at once per key; None = off
+    request_timeout: float | None = None  # seconds for a non-streamed generation before a 504; None = off
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -84,6 +91,12 @@ class Settings:
             raise ValueError("max_training_jobs, max_loaded_adapters and adapter_kv_cache_gb must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("rate_limit_rpm", "rate_limit_tpm", "max_concurrent_per_key"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 when set, got {value}")
+        if self.rate_limit_window <= 0 or (self.request_timeout is not None and self.request_timeout <= 0):
+            raise ValueError("rate_limit_window and request_timeout must be positive")
         ids = [spec.id for spec in self.models]
         if len(ids) != len(set(ids)):
             raise ValueError(f"model ids must be unique, got {ids}")
@@ -100,7 +113,7 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys) or self.api_keys_file is not None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(block_size=self.block_size, kv_cache_gb=self.kv_cache_gb,
@@ -175,6 +188,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV block pool of each loaded fine-tuned chat model in GiB (default 0.5)")
     parser.add_argument("--sse-keepalive", type=float,
                         help="seconds between keep-alive comments on a quiet stream (default 5)")
+    parser.add_argument("--api-keys-file", metavar="PATH",
+                        help="keys with organizations and per-key limits: lines 'KEY [ORG] [rpm=N] [tpm=N] "
+                             "[max_concurrent=N]' or JSON {\"keys\": [...]}")
+    parser.add_argument("--rate-limit-rpm", type=int, help="requests per minute per key (default off)")
+    parser.add_argument("--rate-limit-tpm", type=int,
+                        help="tokens per minute per key, prompt + max_tokens counted at admission (default off)")
+    parser.add_argument("--max-concurrent-per-key", type=int,
+                        help="sequences generating at once per key; more is a 429 (default off)")
+    parser.add_argument("--request-timeout", type=float,
+                        help="seconds a non-streamed generation may take before a 504 (default off)")
+    parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                        help="allow browser calls from this origin, or '*' (repeatable; default off)")
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -196,6 +221,13 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     no_defaults = args.no_default_models if args.no_default_models is not None else \
         _env_bool(env, "NO_DEFAULT_MODELS", False)
     offline = args.offline if args.offline is not None else _env_bool(env, "OFFLINE", False)
+    cors = args.cors_origin if args.cors_origin is not None else _env_list(env, "CORS_ORIGINS")
+    keys_file = pick("api_keys_file", args.api_keys_file)
+
+    def optional(name: str, convert: type) -> object:
+        value = pick(name, getattr(args, name), convert)
+        return None if value is None else convert(value)  # type: ignore[call-arg]
+
     cache_dir = pick("cache_dir", args.cache_dir)
     data_dir = pick("data_dir", args.data_dir)
     return Settings(
@@ -220,6 +252,12 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),  # type: ignore[arg-type]
         max_loaded_adapters=int(pick("max_loaded_adapters", args.max_loaded_adapters, int)),  # type: ignore[arg-type]
         adapter_kv_cache_gb=float(pick("adapter_kv_cache_gb", args.adapter_kv_cache_gb, float)),  # type: ignore[arg-type]
+        api_keys_file=Path(os.path.expanduser(str(keys_file))) if keys_file is not None else None,
+        rate_limit_rpm=optional("rate_limit_rpm", int),  # type: ignore[arg-type]
+        rate_limit_tpm=optional("rate_limit_tpm", int),  # type: ignore[arg-type]
+        max_concurrent_per_key=optional("max_concurrent_per_key", int),  # type: ignore[arg-type]
+        request_timeout=optional("request_timeout", float),  # type: ignore[arg-type]
+        cors_origins=tuple(cors),
     )
 
 

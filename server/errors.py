@@ -89,6 +89,12 @@ class RateLimitError(APIError):
     code = "rate_limit_exceeded"
 
 
+class GatewayTimeoutError(APIError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
 class ServiceUnavailableError(APIError):
     status = 503
     type = "server_error"

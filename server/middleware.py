@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request ids, bearer-key auth, and the request body limit.
+"""Pure-ASGI middleware: request ids, access logs and metrics, bearer-key auth, rate limits, the body limit.
 
 Each is a small class wrapping the next ASGI app (Starlette's pattern), so
 they work for streaming responses too and add no per-chunk overhead.
@@ -6,20 +6,27 @@ they work for streaming responses too and add no per-chunk overhead.
 
 from __future__ import annotations
 
-import hmac
+import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Sequence
+from datetime import datetime, timezone
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationError, PayloadTooLargeError, error_response
+from server.errors import AuthenticationError, PayloadTooLargeError, RateLimitError, error_response
+from server.keys import ANONYMOUS, ApiKey, KeyRing
+from server.limits import RateLimits
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("mlx_dropin.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -54,33 +61,122 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class AuthMiddleware:
-    """When keys are configured, require `Authorization: Bearer <key>` on every non-public path."""
+class AccessLogMiddleware:
+    """Count and time every request (metrics by route template) and log it as one JSON line on
+    `mlx_dropin.access`: request id, method, path, status, duration, the key's tenant, the model."""
 
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.app = app
-        self.keys = tuple(key.encode() for key in api_keys)
+        self.metrics = metrics
+        self.routes = tuple(routes)
 
-    def _authorized(self, scope: Scope) -> bool:
-        header = _header(scope, b"authorization")
-        if not header or not header.lower().startswith("bearer "):
-            return False
-        presented = header[7:].strip().encode()
-        # compare against every key so timing does not reveal which prefix matched
-        return any([hmac.compare_digest(presented, key) for key in self.keys])
+    def _route(self, scope: Scope) -> str:
+        """The matched route's template (bounded label values); "unmatched" for unknown URLs."""
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                return str(getattr(route, "path", "unmatched"))
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorized(scope):
-            provided = _header(scope, b"authorization")
-            message = ("You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY`."
-                       if not provided else "Incorrect API key provided.")
-            request_id = scope.get("state", {}).get("request_id")
-            await error_response(AuthenticationError(message), request_id)(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["started"] = started = time.perf_counter()
+        status = 500  # unless a response starts: an exception escaping here becomes Starlette's 500
+
+        async def send_watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_watched)
+        finally:
+            self.metrics.in_flight.dec()
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(self._route(scope), scope["method"], status, seconds)
+            key: ApiKey | None = state.get("api_key")
+            access_log.info(json.dumps({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "request_id": state.get("request_id"), "method": scope["method"], "path": scope["path"],
+                "status": status, "duration_ms": round(seconds * 1000, 1),
+                "tenant": key.tenant if key is not None else None, "key": key.id if key is not None else None,
+                "model": state.get("model")}))
+
+
+class AuthMiddleware:
+    """Name the caller's key in ``scope["state"]["api_key"]``; when keys are configured, require a known one.
+
+    On an open server every caller is the one anonymous key (tenant "public"), so
+    rate limits still have someone to count.
+    """
+
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    def _presented(self, scope: Scope) -> str | None:
+        header = _header(scope, b"authorization")
+        if not header or not header.lower().startswith("bearer "):
+            return None
+        return header[7:].strip()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
             return
+        state = scope.setdefault("state", {})
+        if not self.keys.enabled:
+            state["api_key"] = ANONYMOUS
+            await self.app(scope, receive, send)
+            return
+        key = self.keys.lookup(self._presented(scope) or "")
+        if key is None:
+            message = ("You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY`."
+                       if not _header(scope, b"authorization") else "Incorrect API key provided.")
+            await error_response(AuthenticationError(message), state.get("request_id"))(scope, receive, send)
+            return
+        state["api_key"] = key
         await self.app(scope, receive, send)
+
+
+class RateLimitMiddleware:
+    """Take a request from the key's requests bucket (429 when empty), put the x-ratelimit-* headers on
+    every response, and release the sequences a generation held once its response has been sent."""
+
+    def __init__(self, app: ASGIApp, limits: RateLimits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state", {})
+        key: ApiKey | None = state.get("api_key")
+        if scope["type"] != "http" or key is None or not self.limits.limited(key):
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.limits.take_request(key)
+        except RateLimitError as exc:
+            exc.headers.update(self.limits.headers(key))
+            await error_response(exc, state.get("request_id"))(scope, receive, send)
+            return
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                limits = self.limits.headers(key)
+                names = {name.encode() for name, _ in limits}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                headers += [(name.encode(), value.encode()) for name, value in limits]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            self.limits.release(key, state.pop("held_sequences", 0))
 
 
 class BodyLimitMiddleware:

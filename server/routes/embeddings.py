@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from server.limits import admit
 from server.models.registry import ModelRegistry
 from server.serving import embeddings
 from server.serving.scope import RequestScope
@@ -18,9 +19,11 @@ async def create_embeddings(request: Request) -> Response:
     body = await read_json(request, EmbeddingRequest)
     registry: ModelRegistry = request.app.state.registry
     served = await registry.acquire(body.model, "embedding", RequestScope.of(request).tenant)
+    request.state.model = served.id
     embeddings.check_request(body, served)
     items = embeddings.input_items(body.input)
     ids = await run_in_threadpool(embeddings.token_ids, items, served, bool(body.truncate))
+    admit(request, sum(len(x) for x in ids))
     vectors = await served.batcher.embed(ids)
     return json_response(embeddings.respond(vectors, body, served, sum(len(x) for x in ids)))
 

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.models.registry import ModelRegistry
+from server.routes.admission import admit_generation, within_timeout
 from server.serving import chat, completions
 from server.serving.scope import RequestScope, conversation_id
 from server.wire.chat import ChatCompletionRequest
@@ -30,11 +31,13 @@ def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: 
         body = await read_json(request, body_type)
         registry: ModelRegistry = request.app.state.registry
         served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
+        request.state.model = served.id
         conversation = conversation_id(request, body.prompt_cache_key, body.user)
         plan = await run_in_threadpool(prepare, body, served, RequestScope.of(request), conversation)
+        plan.timer = admit_generation(request, served, plan.requests)
         if body.stream:
             return EventSourceResponse(stream(plan), ping=request.app.state.settings.sse_keepalive)
-        return json_response(await complete(plan))
+        return json_response(await within_timeout(request, complete(plan)))
 
     return endpoint
 

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from server.errors import InvalidRequestError, NotFoundError
 from server.models.registry import ModelRegistry
 from server.responses.store import ResponseStore
+from server.routes.admission import admit_generation, within_timeout
 from server.serving import response_output, responses
 from server.serving.scope import RequestScope, conversation_id
 from server.wire.codec import json_response, read_json
@@ -39,12 +40,14 @@ async def create_response(request: Request) -> Response:
     body = await read_json(request, ResponseRequest)
     registry: ModelRegistry = request.app.state.registry
     served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
+    request.state.model = served.id
     store = await run_in_threadpool(_store, request)
     conversation = conversation_id(request, body.prompt_cache_key, body.user)
     plan = await run_in_threadpool(responses.prepare, body, served, RequestScope.of(request), conversation, store)
+    plan.timer = admit_generation(request, served, [plan.request])
     if body.stream:
         return EventSourceResponse(response_output.stream(plan, store), ping=request.app.state.settings.sse_keepalive)
-    return json_response(await response_output.complete(plan, store))
+    return json_response(await within_timeout(request, response_output.complete(plan, store)))
 
 
 async def retrieve_response(request: Request) -> Response:

@@ -23,6 +23,7 @@ from server.engine.constraints import GrammarSpec
 from server.engine.engine import Engine, GenerationError
 from server.engine.request import GenerationRequest, TokenEvent
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
+from server.metrics import TokenTimer, timed
 from server.models.registry import ServedModel
 from server.serving.logprobs import TokenText
 from server.serving.params import build_params, stop_list
@@ -107,12 +108,17 @@ class ChatPlan:
     tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
     tool_format: ToolFormat | None = None
     parallel_tool_calls: bool = True
+    timer: TokenTimer | None = None  # set by the route: TTFT and inter-token metrics
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def engine(self) -> Engine:
         return self.served.engine  # type: ignore[no-any-return]
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [self.request]  # as CompletionPlan.requests
 
     def tool_parser(self) -> ToolCallParser | None:
         if self.tools is None or self.tool_format is None:
@@ -251,7 +257,7 @@ async def complete(plan: ChatPlan) -> ChatCompletion:
     builder = _Logprobs(plan.served) if plan.want_logprobs else None
     cached = 0
     try:
-        async for event in plan.engine.stream(plan.request):
+        async for event in timed(plan.timer, plan.engine.stream(plan.request)):
             texts[event.index] += event.text
             if builder is not None and (entry := builder.entry(event)) is not None:
                 logprobs[event.index].append(entry)
@@ -309,7 +315,7 @@ async def stream(plan: ChatPlan) -> AsyncIterator[dict[str, str]]:
     parsers = [plan.tool_parser() for _ in range(n)]
     num_calls = [0] * n
     try:
-        async for event in plan.engine.stream(plan.request):
+        async for event in timed(plan.timer, plan.engine.stream(plan.request)):
             i = event.index
             entry = builder.entry(event) if builder is not None else None
             text, calls = event.text, []

@@ -18,6 +18,7 @@ from server.engine.block_pool import PoolExhaustedError
 from server.engine.engine import GenerationError
 from server.engine.request import GenerationRequest, TokenEvent
 from server.errors import InvalidRequestError
+from server.metrics import TokenTimer, timed
 from server.models.registry import ServedModel
 from server.serving.chat import SYSTEM_FINGERPRINT, engine_failure
 from server.serving.logprobs import TokenText
@@ -77,6 +78,7 @@ class CompletionPlan:
     echo: bool
     logprobs: int | None
     include_usage: bool
+    timer: TokenTimer | None = None  # set by the route: TTFT and inter-token metrics
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -122,7 +124,7 @@ async def _merged(plan: CompletionPlan) -> AsyncIterator[tuple[int, TokenEvent]]
 
     async def pump(i: int, request: GenerationRequest) -> None:
         try:
-            async for event in plan.served.engine.stream(request):
+            async for event in timed(plan.timer, plan.served.engine.stream(request)):
                 await queue.put((i, event))
         except BaseException as exc:  # re-raised in the consumer
             await queue.put((i, exc))

@@ -22,6 +22,7 @@ import msgspec
 
 from server.engine.block_pool import PoolExhaustedError
 from server.engine.engine import GenerationError
+from server.metrics import timed
 from server.responses.store import ResponseStore
 from server.serving.chat import engine_failure
 from server.serving.responses import ResponsePlan, new_id
@@ -116,7 +117,7 @@ class OutputBuilder:
 
 async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[StreamEvent]:
     """Engine events -> output events, ending with every item closed and the usage known."""
-    async for event in plan.served.engine.stream(plan.request):
+    async for event in timed(plan.timer, plan.served.engine.stream(plan.request)):
         final = event.finish_reason is not None
         for step in output.feed(event.text, final):
             yield step

@@ -21,6 +21,7 @@ from typing import Any
 
 from server.engine.request import GenerationRequest
 from server.errors import InvalidRequestError
+from server.metrics import TokenTimer
 from server.models.registry import ServedModel
 from server.responses.store import ResponseStore
 from server.serving.chat import build_request, tool_call_entry, tool_mode
@@ -56,6 +57,7 @@ class ResponsePlan:
     tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
     tool_format: ToolFormat | None = None
     max_calls: int | None = None
+    timer: TokenTimer | None = None  # set by the route: TTFT and inter-token metrics
 
     def tool_parser(self) -> ToolCallParser | None:
         return ToolCallParser(self.tool_format, self.tools, self.max_calls) if self.tools and self.tool_format else None

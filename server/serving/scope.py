@@ -1,17 +1,21 @@
 """Who is asking: the tenant behind an API key, and the keys that scope cached KV to it.
 
-Two tenants never share KV: the tenant id is part of every block hash's salt
-and of every conversation key, so a guessed conversation id from another key
-finds nothing, and identical prompts from two keys are computed twice. On an
-open server (no keys) everyone is the one tenant "public".
+The tenant is the key's organization (``--api-keys-file``), or the key alone
+when it has none (`server.keys.ApiKey.tenant`); AuthMiddleware puts the key in
+the request's state. Two tenants never share KV: the tenant id is part of
+every block hash's salt and of every conversation key, so a guessed
+conversation id from another organization finds nothing, and identical
+prompts from two tenants are computed twice. On an open server (no keys)
+everyone is the one tenant "public".
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from starlette.requests import Request
+
+from server.keys import PUBLIC_TENANT
 
 
 @dataclass(frozen=True)
@@ -20,12 +24,8 @@ class RequestScope:
 
     @classmethod
     def of(cls, request: Request) -> RequestScope:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        settings = request.app.state.settings
-        if not settings.auth_enabled or not token:
-            return cls("public")
-        return cls("key-" + hashlib.sha256(token.encode()).hexdigest()[:16])
+        key = getattr(request.state, "api_key", None)
+        return cls(key.tenant if key is not None else PUBLIC_TENANT)
 
     def salt(self, model_id: str) -> bytes:
         """What changes KV besides tokens: the model (or adapter) and the tenant."""
