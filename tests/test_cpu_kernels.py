@@ -32,3 +32,11 @@ def test_exp_and_softmax_match_float64() -> None:
         got = np.array(kernel(mx.array(scores.astype(np.float32))), dtype=np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
         assert np.abs(got.sum(-1) - 1).max() < 1e-5
+
+
+def test_softmax_kernel_has_the_exact_gradient() -> None:
+    x = mx.array(np.random.default_rng(2).normal(0, 3, (8, 33)).astype(np.float32))
+    w = mx.array(np.random.default_rng(3).normal(0, 1, (8, 33)).astype(np.float32))
+    got = mx.grad(lambda v: (cpu_kernels.softmax()(v) * w).sum())(x)
+    want = mx.grad(lambda v: (mx.softmax(v, axis=-1) * w).sum())(x)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6)

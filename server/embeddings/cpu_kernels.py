@@ -7,7 +7,8 @@ bit arithmetic only, and are `mx.compile`d into one fused loop each (MLX's CPU
 compiler needs a C++ compiler at run time; without one they run uncompiled,
 still faster than the scalar path). Both agree with the exact functions to
 float32 precision (GELU within 1e-6 absolute, softmax within 3e-6 relative).
-On Metal and CUDA the exact built-ins are fast and are used instead.
+On Metal and CUDA the exact built-ins are fast and are used instead. Both are
+differentiable (softmax through an explicit vjp).
 """
 
 from __future__ import annotations
@@ -71,4 +72,16 @@ def gelu() -> Kernel:
 
 
 def softmax() -> Kernel:
-    return _compiled(softmax_polynomial)
+    """The compiled softmax with the exact backward attached: its exponent bit trick (`mx.view`)
+    has no vjp, and training an encoder (server/finetune/embedding_trainer.py) needs one."""
+    forward = _compiled(softmax_polynomial)
+
+    @mx.custom_function
+    def softmax_fn(x: mx.array) -> mx.array:
+        return forward(x)
+
+    @softmax_fn.vjp
+    def softmax_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> tuple[mx.array]:
+        return (output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True)),)
+
+    return softmax_fn  # type: ignore[no-any-return]

@@ -193,6 +193,12 @@ class EncoderModel(nn.Module):
         self.embeddings = _Embeddings(config)
         self.encoder = _Stack(config)
 
+    @property
+    def layers(self) -> list[_Layer]:
+        """The transformer blocks, under the name mlx-lm's LoRA helpers (linear_to_lora_layers,
+        load_adapters) look for, so fine-tuned adapters apply to encoders as to chat models."""
+        return self.encoder.layer  # type: ignore[no-any-return]
+
     def position_ids(self, mask: mx.array) -> mx.array:
         """Position ids for right-padded rows; RoBERTa starts real tokens at padding_idx+1
         and gives padding the padding_idx itself."""
