@@ -45,3 +45,12 @@ def minilm(model_cache: ModelCache, request: pytest.FixtureRequest):
     if path is None:  # not extracted yet: let the registry fetch and prepare it
         path = request.getfixturevalue("registry").get(MINILM.id).path
     return Encoder.load(Path(path))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache: ModelCache, request: pytest.FixtureRequest) -> Path:
+    """The default SmolLM2-135M-Instruct as a prepared MLX directory."""
+    path = model_cache.ready(SMOLLM2.id)
+    if path is None:  # not converted yet: let the registry fetch and prepare it
+        path = request.getfixturevalue("registry").get(SMOLLM2.id).path
+    return Path(path)
