@@ -152,7 +152,7 @@ def test_tool_round_trip_with_function_call_output(client: openai.OpenAI) -> Non
 
 def test_streamed_forced_call_has_argument_deltas(client: openai.OpenAI) -> None:
     with client.responses.stream(model=MODEL, input="Weather in Rome?", tools=TOOLS, max_output_tokens=40,
-                                 tool_choice={"type": "function", "name": "get_weather"}) as stream:
+                                 temperature=0, tool_choice={"type": "function", "name": "get_weather"}) as stream:
         events: list[Any] = list(stream)
         final = stream.get_final_response()
     kinds = [e.type for e in events]
