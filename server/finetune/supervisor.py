@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.finetune.jobs import Job, JobStore
+from server.finetune.examples import describe
+from server.finetune.jobs import Job, JobStore, model_name
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,13 @@ class FineTuningSupervisor:
 
     def recover(self) -> None:
         """Fail what a previous server left active without a worker; queued jobs simply wait their turn."""
+        finished = {m.job_id for m in self.store.models()}
         for job in self.store.with_status("running", "validating_files"):
             if job.status == "validating_files":
                 continue  # validation is repeatable: the thread does it again
+            if job.id in finished:  # the worker finished; the server stopped before marking it
+                self._mark_succeeded(job)
+                continue
             self.store.fail(job.id, "The server stopped while this job was running, so its training worker "
                                     "stopped too. Create the job again to retrain.", code="worker_died")
 
@@ -139,12 +144,11 @@ class FineTuningSupervisor:
             log.info("validation of %s deferred: %s", job.id, exc)
             return
         if not report.ok:
-            first = report.errors[0]
             more = f" (and {len(report.errors) - 1} more problems)" if len(report.errors) > 1 else ""
-            self.store.fail(job.id, f"The training file has an error on line {first.line}: {first.message}{more}",
+            self.store.fail(job.id, f"The training file is invalid. {describe(report.errors[0])}{more}",
                             code="invalid_training_file", param="training_file")
             for problem in report.errors[1:20]:
-                self.store.add_event(job.id, f"Line {problem.line}: {problem.message}", level="error")
+                self.store.add_event(job.id, describe(problem), level="error")
             return
         self.store.update(job.id, hyperparameters=hyperparameters)
         if self.store.transition(job.id, ("validating_files",), "queued"):
@@ -183,15 +187,30 @@ class FineTuningSupervisor:
             job = self.store.get(worker.job_id)
             if job is None:
                 continue
-            if job.status == "running":
+            trained = any(m.job_id == job.id for m in self.store.models())
+            if job.status == "running" and code == 0 and trained:
+                self._finish(job)
+            elif job.status == "running":
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
                 self.store.fail(job.id, f"The training worker died ({how}) before finishing; see "
                                         f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
-            elif job.status == "succeeded":
-                self._finish(job)
+            elif trained and job.status == "cancelled":  # cancelled while finishing: no model survives
+                self.store.delete_model(model_name(job.model, job.tenant, job.suffix, job.id), job.tenant)
 
     def _finish(self, job: Job) -> None:
+        """Serve the trained model, then mark the job succeeded (in that order)."""
+        name = model_name(job.model, job.tenant, job.suffix, job.id)
+        job.fine_tuned_model = name
         try:
             self.on_succeeded(job)
         except Exception:  # noqa: BLE001 - the model row stays; loading is retried on first use
-            log.exception("could not register %s", job.fine_tuned_model)
+            log.exception("could not register %s", name)
+        if not self._mark_succeeded(job):
+            self.store.delete_model(name, job.tenant)  # cancelled meanwhile
+
+    def _mark_succeeded(self, job: Job) -> bool:
+        name = model_name(job.model, job.tenant, job.suffix, job.id)
+        if not self.store.transition(job.id, ("running",), "succeeded", fine_tuned_model=name):
+            return False
+        self.store.add_event(job.id, "The job has successfully completed", data={"fine_tuned_model": name})
+        return True

@@ -4,9 +4,10 @@ It trains one job that the supervisor already validated and queued (its
 resolved hyperparameters are in the job row), reporting through the shared
 SQLite database: metrics events every few steps, a checkpoint row at every
 epoch end, `cancel_requested` read before every step. On success it writes the
-metrics CSV, registers the fine-tuned model row and marks the job succeeded;
-on any exception it marks the job failed with the reason. If it is killed
-outright, the supervisor notices the exit and fails the job instead.
+metrics CSV and the fine-tuned model row, and exits 0; the supervisor then
+serves the model and marks the job succeeded. On any exception it marks the
+job failed with the reason. If it is killed outright, the supervisor notices
+the exit and fails the job instead.
 """
 
 from __future__ import annotations
@@ -123,16 +124,15 @@ def run(data_dir: Path, job_id: str) -> int:
         return 1
     hooks.write_metrics(store.job_dir(job.id) / METRICS_FILE)
     name = model_name(job.model, job.tenant, job.suffix, job.id)
+    store.update(job.id, trained_tokens=result.trained_tokens)
+    store.add_event(job.id, f"Training finished in {time.monotonic() - started:.1f}s: {result.steps} steps, "
+                            f"{result.trained_tokens} trained tokens",
+                    data={"steps": result.steps, "trained_tokens": result.trained_tokens,
+                          "epoch_losses": list(result.epoch_losses)})
+    # The model row is the worker's last word; the supervisor registers the model for serving and only
+    # then marks the job succeeded, so a client never sees "succeeded" before the model answers.
     store.add_model(FineTunedModel(name, job.tenant, job.id, job.model, job.kind, result.adapter_dir,
                                    int(time.time())))
-    if store.transition(job.id, ("running",), "succeeded", trained_tokens=result.trained_tokens,
-                        fine_tuned_model=name):
-        store.add_event(job.id, f"The job has successfully completed in {time.monotonic() - started:.1f}s: "
-                                f"{result.steps} steps, {result.trained_tokens} trained tokens",
-                        data={"steps": result.steps, "trained_tokens": result.trained_tokens,
-                              "epoch_losses": list(result.epoch_losses)})
-    else:  # cancelled while finishing: the model row must not outlive the job's answer
-        store.delete_model(name, job.tenant)
     return 0
 
 
