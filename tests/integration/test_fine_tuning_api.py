@@ -128,6 +128,29 @@ def test_fine_tuned_model_is_private_to_its_tenant(url: str, chat_job) -> None:
         stranger.models.delete(name)
 
 
+def test_base_and_fine_tuned_kv_never_mix(url: str, chat_job) -> None:
+    client = sdk(url)
+    messages = [{"role": "system", "content": "You are a terse assistant. " * 12},
+                {"role": "user", "content": "Say hello."}]
+
+    def cached(model: str) -> int:
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0,
+                                           extra_body={"prompt_cache_key": "shared-conversation"})
+        details = r.usage.prompt_tokens_details
+        return details.cached_tokens if details else 0
+
+    cached(CHAT)
+    assert cached(CHAT) > 16  # the base reuses its own KV
+    assert cached(chat_job.fine_tuned_model) == 0  # same tokens, same key: nothing from the base's cache
+    assert cached(chat_job.fine_tuned_model) > 16
+
+
+def test_fine_tuned_model_cannot_be_fine_tuned_again(url: str, chat_job) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk(url).fine_tuning.jobs.create(model=chat_job.fine_tuned_model, training_file=chat_job.training_file)
+    assert err.value.body["param"] == "model"
+
+
 def test_embedding_fine_tune(url: str) -> None:
     client = sdk(url)
     training = client.files.create(file=("triplets.jsonl", jsonl(TRIPLETS)), purpose="fine-tune")
