@@ -6,7 +6,10 @@ prompt never stalls everyone's decoding for more than one chunk), and puts
 every sequence whose prompt is computed into the decode batch. When a decode
 needs a block and none can be reclaimed, the newest running sequence is
 preempted: its blocks are freed (their hashes stay, so re-admission mostly
-hits the prefix cache) and it waits at the head of the queue.
+hits the prefix cache) and it waits at the head of the queue. A new sequence
+whose prompt shares whole blocks that a running sequence is still prefilling
+waits until they are computed, then reuses them (one computation of a shared
+system prompt, however many requests arrive with it at once).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 from server.engine.block_pool import PoolExhaustedError
 from server.engine.config import SchedulerConfig
-from server.engine.kv_manager import KVCacheManager, PrefixHit
+from server.engine.kv_manager import KVCacheManager, PrefixHit, common_prefix_length
 from server.engine.paged_cache import KVStore
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -67,6 +70,27 @@ class Scheduler:
         return any(s.request_id == seq.request_id and s.index == 0 and s.num_pending_prefill > 0
                    for s in (*self.running, *self.waiting))
 
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """A running sequence is still computing prompt blocks this new one shares (many agents arriving
+        together with one system prompt): wait for them, then reuse them from the cache, rather than
+        compute the same blocks once per arrival."""
+        if seq.admitted_once:
+            return False
+        bs = self.kv.block_size
+        for other in self.running:
+            if other.num_pending_prefill == 0 or other.salt != seq.salt:
+                continue
+            limit = min(len(other.token_ids), len(seq.token_ids) - 1) // bs * bs  # whole blocks only
+            if limit - other.num_computed_tokens < bs:
+                continue
+            if other.token_ids[other.num_computed_tokens:limit] == seq.token_ids[other.num_computed_tokens:limit] \
+                    and other.token_ids[:other.num_computed_tokens] == seq.token_ids[:other.num_computed_tokens]:
+                return True
+            shared = common_prefix_length(other.token_ids[:limit], seq.token_ids[:limit]) // bs * bs
+            if shared - other.num_computed_tokens >= bs:
+                return True
+        return False
+
     def _admit(self, seq: Sequence) -> bool:
         if seq.params.prompt_logprobs is not None and seq.index == 0 and not seq.admitted_once:
             hit = PrefixHit()  # every prompt token's logits are needed: compute them all
@@ -103,7 +127,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            if self._blocked_by_sibling(seq):
+            if self._blocked_by_sibling(seq) or self._prefix_in_flight(seq):
                 continue
             if self.kv.blocks_needed(0, seq.num_tokens + 1) > total:
                 seq.error = (f"the request needs {seq.num_tokens + 1} tokens of KV but the whole pool holds "

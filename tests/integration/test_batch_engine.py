@@ -252,6 +252,36 @@ def test_shared_system_prompt_is_computed_once(engine: Engine, smol: tuple[Any, 
     assert second[-1].cached_tokens == (shared // BS) * BS
 
 
+def test_simultaneous_arrivals_compute_a_shared_prefix_once(smol: tuple[Any, Any]) -> None:
+    """Four agents sending the same system prompt in the same step: the first computes it, the others
+    wait for its blocks and reuse them (cached_tokens), so the prefix is computed once, not four times."""
+    import queue
+
+    model, tokenizer = smol
+    prompts = [chat_tokens(tokenizer, f"Agent {i} asks question number {i}?", system=SYSTEM * 3)
+               for i in range(4)]
+    shared = min(next(i for i, (x, y) in enumerate(zip(prompts[0], p)) if x != y) for p in prompts[1:])
+    assert shared > 4 * BS
+    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=128))
+    events: queue.Queue[TokenEvent] = queue.Queue()
+    for p in prompts:  # queued before the engine thread starts: its first step sees all four waiting
+        eng.submit(request(p, max_tokens=2), events.put)
+    eng.start()
+    try:
+        finals = []
+        while len(finals) < len(prompts):
+            event = events.get(timeout=120)
+            if event.finish_reason is not None:
+                finals.append(event)
+        cached = sorted(e.cached_tokens for e in finals)
+        assert cached[0] == 0 and all(c >= (shared // BS) * BS for c in cached[1:]), cached
+        assert eng.stats().prompt_tokens_computed == sum(len(p) for p in prompts) - sum(cached)
+        assert sum(cached) >= 3 * (shared // BS) * BS
+        idle(eng)
+    finally:
+        eng.shutdown()
+
+
 def test_n_sequences_share_the_prompt_blocks(engine: Engine, smol: tuple[Any, Any]) -> None:
     prompt = chat_tokens(smol[1], "Invent a name for a cat. " * 6)
     computed_before = engine.stats().prompt_tokens_computed
