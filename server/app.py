@@ -25,11 +25,12 @@ from server.limits import RateLimits
 from server.metrics import Metrics
 from server.middleware import (
     AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware,
+    UnreadBodyMiddleware,
 )
 from server.models.registry import ModelRegistry, build_registry, shutdown
 from server.files.store import FileStore
 from server.finetune.service import FineTuning
-from server.routes import embeddings, files, fine_tuning, generation, health, metrics, models, responses
+from server.routes import embeddings, files, fine_tuning, generation, health, metrics, models, openapi, responses
 from server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,13 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                         settings.rate_limit_window)
     observed = Metrics()
     routes = [*health.routes, *metrics.routes, *models.routes, *generation.routes, *responses.routes,
-              *embeddings.routes, *files.routes, *fine_tuning.routes]
+              *embeddings.routes, *files.routes, *fine_tuning.routes, *openapi.routes]
     cors = [Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
                        expose_headers=EXPOSED_HEADERS)] if settings.cors_origins else []
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(UnreadBodyMiddleware),
             Middleware(RequestIdMiddleware),
             Middleware(AccessLogMiddleware, metrics=observed, routes=routes),
             *cors,  # outside auth: browsers send preflights without the key

@@ -83,6 +83,12 @@ class PayloadTooLargeError(APIError):
     code = "request_too_large"
 
 
+class UnsupportedMediaTypeError(APIError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class RateLimitError(APIError):
     status = 429
     type = "rate_limit_exceeded"

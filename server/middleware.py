@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: request ids, access logs and metrics, bearer-key auth, rate limits, the body limit.
+"""Pure-ASGI middleware: request ids, access logs and metrics, bearer-key auth, rate limits, the body limit,
+and closing connections whose request body was left unread.
 
 Each is a small class wrapping the next ASGI app (Starlette's pattern), so
 they work for streaming responses too and add no per-chunk overhead.
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("mlx_dropin.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -34,6 +35,40 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def _has_body(scope: Scope) -> bool:
+    length = _header(scope, b"content-length")
+    chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
+    return chunked or (length is not None and length.strip() not in ("", "0"))
+
+
+class UnreadBodyMiddleware:
+    """Answer `connection: close` when a response starts before the request body was read to its end (an
+    early 401, 404, 405, 413 or 415). hypercorn cannot reuse such a connection and would close it without
+    a word, racing the client's next request on it ("Server disconnected without sending a response")."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def watched_receive() -> Message:
+            nonlocal read
+            message = await receive()
+            read = read or message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not read:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, watched_receive, closing_send)
 
 
 class RequestIdMiddleware:

@@ -136,6 +136,8 @@ class FineTuning:
         base = self.base_model(body.model, tenant)
         hyperparameters = requested_hyperparameters(body)
         check_hyperparameters(hyperparameters)
+        if body.seed is not None and not 0 <= body.seed < 2**63:  # SQLite's INTEGER; mx.random.seed takes no sign
+            raise InvalidRequestError("'seed' must be an integer from 0 to 2**63 - 1.", param="seed")
         if body.suffix is not None and not SUFFIX.match(body.suffix):
             raise InvalidRequestError("'suffix' may hold up to 64 letters, digits, '-' and '_'.", param="suffix")
         if body.metadata is not None and (len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512

@@ -51,11 +51,14 @@ def parse_prompts(prompt: Any, tokenizer: Any) -> list[tuple[list[int], str]]:
     if len(items) > MAX_PROMPTS:
         raise InvalidRequestError(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, str):
             out.append((list(tokenizer.encode(item)), item))
-        else:
-            out.append((list(item), tokenizer.decode(item)))
+            continue
+        if any(not 0 <= t < 2**31 for t in item):  # the tokenizer's decode overflows on these
+            raise InvalidRequestError("'prompt' has token ids outside the model's vocabulary.",
+                                      param="prompt" if item is prompt else f"prompt[{i}]")
+        out.append((list(item), tokenizer.decode(item)))
     return out
 
 

@@ -14,7 +14,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, UnsupportedMediaTypeError
 
 T = TypeVar("T")
 
@@ -46,13 +46,25 @@ def decode_json(body: bytes, kind: type[T]) -> T:
         message, param = _param_from(str(exc))
         where = f" (at '{param}')" if param else ""
         raise InvalidRequestError(f"Invalid request: {message}{where}.", param=param) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a string holding bytes that are not UTF-8
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload.",
             code="invalid_json") from exc
+    except RecursionError as exc:  # msgspec's nesting limit (e.g. 10,000 nested lists)
+        raise InvalidRequestError("The JSON body of your request is nested too deeply.", code="invalid_json") from exc
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("", "application/json") or media.endswith("+json")
 
 
 async def read_json(request: Request, kind: type[T]) -> T:
+    """The body as `kind`. No Content-Type is read as JSON; a non-JSON one (a form, text/plain) is a 415."""
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        raise UnsupportedMediaTypeError(f"Unsupported Content-Type '{content_type}': send the JSON body with "
+                                        f"'Content-Type: application/json'.")
     return decode_json(await request.body(), kind)
 
 

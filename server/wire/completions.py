@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from server.wire.chat import StreamOptions, Usage
 
+TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# text, texts, token ids or lists of token ids: decoded as Any and checked in the service (null is a 400 there)
+PROMPTS = Annotated[Any, msgspec.Meta(extra_json_schema={"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, TOKEN_IDS,
+    {"type": "array", "items": TOKEN_IDS, "minItems": 1}, {"type": "null"}]})]
+
 
 class CompletionRequest(msgspec.Struct):
-    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in the service
+    prompt: PROMPTS = None
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None

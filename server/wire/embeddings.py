@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
+from server.wire.completions import PROMPTS
+
 
 class EmbeddingRequest(msgspec.Struct):
-    input: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in the service
+    input: PROMPTS = None  # str | list[str] | list[int] | list[list[int]]: checked in the service
     model: str | None = None
     encoding_format: str | None = None  # "float" | "base64"; the openai SDK sends "base64" by default
     dimensions: int | None = None
