@@ -15,6 +15,7 @@ from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
 from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import ModelSourceError, resolve_source
+from server.shutdown import GracefulShutdown
 
 log = logging.getLogger("mlx_dropin")
 
@@ -61,13 +62,20 @@ def serve(settings: Settings) -> int:
     config.accesslog = None
     config.loglevel = settings.log_level.upper()
     config.keep_alive_timeout = 75
+    graceful = GracefulShutdown(app.state.registry, settings.shutdown_timeout)
+    config.graceful_timeout = graceful.connection_grace
     print(f"mlx-dropin listening on http://{settings.host}:{settings.port} (loading models...)", flush=True)
 
     async def main() -> list[str]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            graceful.signal(loop)
+            stop.set()  # hypercorn stops accepting and waits up to graceful_timeout for open connections
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         failed: list[str] = []
         watcher = threading.Thread(target=_announce_when_ready, args=(app.state, settings, stop, loop, failed),
                                    daemon=True)

@@ -77,6 +77,7 @@ class Settings:
     max_concurrent_per_key: int | None = None  # sequences generating at once per key; None = off
     request_timeout: float | None = None  # seconds for a non-streamed generation before a 504; None = off
     cors_origins: tuple[str, ...] = ()
+    shutdown_timeout: float = 10.0  # seconds in-flight requests may run on after SIGTERM before they are cut
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -97,6 +98,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1 when set, got {value}")
         if self.rate_limit_window <= 0 or (self.request_timeout is not None and self.request_timeout <= 0):
             raise ValueError("rate_limit_window and request_timeout must be positive")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         ids = [spec.id for spec in self.models]
         if len(ids) != len(set(ids)):
             raise ValueError(f"model ids must be unique, got {ids}")
@@ -200,6 +203,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a non-streamed generation may take before a 504 (default off)")
     parser.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                         help="allow browser calls from this origin, or '*' (repeatable; default off)")
+    parser.add_argument("--shutdown-timeout", type=float,
+                        help="seconds in-flight requests may finish after SIGTERM; then they end with "
+                             "finish_reason 'abort' (default 10)")
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -258,6 +264,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         max_concurrent_per_key=optional("max_concurrent_per_key", int),  # type: ignore[arg-type]
         request_timeout=optional("request_timeout", float),  # type: ignore[arg-type]
         cors_origins=tuple(cors),
+        shutdown_timeout=float(pick("shutdown_timeout", args.shutdown_timeout, float)),  # type: ignore[arg-type]
     )
 
 

@@ -72,6 +72,10 @@ class _Abort:
     request_id: str
 
 
+class _AbortAll:
+    pass
+
+
 class Engine:
     """Continuous batching over a paged KV pool for one model."""
 
@@ -96,7 +100,7 @@ class Engine:
                                   else []))
         # grammar-constrained decoding (response_format); llguidance's tokenizer is built on first use
         self.constraints = ConstraintFactory(tokenizer, self.vocab_size, self.eos_ids)
-        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._inbox: queue.Queue[_Add | _Abort | _AbortAll | None] = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._seqs: dict[str, list[Sequence]] = {}
         self._stats = EngineStats(blocks_total=num_blocks)
@@ -158,6 +162,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at the next step."""
         self._inbox.put(_Abort(request_id))
+
+    def abort_all(self) -> None:
+        """Cancel every request (a graceful shutdown's deadline); each sequence ends with finish_reason "abort"."""
+        self._inbox.put(_AbortAll())
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Submit and yield events until every sequence of the request finished; abort on exit."""
@@ -226,6 +234,8 @@ class Engine:
                 return False
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _AbortAll):
+                self._abort_everything()
             else:
                 self._abort(command.request_id, SequenceStatus.FINISHED_ABORTED)
 

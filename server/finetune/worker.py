@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 import time
 import traceback
@@ -59,10 +60,15 @@ class JobHooks:
         self.job = job
         self.rows: list[dict[str, float | int | str]] = []
         self.last_check = 0.0
+        self.server_pid = os.getppid()
 
     def should_stop(self) -> bool:
-        row = self.store.db.query_one("SELECT cancel_requested FROM ft_jobs WHERE id = ?", (self.job.id,))
-        return row is None or bool(row["cancel_requested"])
+        """Cancelled, or orphaned: a server killed outright (kill -9) cannot stop its worker, and the next
+        one fails the job at start, so a worker that outlived its server stops at its next step."""
+        if os.getppid() != self.server_pid:
+            return True
+        row = self.store.db.query_one("SELECT cancel_requested, status FROM ft_jobs WHERE id = ?", (self.job.id,))
+        return row is None or bool(row["cancel_requested"]) or row["status"] != "running"
 
     def on_step(self, report: StepReport) -> None:
         self.rows.append({"step": report.step, "epoch": report.epoch, "train_loss": report.train_loss,

@@ -5,7 +5,7 @@
                 content_part.done, output_item.done
     a call:     output_item.added, function_call_arguments.delta, function_call_arguments.done,
                 output_item.done
-    response.completed | response.incomplete (max_output_tokens) | response.failed
+    response.completed | response.incomplete (max_output_tokens, or interrupted) | response.failed
 
 JSON and streamed answers run the same `_generate`. A stored response is saved
 before its final event, so a client that has it can continue it at once.
@@ -34,6 +34,10 @@ from server.wire.responses import (
     OutputTextDelta, OutputTextDone, Response, ResponseCompleted, ResponseCreated, ResponseError, ResponseFailed,
     ResponseIncomplete, ResponseInProgress, ResponseUsage, StreamEvent,
 )
+
+# engine finish reasons that leave a response incomplete, and the reason it then gives: "abort" is a
+# generation the server cut short (its graceful shutdown's deadline, see server/shutdown.py)
+INCOMPLETE = {"length": "max_output_tokens", "abort": "interrupted"}
 
 
 class OutputBuilder:
@@ -67,7 +71,7 @@ class OutputBuilder:
     def close(self, finish_reason: str) -> list[StreamEvent]:
         """End of generation: the open message is closed; a response that said nothing gets an empty one."""
         events = self._open_message() if not self.items and self._message_id is None else []
-        return events + self._close_message("incomplete" if finish_reason == "length" else "completed")
+        return events + self._close_message("incomplete" if finish_reason in INCOMPLETE else "completed")
 
     def _add_text(self, text: str) -> list[StreamEvent]:
         if self._message_id is not None:
@@ -132,10 +136,11 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
 
 
 def _finished(plan: ResponsePlan, output: OutputBuilder) -> Response:
-    incomplete = output.finish_reason == "length"
+    reason = INCOMPLETE.get(output.finish_reason or "")
+    incomplete = reason is not None
     return msgspec.structs.replace(
         plan.response, status="incomplete" if incomplete else "completed", output=output.items, usage=output.usage,
-        incomplete_details=IncompleteDetails("max_output_tokens") if incomplete else None,
+        incomplete_details=IncompleteDetails(reason) if reason is not None else None,
         completed_at=None if incomplete else int(time.time()))
 
 
