@@ -101,7 +101,8 @@ class ModelRegistry:
             model_id = default
         served = self.get(model_id, tenant)
         if served.kind != kind:
-            raise InvalidRequestError(f"The model '{model_id}' is an {served.kind} model and cannot serve "
+            article = "an" if served.kind[0] in "aeiou" else "a"
+            raise InvalidRequestError(f"The model '{model_id}' is {article} {served.kind} model and cannot serve "
                                       f"this endpoint.", param="model", code="model_not_supported")
         if not served.loaded and served.adapter_path is not None and self.adapter_loader is not None \
                 and served.base is not None and served.base.loaded:
