@@ -25,7 +25,7 @@ from server.limits import RateLimits
 from server.metrics import Metrics
 from server.middleware import (
     AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware,
-    UnreadBodyMiddleware,
+    TrailingSlashMiddleware, UnreadBodyMiddleware,
 )
 from server.models.registry import ModelRegistry, build_registry, shutdown
 from server.files.store import FileStore
@@ -75,6 +75,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(TrailingSlashMiddleware),
             Middleware(UnreadBodyMiddleware),
             Middleware(RequestIdMiddleware),
             Middleware(AccessLogMiddleware, metrics=observed, routes=routes),
@@ -91,6 +92,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         },
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # TrailingSlashMiddleware serves them in place
     app.state.settings = settings
     app.state.registry = registry
     app.state.keys = keys

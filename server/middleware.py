@@ -43,6 +43,23 @@ def _has_body(scope: Scope) -> bool:
     return chunked or (length is not None and length.strip() not in ("", "0"))
 
 
+class TrailingSlashMiddleware:
+    """Serve `/v1/models/` as `/v1/models`: trailing slashes are dropped in place, never redirected (a 307
+    with an empty body is not an answer an OpenAI client can use, and re-sent POSTs lose their bodies)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            trimmed = path.rstrip("/") or "/"
+            raw = scope.get("raw_path")
+            scope = {**scope, "path": trimmed,
+                     "raw_path": raw.rstrip(b"/") or b"/" if isinstance(raw, bytes) else raw}
+        await self.app(scope, receive, send)
+
+
 class UnreadBodyMiddleware:
     """Answer `connection: close` when a response starts before the request body was read to its end (an
     early 401, 404, 405, 413 or 415). hypercorn cannot reuse such a connection and would close it without
