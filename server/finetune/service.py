@@ -249,7 +249,7 @@ class FineTuning:
     def _make_room(self) -> None:
         loaded = [m for m in self.registry.list() if m.adapter_path is not None and m.loaded]
         while len(loaded) >= self.settings.max_loaded_adapters:
-            idle = [m for m in loaded if m.engine is None or m.engine.stats().running + m.engine.stats().waiting == 0]
+            idle = [m for m in loaded if m.engine is None or not m.engine.scheduler.has_work]
             if not idle:
                 return  # everyone is busy: go over the cap rather than abort requests
             victim = min(idle, key=lambda m: m.last_used)

@@ -59,7 +59,6 @@ class JobHooks:
         self.store = store
         self.job = job
         self.rows: list[dict[str, float | int | str]] = []
-        self.last_check = 0.0
         self.server_pid = os.getppid()
 
     def should_stop(self) -> bool:
