@@ -53,6 +53,7 @@ import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from server.engine.detokenizer import TextDecoder  # noqa: E402
 from server.engine.engine import Engine, EngineConfig  # noqa: E402
 from server.engine.request import GenerationRequest, TokenEvent  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
@@ -75,11 +76,12 @@ class FoldedTokenizer:
 
     def __init__(self, inner: Any, size: int) -> None:
         self.inner, self.size = inner, size
+        self.text = TextDecoder(inner)  # the engine's own fast path, kept under the folding
         self.eos_token_ids = set(getattr(inner, "eos_token_ids", ()) or ())
         self.eos_token_id = getattr(inner, "eos_token_id", None)
 
     def decode(self, ids: list[int], **kwargs: Any) -> str:
-        return self.inner.decode([i % self.size for i in ids], **kwargs)
+        return self.text.decode([i % self.size for i in ids], **kwargs)
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -311,6 +313,46 @@ def run_mlxlm(model: Any, prompts: list[list[int]], gen: int, args: argparse.Nam
                  extra={"caches": returned})
 
 
+# -- memory-bandwidth bound --------------------------------------------------------------------------
+@dataclass
+class BandwidthBound:
+    """What one decode step must read from memory, and how fast this device reads it."""
+
+    bytes_per_s: float  # measured: a large array copied (bytes read + bytes written) per second
+    weight_bytes: int  # read once per step whatever the batch: every weight matrix, the LM head included
+    kv_bytes_per_token: int  # K and V of one token over all layers, read once per step per cached token
+
+    def tokens_per_s(self, batch: int, context: float) -> float:
+        """Upper bound on decode tok/s for `batch` sequences holding `context` cached tokens on average."""
+        step_bytes = self.weight_bytes + batch * context * self.kv_bytes_per_token
+        return batch * self.bytes_per_s / step_bytes
+
+
+def measure_bandwidth(gib: float = 1.0, runs: int = 10) -> float:
+    """Bytes per second of an elementwise copy of a `gib`-GiB float32 array (read + write counted)."""
+    a = mx.random.uniform(shape=(int(gib * (1 << 30)) // 4,))
+    mx.eval(a)
+    best = math.inf
+    for _ in range(runs + 2):
+        t = time.perf_counter()
+        mx.eval(a + 1.0)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best
+
+
+def bandwidth_bound(model: Any) -> BandwidthBound:
+    args = model.args
+    params = dict(_flat(model.parameters()))
+    tied = not any(k.startswith("lm_head") for k in params)
+    # an untied input embedding is read a row per token, not whole; a tied one is the LM head's matrix
+    weight_bytes = sum(v.nbytes for k, v in params.items() if tied or "embed_tokens" not in k)
+    layers = len(model.layers)
+    kv_heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    itemsize = next(v.dtype.size for v in params.values() if mx.issubdtype(v.dtype, mx.floating))
+    return BandwidthBound(measure_bandwidth(), weight_bytes, 2 * layers * kv_heads * head_dim * itemsize)
+
+
 # -- scenarios --------------------------------------------------------------------------------------
 def random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
     low = min(100, vocab // 2)  # skip the low ids, where special tokens usually live
@@ -322,10 +364,17 @@ def agreement(a: Round, b: Round) -> float:
 
 
 def batch_scenario(engine: Engine, model: Any, tok: Any, args: argparse.Namespace,
-                   rng: np.random.Generator) -> list[str]:
+                   rng: np.random.Generator, bound: BandwidthBound | None) -> list[str]:
     vocab = vocab_size(model)
     detok = tok if args.mlxlm_detok else None
     lines = []
+    bound_lines = []
+    if bound is not None:
+        bound_lines = [f"memory-bandwidth bound: {bound.weight_bytes / 1e6:.1f} MB of weights + "
+                       f"{bound.kv_bytes_per_token / 1e3:.1f} kB of KV per cached token read per step, at "
+                       f"{bound.bytes_per_s / 1e9:.0f} GB/s (copy of 1 GiB, read + write); mean context "
+                       f"{args.prompt_len + args.gen_len / 2:.0f} tokens",
+                       f"{'batch':>5} | {'bound tok/s':>11} | {'ours':>6} {'mlx-lm':>6} (share of the bound, steady)"]
     header = (f"{'batch':>5} | {'decode tok/s':>12} {'mlx-lm':>8} {'ours/mlx':>8} | {'steady tok/s':>12} {'mlx-lm':>8} "
               f"{'ours/mlx':>8} | {'e2e tok/s':>9} {'mlx-lm':>8} {'ours/mlx':>8} | {'TTFT ms':>8} {'mlx-lm':>8} | "
               f"{'wall s':>6} {'mlx-lm':>6} | {'agree':>5}")
@@ -362,7 +411,10 @@ def batch_scenario(engine: Engine, model: Any, tok: Any, args: argparse.Namespac
         print(f"  [batch {b} measured in {time.perf_counter() - t0:.0f}s; our max decode batch so far "
               f"{ours.extra['max_decode_batch']}]", file=sys.stderr, flush=True)
         lines.append(line)
-    return lines
+        if bound is not None:
+            cap = bound.tokens_per_s(b, args.prompt_len + args.gen_len / 2)
+            bound_lines.append(f"{b:>5} | {cap:>11.1f} | {ours.steady_tps / cap:>6.1%} {ref.steady_tps / cap:>6.1%}")
+    return lines + ([""] + bound_lines if bound_lines else [])
 
 
 def multi_turn(engine: Engine, model: Any, tok: Any, args: argparse.Namespace, rng: np.random.Generator
@@ -459,6 +511,8 @@ def main() -> int:
     p.add_argument("--prefill-batch", type=int, default=8, help="mlx-lm prefill_batch_size (default: mlx-lm's, 8)")
     p.add_argument("--completion-batch", type=int, default=32,
                    help="mlx-lm completion_batch_size, raised to the batch (default: mlx-lm's, 32)")
+    p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
+                   help="print the memory-bandwidth bound of each batch size (default: on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -493,7 +547,8 @@ def main() -> int:
     print(flush=True)
     try:
         if not args.skip_batch:
-            for line in batch_scenario(engine, model, tok, args, rng):
+            bound = bandwidth_bound(model) if (on_gpu if args.bandwidth is None else args.bandwidth) else None
+            for line in batch_scenario(engine, model, tok, args, rng, bound):
                 print(line, flush=True)
             print("decode tok/s: (tokens - 1 per request) / (first token -> last token of the batch); steady: tokens "
                   "while every request decodes / (last first token -> first last token); e2e: all tokens / "

@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from server.engine.paged_cache import KVStore, attention_mask, slot_ids
+from server.engine.paged_cache import KVStore, attention_mask
 from server.engine.sequence import Sequence
 
 ROW_GROWTH = 8
@@ -113,8 +113,9 @@ class DecodeRows:
             order[row] = i
         offsets = [self.length[r] if order[r] >= 0 else 0 for r in range(width)]
         real = [r for r in range(width) if order[r] >= 0]
-        write_slots = np.concatenate([
-            slot_ids(seqs[order[r]].block_ids, offsets[r], offsets[r] + 1, self.store.block_size) for r in real])
+        bs = self.store.block_size
+        write_slots = np.fromiter((seqs[order[r]].block_ids[offsets[r] // bs] * bs + offsets[r] % bs for r in real),
+                                  dtype=np.int32, count=len(real))
         step = _DecodeStep(offsets, mx.array(np.asarray(real, dtype=np.int32)), mx.array(write_slots),
                            len(real) == width)
         for r in real:

@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from server.engine.block_pool import BlockPool, PoolExhaustedError
 from server.engine.constraints import ConstraintFactory
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
 from server.engine.kv_manager import KVCacheManager
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent
@@ -95,6 +95,7 @@ class Engine:
         self.runner = ModelRunner(model, self.store)
         self.context_length = context_length or _context_length(model)
         self.vocab_size = _vocab_size(model, tokenizer)
+        self.text_decoder = TextDecoder(tokenizer)
         self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or
                                  ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None
                                   else []))
@@ -250,7 +251,7 @@ class Engine:
                 params = _with_seed(params, params.seed + index)
             constraint = self.constraints.create(grammar) if grammar is not None else None
             sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
-            detok = IncrementalDetokenizer(self.tokenizer, request.params.stop, request.prompt_token_ids)
+            detok = IncrementalDetokenizer(self.text_decoder, request.params.stop, request.prompt_token_ids)
             seqs.append(Sequence(request.request_id, index, list(request.prompt_token_ids), request.params,
                                  sampler, detok, max_tokens, request.salt, request.conversation_key))
         self._sinks[request.request_id] = command.sink
@@ -290,10 +291,13 @@ class Engine:
             s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
 
     def _run(self, plan: StepPlan) -> None:
+        batched = [(s, n) for s, n in plan.prefills if s.params.prompt_logprobs is None]
+        self.runner.prefill_rows(batched)
         for seq, num_tokens in plan.prefills:
             start = seq.num_computed_tokens
-            found = self.runner.prefill(seq, num_tokens)
-            seq.prompt_logprobs[start:start + len(found)] = found
+            if seq.params.prompt_logprobs is not None:  # needs its chunk's logits: runs alone
+                found = self.runner.prefill(seq, num_tokens)
+                seq.prompt_logprobs[start:start + len(found)] = found
             seq.num_computed_tokens += num_tokens
             self._stats.prompt_tokens_computed += num_tokens
             self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
@@ -307,9 +311,11 @@ class Engine:
         self._stats.max_decode_batch = max(self._stats.max_decode_batch, len(plan.decodes))
         if len(self._decode_window) > 512:
             del self._decode_window[:256]
+        bs = self.pool.block_size
         for seq, sample in zip(plan.decodes, samples):
             seq.num_computed_tokens += 1
-            self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
+            if (len(seq.block_hashes) + 1) * bs <= seq.num_computed_tokens:  # a block filled up: hash it
+                self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
             self._accept(seq, sample)
 
     def _decode(self, decodes: list[Sequence]) -> list[TokenSample]:
@@ -331,13 +337,24 @@ class Engine:
         return [TokenSample(token, None, None) for token in tokens.tolist()]
 
     def _worth_running_ahead(self, decodes: list[Sequence]) -> bool:
-        """Every sequence has a slot for the next position, none is certain to finish this step, and
-        no other sequence is about to join the batch (which would change the next step's members)."""
+        """No sequence is certain to finish this step, no other sequence is about to join the batch (which
+        would change the next step's members), and every sequence gets a slot for the next position.
+
+        That slot is reserved now, a step early: in a batch whose members started at different times some
+        sequence crosses a block boundary at almost every step, and waiting for the scheduler to allocate
+        its block would keep the batch from ever running ahead.
+        """
         if not self._run_ahead or self.scheduler.waiting or any(s.num_pending_prefill for s in self.scheduler.running):
             return False
-        capacity = self.pool.block_size
-        return all(s.num_tokens < len(s.block_ids) * capacity and len(s.output_token_ids) + 1 < s.max_tokens
-                   and s.num_tokens + 1 < self.context_length for s in decodes)
+        if not all(len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.context_length
+                   for s in decodes):
+            return False
+        try:
+            for seq in decodes:
+                self.kv.allocate(seq.block_ids, seq.num_tokens + 1)
+        except PoolExhaustedError:
+            return False
+        return True
 
     def _accept(self, seq: Sequence, sample: TokenSample) -> None:
         token = sample.token_id

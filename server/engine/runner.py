@@ -1,8 +1,9 @@
 """The model runner: turns a step's prefill chunks and decode batch into forward passes.
 
-Prefill chunks run one sequence at a time (B=1) over the paged pool, through
-the model's body when it has one (no vocabulary projection for tokens whose
-logits nobody reads); the decode batch runs every decode-ready sequence as one
+Prefill chunks run batched over the paged pool (rows of similar width
+together, in forwards of equal length; a chunk that wants prompt logprobs runs
+alone), through the model's body when it has one (no vocabulary projection for
+tokens whose logits nobody reads); the decode batch runs every decode-ready sequence as one
 (B, 1) forward over contiguous rows (see decode_rows.py) and returns the last
 logits. Like ``mlx_lm.generate``, a prompt's
 last token is fed by its first decode step, never by prefill.
@@ -73,6 +74,34 @@ class ModelRunner:
         values = top_values.tolist() if top_values is not None else [[] for _ in range(num_tokens)]
         return [(t, lp, list(zip(i, v))) for t, lp, i, v in zip(targets.tolist(), chosen.tolist(), ids, values)]
 
+    def prefill_rows(self, chunks: Seq[tuple[Sequence, int]]) -> None:
+        """Compute KV for several sequences' next chunks (none asking for prompt logprobs), batched.
+
+        Rows of similar context width are grouped (see `prefill_groups`); a group runs as forwards of
+        equal length: all its rows feed the shortest remaining chunk, the rows with more left go on
+        with the next shortest, and so on. Everything is evaluated with one sync at the end. A group of
+        one row runs exactly as `prefill` does (mlx-lm's causal mask).
+        """
+        forward = self._body if self._body is not None else self.model
+        outputs = []
+        for group in prefill_groups(chunks):
+            fed = {id(seq): 0 for seq, _ in group}
+            left = list(group)
+            while left:
+                step = min(n - fed[id(seq)] for seq, n in left)
+                starts = [seq.num_computed_tokens + fed[id(seq)] for seq, _ in left]
+                for (seq, n), start in zip(left, starts):
+                    assert start + step <= seq.num_tokens - 1, "prefill must leave the last token to decode"
+                tokens = mx.array([seq.token_ids[start:start + step] for (seq, _), start in zip(left, starts)],
+                                  dtype=mx.int32)
+                layout = StepLayout(starts, step, [seq.block_ids for seq, _ in left], self.store.block_size)
+                outputs.append(forward(tokens, cache=step_caches(self.store, layout)))
+                for seq, _ in left:
+                    fed[id(seq)] += step
+                left = [(seq, n) for seq, n in left if fed[id(seq)] < n]
+        if outputs:
+            self._sync_pools(*outputs)
+
     def _forward_rows(self, seqs: Seq[Sequence], offsets: list[int], inputs: mx.array | list[int]) -> mx.array:
         """Build (not evaluate) one decode step: seqs[i] feeds inputs[i] at position offsets[i]."""
         rows = self.rows.assign(seqs, offsets)
@@ -105,6 +134,28 @@ class ModelRunner:
         following = greedy_tokens(logits)
         mx.async_eval(following, self.rows.keys, self.rows.values, self.store.keys, self.store.values)
         return following
+
+
+def prefill_groups(chunks: Seq[tuple[Sequence, int]], waste: float = 1.5) -> list[list[tuple[Sequence, int]]]:
+    """Split prefill chunks into groups that run batched.
+
+    A batched forward reads every row's keys up to the widest row (offset + chunk), so a short fresh
+    prompt batched with a long resumed conversation would attend over, and copy, thousands of padding
+    columns. Rows are taken in order of width and a group closes when its padded area (rows x widest)
+    would exceed `waste` times the area its rows need.
+    """
+    order = sorted(chunks, key=lambda c: c[0].num_computed_tokens + c[1])
+    groups: list[list[tuple[Sequence, int]]] = []
+    need = 0
+    for seq, n in order:
+        width = seq.num_computed_tokens + n
+        if groups and (len(groups[-1]) + 1) * width <= waste * (need + width):
+            groups[-1].append((seq, n))
+            need += width
+        else:
+            groups.append([(seq, n)])
+            need = width
+    return groups
 
 
 def greedy_tokens(logits: mx.array) -> mx.array:

@@ -1,5 +1,6 @@
 """The paged cache plugs into mlx-lm's model code unchanged: tiny random-weight models of several
-families generate exactly what mlx-lm's own single-sequence path generates."""
+families generate exactly what mlx-lm's own single-sequence path generates, and batched prefill
+stores the K/V that one-row prefill stores."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from server.engine.engine import Engine, EngineConfig
+from server.engine.paged_cache import KVStore, probe_kv_shape, slot_ids
 from server.engine.request import GenerationRequest
-from server.engine.sampling import SamplingParams
+from server.engine.runner import ModelRunner, prefill_groups
+from server.engine.sampling import SamplingParams, SequenceSampler
+from server.engine.sequence import Sequence
 from server.models.registry import ModelRegistry
 
 VOCAB = 49152  # the default model's tokenizer drives detokenization
@@ -64,3 +68,49 @@ def test_family_matches_mlx_lm(model_type: str, registry: ModelRegistry) -> None
         assert [e.token_id for e in events] == reference(model, turn2, 10)
     finally:
         engine.shutdown()
+
+
+def _sequence(name: str, prompt: list[int], block_ids: list[int], computed: int) -> Sequence:
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    seq = Sequence(name, 0, prompt, params, SequenceSampler(params, prompt), None, 4)  # type: ignore[arg-type]
+    seq.block_ids, seq.num_computed_tokens = block_ids, computed
+    return seq
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str) -> None:
+    """Rows of different offsets and chunk lengths prefilled together (forwards of equal length, a
+    boolean mask, per-row RoPE offsets, the sliding window) store the same K/V as each row alone."""
+    model = build(model_type)
+    bs = 8
+    prompts = [[(i * 7919 + k * 31) % 5000 + 100 for i in range(length)] for k, length in enumerate((30, 22, 41))]
+    starts = [0, 8, 5]  # the second and third rows resume after KV computed earlier
+    chunks = [29, 13, 30]  # different lengths: three forwards of 13, 16 and 1 rows' worth
+    tables = [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    stores = []
+    for batched in (False, True):
+        store = KVStore(probe_kv_shape(model), num_blocks=18, block_size=bs)
+        runner = ModelRunner(model, store)
+        seqs = [_sequence(f"s{k}", p, t, 0) for k, (p, t) in enumerate(zip(prompts, tables))]
+        for seq, start in zip(seqs, starts):  # the earlier KV, computed alone on both sides
+            if start:
+                runner.prefill(seq, start)
+                seq.num_computed_tokens = start
+        if batched:
+            assert len(prefill_groups(list(zip(seqs, chunks)), waste=10.0)) == 1
+            runner.prefill_rows(list(zip(seqs, chunks)))
+        else:
+            for seq, n in zip(seqs, chunks):
+                runner.prefill(seq, n)
+        stores.append(store)
+    for seq_table, start, n in zip(tables, starts, chunks):
+        slots = mx.array(slot_ids(seq_table, 0, start + n, bs))
+        for solo_pool, batch_pool in zip((*stores[0].keys, *stores[0].values), (*stores[1].keys, *stores[1].values)):
+            assert mx.allclose(solo_pool[slots], batch_pool[slots], atol=1e-4, rtol=1e-4).item()
+
+
+def test_prefill_groups_keep_short_rows_away_from_long_ones() -> None:
+    fresh = [_sequence(f"f{k}", list(range(1, 60)), [], 0) for k in range(3)]
+    resumed = _sequence("long", list(range(1, 3000)), [], 2900)
+    groups = prefill_groups([(fresh[0], 40), (resumed, 50), (fresh[1], 40), (fresh[2], 30)])
+    assert [[s.request_id for s, _ in g] for g in groups] == [["f2", "f0", "f1"], ["long"]]
