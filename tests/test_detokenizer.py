@@ -201,3 +201,36 @@ def test_cost_is_linear_in_the_output_length(tok: Any) -> None:
     # a bounded window per step: a quadratic detokenizer would decode ~2 million ids here
     assert counting.decoded_ids < 12 * len(ids) and counting.calls < 3 * len(ids)
     assert elapsed < 1.0, elapsed
+
+
+def test_text_decoder_goes_straight_to_the_rust_backend_and_decodes_the_same(tok: Any, spm_tok: Any) -> None:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from server.engine.detokenizer import TextDecoder
+
+    for tokenizer in (tok, TokenizerWrapper(tok), spm_tok):
+        decoder = TextDecoder(tokenizer)
+        assert decoder.direct
+        for text in TEXTS:
+            ids = encode(tok if tokenizer is not spm_tok else spm_tok, text)
+            assert decoder.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+            deltas, _ = stream(decoder, ids)
+            assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_text_decoder_keeps_the_wrapper_when_it_would_change_the_text(spm_tok: Any) -> None:
+    from copy import deepcopy
+
+    from server.engine.detokenizer import TextDecoder
+
+    cleaning = deepcopy(spm_tok)
+    cleaning.clean_up_tokenization_spaces = True  # the wrapper post-processes: no shortcut
+    assert not TextDecoder(cleaning).direct
+
+    class Lowering:  # any tokenizer-like object without a Rust backend is used as it is
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return spm_tok.decode(ids, skip_special_tokens=skip_special_tokens).lower()
+
+    decoder = TextDecoder(Lowering())
+    assert not decoder.direct
+    assert decoder.decode(encode(spm_tok, "Hello World")) == "hello world"

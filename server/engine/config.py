@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A step's prompt tokens when none are configured. On a CPU a step's cost grows with its tokens, and
+# 512 keeps the others' next token within a fraction of a second; on a GPU 512 tokens cost little more
+# than one decode step, and admitting 128 requests 4 at a time left most of them waiting a second.
+DEFAULT_PREFILL_BUDGET = {"cpu": 512, "gpu": 2048}
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences decoding together
-    prefill_budget: int = 512  # prompt tokens computed per step, across sequences
+    # prompt tokens computed per step, across sequences; None: DEFAULT_PREFILL_BUDGET for the device
+    prefill_budget: int | None = None
     admission_timeout: float = 30.0  # seconds a request may wait for blocks before PoolExhaustedError
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.prefill_budget < 1 or self.admission_timeout < 0:
+        if self.max_num_seqs < 1 or (self.prefill_budget is not None and self.prefill_budget < 1) \
+                or self.admission_timeout < 0:
             raise ValueError("max_num_seqs and prefill_budget must be >= 1, admission_timeout >= 0")
 
 
@@ -24,6 +31,8 @@ class EngineConfig:
     # launch greedy decode steps one ahead (see ModelRunner.decode_ahead); None: on GPUs only, since on
     # a CPU the overlapped host work competes with the matmuls for the same cores
     decode_ahead: bool | None = None
+    # build and deliver token events on a thread of their own (see output.py); None: on GPUs only
+    output_thread: bool | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

@@ -36,11 +36,12 @@ class TextDecoder:
 
     @staticmethod
     def _find_backend(tokenizer: Any) -> Any:
-        hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper holds the HF tokenizer
+        inner = getattr(tokenizer, "_tokenizer", None)  # mlx-lm's TokenizerWrapper holds the HF tokenizer
+        hf = inner if hasattr(inner, "backend_tokenizer") else tokenizer
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "decode") or getattr(hf, "clean_up_tokenization_spaces", True):
             return None
-        if not type(hf)._decode.__module__.startswith("transformers.tokenization_utils"):
+        if not getattr(getattr(type(hf), "_decode", None), "__module__", "").startswith("transformers.tokenization_utils"):
             return None  # a model-specific tokenizer class with its own decoding
         try:
             size = int(backend.get_vocab_size(with_added_tokens=True))

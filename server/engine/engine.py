@@ -3,8 +3,9 @@
     HTTP (asyncio)                         engine thread
     submit(request, sink) --inbox-->  drain -> Scheduler.schedule()
                                             -> ModelRunner.prefill / decode
-                                            -> sample_batch -> detokenize
-    sink(TokenEvent) <--call_soon_threadsafe-- events per token, per sequence
+                                            -> sample_batch -> accept tokens, finish sequences
+    sink(TokenEvent) <--call_soon_threadsafe-- OutputProcessor: detokenize, one event per token
+                                               per sequence (its own thread on a GPU, see output.py)
 
 Requests are validated in `submit` (on the caller's thread), so a bad one
 fails fast with InvalidRequestError and never reaches the engine thread.
@@ -17,28 +18,28 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
 from server.engine.block_pool import BlockPool, PoolExhaustedError
+from server.engine.config import DEFAULT_PREFILL_BUDGET, EngineConfig
 from server.engine.constraints import ConstraintFactory
 from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
 from server.engine.kv_manager import KVCacheManager
+from server.engine.output import Output, OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent
 from server.engine.runner import ModelRunner, greedy_tokens
 from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
-from server.engine.config import EngineConfig
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence, SequenceStatus
 from server.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[TokenEvent], None]
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Engine:
                  context_length: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
+        self.config = _resolved(config or EngineConfig())
         shape = probe_kv_shape(model)
         bs = self.config.block_size
         num_blocks = self.config.num_blocks or max(
@@ -108,8 +109,10 @@ class Engine:
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
         self._ahead: tuple[list[Sequence], Any] | None = None  # (sequences, their next greedy tokens on device)
-        self._run_ahead = (self.config.decode_ahead if self.config.decode_ahead is not None
-                           else mx.default_device() != mx.cpu)
+        on_gpu = mx.default_device() != mx.cpu
+        self._run_ahead = self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu
+        self.output = OutputProcessor(threaded=self.config.output_thread if self.config.output_thread is not None
+                                      else on_gpu)
         self._lock = threading.Lock()
         log.info("KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)", num_blocks, bs,
                  self.store.nbytes / (1 << 30), shape.bytes_per_token)
@@ -125,6 +128,7 @@ class Engine:
             self._inbox.put(None)
             self._thread.join(timeout)
             self._thread = None
+        self.output.close(timeout)
 
     # -- the public interface -----------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> int:
@@ -156,7 +160,7 @@ class Engine:
         return asked if asked is not None else room
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        """Queue a request; `sink` receives its TokenEvents on the engine thread."""
+        """Queue a request; `sink` receives its TokenEvents in order, on the engine's thread or its output thread."""
         self.validate(request)
         self._inbox.put(_Add(request, sink))
 
@@ -218,10 +222,12 @@ class Engine:
         stream = mx.new_stream(mx.default_device())
         with mx.stream(stream):
             while True:
-                if not self._drain(block=not self.scheduler.has_work):
-                    break
-                if self.scheduler.has_work:
+                running = self._drain(block=not self.scheduler.has_work)
+                if running and self.scheduler.has_work:
                     self._step()
+                self.output.flush()
+                if not running:
+                    break
 
     def _drain(self, block: bool) -> bool:
         while True:
@@ -289,6 +295,7 @@ class Engine:
             s.blocks_used, s.blocks_free = self.pool.num_used, self.pool.num_free
             s.blocks_cached, s.blocks_pinned = self.pool.num_cached_free, self.kv.num_pinned_blocks
             s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        self.output.flush()  # the step's events leave together
 
     def _run(self, plan: StepPlan) -> None:
         batched = [(s, n) for s, n in plan.prefills if s.params.prompt_logprobs is None]
@@ -363,43 +370,40 @@ class Engine:
         self._stats.generated_tokens += 1
         params = seq.params
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            self._finish(seq, SequenceStatus.FINISHED_STOPPED, seq.detokenizer.flush(), sample)
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED, "", sample)  # the EOS token is not text
             return
-        text = seq.detokenizer.add(token)
+        # stop strings: the text decides when the sequence stops, so decode it here; else the output side does
+        text, pending = (seq.detokenizer.add(token), None) if params.stop else ("", token)
         constraint = seq.sampler.constraint
-        if seq.detokenizer.stopped:
+        if params.stop and seq.detokenizer.stopped:
             self._finish(seq, SequenceStatus.FINISHED_STOPPED, text, sample)
         elif constraint is not None and constraint.finished:  # grammar complete: only EOS could follow
             if constraint.error:
                 seq.error, seq.error_kind = f"constrained decoding failed: {constraint.error}", "internal"
             status = SequenceStatus.FINISHED_ERROR if constraint.error else SequenceStatus.FINISHED_STOPPED
-            self._finish(seq, status, text + seq.detokenizer.flush(), sample)
+            self._finish(seq, status, text, sample, pending)
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.context_length:
-            self._finish(seq, SequenceStatus.FINISHED_LENGTH, text + seq.detokenizer.flush(), sample)
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH, text, sample, pending)
         else:
-            self._emit(seq, text, sample)
+            self._emit(seq, text, sample, pending)
 
-    def _emit(self, seq: Sequence, text: str, sample: TokenSample | None, finish: str | None = None) -> None:
+    def _emit(self, seq: Sequence, text: str, sample: TokenSample | None, decode: int | None = None,
+              finish: str | None = None) -> None:
+        """Queue the sequence's event: `text`, then `decode` decoded, then (finishing) the held-back rest."""
         sink = self._sinks.get(seq.request_id)
         if sink is None:
             return
-        event = TokenEvent(
-            request_id=seq.request_id, index=seq.index, token_id=sample.token_id if sample else None, text=text,
-            logprob=sample.logprob if sample else None, top_logprobs=sample.top_logprobs if sample else None,
-            finish_reason=finish, prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_tokens,
-            completion_tokens=len(seq.output_token_ids), error=seq.error, error_kind=seq.error_kind,
-            prompt_logprobs=seq.prompt_logprobs if len(seq.output_token_ids) == 1 and seq.prompt_logprobs else None)
-        try:
-            sink(event)
-        except Exception:  # a closed event loop on the other side: the request is gone
-            log.debug("dropping event for %s", seq.request_id, exc_info=True)
+        self.output.put(Output(seq, sink, sample, text, decode, flush=finish is not None, finish_reason=finish,
+                               completion_tokens=len(seq.output_token_ids), error=seq.error,
+                               error_kind=seq.error_kind, first=len(seq.output_token_ids) == 1))
 
-    def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None) -> None:
+    def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None,
+                decode: int | None = None) -> None:
         seq.status = status
         if seq.conversation_key and status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
             self.kv.pin(seq.conversation_key, seq.token_ids[: seq.num_computed_tokens], seq.block_ids)
         self.scheduler.remove(seq)
-        self._emit(seq, text, sample, seq.finish_reason)
+        self._emit(seq, text, sample, decode, seq.finish_reason)
         siblings = self._seqs.get(seq.request_id, [])
         if all(s.finished for s in siblings):
             self._seqs.pop(seq.request_id, None)
@@ -423,6 +427,16 @@ def _greedy_on_device(seq: Sequence) -> bool:
     """Argmax alone picks the token: nothing needs the host between steps."""
     sampler = seq.sampler
     return sampler.argmax and not sampler.has_processors and sampler.constraint is None and not seq.params.logprobs
+
+
+def _resolved(config: EngineConfig) -> EngineConfig:
+    """The config with device-dependent defaults filled in."""
+    from dataclasses import replace
+
+    if config.scheduler.prefill_budget is not None:
+        return config
+    device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+    return replace(config, scheduler=replace(config.scheduler, prefill_budget=DEFAULT_PREFILL_BUDGET[device]))
 
 
 def _with_seed(params: Any, seed: int) -> Any:

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.block_pool import PoolExhaustedError
-from server.engine.config import SchedulerConfig
+from server.engine.config import DEFAULT_PREFILL_BUDGET, SchedulerConfig
 from server.engine.kv_manager import KVCacheManager, PrefixHit, common_prefix_length
 from server.engine.paged_cache import KVStore
 from server.engine.sequence import Sequence, SequenceStatus
@@ -158,6 +158,8 @@ class Scheduler:
 
     def _reserve_decode_slot(self, seq: Sequence, plan: StepPlan) -> bool:
         """Make sure seq has a block for the token it feeds; preempt newer sequences if needed."""
+        if seq.num_tokens <= len(seq.block_ids) * self.kv.block_size:
+            return True  # the usual case, checked without the allocator
         while True:
             try:
                 self.kv.allocate(seq.block_ids, seq.num_tokens)
@@ -175,7 +177,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self._admit_waiting(plan)
-        budget = self.config.prefill_budget
+        budget = self.config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]
         chunked: dict[int, int] = {}
         for seq in self.running:
             pending = seq.num_pending_prefill
@@ -185,7 +187,8 @@ class Scheduler:
                 chunked[id(seq)] = take
                 budget -= take
         for seq in list(self.running):
-            if seq.num_pending_prefill - chunked.get(id(seq), 0) == 0 and seq in self.running:
+            # a sequence preempted by an earlier one's reservation is no longer RUNNING
+            if seq.num_pending_prefill - chunked.get(id(seq), 0) == 0 and seq.status is SequenceStatus.RUNNING:
                 if self._reserve_decode_slot(seq, plan):
                     plan.decodes.append(seq)
         plan.prefills = [(s, n) for s, n in plan.prefills if s in self.running]

@@ -86,7 +86,7 @@ def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str) -> None:
     prompts = [[(i * 7919 + k * 31) % 5000 + 100 for i in range(length)] for k, length in enumerate((30, 22, 41))]
     starts = [0, 8, 5]  # the second and third rows resume after KV computed earlier
     chunks = [29, 13, 30]  # different lengths: three forwards of 13, 16 and 1 rows' worth
-    tables = [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    tables = [list(range(6)), list(range(6, 12)), list(range(12, 18))]
     stores = []
     for batched in (False, True):
         store = KVStore(probe_kv_shape(model), num_blocks=18, block_size=bs)

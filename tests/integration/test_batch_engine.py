@@ -352,3 +352,49 @@ def test_prompt_logprobs_match_a_full_forward(engine: Engine, smol: tuple[Any, A
         assert abs(logprob - reference_lp[position][token]) < 1e-3
         assert len(alternatives) == 2 and alternatives[0][1] >= alternatives[1][1]
     idle(engine)
+
+
+def test_output_thread_delivers_the_same_events(engine: Engine, smol: tuple[Any, Any]) -> None:
+    """Events built on the output thread (the GPU default) equal inline ones: text, tokens, finish
+    reasons and usage, for plain, stop-string, EOS-ended, n > 1 and aborted requests, in order."""
+    model, tokenizer = smol
+    threaded = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=256, decode_ahead=True,
+                                                     output_thread=True))
+    assert threaded.output.threaded and not engine.output.threaded
+    threaded.start()
+    prompts = [chat_tokens(tokenizer, t) for t in ("What is the capital of France?", "Say hi.", "Count to five.")]
+    asks: list[dict[str, Any]] = [{"max_tokens": 12}, {"max_tokens": 12, "stop": ("Paris",)},
+                                  {"max_tokens": 40}, {"max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 5}]
+
+    def shape(events: list[TokenEvent]) -> list[tuple[Any, ...]]:
+        return [(e.index, e.token_id, e.text, e.finish_reason, e.completion_tokens, e.prompt_tokens) for e in events]
+
+    try:
+        for i, ask in enumerate(asks):
+            prompt = prompts[i % len(prompts)]
+            results = []
+            for eng in (engine, threaded):
+                results.append(shape(eng.generate(request(prompt, salt=f"out-{i}".encode(), **dict(ask)))))
+            assert results[0] == results[1], ask
+            assert results[0][-1][3] in ("stop", "length")
+        # an abort's final event comes after every token event of its sequence
+        got: list[TokenEvent] = []
+        done = threading.Event()
+
+        def sink(event: TokenEvent) -> None:
+            got.append(event)
+            if event.finish_reason is not None:
+                done.set()
+
+        long = request(prompts[2], max_tokens=400, ignore_eos=True)
+        threaded.submit(long, sink)
+        while len(got) < 3:
+            time.sleep(0.01)
+        threaded.abort(long.request_id)
+        assert done.wait(30)
+        time.sleep(0.2)
+        assert got[-1].finish_reason == "abort" and all(e.finish_reason is None for e in got[:-1])
+        idle(threaded)
+    finally:
+        threaded.shutdown()
+    assert threaded.output._thread is None
