@@ -36,3 +36,40 @@ def test_slots_and_masks() -> None:
     assert mask.shape == (2, 1, 1, 4) and mask[0, 0, 0].tolist() == [True, True, False, False]
     windowed = attention_mask([5], 1, 2)
     assert windowed[0, 0, 0].tolist() == [False, False, False, False, True, True]
+
+
+def test_decode_rows_load_joining_sequences_together() -> None:
+    """Rows joining at once, with different lengths (partial blocks, scattered block ids), hold exactly
+    their sequences' pool K/V; rows already holding their context are left alone."""
+    from server.engine.decode_rows import DecodeRows
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    shape = KVShape(num_layers=2, kv_heads=(2, 3), k_dims=(4, 4), v_dims=(4, 5), dtype=mx.float32)
+    bs = 4
+    store = KVStore(shape, num_blocks=12, block_size=bs)
+    mx.random.seed(3)
+    for layer in range(2):
+        store.keys[layer] = mx.random.normal(store.keys[layer].shape)
+        store.values[layer] = mx.random.normal(store.values[layer].shape)
+    params = SamplingParams(max_tokens=1)
+
+    def seq(name: str, length: int, blocks: list[int]) -> Sequence:
+        s = Sequence(name, 0, list(range(1, length + 1)), params, None, None, 1)  # type: ignore[arg-type]
+        s.block_ids = blocks
+        return s
+
+    rows = DecodeRows(store)
+    first = seq("a", 6, [7, 2])
+    assert rows.assign([first], [5]) == [0]
+    joining = [seq("b", 11, [1, 9, 4]), seq("c", 2, [11]), seq("d", 8, [3, 0])]
+    counts = [10, 1, 8]
+    assigned = rows.assign([first, *joining], [5, *counts])
+    assert assigned == [0, 1, 2, 3]
+    for s, row, count in zip([first, *joining], assigned, [5, *counts]):
+        slots = mx.array(slot_ids(s.block_ids, 0, count, bs))
+        for layer, heads in enumerate(shape.kv_heads):
+            for pool, table in ((store.keys[layer], rows.keys[layer]), (store.values[layer], rows.values[layer])):
+                want = pool[slots].transpose(1, 0, 2)  # (heads, count, dim)
+                got = table[row * heads:(row + 1) * heads, :count]
+                assert mx.array_equal(want, got).item(), (s.request_id, layer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from server.engine.sampling import TokenSample
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+YIELD_EVERY = 16  # events the output thread builds between offers of the GIL
 
 Sink = Callable[[TokenEvent], None]
 
@@ -91,7 +94,12 @@ class OutputProcessor:
             self._deliver(batch)
 
     def _deliver(self, batch: list[Output]) -> None:
-        for output in batch:
+        threaded = self.threaded
+        for i, output in enumerate(batch):
+            if threaded and i and not i % YIELD_EVERY:
+                # let the engine thread have the GIL if it wants it: otherwise it waits out the whole
+                # switch interval (5 ms) behind this loop, every step
+                time.sleep(0)
             try:
                 event = self._event(output)
             except Exception:  # a decoding failure must not silence the sequences after it
