@@ -520,6 +520,8 @@ def main() -> int:
     p.add_argument("--prefill-batch", type=int, default=8, help="mlx-lm prefill_batch_size (default: mlx-lm's, 8)")
     p.add_argument("--completion-batch", type=int, default=32,
                    help="mlx-lm completion_batch_size, raised to the batch (default: mlx-lm's, 32)")
+    p.add_argument("--output-thread", action=argparse.BooleanOptionalAction, default=None,
+                   help="our token events on their own thread (default: the engine's, on a GPU)")
     p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
                    help="print the memory-bandwidth bound of each batch size (default: on a GPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -538,14 +540,14 @@ def main() -> int:
     num_blocks = args.kv_blocks or (max(max(args.batches) * -(-(args.prompt_len + args.gen_len + 1) // bs),
                                         3 * args.agents * -(-longest_turn // bs)) + 64)
     max_seqs = max(SchedulerConfig().max_num_seqs, max(args.batches), args.agents)
-    engine = Engine(model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks,
+    engine = Engine(model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks, output_thread=args.output_thread,
                                              scheduler=SchedulerConfig(max_num_seqs=max_seqs,
                                                                        prefill_budget=args.prefill_budget)))
     engine.start()
     args.prefill_budget = engine.config.scheduler.prefill_budget
     print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}")
     print(f"ours: block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
-          f"{args.prefill_budget}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
+          f"{args.prefill_budget}, output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
           f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}")
     print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated (ignore EOS), greedy; warm-up: one round per "
           f"side {'before every batch size' if args.warmup_each else 'before the first batch size'} "
