@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,18 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(min(100, vocab // 2), vocab, length).tolist() for _ in range(batch)]
 
 
+def timed(step: Callable[[], Any], warmup: int, steps: int) -> float:
+    """Mean milliseconds of `steps` calls after `warmup` calls, the device drained at both ends."""
+    for _ in range(warmup):
+        step()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    mx.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
 def ours(engine: Engine, batch: list[list[int]], warmup: int, steps: int, tag: str) -> float:
     params = SamplingParams(max_tokens=warmup + steps + 64, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(batch):
@@ -45,17 +58,10 @@ def ours(engine: Engine, batch: list[list[int]], warmup: int, steps: int, tag: s
         engine._add(_Add(GenerationRequest(f"{tag}-{i}", prompt, params), lambda event: None))
     while any(s.num_pending_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine._step()
-    for _ in range(warmup):
-        engine._step()
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine._step()
-    mx.synchronize()
-    elapsed = time.perf_counter() - t0
+    elapsed = timed(engine._step, warmup, steps)
     engine._abort_everything()
     engine.output.flush()
-    return 1e3 * elapsed / steps
+    return elapsed
 
 
 def mlxlm(model: Any, batch: list[list[int]], warmup: int, steps: int) -> float:
@@ -69,14 +75,7 @@ def mlxlm(model: Any, batch: list[list[int]], warmup: int, steps: int) -> float:
         seen: set[int] = set()
         while len(seen) < n:  # every request has its first token: prefill is over
             seen.update(r.uid for r in gen.next_generated())
-        for _ in range(warmup):
-            gen.next_generated()
-        mx.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            gen.next_generated()
-        mx.synchronize()
-        return 1e3 * (time.perf_counter() - t0) / steps
+        return timed(gen.next_generated, warmup, steps)
     finally:
         gen.close()
 
