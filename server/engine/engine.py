@@ -393,8 +393,9 @@ class Engine:
         sink = self._sinks.get(seq.request_id)
         if sink is None:
             return
-        self.output.put(Output(seq, sink, sample, text, decode, flush=finish is not None, finish_reason=finish,
-                               completion_tokens=len(seq.output_token_ids), error=seq.error,
+        # a sequence that ended normally releases held-back text; an aborted or failed one does not
+        self.output.put(Output(seq, sink, sample, text, decode, flush=finish in ("stop", "length"),
+                               finish_reason=finish, completion_tokens=len(seq.output_token_ids), error=seq.error,
                                error_kind=seq.error_kind, first=len(seq.output_token_ids) == 1))
 
     def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None,
