@@ -29,6 +29,11 @@ from server.engine.config import DEFAULT_PREFILL_BUDGET, EngineConfig
 from server.engine.constraints import ConstraintFactory
 from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
 from server.engine.kv_manager import KVCacheManager
+from server.engine.model_limits import (
+    ModelLimits,
+    model_context_length,
+    model_vocab_size,
+)
 from server.engine.output import Output, OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent
@@ -36,7 +41,6 @@ from server.engine.runner import ModelRunner, greedy_tokens
 from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence, SequenceStatus
-from server.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +98,15 @@ class Engine:
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(self.kv, self.store, self.config.scheduler)
         self.runner = ModelRunner(model, self.store)
-        self.context_length = context_length or _context_length(model)
-        self.vocab_size = _vocab_size(model, tokenizer)
+        self.context_length = context_length or model_context_length(model)
+        self.vocab_size = model_vocab_size(model, tokenizer)
         self.text_decoder = TextDecoder(tokenizer)
         self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or
                                  ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None
                                   else []))
         # grammar-constrained decoding (response_format); llguidance's tokenizer is built on first use
         self.constraints = ConstraintFactory(tokenizer, self.vocab_size, self.eos_ids)
+        self.limits = ModelLimits(self.context_length, self.vocab_size, self.constraints)
         self._inbox: queue.Queue[_Add | _Abort | _AbortAll | None] = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._seqs: dict[str, list[Sequence]] = {}
@@ -133,31 +138,7 @@ class Engine:
     # -- the public interface -----------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> int:
         """Check a request against the model's limits; return its max_tokens."""
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequestError("Prompt cannot be empty", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"Prompt contains token ids outside the vocabulary (0..{self.vocab_size - 1})",
-                                      param="prompt")
-        bad_bias = [t for t in request.params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad_bias:
-            raise InvalidRequestError(f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}",
-                                      param="logit_bias")
-        if request.params.grammar is not None:
-            try:
-                self.constraints.validate(request.params.grammar)
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc), param="response_format") from None
-        room = self.context_length - len(prompt)
-        asked = request.params.max_tokens
-        if room < 1 or (asked is not None and asked > room):
-            wanted = len(prompt) + (asked or 1)
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
-                f"{wanted} tokens ({len(prompt)} in the messages, {asked or 1} in the completion). Please reduce "
-                f"the length of the messages or completion. (context_length_exceeded)",
-                param="messages", code="context_length_exceeded")
-        return asked if asked is not None else room
+        return self.limits.check(request)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request; `sink` receives its TokenEvents in order, on the engine's thread or its output thread."""
@@ -444,21 +425,6 @@ def _with_seed(params: Any, seed: int) -> Any:
     from dataclasses import replace
 
     return replace(params, seed=seed)
-
-
-def _context_length(model: Any) -> int:
-    args = getattr(model, "args", None)
-    for name in ("max_position_embeddings", "context_length", "max_seq_len"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 4096
-
-
-def _vocab_size(model: Any, tokenizer: Any) -> int:
-    args = getattr(model, "args", None)
-    value = getattr(args, "vocab_size", None)
-    return int(value) if isinstance(value, int) else len(tokenizer.vocab)
 
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "GenerationError", "PoolExhaustedError"]
