@@ -9,9 +9,11 @@ one decode step in our design (server/engine/paged_cache.py) does:
               (``pool[read_slots].transpose(0, 2, 1, 3)``: what ``update_and_fetch`` returns);
   (c) write   one new token's K and V scattered into every layer's pool (``pool[write_slots] = kv``);
   (d) step    (b)+(c) through the real ``PagedLayerCache.update_and_fetch`` for every layer.
-  (e) read_blocks / load: once per request, when a sequence joins decoding, its blocks are
-              gathered whole (``KVStore.read_blocks``) and copied into its contiguous decode row
-              (server/engine/decode_rows.py): "read blocks" is the gather alone, "load" gather + copy.
+  (e) block gather / load: once per request, when a sequence joins decoding, its blocks are
+              gathered whole into decode-row layout (server/engine/block_gather.py: one CUDA kernel on
+              NVIDIA GPUs, MLX gather + transpose elsewhere) and copied into its decode row
+              (``DecodeRows._load``, server/engine/decode_rows.py): "block gather" is the gather alone,
+              "load" the real ``_load`` (gather + copy).
 
 References, measured the same way in the same run:
 
@@ -49,6 +51,8 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models.cache import KVCache  # noqa: E402
 
+from server.engine.block_gather import gather_block_rows, uses_kernel  # noqa: E402
+from server.engine.decode_rows import DecodeRows  # noqa: E402
 from server.engine.paged_cache import KVShape, KVStore, StepLayout, step_caches  # noqa: E402
 
 DEFAULT_CONFIGS = "1x12,4x24,8x30,32x48"
@@ -135,21 +139,17 @@ def bench_ours(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
         outs = [c.update_and_fetch(k_new, v_new) for c in step_caches(store, lay)]
         mx.eval(outs, store.keys, store.values)
 
-    blocks_mx = mx.array(table)
-    rows_k = [mx.zeros((H, n, D), dtype) for _ in range(layers)]
-    rows_v = [mx.zeros((H, n, D), dtype) for _ in range(layers)]
-    mx.eval(rows_k, rows_v)
+    blocks_mx = mx.array([table])
+    rows = DecodeRows(store)
+    rows._grow(1, n)
 
     def read_blocks() -> None:
-        outs = [store.read_blocks(layer, blocks_mx, n) for layer in range(layers)]
+        outs = [gather_block_rows(pool, blocks_mx, bs) for pool in (*store.keys, *store.values)]
         mx.eval(outs)
 
-    def load_rows() -> None:  # what DecodeRows._load does once per request
-        for layer in range(layers):
-            keys, values = store.read_blocks(layer, blocks_mx, n)
-            rows_k[layer][:, :n] = keys.transpose(1, 0, 2)
-            rows_v[layer][:, :n] = values.transpose(1, 0, 2)
-        mx.eval(rows_k, rows_v)
+    def load_rows() -> None:  # what DecodeRows does once per request joining the decode batch
+        rows._load([0], [table], [n])
+        mx.eval(rows.keys, rows.values)
 
     out["read"] = measure(read, args)
     out["read_blocks"] = measure(read_blocks, args)
@@ -277,7 +277,8 @@ def main() -> int:
 
     print(f"mlx {mx.__version__}  device {mx.default_device()}  dtype {dtype}  "
           f"kv_heads {args.kv_heads} x head_dim {args.head_dim}  block_tokens {args.block_tokens}  "
-          f"our block_size {args.our_block_size}")
+          f"our block_size {args.our_block_size}  block gather "
+          f"{'CUDA kernel' if uses_kernel(mx.zeros((1, args.kv_heads, args.head_dim), dtype)) else 'MLX ops'}")
     print(f"runs {args.runs} after {args.warmup} warm-ups"
           + (f"; time cap {args.time_cap:g}s per operation (min {args.min_runs} runs)" if args.time_cap > 0 else ""))
     print()
@@ -309,9 +310,9 @@ def main() -> int:
 
         row("layout", "ours StepLayout (slot tables)", ours["layout"])
         row("read", "ours gather (K+V, all layers)", ours["read"], contig["read"], seed["reconstruct"])
-        row("read", "ours block gather (K+V, all layers)", ours["read_blocks"], contig["read"],
+        row("read", "ours block gather to rows (K+V)", ours["read_blocks"], contig["read"],
             seed["reconstruct"])
-        row("load", "ours block gather into decode rows", ours["load_rows"], None, seed["reconstruct"])
+        row("load", "ours DecodeRows load (gather + copy)", ours["load_rows"], None, seed["reconstruct"])
         row("read", "contiguous keys[..., :n, :]", contig["read"])
         row("read", "seed concat reconstruct", seed["reconstruct"])
         row("write", "ours scatter 1 token", ours["write"], contig["write"], seed["extract_copies"])

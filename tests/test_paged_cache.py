@@ -73,3 +73,14 @@ def test_decode_rows_load_joining_sequences_together() -> None:
                 want = pool[slots].transpose(1, 0, 2)  # (heads, count, dim)
                 got = table[row * heads:(row + 1) * heads, :count]
                 assert mx.array_equal(want, got).item(), (s.request_id, layer)
+
+    # b and d leave: the next two joiners fill rows 1 and 3, not consecutive (the scatter path)
+    later = [seq("e", 7, [5, 6]), seq("f", 13, [8, 10, 2, 1])]
+    assigned = rows.assign([first, joining[1], *later], [5, 1, 7, 13])
+    assert assigned == [0, 2, 1, 3]
+    for s, row, count in zip(later, assigned[2:], [7, 13]):
+        slots = mx.array(slot_ids(s.block_ids, 0, count, bs))
+        for layer, heads in enumerate(shape.kv_heads):
+            for pool, table in ((store.keys[layer], rows.keys[layer]), (store.values[layer], rows.values[layer])):
+                want = pool[slots].transpose(1, 0, 2)
+                assert mx.array_equal(want, table[row * heads:(row + 1) * heads, :count]).item(), (s.request_id, layer)

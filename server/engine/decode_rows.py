@@ -24,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from server.engine.block_gather import gather_block_rows
 from server.engine.paged_cache import KVStore, attention_mask
 from server.engine.sequence import Sequence
 
@@ -68,31 +69,33 @@ class DecodeRows:
         mx.eval(self.keys, self.values)
 
     # -- rows ---------------------------------------------------------------------------------
-    def _load(self, rows: list[int], seqs: list[Sequence], counts: list[int]) -> None:
-        """Copy each sequence's first `counts[i]` tokens of KV from the pool into row `rows[i]`.
+    def _load(self, rows: list[int], tables: list[list[int]], counts: list[int]) -> None:
+        """Copy the first `counts[i]` tokens of KV held by block table `tables[i]` into row `rows[i]`.
 
-        One gather of whole blocks and one scatter per layer and K/V for all the rows together (a batch
-        of 128 joining at once cost 128 x layers x 4 small ops one row at a time). Every row gets the
-        same number of blocks, a short one padded with copies of its own block; the columns past a
-        row's count are never attended (its mask ends at its length) and its next steps overwrite them.
+        One block gather (server/engine/block_gather.py) and one copy into the rows per layer and K/V for
+        all the rows together (a batch of 128 joining at once cost 128 x layers x 4 small ops one row at a
+        time); rows that are consecutive take a slice copy, others a scatter. Every row gets the same
+        number of blocks, a short one padded with copies of its own block; the columns past a row's count
+        are never attended (its mask ends at its length) and its next steps overwrite them.
         """
         bs = self.store.block_size
         width = -(-max(counts) // bs)
-        table = np.empty((len(seqs), width), dtype=np.int32)
-        for i, (seq, count) in enumerate(zip(seqs, counts)):
-            own = seq.block_ids[: -(-count // bs)]
+        table = np.empty((len(tables), width), dtype=np.int32)
+        for i, (blocks, count) in enumerate(zip(tables, counts)):
+            own = blocks[: -(-count // bs)]
             table[i, : len(own)] = own
             table[i, len(own):] = own[-1]
-        blocks = mx.array(table)
+        block_table = mx.array(table)
         columns = min(width * bs, self.capacity_len)
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         for layer, heads in enumerate(self.shape.kv_heads):
-            targets = mx.array((np.asarray(rows)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
-                               .astype(np.int32))
+            targets: Any = slice(rows[0] * heads, (rows[0] + len(rows)) * heads)
+            if not consecutive:
+                targets = mx.array((np.asarray(rows)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
+                                   .astype(np.int32))
             for pool, table_of in ((self.store.keys[layer], self.keys), (self.store.values[layer], self.values)):
-                dim = pool.shape[-1]
-                by_block = pool.reshape(self.store.num_blocks, bs, heads, dim)[blocks]  # (J, width, bs, H, D)
-                gathered = by_block.reshape(len(seqs), width * bs, heads, dim).transpose(0, 2, 1, 3)
-                table_of[layer][targets, :columns] = gathered.reshape(len(seqs) * heads, width * bs, dim)[:, :columns]
+                gathered = gather_block_rows(pool, block_table, bs)
+                table_of[layer][targets, :columns] = gathered[:, :columns]
         for row, count in zip(rows, counts):
             self.length[row] = count
 
@@ -118,7 +121,7 @@ class DecodeRows:
         joining = [(row, seq, offset) for seq, row, offset in zip(seqs, rows, offsets)
                    if 0 < offset and self.length[row] < offset]
         if joining:
-            self._load([j[0] for j in joining], [j[1] for j in joining], [j[2] for j in joining])
+            self._load([j[0] for j in joining], [j[1].block_ids for j in joining], [j[2] for j in joining])
         for row, offset in zip(rows, offsets):
             self.length[row] = offset
         return rows

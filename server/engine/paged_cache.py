@@ -79,17 +79,6 @@ class KVStore:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
 
-    def read_blocks(self, layer: int, blocks: mx.array, count: int) -> tuple[mx.array, mx.array]:
-        """One layer's K and V for the first `count` tokens held by `blocks` (in order), each
-        (count, heads, dim). Gathers whole blocks (block_size x heads x dim contiguous elements
-        each), which copies at memcpy speed where a per-token gather does not."""
-        out = []
-        for pool in (self.keys[layer], self.values[layer]):
-            heads, dim = pool.shape[1:]
-            by_block = pool.reshape(self.num_blocks, self.block_size, heads, dim)
-            out.append(by_block[blocks].reshape(-1, heads, dim)[:count])
-        return out[0], out[1]
-
     def copy_slots(self, src_block: int, dst_block: int, count: int) -> None:
         """Copy the first `count` token slots of one block into another, in every layer."""
         bs = self.block_size
