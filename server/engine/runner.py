@@ -96,6 +96,10 @@ class ModelRunner:
                                   dtype=mx.int32)
                 layout = StepLayout(starts, step, [seq.block_ids for seq, _ in left], self.store.block_size)
                 outputs.append(forward(tokens, cache=step_caches(self.store, layout)))
+                # launched now, not chained into one graph with the next forward: that one's scatter into
+                # the pools could not reuse their buffers while this one's reads still hold them, and
+                # would copy every layer's whole pool
+                mx.async_eval(outputs[-1], self.store.keys, self.store.values)
                 for seq, _ in left:
                     fed[id(seq)] += step
                 left = [(seq, n) for seq, n in left if fed[id(seq)] < n]
