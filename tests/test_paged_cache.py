@@ -84,3 +84,59 @@ def test_decode_rows_load_joining_sequences_together() -> None:
             for pool, table in ((store.keys[layer], rows.keys[layer]), (store.values[layer], rows.values[layer])):
                 want = pool[slots].transpose(1, 0, 2)
                 assert mx.array_equal(want, table[row * heads:(row + 1) * heads, :count]).item(), (s.request_id, layer)
+
+
+def test_decode_rows_write_back_copies_only_new_columns_into_the_pool() -> None:
+    """Decode steps write K/V into the rows alone; write_back copies each row's columns the pool lacks
+    into the slots of those positions (and nothing else), once."""
+    from server.engine.decode_rows import DecodeRows
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    shape = KVShape(num_layers=2, kv_heads=(2, 1), k_dims=(4, 4), v_dims=(4, 3), dtype=mx.float32)
+    bs = 4
+    store = KVStore(shape, num_blocks=8, block_size=bs)
+    mx.random.seed(5)
+    for layer in range(2):
+        store.keys[layer] = mx.random.normal(store.keys[layer].shape)
+        store.values[layer] = mx.random.normal(store.values[layer].shape)
+    params = SamplingParams(max_tokens=8)
+    seqs = []
+    for name, blocks, computed in (("a", [6, 1, 3], 3), ("b", [2, 7, 0], 6)):
+        s = Sequence(name, 0, list(range(1, 12)), params, None, None, 8)  # type: ignore[arg-type]
+        s.block_ids, s.num_computed_tokens = blocks, computed
+        seqs.append(s)
+    rows = DecodeRows(store)
+    before_k = [mx.array(k) for k in store.keys]
+    written: dict[tuple[str, int, int], tuple[mx.array, mx.array]] = {}  # (seq, layer, position) -> K, V
+    for step in range(3):
+        offsets = [s.num_computed_tokens for s in seqs]
+        caches, order = rows.step_caches(rows.assign(seqs, offsets))
+        for layer, cache in enumerate(caches):
+            heads = shape.kv_heads[layer]
+            k = mx.random.normal((2, heads, 1, shape.k_dims[layer]))
+            v = mx.random.normal((2, heads, 1, shape.v_dims[layer]))
+            cache.update_and_fetch(k, v)
+            for i, s in enumerate(seqs):
+                written[(s.request_id, layer, offsets[i])] = (k[i, :, 0], v[i, :, 0])
+        for s in seqs:
+            s.num_computed_tokens += 1
+    for layer in range(2):  # nothing reached the pool yet
+        assert mx.array_equal(store.keys[layer], before_k[layer]).item()
+    assert all(rows.unpooled(s) for s in seqs)
+    rows.write_back(seqs, [s.num_computed_tokens for s in seqs])
+    assert not any(rows.unpooled(s) for s in seqs)
+    touched = set()
+    for (name, layer, position), (k, v) in written.items():
+        s = seqs[0] if name == "a" else seqs[1]
+        slot = s.block_ids[position // bs] * bs + position % bs
+        touched.add((layer, slot))
+        assert mx.array_equal(store.keys[layer][slot], k).item() and mx.array_equal(store.values[layer][slot], v).item()
+    for layer in range(2):
+        for slot in range(8 * bs):
+            if (layer, slot) not in touched:
+                assert mx.array_equal(store.keys[layer][slot], before_k[layer][slot]).item()
+    # written back once: a later write-back with nothing new leaves the pool alone
+    snapshot = [mx.array(k) for k in store.keys]
+    rows.write_back(seqs, [s.num_computed_tokens for s in seqs])
+    assert all(mx.array_equal(a, b).item() for a, b in zip(store.keys, snapshot))

@@ -1,4 +1,4 @@
-"""Contiguous KV rows for the decode batch, written through to the block pool.
+"""Contiguous KV rows for the decode batch, written back to the block pool in batches.
 
 Gathering every row's context out of the slot pools each decode step copies
 all of the batch's KV once per layer per token: at batch 32 that made decoding
@@ -7,13 +7,19 @@ gets a row of a per-layer array ``(rows * kv_heads, capacity, head_dim)``
 (mlx-lm's BatchKVCache layout, viewed as ``(rows, heads, capacity, dim)``):
 
     admission to decode:  pool slots [0, n) --gather once--> row r, columns [0, n)
-    every decode step:    new K/V -> row r, column n  and  -> pool slot of position n
+    every decode step:    new K/V -> row r, column n
+    write-back:           row r, columns [pooled, n) --> the pool slots of those positions
     attention reads:      rows[:B, :, :max_len]  (a view, no copy)
 
-The pool stays the truth (prefix caching, conversation pins, preemption); the
-rows are a cache of it for running sequences. Rows of finished sequences
-become holes that new sequences fill lowest-first; a hole in the middle of the
-batch is computed with a dummy token and its output ignored.
+The pool is the truth for everything but the newest columns of running rows:
+the engine writes rows back every few steps and before a finished sequence's
+blocks are pinned or freed, and hashes (shares) a block only once it is written
+back. Writing every token through to the pool each step cost a scatter per layer
+per step, and on CUDA, where MLX does not update an array in place while a
+kernel that wrote it may still be running, each of those copied the whole
+layer's pool. Rows of finished sequences become holes that new sequences fill
+lowest-first; a hole in the middle of the batch is computed with a dummy token
+and its output ignored.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class DecodeRows:
         self.values: list[mx.array] = []
         self.row_of: dict[tuple[str, int], int] = {}
         self.length: list[int] = []  # tokens held per row (0 for holes)
+        self.pooled: list[int] = []  # per row: columns [0, pooled) are also in the pool
 
     # -- storage ------------------------------------------------------------------------------
     def _grow(self, rows: int, length: int) -> None:
@@ -66,6 +73,7 @@ class DecodeRows:
                 pools.append(grown)
         self.capacity_rows, self.capacity_len = new_rows, new_len
         self.length += [0] * (new_rows - len(self.length))
+        self.pooled += [0] * (new_rows - len(self.pooled))
         mx.eval(self.keys, self.values)
 
     # -- rows ---------------------------------------------------------------------------------
@@ -97,7 +105,7 @@ class DecodeRows:
                 gathered = gather_block_rows(pool, block_table, bs)
                 table_of[layer][targets, :columns] = gathered[:, :columns]
         for row, count in zip(rows, counts):
-            self.length[row] = count
+            self.length[row] = self.pooled[row] = count
 
     def assign(self, seqs: Seq[Sequence], offsets: Seq[int]) -> list[int]:
         """Give every sequence a row holding its first `offsets[i]` tokens of KV; free everyone else's rows.
@@ -107,7 +115,8 @@ class DecodeRows:
         """
         wanted = {_key(s) for s in seqs}
         for key in [k for k in self.row_of if k not in wanted]:
-            self.length[self.row_of.pop(key)] = 0
+            row = self.row_of.pop(key)
+            self.length[row] = self.pooled[row] = 0
         used = set(self.row_of.values())
         free = (r for r in range(len(self.length) + len(seqs)) if r not in used)
         rows = []
@@ -126,30 +135,56 @@ class DecodeRows:
             self.length[row] = offset
         return rows
 
-    def step_caches(self, seqs: Seq[Sequence], rows: list[int]) -> tuple[list[Any], list[int]]:
+    def unpooled(self, seq: Sequence) -> bool:
+        """Whether the sequence's row holds computed tokens the pool does not have yet."""
+        row = self.row_of.get(_key(seq))
+        return row is not None and self.pooled[row] < seq.num_computed_tokens
+
+    def write_back(self, seqs: Seq[Sequence], counts: Seq[int]) -> None:
+        """Copy columns [pooled, counts[i]) of each sequence's row into the pool slots of those positions.
+
+        One gather from the rows and one scatter into the pool per layer and K/V for all of them. A
+        sequence without a row (it never decoded, or was preempted) is skipped.
+        """
+        bs = self.store.block_size
+        rows, columns, slots = [], [], []
+        for seq, count in zip(seqs, counts):
+            row = self.row_of.get(_key(seq))
+            if row is None or count <= self.pooled[row]:
+                continue
+            assert count <= min(self.length[row], len(seq.block_ids) * bs), "writing back KV the row does not hold"
+            positions = np.arange(self.pooled[row], count)
+            rows.append(np.full(len(positions), row))
+            columns.append(positions)
+            slots.append(np.asarray(seq.block_ids)[positions // bs] * bs + positions % bs)
+            self.pooled[row] = count
+        if not rows:
+            return
+        row_index = mx.array(np.concatenate(rows).astype(np.int32))
+        column_index = mx.array(np.concatenate(columns).astype(np.int32))
+        slot_index = mx.array(np.concatenate(slots).astype(np.int32))
+        for layer, heads in enumerate(self.shape.kv_heads):
+            for table, pools in ((self.keys, self.store.keys), (self.values, self.store.values)):
+                by_token = table[layer].reshape(self.capacity_rows, heads, self.capacity_len, -1).transpose(0, 2, 1, 3)
+                pools[layer][slot_index] = by_token[row_index, column_index]  # (N, heads, dim)
+        mx.async_eval(self.store.keys, self.store.values)
+
+    def step_caches(self, rows: list[int]) -> tuple[list[Any], list[int]]:
         """Cache objects for one decode step over rows 0..max(rows), and the token order to feed."""
         width = max(rows) + 1
         order = [-1] * width
         for i, row in enumerate(rows):
             order[row] = i
         offsets = [self.length[r] if order[r] >= 0 else 0 for r in range(width)]
-        real = [r for r in range(width) if order[r] >= 0]
-        bs = self.store.block_size
-        write_slots = np.fromiter((seqs[order[r]].block_ids[offsets[r] // bs] * bs + offsets[r] % bs for r in real),
-                                  dtype=np.int32, count=len(real))
-        step = _DecodeStep(offsets, mx.array(np.asarray(real, dtype=np.int32)), mx.array(write_slots),
-                           len(real) == width)
-        for r in real:
+        step = _DecodeStep(offsets)
+        for r in rows:
             self.length[r] += 1
         return [RowLayerCache(self, layer, step) for layer in range(self.shape.num_layers)], order
 
 
 class _DecodeStep:
-    def __init__(self, offsets: list[int], real_rows: mx.array, write_slots: mx.array, dense: bool) -> None:
+    def __init__(self, offsets: list[int]) -> None:
         self.offsets = offsets
-        self.real_rows = real_rows
-        self.write_slots = write_slots
-        self.dense = dense  # no holes among the rows fed
         self.width = max(offsets) + 1
         self._masks: dict[int | None, Any] = {}
         self.offset: int | mx.array = offsets[0] if len(offsets) == 1 else mx.array(offsets)
@@ -173,7 +208,7 @@ class _DecodeStep:
 
 
 class RowLayerCache:
-    """One layer's decode step in mlx-lm's cache protocol: write row columns and pool slots, read views."""
+    """One layer's decode step in mlx-lm's cache protocol: write row columns, read views."""
 
     def __init__(self, rows: DecodeRows, layer: int, step: _DecodeStep) -> None:
         self.rows = rows
@@ -186,14 +221,11 @@ class RowLayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         batch, heads, _, _ = keys.shape
-        step, rows, store = self.step, self.rows, self.rows.store
+        step, rows = self.step, self.rows
         row_index, column = step.indices(heads)
         out = []
-        for new, table, pool in ((keys, rows.keys, store.keys), (values, rows.values, store.values)):
-            flat = new.reshape(batch * heads, -1)
-            table[self.layer][row_index, column] = flat
-            real = new[:, :, 0, :] if step.dense else new[step.real_rows, :, 0, :]
-            pool[self.layer][step.write_slots] = real
+        for new, table in ((keys, rows.keys), (values, rows.values)):
+            table[self.layer][row_index, column] = new.reshape(batch * heads, -1)
             view = table[self.layer].reshape(rows.capacity_rows, heads, rows.capacity_len, -1)
             out.append(view[:batch, :, : step.width, :])
         return out[0], out[1]

@@ -42,6 +42,10 @@ from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence, SequenceStatus
 
+# decode rows are written back to the pool every this many steps (and when a sequence finishes); a
+# block is hashed for reuse once written back, so this bounds how late a generated block becomes shareable
+WRITE_BACK_EVERY = 16
+
 log = logging.getLogger(__name__)
 
 
@@ -114,6 +118,8 @@ class Engine:
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
         self._ahead: tuple[list[Sequence], Any] | None = None  # (sequences, their next greedy tokens on device)
+        self._settling: list[Sequence] = []  # finished this step; pinned and freed once their rows are written back
+        self._steps_since_write_back = 0
         on_gpu = mx.default_device() != mx.cpu
         self._run_ahead = self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu
         self.output = OutputProcessor(threaded=self.config.output_thread if self.config.output_thread is not None
@@ -265,6 +271,9 @@ class Engine:
         except Exception as exc:  # a failing forward must not take the engine down
             log.exception("engine step failed")
             self._ahead = None
+            settling, self._settling = self._settling, []
+            for seq in settling:  # their KV may be incomplete: freed, not pinned
+                self.scheduler.remove(seq)
             for seq in [s for s, _ in plan.prefills] + plan.decodes:
                 if not seq.finished:
                     seq.error = f"generation failed: {exc}"
@@ -299,12 +308,28 @@ class Engine:
         self._stats.max_decode_batch = max(self._stats.max_decode_batch, len(plan.decodes))
         if len(self._decode_window) > 512:
             del self._decode_window[:256]
-        bs = self.pool.block_size
         for seq, sample in zip(plan.decodes, samples):
             seq.num_computed_tokens += 1
-            if (len(seq.block_hashes) + 1) * bs <= seq.num_computed_tokens:  # a block filled up: hash it
-                self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
             self._accept(seq, sample)
+        self._steps_since_write_back += 1
+        self._write_back(plan.decodes)
+
+    def _write_back(self, decodes: list[Sequence]) -> None:
+        """Write decode rows back to the pool: every sequence's every WRITE_BACK_EVERY steps, a finished
+        one's at once (in one batch per step), then hash the blocks that are full and pin or free the
+        finished sequences' blocks."""
+        settling, self._settling = self._settling, []
+        periodic = self._steps_since_write_back >= WRITE_BACK_EVERY
+        if not periodic and not settling:
+            return
+        seqs = settling + ([s for s in decodes if s.status is SequenceStatus.RUNNING] if periodic else [])
+        self.runner.rows.write_back(seqs, [s.num_computed_tokens for s in seqs])
+        if periodic:
+            self._steps_since_write_back = 0
+        for seq in seqs:
+            self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
+        for seq in settling:
+            self._release(seq)
 
     def _decode(self, decodes: list[Sequence]) -> list[TokenSample]:
         """One decode step's samples; all-greedy batches run one step ahead (see ModelRunner.decode_ahead).
@@ -382,14 +407,22 @@ class Engine:
     def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None,
                 decode: int | None = None) -> None:
         seq.status = status
-        if seq.conversation_key and status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
-            self.kv.pin(seq.conversation_key, seq.token_ids[: seq.num_computed_tokens], seq.block_ids)
-        self.scheduler.remove(seq)
+        if status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH) and self.runner.rows.unpooled(seq):
+            self._settling.append(seq)  # its newest KV is only in its decode row: kept until written back
+        else:
+            self._release(seq)
         self._emit(seq, text, sample, decode, seq.finish_reason)
         siblings = self._seqs.get(seq.request_id, [])
         if all(s.finished for s in siblings):
             self._seqs.pop(seq.request_id, None)
             self._sinks.pop(seq.request_id, None)
+
+
+    def _release(self, seq: Sequence) -> None:
+        """Pin a finished turn's blocks under its conversation key, then free the sequence's blocks."""
+        if seq.conversation_key and seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
+            self.kv.pin(seq.conversation_key, seq.token_ids[: seq.num_computed_tokens], seq.block_ids)
+        self.scheduler.remove(seq)
 
 
 class GenerationError(RuntimeError):

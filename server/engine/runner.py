@@ -109,7 +109,7 @@ class ModelRunner:
     def _forward_rows(self, seqs: Seq[Sequence], offsets: list[int], inputs: mx.array | list[int]) -> mx.array:
         """Build (not evaluate) one decode step: seqs[i] feeds inputs[i] at position offsets[i]."""
         rows = self.rows.assign(seqs, offsets)
-        caches, order = self.rows.step_caches(seqs, rows)
+        caches, order = self.rows.step_caches(rows)
         if isinstance(inputs, mx.array):
             tokens = inputs[mx.array([max(i, 0) for i in order])][:, None]  # holes feed a copy of row 0's token
         else:

@@ -112,6 +112,22 @@ def test_second_turn_computes_only_new_tokens_and_matches_recompute(engine: Engi
     assert tokens_of(second) == tokens_of(scratch)
 
 
+def test_generated_blocks_are_written_back_and_reused_exactly(engine: Engine, smol: tuple[Any, Any]) -> None:
+    """Decode K/V reaches the pool by write-back (every few steps and at the finish): a later prompt that
+    extends prompt + output (no conversation key) reuses every full block of it, and its output equals
+    mlx-lm recomputing that prompt from scratch."""
+    prompt = chat_tokens(smol[1], "Count slowly from one to fifty, one number per line.")
+    first = engine.generate(request(prompt, max_tokens=40, ignore_eos=True, salt=b"write-back"))
+    out = tokens_of(first)
+    assert len(out) == 40  # more decode steps than one write-back period
+    idle(engine)
+    extended = prompt + out + smol[1].encode(" and", add_special_tokens=False)
+    second = engine.generate(request(extended, max_tokens=6, salt=b"write-back"))
+    assert second[-1].cached_tokens == (len(prompt) + len(out) - 1) // BS * BS
+    assert tokens_of(second) == reference(smol, extended, 6)
+    idle(engine)
+
+
 def test_three_agents_of_different_lengths_batch_together(engine: Engine, smol: tuple[Any, Any]) -> None:
     tokenizer = smol[1]
     prompts = [chat_tokens(tokenizer, "Hi"), chat_tokens(tokenizer, "Tell me about rivers. " * 6),
