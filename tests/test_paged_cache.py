@@ -38,6 +38,16 @@ def test_slots_and_masks() -> None:
     assert windowed[0, 0, 0].tolist() == [False, False, False, False, True, True]
 
 
+def random_store(shape: KVShape, num_blocks: int, block_size: int, seed: int) -> KVStore:
+    """A slot pool filled with random K/V (zeros could hide a copy that never happened)."""
+    store = KVStore(shape, num_blocks=num_blocks, block_size=block_size)
+    mx.random.seed(seed)
+    for layer in range(shape.num_layers):
+        store.keys[layer] = mx.random.normal(store.keys[layer].shape)
+        store.values[layer] = mx.random.normal(store.values[layer].shape)
+    return store
+
+
 def test_decode_rows_load_joining_sequences_together() -> None:
     """Rows joining at once, with different lengths (partial blocks, scattered block ids), hold exactly
     their sequences' pool K/V; rows already holding their context are left alone."""
@@ -47,11 +57,7 @@ def test_decode_rows_load_joining_sequences_together() -> None:
 
     shape = KVShape(num_layers=2, kv_heads=(2, 3), k_dims=(4, 4), v_dims=(4, 5), dtype=mx.float32)
     bs = 4
-    store = KVStore(shape, num_blocks=12, block_size=bs)
-    mx.random.seed(3)
-    for layer in range(2):
-        store.keys[layer] = mx.random.normal(store.keys[layer].shape)
-        store.values[layer] = mx.random.normal(store.values[layer].shape)
+    store = random_store(shape, 12, bs, seed=3)
     params = SamplingParams(max_tokens=1)
 
     def seq(name: str, length: int, blocks: list[int]) -> Sequence:
@@ -95,11 +101,7 @@ def test_decode_rows_write_back_copies_only_new_columns_into_the_pool() -> None:
 
     shape = KVShape(num_layers=2, kv_heads=(2, 1), k_dims=(4, 4), v_dims=(4, 3), dtype=mx.float32)
     bs = 4
-    store = KVStore(shape, num_blocks=8, block_size=bs)
-    mx.random.seed(5)
-    for layer in range(2):
-        store.keys[layer] = mx.random.normal(store.keys[layer].shape)
-        store.values[layer] = mx.random.normal(store.values[layer].shape)
+    store = random_store(shape, 8, bs, seed=5)
     params = SamplingParams(max_tokens=8)
     seqs = []
     for name, blocks, computed in (("a", [6, 1, 3], 3), ("b", [2, 7, 0], 6)):
