@@ -7,7 +7,10 @@ one decode step in our design (server/engine/paged_cache.py) does:
               mx arrays (once per step, shared by every layer);
   (b) read    every layer's K and V gathered from the slot pool by the read slots
               (``pool[read_slots].transpose(0, 2, 1, 3)``: what ``update_and_fetch`` returns);
-  (c) write   one new token's K and V scattered into every layer's pool (``pool[write_slots] = kv``);
+  (c) write   one new token's K and V scattered into every layer's pool (``pool[write_slots] = kv``:
+              what prefill does per token; decode steps write only their rows, and "write-back" copies a
+              sequence's last WRITE_BACK_EVERY columns from its row into the pool, as the engine does
+              every WRITE_BACK_EVERY steps and when the sequence finishes);
   (d) step    (b)+(c) through the real ``PagedLayerCache.update_and_fetch`` for every layer.
   (e) block gather / load: once per request, when a sequence joins decoding, its blocks are
               gathered whole into decode-row layout (server/engine/block_gather.py: one CUDA kernel on
@@ -53,7 +56,10 @@ from mlx_lm.models.cache import KVCache  # noqa: E402
 
 from server.engine.block_gather import gather_block_rows, uses_kernel  # noqa: E402
 from server.engine.decode_rows import DecodeRows  # noqa: E402
+from server.engine.engine import WRITE_BACK_EVERY  # noqa: E402
 from server.engine.paged_cache import KVShape, KVStore, StepLayout, step_caches  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
 
 DEFAULT_CONFIGS = "1x12,4x24,8x30,32x48"
 
@@ -151,10 +157,25 @@ def bench_ours(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
         rows._load([0], [table], [n])
         mx.eval(rows.keys, rows.values)
 
+    # the way back: decode steps write the rows only; every WRITE_BACK_EVERY steps (and at its finish) a
+    # sequence's newest columns are written back into its pool slots
+    seq = Sequence("bench", 0, [1] * n, SamplingParams(max_tokens=1), None, None, 1)  # type: ignore[arg-type]
+    seq.block_ids = table
+    rows.assign([seq], [n])
+    back = min(WRITE_BACK_EVERY, n)
+
+    def unpool() -> None:
+        rows.pooled[rows.row_of[("bench", 0)]] = n - back
+
+    def write_back() -> None:
+        rows.write_back([seq], [n])
+        mx.eval(store.keys, store.values)
+
     out["read"] = measure(read, args)
     out["read_blocks"] = measure(read_blocks, args)
     out["load_rows"] = measure(load_rows, args)
     out["write"] = measure(write, args)
+    out["write_back"] = measure(write_back, args, setup=unpool)
     out["step"] = measure(step, args)
     return out
 
@@ -316,6 +337,8 @@ def main() -> int:
         row("read", "contiguous keys[..., :n, :]", contig["read"])
         row("read", "seed concat reconstruct", seed["reconstruct"])
         row("write", "ours scatter 1 token", ours["write"], contig["write"], seed["extract_copies"])
+        row("write", f"ours DecodeRows write-back {WRITE_BACK_EVERY} tok", ours["write_back"], None,
+            seed["extract_copies"])
         row("write", "contiguous slice-assign 1 token", contig["write"])
         row("write", "seed extract (slice views)", seed["extract_views"])
         row("write", "seed extract (mx.contiguous)", seed["extract_copies"])

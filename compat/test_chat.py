@@ -171,7 +171,10 @@ def test_sdk_json_schema(client: openai.OpenAI, chat_model: str) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20},
                                                "confidence": {"type": "integer"}},
               "required": ["answer", "confidence"], "additionalProperties": False}
-    r = client.chat.completions.create(model=chat_model, max_tokens=60, messages=MESSAGES, response_format={
-        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    # greedy: sampled at the default temperature, the unbounded integer can run past max_tokens
+    r = client.chat.completions.create(model=chat_model, max_tokens=60, messages=MESSAGES, temperature=0,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "answer", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     data = json.loads(r.choices[0].message.content or "")
     assert set(data) == {"answer", "confidence"} and isinstance(data["confidence"], int)

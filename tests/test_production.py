@@ -256,6 +256,13 @@ def test_concurrent_sequences_per_key(registry: ModelRegistry, tmp_path: Path) -
     def running() -> int:
         return limits._state(key).running
 
+    def wait_released() -> None:
+        """The held sequences are released once the response is sent, which the client may see first."""
+        deadline = time.monotonic() + 5
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running() == 0
+
     with running_server(app) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth("sk-c"), timeout=60) as s:
             lines = s.iter_lines()
@@ -263,9 +270,7 @@ def test_concurrent_sequences_per_key(registry: ModelRegistry, tmp_path: Path) -
             assert running() == 1  # held from admission until the stream's last byte
             assert [line for line in lines if line][-1] == "data: [DONE]"
         deadline = time.monotonic() + 5
-        while running() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert running() == 0
+        wait_released()
         limits.admit(key, 0, 1)  # a sequence of this key is running
         try:
             refused = httpx.post(url + "/v1/chat/completions", headers=auth("sk-c"),
@@ -277,7 +282,8 @@ def test_concurrent_sequences_per_key(registry: ModelRegistry, tmp_path: Path) -
         finally:
             limits.release(key, 1)
         again = sdk(url, "sk-c").chat.completions.create(model=CHAT, messages=messages, max_tokens=1)
-        assert again.choices[0].finish_reason == "length" and running() == 0
+        assert again.choices[0].finish_reason == "length"
+        wait_released()
         with pytest.raises(openai.RateLimitError) as info:  # n=2 can never fit a limit of 1
             sdk(url, "sk-c").chat.completions.create(model=CHAT, messages=messages, max_tokens=1, n=2)
         assert info.value.response.headers["x-should-retry"] == "false"

@@ -160,13 +160,18 @@ class DecodeRows:
             self.pooled[row] = count
         if not rows:
             return
-        row_index = mx.array(np.concatenate(rows).astype(np.int32))
-        column_index = mx.array(np.concatenate(columns).astype(np.int32))
+        row_of_token, column_of_token = np.concatenate(rows), np.concatenate(columns)
         slot_index = mx.array(np.concatenate(slots).astype(np.int32))
+        by_heads: dict[int, tuple[mx.array, mx.array]] = {}  # (row*heads + head, column) per (token, head)
         for layer, heads in enumerate(self.shape.kv_heads):
+            if heads not in by_heads:
+                flat_rows = (row_of_token[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
+                by_heads[heads] = (mx.array(flat_rows.astype(np.int32)),
+                                   mx.array(np.repeat(column_of_token, heads).astype(np.int32)))
+            flat_rows, flat_columns = by_heads[heads]
             for table, pools in ((self.keys, self.store.keys), (self.values, self.store.values)):
-                by_token = table[layer].reshape(self.capacity_rows, heads, self.capacity_len, -1).transpose(0, 2, 1, 3)
-                pools[layer][slot_index] = by_token[row_index, column_index]  # (N, heads, dim)
+                # indexing the rows as stored (no transposed view, which MLX would copy whole first)
+                pools[layer][slot_index] = table[layer][flat_rows, flat_columns].reshape(len(row_of_token), heads, -1)
         mx.async_eval(self.store.keys, self.store.values)
 
     def step_caches(self, rows: list[int]) -> tuple[list[Any], list[int]]:
