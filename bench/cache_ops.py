@@ -150,7 +150,7 @@ def bench_ours(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
     rows._grow(1, n)
 
     def read_blocks() -> None:
-        outs = [gather_block_rows(pool, blocks_mx, bs) for pool in (*store.keys, *store.values)]
+        outs = gather_block_rows([*store.keys, *store.values], blocks_mx, bs)
         mx.eval(outs)
 
     def load_rows() -> None:  # what DecodeRows does once per request joining the decode batch

@@ -27,7 +27,7 @@ def test_gather_block_rows_matches_reference(dtype: mx.Dtype, dim: int) -> None:
     block_size, heads, num_blocks = 4, 3, 10
     pool = mx.array(rng.standard_normal((num_blocks * block_size, heads, dim)).astype(np.float32)).astype(dtype)
     table = np.array([[7, 2, 9], [0, 0, 0], [5, 1, 3]], dtype=np.int32)  # repeated blocks pad a short table
-    got = gather_block_rows(pool, mx.array(table), block_size)
+    got = gather_block_rows([pool], mx.array(table), block_size)[0]
     want = reference(np.array(pool.astype(mx.float32)), table, block_size)
     assert got.shape == want.shape and got.dtype == dtype
     assert np.array_equal(np.array(got.astype(mx.float32)), want)
@@ -37,5 +37,21 @@ def test_gather_block_rows_matches_reference(dtype: mx.Dtype, dim: int) -> None:
 
 def test_gather_block_rows_one_block_one_row() -> None:
     pool = mx.arange(2 * 2 * 1 * 4, dtype=mx.float32).reshape(4, 1, 4)  # 2 blocks of 2 slots, 1 head
-    got = gather_block_rows(pool, mx.array([[1]]), 2)
+    got = gather_block_rows([pool], mx.array([[1]]), 2)[0]
     assert got.tolist() == [[[8.0, 9.0, 10.0, 11.0], [12.0, 13.0, 14.0, 15.0]]]
+
+
+def test_gather_block_rows_many_pools_of_mixed_shapes() -> None:
+    """Pools of several shapes and dtypes (K and V of different head sizes, one odd size that cannot use
+    the kernel) come back in order, each gathered right."""
+    rng = np.random.default_rng(7)
+    block_size, num_blocks = 4, 6
+    shapes = [(2, 8, mx.bfloat16), (2, 8, mx.bfloat16), (2, 16, mx.float32), (2, 5, mx.float32), (2, 8, mx.bfloat16)]
+    pools = [mx.array(rng.standard_normal((num_blocks * block_size, h, d)).astype(np.float32)).astype(t)
+             for h, d, t in shapes]
+    table = np.array([[3, 1], [5, 5]], dtype=np.int32)
+    got = gather_block_rows(pools, mx.array(table), block_size)
+    assert len(got) == len(pools)
+    for pool, rows in zip(pools, got):
+        want = reference(np.array(pool.astype(mx.float32)), table, block_size)
+        assert np.array_equal(np.array(rows.astype(mx.float32)), want)

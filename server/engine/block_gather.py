@@ -13,6 +13,7 @@ MLX ops, which give the same result.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -51,18 +52,27 @@ def uses_kernel(pool: mx.array) -> bool:
     return on_cuda and (pool.shape[-1] * pool.dtype.size) % VECTOR_BYTES == 0
 
 
-def gather_block_rows(pool: mx.array, table: mx.array, block_size: int) -> mx.array:
-    """Rows ``(J * heads, W * block_size, dim)`` holding, for each of the J block tables ``(J, W)``,
-    its blocks' slots in order, one row per (sequence, head)."""
-    slots, heads, dim = pool.shape
+def gather_block_rows(pools: Sequence[mx.array], table: mx.array, block_size: int) -> list[mx.array]:
+    """For every pool, rows ``(J * heads, W * block_size, dim)`` holding, for each of the J block tables
+    ``(J, W)``, its blocks' slots in order, one row per (sequence, head).
+
+    One launch per pool: a single launch for many pools would need the pool pointers in an array
+    each thread indexes, which CUDA keeps in per-thread local memory (ten times slower, measured).
+    """
+    table = table.astype(mx.int32)
     jobs, width = table.shape
-    if uses_kernel(pool):
+    out = []
+    for pool in pools:
+        slots, heads, dim = pool.shape
+        if not uses_kernel(pool):
+            by_block = pool.reshape(slots // block_size, block_size, heads, dim)[table]  # (J, W, bs, H, D)
+            rows = by_block.reshape(jobs, width * block_size, heads, dim).transpose(0, 2, 1, 3)
+            out.append(rows.reshape(jobs * heads, width * block_size, dim))
+            continue
         vecs = dim * pool.dtype.size // VECTOR_BYTES
-        return _cuda_kernel()(
-            inputs=[pool, table.astype(mx.int32)],
+        out.append(_cuda_kernel()(
+            inputs=[pool, table],
             template=[("BLOCK", block_size), ("HEADS", heads), ("VECS", vecs)],
             grid=(width * block_size * vecs, jobs * heads, 1), threadgroup=(256, 1, 1),
-            output_shapes=[(jobs * heads, width * block_size, dim)], output_dtypes=[pool.dtype])[0]
-    by_block = pool.reshape(slots // block_size, block_size, heads, dim)[table]  # (J, W, bs, H, D)
-    rows = by_block.reshape(jobs, width * block_size, heads, dim).transpose(0, 2, 1, 3)
-    return rows.reshape(jobs * heads, width * block_size, dim)
+            output_shapes=[(jobs * heads, width * block_size, dim)], output_dtypes=[pool.dtype])[0])
+    return out

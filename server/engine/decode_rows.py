@@ -96,14 +96,15 @@ class DecodeRows:
         block_table = mx.array(table)
         columns = min(width * bs, self.capacity_len)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        layers = self.shape.num_layers
+        gathered = gather_block_rows([*self.store.keys, *self.store.values], block_table, bs)
         for layer, heads in enumerate(self.shape.kv_heads):
             targets: Any = slice(rows[0] * heads, (rows[0] + len(rows)) * heads)
             if not consecutive:
                 targets = mx.array((np.asarray(rows)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
                                    .astype(np.int32))
-            for pool, table_of in ((self.store.keys[layer], self.keys), (self.store.values[layer], self.values)):
-                gathered = gather_block_rows(pool, block_table, bs)
-                table_of[layer][targets, :columns] = gathered[:, :columns]
+            for table_of, source in ((self.keys, gathered[layer]), (self.values, gathered[layers + layer])):
+                table_of[layer][targets, :columns] = source[:, :columns]
         for row, count in zip(rows, counts):
             self.length[row] = self.pooled[row] = count
 
