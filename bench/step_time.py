@@ -102,7 +102,7 @@ def main() -> int:
     engine = Engine(model, tok, EngineConfig(num_blocks=max(batches) * per_seq + 64,
                                              scheduler=SchedulerConfig(max_num_seqs=max(max(batches), 64))))
     print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}; output thread "
-          f"{engine.output.threaded}, decode ahead {engine._run_ahead}")
+          f"{engine.output.threaded}, decode ahead {engine.decoder.run_ahead}")
     print(f"prompt {args.prompt_len}, {args.warmup} warm-up + {args.steps} timed steps, best of {args.repeat}\n")
     header = f"{'batch':>5} | {'ours ms/step':>11} {'mlx-lm':>8} | {'ours tok/s':>10} {'mlx-lm':>8} | {'ours/mlx':>8}"
     print(header)

@@ -2,8 +2,9 @@
 
     HTTP (asyncio)                         engine thread
     submit(request, sink) --inbox-->  drain -> Scheduler.schedule()
-                                            -> ModelRunner.prefill / decode
-                                            -> sample_batch -> accept tokens, finish sequences
+                                            -> ModelRunner.prefill, Decoder.step (decode
+                                               + sampling, see decoder.py)
+                                            -> accept tokens, write rows back, finish sequences
     sink(TokenEvent) <--call_soon_threadsafe-- OutputProcessor: detokenize, one event per token
                                                per sequence (its own thread on a GPU, see output.py)
 
@@ -27,6 +28,7 @@ import mlx.core as mx
 from server.engine.block_pool import BlockPool, PoolExhaustedError
 from server.engine.config import DEFAULT_PREFILL_BUDGET, EngineConfig
 from server.engine.constraints import ConstraintFactory
+from server.engine.decoder import Decoder
 from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
 from server.engine.kv_manager import KVCacheManager
 from server.engine.model_limits import (
@@ -37,8 +39,8 @@ from server.engine.model_limits import (
 from server.engine.output import Output, OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent
-from server.engine.runner import ModelRunner, greedy_tokens
-from server.engine.sampling import SequenceSampler, TokenSample, sample_batch
+from server.engine.runner import ModelRunner
+from server.engine.sampling import SequenceSampler, TokenSample
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -117,11 +119,11 @@ class Engine:
         self._stats = EngineStats(blocks_total=num_blocks)
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
-        self._ahead: tuple[list[Sequence], Any] | None = None  # (sequences, their next greedy tokens on device)
         self._settling: list[Sequence] = []  # finished this step; pinned and freed once their rows are written back
         self._steps_since_write_back = 0
         on_gpu = mx.default_device() != mx.cpu
-        self._run_ahead = self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu
+        self.decoder = Decoder(self.runner, self.scheduler, self.kv, self.context_length,
+                               self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu)
         self.output = OutputProcessor(threaded=self.config.output_thread if self.config.output_thread is not None
                                       else on_gpu)
         self._lock = threading.Lock()
@@ -193,6 +195,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             stats = EngineStats(**vars(self._stats))
+        stats.decode_steps_ahead = self.decoder.steps_ahead
         now = time.monotonic()
         window = [(t, n) for t, n in self._decode_window if now - t < 10]
         if window:
@@ -270,7 +273,7 @@ class Engine:
             self._run(plan)
         except Exception as exc:  # a failing forward must not take the engine down
             log.exception("engine step failed")
-            self._ahead = None
+            self.decoder.drop()
             settling, self._settling = self._settling, []
             for seq in settling:  # their KV may be incomplete: freed, not pinned
                 self.scheduler.remove(seq)
@@ -303,7 +306,7 @@ class Engine:
         fresh = [s for s in plan.decodes if not s.output_token_ids]
         self._stats.prompt_tokens_computed += len(fresh)  # a prompt's last token is fed by its first decode
         self._stats.prompt_tokens_reused += sum(s.num_cached_tokens for s in fresh)
-        samples = self._decode(plan.decodes)
+        samples = self.decoder.step(plan.decodes)
         self._decode_window.append((time.monotonic(), len(plan.decodes)))
         self._stats.max_decode_batch = max(self._stats.max_decode_batch, len(plan.decodes))
         if len(self._decode_window) > 512:
@@ -330,44 +333,6 @@ class Engine:
             self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
         for seq in settling:
             self._release(seq)
-
-    def _decode(self, decodes: list[Sequence]) -> list[TokenSample]:
-        """One decode step's samples; all-greedy batches run one step ahead (see ModelRunner.decode_ahead).
-
-        The step launched ahead is used only when the next step decodes exactly the same sequences;
-        otherwise it is dropped: its KV writes repeat what the next step writes, with the same tokens.
-        """
-        ahead, self._ahead = self._ahead, None
-        if not all(_greedy_on_device(s) for s in decodes):
-            return sample_batch(self.runner.decode(decodes), [s.sampler for s in decodes])
-        if ahead is not None and ahead[0] == decodes:
-            tokens = ahead[1]
-            self._stats.decode_steps_ahead += 1
-        else:
-            tokens = greedy_tokens(self.runner.decode(decodes))
-        if self._worth_running_ahead(decodes):
-            self._ahead = (list(decodes), self.runner.decode_ahead(decodes, tokens))
-        return [TokenSample(token, None, None) for token in tokens.tolist()]
-
-    def _worth_running_ahead(self, decodes: list[Sequence]) -> bool:
-        """No sequence is certain to finish this step, no other sequence is about to join the batch (which
-        would change the next step's members), and every sequence gets a slot for the next position.
-
-        That slot is reserved now, a step early: in a batch whose members started at different times some
-        sequence crosses a block boundary at almost every step, and waiting for the scheduler to allocate
-        its block would keep the batch from ever running ahead.
-        """
-        if not self._run_ahead or self.scheduler.waiting or any(s.num_pending_prefill for s in self.scheduler.running):
-            return False
-        if not all(len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.context_length
-                   for s in decodes):
-            return False
-        try:
-            for seq in decodes:
-                self.kv.allocate(seq.block_ids, seq.num_tokens + 1)
-        except PoolExhaustedError:
-            return False
-        return True
 
     def _accept(self, seq: Sequence, sample: TokenSample) -> None:
         token = sample.token_id
@@ -436,12 +401,6 @@ def raise_if_failed(event: TokenEvent) -> None:
     if event.error_kind == "pool_exhausted":
         raise PoolExhaustedError(event.error or "KV pool exhausted")
     raise GenerationError(event.error or "generation failed")
-
-
-def _greedy_on_device(seq: Sequence) -> bool:
-    """Argmax alone picks the token: nothing needs the host between steps."""
-    sampler = seq.sampler
-    return sampler.argmax and not sampler.has_processors and sampler.constraint is None and not seq.params.logprobs
 
 
 def _resolved(config: EngineConfig) -> EngineConfig:

@@ -123,7 +123,7 @@ class ModelRunner:
         """Feed each sequence's next uncomputed token; return (B, V) logits in seqs' order, evaluated."""
         offsets = [s.num_computed_tokens for s in seqs]
         logits = self._forward_rows(seqs, offsets, [s.token_at(o) for s, o in zip(seqs, offsets)])
-        mx.eval(logits, self.rows.keys, self.rows.values, self.store.keys, self.store.values)
+        mx.eval(logits, self.rows.keys, self.rows.values)  # decode writes the rows only (see decode_rows.py)
         return logits
 
     def decode_ahead(self, seqs: Seq[Sequence], tokens: mx.array) -> mx.array:
@@ -136,7 +136,7 @@ class ModelRunner:
         offsets = [s.num_computed_tokens + 1 for s in seqs]
         logits = self._forward_rows(seqs, offsets, tokens)
         following = greedy_tokens(logits)
-        mx.async_eval(following, self.rows.keys, self.rows.values, self.store.keys, self.store.values)
+        mx.async_eval(following, self.rows.keys, self.rows.values)
         return following
 
 
