@@ -16,7 +16,8 @@ one decode step in our design (server/engine/paged_cache.py) does:
               gathered whole into decode-row layout (server/engine/block_gather.py: one CUDA kernel on
               NVIDIA GPUs, MLX gather + transpose elsewhere) and copied into its decode row
               (``DecodeRows._load``, server/engine/decode_rows.py): "block gather" is the gather alone,
-              "load" the real ``_load`` (gather + copy).
+              "load" the real ``_load`` (gather + copy, or on CUDA one kernel writing
+              the whole table when the loaded rows fill it, as a lone request's row does).
 
 References, measured the same way in the same run:
 
@@ -333,7 +334,7 @@ def main() -> int:
         row("read", "ours gather (K+V, all layers)", ours["read"], contig["read"], seed["reconstruct"])
         row("read", "ours block gather to rows (K+V)", ours["read_blocks"], contig["read"],
             seed["reconstruct"])
-        row("load", "ours DecodeRows load (gather + copy)", ours["load_rows"], None, seed["reconstruct"])
+        row("load", "ours DecodeRows load (blocks -> row)", ours["load_rows"], None, seed["reconstruct"])
         row("read", "contiguous keys[..., :n, :]", contig["read"])
         row("read", "seed concat reconstruct", seed["reconstruct"])
         row("write", "ours scatter 1 token", ours["write"], contig["write"], seed["extract_copies"])

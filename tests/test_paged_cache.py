@@ -142,3 +142,37 @@ def test_decode_rows_write_back_copies_only_new_columns_into_the_pool() -> None:
     snapshot = [mx.array(k) for k in store.keys]
     rows.write_back(seqs, [s.num_computed_tokens for s in seqs])
     assert all(mx.array_equal(a, b).item() for a, b in zip(store.keys, snapshot))
+
+
+def test_decode_steps_compute_offsets_and_masks_on_the_device_in_steady_decoding() -> None:
+    """A step whose rows all advanced by one since the previous step derives its offsets from that
+    step's on the device; either way offsets, masks (sliding window too) and write columns equal the
+    host-computed ones, and a batch that changed starts over from host values."""
+    from server.engine.decode_rows import DecodeRows
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    shape = KVShape(num_layers=1, kv_heads=(2,), k_dims=(4,), v_dims=(4,), dtype=mx.float32)
+    store = random_store(shape, 16, 4, seed=3)
+    params = SamplingParams(max_tokens=8)
+    seqs = []
+    for name, computed in (("a", 3), ("b", 9), ("c", 5)):
+        s = Sequence(name, 0, list(range(1, 20)), params, None, None, 8)  # type: ignore[arg-type]
+        s.block_ids, s.num_computed_tokens = [len(seqs) * 4 + i for i in range(4)], computed
+        seqs.append(s)
+    rows = DecodeRows(store)
+    for step in range(4):
+        if step == 3:
+            seqs = seqs[:2]  # "c" left: the next step's offsets come from the host again
+        offsets = [s.num_computed_tokens for s in seqs]
+        caches, _ = rows.step_caches(rows.assign(seqs, offsets))
+        decode_step = caches[0].step
+        assert decode_step.derived == (step in (1, 2))
+        assert decode_step.device_offsets.tolist() == offsets
+        assert mx.array_equal(decode_step.mask(None), attention_mask(offsets, 1, None)).item()
+        assert mx.array_equal(decode_step.mask(2), attention_mask(offsets, 1, 2)).item()
+        row_index, column = decode_step.indices(2)
+        assert row_index.tolist() == [0, 1, 2, 3, 4, 5][: 2 * len(offsets)]
+        assert column.tolist() == [o for o in offsets for _ in range(2)]
+        for s in seqs:
+            s.num_computed_tokens += 1

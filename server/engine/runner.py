@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from server.engine.block_gather import compile_kernels
 from server.engine.decode_rows import DecodeRows
 from server.engine.paged_cache import KVStore, StepLayout, step_caches
 from server.engine.sequence import Sequence
@@ -44,6 +45,7 @@ class ModelRunner:
         self.store = store
         self._body = _body_of(model)
         self.rows = DecodeRows(store)
+        compile_kernels([*store.keys, *store.values], store.block_size)
 
     def _sync_pools(self, *outputs: mx.array) -> None:
         mx.eval(*outputs, self.store.keys, self.store.values)
