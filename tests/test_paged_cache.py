@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import mlx.core as mx
+import numpy as np
 
 from server.engine.paged_cache import KVShape, KVStore, attention_mask, slot_ids
 
@@ -176,3 +177,71 @@ def test_decode_steps_compute_offsets_and_masks_on_the_device_in_steady_decoding
         assert column.tolist() == [o for o in offsets for _ in range(2)]
         for s in seqs:
             s.num_computed_tokens += 1
+
+
+def test_decode_rows_move_down_into_holes_left_by_finished_sequences() -> None:
+    """When sequences that finished leave holes making up a quarter or more of the rows a step would
+    compute, the rows above move down into them with their KV, lengths and write-back marks, and the
+    next step computes only as many rows as sequences."""
+    from server.engine.decode_rows import DecodeRows
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    shape = KVShape(num_layers=2, kv_heads=(2, 1), k_dims=(4, 4), v_dims=(4, 3), dtype=mx.float32)
+    bs = 4
+    store = random_store(shape, 32, bs, seed=9)
+    params = SamplingParams(max_tokens=8)
+    seqs = []
+    for i in range(6):
+        s = Sequence(f"s{i}", 0, list(range(1, 12)), params, None, None, 8)  # type: ignore[arg-type]
+        s.block_ids, s.num_computed_tokens = [i * 4 + b for b in range(4)], 3 + i
+        seqs.append(s)
+    rows = DecodeRows(store)
+    for _ in range(2):
+        offsets = [s.num_computed_tokens for s in seqs]
+        caches, _ = rows.step_caches(rows.assign(seqs, offsets))
+        for layer, cache in enumerate(caches):
+            heads = shape.kv_heads[layer]
+            cache.update_and_fetch(mx.random.normal((6, heads, 1, 4)), mx.random.normal((6, heads, 1, shape.v_dims[layer])))
+        for s in seqs:
+            s.num_computed_tokens += 1
+    rows.write_back(seqs[4:5], [seqs[4].num_computed_tokens - 1])  # s4 pooled up to one column short
+
+    def row_contents(seq: Sequence) -> list[np.ndarray]:
+        row, n = rows.row_of[(seq.request_id, 0)], seq.num_computed_tokens
+        out = []
+        for layer, heads in enumerate(shape.kv_heads):
+            for table in (rows.keys, rows.values):
+                out.append(np.array(table[layer][row * heads:(row + 1) * heads, :n]))
+        return out
+
+    kept = [seqs[4], seqs[5]]
+    before = [row_contents(s) for s in kept]
+    marks = [(rows.length[rows.row_of[(s.request_id, 0)]], rows.pooled[rows.row_of[(s.request_id, 0)]]) for s in kept]
+    assigned = rows.assign(kept, [s.num_computed_tokens for s in kept])
+    assert sorted(assigned) == [0, 1]  # rows 5 and 4 moved into holes 0 and 1
+    for s, want, (length, pooled) in zip(kept, before, marks):
+        assert all(np.array_equal(a, b) for a, b in zip(row_contents(s), want))
+        row = rows.row_of[(s.request_id, 0)]
+        assert rows.pooled[row] == pooled and rows.length[row] == s.num_computed_tokens <= length
+    assert rows.unpooled(seqs[4]) and rows.unpooled(seqs[5])
+    caches, order = rows.step_caches(assigned)
+    assert len(order) == 2 and -1 not in order
+
+
+def test_decode_rows_keep_their_places_while_holes_are_few() -> None:
+    from server.engine.decode_rows import DecodeRows
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    shape = KVShape(num_layers=1, kv_heads=(1,), k_dims=(4,), v_dims=(4,), dtype=mx.float32)
+    store = random_store(shape, 32, 4, seed=2)
+    seqs = []
+    for i in range(8):
+        s = Sequence(f"s{i}", 0, list(range(1, 8)), SamplingParams(max_tokens=4), None, None, 4)  # type: ignore[arg-type]
+        s.block_ids, s.num_computed_tokens = [i * 2, i * 2 + 1], 3
+        seqs.append(s)
+    rows = DecodeRows(store)
+    first = rows.assign(seqs, [3] * 8)
+    rest = seqs[:3] + seqs[4:]  # one hole in eight rows: not worth moving anything
+    assert rows.assign(rest, [3] * 7) == first[:3] + first[4:]

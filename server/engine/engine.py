@@ -266,6 +266,7 @@ class Engine:
             self._abort(request_id, SequenceStatus.FINISHED_ABORTED)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         for seq in plan.failed:
             self._finish(seq, SequenceStatus.FINISHED_ERROR, "")
@@ -289,6 +290,10 @@ class Engine:
             s.blocks_cached, s.blocks_pinned = self.pool.num_cached_free, self.kv.num_pinned_blocks
             s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         self.output.flush()  # the step's events leave together
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step: prefill %d tokens over %d sequences, decode %d, %d waiting, %.1f ms",
+                      sum(n for _, n in plan.prefills), len(plan.prefills), len(plan.decodes),
+                      len(self.scheduler.waiting), 1e3 * (time.perf_counter() - started))
 
     def _run(self, plan: StepPlan) -> None:
         batched = [(s, n) for s, n in plan.prefills if s.params.prompt_logprobs is None]
