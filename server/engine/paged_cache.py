@@ -70,7 +70,9 @@ class KVStore:
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = block_size
-        slots = num_blocks * block_size
+        # one block past the pool's, owned by no sequence: padding tokens of a batched prefill write there
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
         self.keys = [mx.zeros((slots, h, d), shape.dtype) for h, d in zip(shape.kv_heads, shape.k_dims)]
         self.values = [mx.zeros((slots, h, d), shape.dtype) for h, d in zip(shape.kv_heads, shape.v_dims)]
         mx.eval(self.keys, self.values)
@@ -105,25 +107,36 @@ class StepLayout:
     """Where one forward step writes and reads, shared by every layer's cache object.
 
     Every row feeds the same number of new tokens (`num_new`); row r already has
-    `offsets[r]` tokens of KV.
+    `offsets[r]` tokens of KV. A row with fewer real tokens (`counts[r]`) is padded: its padding
+    positions write to and read from the scratch block, never its own slots, and no real token
+    attends to them (they come after it).
     """
 
     offsets: list[int]
     num_new: int
     block_tables: list[list[int]]
     block_size: int
+    counts: list[int] | None = None  # real tokens per row (default: all num_new)
+    scratch_block: int | None = None  # KVStore.scratch_block, needed when a count is short
     write_slots: mx.array = field(init=False)
     read_slots: mx.array = field(init=False)
     _masks: dict[int | None, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         bs, n = self.block_size, self.num_new
-        writes = [slot_ids(t, o, o + n, bs) for t, o in zip(self.block_tables, self.offsets)]
-        self.write_slots = mx.array(np.concatenate(writes))
+        counts = self.counts or [n] * len(self.offsets)
+        if any(c < n for c in counts) and self.scratch_block is None:
+            raise ValueError("padded rows need the store's scratch block")
+        scratch = (self.scratch_block or 0) * bs + np.arange(n) % bs
         width = max(self.offsets) + n
+        writes = []
         reads = np.zeros((len(self.offsets), width), dtype=np.int32)
-        for r, (table, offset) in enumerate(zip(self.block_tables, self.offsets)):
-            reads[r, : offset + n] = slot_ids(table, 0, offset + n, bs)
+        for r, (table, offset, count) in enumerate(zip(self.block_tables, self.offsets, counts)):
+            real = slot_ids(table, 0, offset + count, bs)
+            writes += [real[offset:], scratch[count:]]
+            reads[r, : offset + count] = real
+            reads[r, offset + count: offset + n] = scratch[count:]
+        self.write_slots = mx.array(np.concatenate(writes).astype(np.int32))
         self.read_slots = mx.array(reads)
 
     @property

@@ -79,32 +79,30 @@ class ModelRunner:
     def prefill_rows(self, chunks: Seq[tuple[Sequence, int]]) -> None:
         """Compute KV for several sequences' next chunks (none asking for prompt logprobs), batched.
 
-        Rows of similar context width are grouped (see `prefill_groups`); a group runs as forwards of
-        equal length: all its rows feed the shortest remaining chunk, the rows with more left go on
-        with the next shortest, and so on. Everything is evaluated with one sync at the end. A group of
-        one row runs exactly as `prefill` does (mlx-lm's causal mask).
+        Rows of similar context width are grouped (see `prefill_groups`), and a group's rows of similar
+        chunk length run as one forward, the shorter chunks padded to the longest (see `padded_batches`:
+        feeding every row the shortest chunk first and the rest in further forwards cost a whole forward
+        over every row's context per distinct length, and agents' turns all differ by a few tokens).
+        Each forward is launched on its own, everything synced once at the end. A forward of one row
+        runs exactly as `prefill` does (mlx-lm's causal mask).
         """
         forward = self._body if self._body is not None else self.model
         outputs = []
         for group in prefill_groups(chunks):
-            fed = {id(seq): 0 for seq, _ in group}
-            left = list(group)
-            while left:
-                step = min(n - fed[id(seq)] for seq, n in left)
-                starts = [seq.num_computed_tokens + fed[id(seq)] for seq, _ in left]
-                for (seq, n), start in zip(left, starts):
-                    assert start + step <= seq.num_tokens - 1, "prefill must leave the last token to decode"
-                tokens = mx.array([seq.token_ids[start:start + step] for (seq, _), start in zip(left, starts)],
-                                  dtype=mx.int32)
-                layout = StepLayout(starts, step, [seq.block_ids for seq, _ in left], self.store.block_size)
+            for batch in padded_batches(group):
+                step = max(n for _, n in batch)
+                starts = [seq.num_computed_tokens for seq, _ in batch]
+                for (seq, n), start in zip(batch, starts):
+                    assert start + n <= seq.num_tokens - 1, "prefill must leave the last token to decode"
+                tokens = mx.array([seq.token_ids[start:start + n] + [0] * (step - n)
+                                   for (seq, n), start in zip(batch, starts)], dtype=mx.int32)
+                layout = StepLayout(starts, step, [seq.block_ids for seq, _ in batch], self.store.block_size,
+                                    counts=[n for _, n in batch], scratch_block=self.store.scratch_block)
                 outputs.append(forward(tokens, cache=step_caches(self.store, layout)))
                 # launched now, not chained into one graph with the next forward: that one's scatter into
                 # the pools could not reuse their buffers while this one's reads still hold them, and
                 # would copy every layer's whole pool
                 mx.async_eval(outputs[-1], self.store.keys, self.store.values)
-                for seq, _ in left:
-                    fed[id(seq)] += step
-                left = [(seq, n) for seq, n in left if fed[id(seq)] < n]
         if outputs:
             self._sync_pools(*outputs)
 
@@ -162,6 +160,25 @@ def prefill_groups(chunks: Seq[tuple[Sequence, int]], waste: float = 1.5) -> lis
             groups.append([(seq, n)])
             need = width
     return groups
+
+
+def padded_batches(group: Seq[tuple[Sequence, int]], waste: float = 1.5) -> list[list[tuple[Sequence, int]]]:
+    """Split a group's chunks into forwards padded to their longest chunk.
+
+    Chunks are taken longest first, and a forward closes when its padded tokens (rows x longest)
+    would exceed `waste` times its real ones: a 512-token chunk never pads a 3-token one.
+    """
+    order = sorted(group, key=lambda c: -c[1])
+    batches: list[list[tuple[Sequence, int]]] = []
+    real = 0
+    for seq, n in order:
+        if batches and (len(batches[-1]) + 1) * batches[-1][0][1] <= waste * (real + n):
+            batches[-1].append((seq, n))
+            real += n
+        else:
+            batches.append([(seq, n)])
+            real = n
+    return batches
 
 
 def greedy_tokens(logits: mx.array) -> mx.array:

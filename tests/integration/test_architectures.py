@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from server.engine.engine import Engine, EngineConfig
 from server.engine.paged_cache import KVStore, probe_kv_shape, slot_ids
 from server.engine.request import GenerationRequest
-from server.engine.runner import ModelRunner, prefill_groups
+from server.engine.runner import ModelRunner, padded_batches, prefill_groups
 from server.engine.sampling import SamplingParams, SequenceSampler
 from server.engine.sequence import Sequence
 from server.models.registry import ModelRegistry
@@ -79,13 +79,14 @@ def _sequence(name: str, prompt: list[int], block_ids: list[int], computed: int)
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))
 def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str) -> None:
-    """Rows of different offsets and chunk lengths prefilled together (forwards of equal length, a
-    boolean mask, per-row RoPE offsets, the sliding window) store the same K/V as each row alone."""
+    """Rows of different offsets and chunk lengths prefilled together (one forward, the shorter chunks
+    padded, a boolean mask, per-row RoPE offsets, the sliding window) store the same K/V as each row
+    alone, and the padding never lands in any sequence's slots."""
     model = build(model_type)
     bs = 8
     prompts = [[(i * 7919 + k * 31) % 5000 + 100 for i in range(length)] for k, length in enumerate((30, 22, 41))]
     starts = [0, 8, 5]  # the second and third rows resume after KV computed earlier
-    chunks = [29, 13, 30]  # different lengths: three forwards of 13, 16 and 1 rows' worth
+    chunks = [29, 13, 30]  # different lengths: one forward of 30, two rows padded
     tables = [list(range(6)), list(range(6, 12)), list(range(12, 18))]
     stores = []
     for batched in (False, True):
@@ -98,6 +99,7 @@ def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str) -> None:
                 seq.num_computed_tokens = start
         if batched:
             assert len(prefill_groups(list(zip(seqs, chunks)), waste=10.0)) == 1
+            assert len(padded_batches(list(zip(seqs, chunks)))) == 1
             runner.prefill_rows(list(zip(seqs, chunks)))
         else:
             for seq, n in zip(seqs, chunks):
@@ -107,6 +109,15 @@ def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str) -> None:
         slots = mx.array(slot_ids(seq_table, 0, start + n, bs))
         for solo_pool, batch_pool in zip((*stores[0].keys, *stores[0].values), (*stores[1].keys, *stores[1].values)):
             assert mx.allclose(solo_pool[slots], batch_pool[slots], atol=1e-4, rtol=1e-4).item()
+    pool_slots = 18 * bs  # every slot but the scratch block's: untouched ones are zeros on both sides
+    for solo_pool, batch_pool in zip((*stores[0].keys, *stores[0].values), (*stores[1].keys, *stores[1].values)):
+        assert mx.array_equal(solo_pool[:pool_slots] == 0, batch_pool[:pool_slots] == 0).item()
+
+
+def test_padded_batches_pad_similar_chunks_and_keep_a_long_one_apart() -> None:
+    seqs = [_sequence(f"c{k}", list(range(1, 600)), [], 0) for k in range(6)]
+    batches = padded_batches(list(zip(seqs, [26, 512, 30, 3, 27, 100])))
+    assert [[n for _, n in b] for b in batches] == [[512], [100], [30, 27, 26, 3]]
 
 
 def test_prefill_groups_keep_short_rows_away_from_long_ones() -> None:
