@@ -148,18 +148,7 @@ def prefill_groups(chunks: Seq[tuple[Sequence, int]], waste: float = 1.5) -> lis
     columns. Rows are taken in order of width and a group closes when its padded area (rows x widest)
     would exceed `waste` times the area its rows need.
     """
-    order = sorted(chunks, key=lambda c: c[0].num_computed_tokens + c[1])
-    groups: list[list[tuple[Sequence, int]]] = []
-    need = 0
-    for seq, n in order:
-        width = seq.num_computed_tokens + n
-        if groups and (len(groups[-1]) + 1) * width <= waste * (need + width):
-            groups[-1].append((seq, n))
-            need += width
-        else:
-            groups.append([(seq, n)])
-            need = width
-    return groups
+    return _split_padded(chunks, lambda c: c[0].num_computed_tokens + c[1], waste, longest_first=False)
 
 
 def padded_batches(group: Seq[tuple[Sequence, int]], waste: float = 1.5) -> list[list[tuple[Sequence, int]]]:
@@ -168,17 +157,24 @@ def padded_batches(group: Seq[tuple[Sequence, int]], waste: float = 1.5) -> list
     Chunks are taken longest first, and a forward closes when its padded tokens (rows x longest)
     would exceed `waste` times its real ones: a 512-token chunk never pads a 3-token one.
     """
-    order = sorted(group, key=lambda c: -c[1])
-    batches: list[list[tuple[Sequence, int]]] = []
-    real = 0
-    for seq, n in order:
-        if batches and (len(batches[-1]) + 1) * batches[-1][0][1] <= waste * (real + n):
-            batches[-1].append((seq, n))
-            real += n
+    return _split_padded(group, lambda c: c[1], waste, longest_first=True)
+
+
+def _split_padded(items: Seq[tuple[Sequence, int]], size: Any, waste: float,
+                  longest_first: bool) -> list[list[tuple[Sequence, int]]]:
+    """Items in order of size, cut into runs whose padded size (items x largest) stays within `waste`
+    times their summed sizes."""
+    runs: list[list[tuple[Sequence, int]]] = []
+    total = largest = 0
+    for item in sorted(items, key=size, reverse=longest_first):
+        n = size(item)
+        if runs and (len(runs[-1]) + 1) * max(largest, n) <= waste * (total + n):
+            runs[-1].append(item)
+            total, largest = total + n, max(largest, n)
         else:
-            batches.append([(seq, n)])
-            real = n
-    return batches
+            runs.append([item])
+            total = largest = n
+    return runs
 
 
 def greedy_tokens(logits: mx.array) -> mx.array:
