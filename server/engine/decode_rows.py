@@ -229,8 +229,8 @@ class _DecodeStep:
     """One decode step's positions, and the arrays every layer shares: RoPE offsets, mask, write indices.
 
     On CUDA an array made from host memory is paged onto the device when a kernel first reads it, and
-    a step made five of them (offsets, mask, the write indices): about 8% of a Llama-1B step at batch
-    32 on an H200, measured. So the per-step arrays are computed on the device from an offsets array
+    a step made five of them (offsets, mask, the write indices): a synced Llama-1B forward at batch 32
+    on an H200 took 6.78 ms with them, 5.47 ms without. So the per-step arrays are computed on the device from an offsets array
     that, in a batch whose rows all advanced by one since the previous step (steady decoding), is the
     previous step's plus one; the write rows are cached per batch width.
     """
