@@ -230,9 +230,9 @@ class _DecodeStep:
 
     On CUDA an array made from host memory is paged onto the device when a kernel first reads it, and
     a step made five of them (offsets, mask, the write indices): a synced Llama-1B forward at batch 32
-    on an H200 took 6.78 ms with them, 5.47 ms without. So the per-step arrays are computed on the device from an offsets array
-    that, in a batch whose rows all advanced by one since the previous step (steady decoding), is the
-    previous step's plus one; the write rows are cached per batch width.
+    on an H200 took 6.78 ms with them, 5.47 ms without. So the per-step arrays are computed on the
+    device from an offsets array that, in a batch whose rows all advanced by one since the previous
+    step (steady decoding), is the previous step's plus one; the write rows are cached per batch width.
     """
 
     def __init__(self, offsets: list[int], device_offsets: mx.array | None,
@@ -260,7 +260,7 @@ class _DecodeStep:
                 rows = mx.array((np.arange(batch)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
                                 .astype(np.int32))
                 self._row_indices[(batch, heads)] = rows
-            found = (rows, mx.repeat(self.device_offsets, heads) if heads > 1 else self.device_offsets)
+            found = (rows, mx.repeat(self.device_offsets, heads))
             self._indices[heads] = found
         return found
 

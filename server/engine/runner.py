@@ -12,6 +12,7 @@ last token is fed by its first decode step, never by prefill.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -160,7 +161,7 @@ def padded_batches(group: Seq[tuple[Sequence, int]], waste: float = 1.5) -> list
     return _split_padded(group, lambda c: c[1], waste, longest_first=True)
 
 
-def _split_padded(items: Seq[tuple[Sequence, int]], size: Any, waste: float,
+def _split_padded(items: Seq[tuple[Sequence, int]], size: Callable[[tuple[Sequence, int]], int], waste: float,
                   longest_first: bool) -> list[list[tuple[Sequence, int]]]:
     """Items in order of size, cut into runs whose padded size (items x largest) stays within `waste`
     times their summed sizes."""
