@@ -218,8 +218,11 @@ def fuzz(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 # -- engine pools ---------------------------------------------------------------------------------
-def idle_leftover(registry: ModelRegistry) -> dict[str, int]:
-    """Per chat engine, once idle: blocks in use that no conversation pin explains (0 when nothing leaked)."""
+def idle_leftover(registry: ModelRegistry, submitted: dict[str, int] | None = None) -> dict[str, int]:
+    """Per chat engine, once idle: blocks in use that no conversation pin explains (0 when nothing leaked).
+
+    Idle means every submitted request finished and the engine thread published that state; `submitted` waits
+    first for requests the server may still be handing to the engine (a client that timed out early)."""
     out = {}
     for served in registry.list():
         if served.engine is None:
@@ -227,12 +230,14 @@ def idle_leftover(registry: ModelRegistry) -> dict[str, int]:
         deadline = time.monotonic() + 60
         while True:
             stats = served.engine.stats()
-            if stats.running == stats.waiting == 0 or time.monotonic() > deadline:
+            idle = (stats.requests_finished == stats.requests_submitted >= (submitted or {}).get(served.id, 0)
+                    and stats.running == stats.waiting == 0)
+            if idle or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert stats.running == stats.waiting == 0, f"{served.id} never went idle: {stats}"
+        assert idle, f"{served.id} never went idle: {stats}"
         served.engine.check_integrity()
-        out[served.id] = served.engine.pool.num_used - served.engine.kv.num_pinned_blocks
+        out[served.id] = stats.blocks_used - stats.blocks_pinned
     return out
 
 
@@ -357,12 +362,14 @@ def test_fuzz_reads_deletes_and_wrong_methods(fuzz: Fuzz, data: st.DataObject) -
 def test_fuzzing_left_every_chat_engine_pool_at_its_baseline(fuzz: Fuzz, registry: ModelRegistry,
                                                              baseline: dict[str, int]) -> None:
     # a client leaving mid-stream and one timing out on a JSON answer must free their sequences too
+    engine = registry.get(CHAT).engine
+    submitted = {CHAT: engine.stats().requests_submitted + 2}
     with fuzz.http.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Story?"}],
                                                                 "max_tokens": 200, "stream": True}) as stream:
         next(stream.iter_lines())
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(fuzz.base + "/v1/completions", json={"prompt": "Once", "max_tokens": 30}, timeout=0.5)
-    assert idle_leftover(registry) == baseline
+    assert idle_leftover(registry, submitted) == baseline
     print("\n".join(f"{n:5d} {m} {p} {s}" for (m, p, s), n in sorted(fuzz.seen.items())))  # shown with -s
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
         assert fuzz.seen["POST", path, 200], f"no fuzzed request to {path} got past validation"

@@ -70,6 +70,8 @@ class EngineStats:
     decode_tokens_per_s: float = 0.0
     max_decode_batch: int = 0
     decode_steps_ahead: int = 0  # decode steps whose forward was launched a step early (overlapped)
+    requests_submitted: int = 0  # accepted by submit()
+    requests_finished: int = 0  # every sequence ended (done, aborted or failed); equal to submitted when idle
 
 
 @dataclass
@@ -151,6 +153,8 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request; `sink` receives its TokenEvents in order, on the engine's thread or its output thread."""
         self.validate(request)
+        with self._lock:
+            self._stats.requests_submitted += 1
         self._inbox.put(_Add(request, sink))
 
     def abort(self, request_id: str) -> None:
@@ -215,6 +219,8 @@ class Engine:
                 running = self._drain(block=not self.scheduler.has_work)
                 if running and self.scheduler.has_work:
                     self._step()
+                else:
+                    self._record_state()  # what the commands changed (aborts free blocks without a step)
                 self.output.flush()
                 if not running:
                     break
@@ -283,17 +289,21 @@ class Engine:
                     seq.error = f"generation failed: {exc}"
                     seq.error_kind = "internal"
                     self._finish(seq, SequenceStatus.FINISHED_ERROR, "")
-        with self._lock:
-            s = self._stats
-            s.steps += 1
-            s.blocks_used, s.blocks_free = self.pool.num_used, self.pool.num_free
-            s.blocks_cached, s.blocks_pinned = self.pool.num_cached_free, self.kv.num_pinned_blocks
-            s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        self._record_state(step=True)
         self.output.flush()  # the step's events leave together
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step: prefill %d tokens over %d sequences, decode %d, %d waiting, %.1f ms",
                       sum(n for _, n in plan.prefills), len(plan.prefills), len(plan.decodes),
                       len(self.scheduler.waiting), 1e3 * (time.perf_counter() - started))
+
+    def _record_state(self, step: bool = False) -> None:
+        """Publish pool and queue counts to stats() (one consistent snapshot, taken on the engine thread)."""
+        with self._lock:
+            s = self._stats
+            s.steps += step
+            s.blocks_used, s.blocks_free = self.pool.num_used, self.pool.num_free
+            s.blocks_cached, s.blocks_pinned = self.pool.num_cached_free, self.kv.num_pinned_blocks
+            s.running, s.waiting = len(self.scheduler.running), len(self.scheduler.waiting)
 
     def _run(self, plan: StepPlan) -> None:
         batched = [(s, n) for s, n in plan.prefills if s.params.prompt_logprobs is None]
@@ -383,9 +393,10 @@ class Engine:
             self._release(seq)
         self._emit(seq, text, sample, decode, seq.finish_reason)
         siblings = self._seqs.get(seq.request_id, [])
-        if all(s.finished for s in siblings):
-            self._seqs.pop(seq.request_id, None)
+        if all(s.finished for s in siblings) and self._seqs.pop(seq.request_id, None) is not None:
             self._sinks.pop(seq.request_id, None)
+            with self._lock:
+                self._stats.requests_finished += 1
 
 
     def _release(self, seq: Sequence) -> None:

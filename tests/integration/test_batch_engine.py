@@ -346,12 +346,23 @@ def test_async_stream_cancel_frees_blocks_within_a_step(engine: Engine, smol: tu
         await stream.aclose()  # the generator's finally aborts the request
         return seen
 
+    before = engine.stats()
     assert asyncio.run(consume_three()) == 3
     deadline = time.monotonic() + 5
     while engine.pool.num_used and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.pool.num_used == 0
     engine.check_integrity()
+    # the abort ran with no step after it: the published counts must show it anyway (metrics, idle checks)
+    def published() -> tuple[int, ...]:
+        s = engine.stats()
+        return s.requests_submitted - before.requests_submitted, s.requests_finished - before.requests_finished, \
+            s.running, s.waiting, s.blocks_used
+
+    deadline = time.monotonic() + 5
+    while published() != (1, 1, 0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert published() == (1, 1, 0, 0, 0)
 
 
 def test_prompt_logprobs_match_a_full_forward(engine: Engine, smol: tuple[Any, Any]) -> None:
