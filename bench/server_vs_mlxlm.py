@@ -125,11 +125,11 @@ class Server:
                 self.proc.kill()
 
 
-def servers(model_dir: Path, data_dir: Path, logs: Path) -> list[Server]:
+def servers(model_dir: Path, data_dir: Path, logs: Path, extra: list[str]) -> list[Server]:
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ours_port, theirs_port = free_port(), free_port()
     ours = Server("mlx-dropin", [sys.executable, "-m", "server", "serve", "--port", str(ours_port),
-                                 "--no-default-models", "--model", f"{MODEL_ID}={model_dir}"],
+                                 "--no-default-models", "--model", f"{MODEL_ID}={model_dir}", *extra],
                   {**base_env, "MLX_DROPIN_DATA_DIR": str(data_dir), "MLX_DROPIN_API_KEYS": ""}, ours_port,
                   logs / "ours.log", "/ready", MODEL_ID)
     # `import server` first loads OpenBLAS into the process, so mlx_lm.server's matmuls use it as ours do
@@ -245,6 +245,9 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=16, help="concurrent fresh requests (throughput)")
     parser.add_argument("--gen-tokens", type=int, default=64, help="max_tokens per fresh request")
     parser.add_argument("--reverse", action="store_true", help="measure mlx_lm.server first")
+    parser.add_argument("--only", choices=("mlx-dropin", "mlx_lm.server"),
+                        help="measure one side (no ratios): for trying server settings")
+    parser.add_argument("--server-args", default="", help="extra flags for our server, e.g. '--prefill-chunk 64'")
     args = parser.parse_args()
 
     import server  # noqa: F401  (OpenBLAS before mlx.core)
@@ -253,9 +256,11 @@ def main() -> None:
 
     model_dir = float32_model_dir()
     logs = Path(tempfile.mkdtemp(prefix="bench-servers-"))
-    order = servers(model_dir, logs / "data", logs)
+    order = servers(model_dir, logs / "data", logs, args.server_args.split())
     if args.reverse:
         order.reverse()
+    if args.only:
+        order = [s for s in order if s.name == args.only]
     print(f"model {model_dir} (float32); mlx {mx.__version__} on {mx.default_device()}; mlx-lm {mlx_lm.__version__}; "
           f"{os.cpu_count()} CPUs; logs in {logs}")
     agents: dict[str, AgentsResult] = {}
@@ -275,6 +280,13 @@ def main() -> None:
             server.stop()
 
     ours, theirs = "mlx-dropin", "mlx_lm.server"
+    if args.only:
+        for name, r in agents.items():
+            print(f"\n{name} agents: wall {r.wall:.1f} s, TTFT p50 by turn "
+                  + " / ".join(f"{p50(x):.2f}" for x in r.ttft_by_turn) + " s")
+        for name, (t, n, w) in throughput.items():
+            print(f"{name} throughput: {t:.1f} tok/s ({n} tokens in {w:.1f} s)")
+        return
     if agents:
         a, b = agents[ours], agents[theirs]
         print(f"\nagents: {args.agents} agents x {args.turns} turns, shared system prompt of {args.system_words} "

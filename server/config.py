@@ -65,6 +65,7 @@ class Settings:
     block_size: int = 16
     max_num_seqs: int = 64
     prefill_chunk: int | None = None  # None: 512 on a CPU, 2048 on a GPU
+    decoding_prefill_chunk: int | None = None  # the same while sequences decode; None: 64 on a CPU, 2048 on a GPU
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
     max_training_jobs: int = 1
@@ -85,8 +86,8 @@ class Settings:
         if self.max_body_mb <= 0 or self.max_file_mb <= 0:
             raise ValueError("max_body_mb and max_file_mb must be positive")
         if self.kv_cache_gb <= 0 or self.block_size < 1 or self.max_num_seqs < 1 or \
-                (self.prefill_chunk is not None and self.prefill_chunk < 1):
-            raise ValueError("kv_cache_gb, block_size, max_num_seqs and prefill_chunk must be positive")
+                any(c is not None and c < 1 for c in (self.prefill_chunk, self.decoding_prefill_chunk)):
+            raise ValueError("kv_cache_gb, block_size, max_num_seqs and the prefill chunks must be positive")
         if self.queue_timeout < 0 or self.sse_keepalive <= 0:
             raise ValueError("queue_timeout must be >= 0 and sse_keepalive > 0")
         if self.max_training_jobs < 1 or self.max_loaded_adapters < 1 or self.adapter_kv_cache_gb <= 0:
@@ -123,6 +124,7 @@ class Settings:
         return EngineConfig(block_size=self.block_size, kv_cache_gb=self.kv_cache_gb,
                             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                                       prefill_budget=self.prefill_chunk,
+                                                      decoding_prefill_budget=self.decoding_prefill_chunk,
                                                       admission_timeout=self.queue_timeout))
 
     def adapter_engine_config(self) -> EngineConfig:
@@ -183,8 +185,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences decoding together (default 64)")
     parser.add_argument("--prefill-chunk", type=int,
-                        help="prompt tokens computed per engine step, so long prompts never stall decoding "
+                        help="prompt tokens computed per engine step while no sequence is decoding "
                              "(default 512 on a CPU, 2048 on a GPU)")
+    parser.add_argument("--decoding-prefill-chunk", type=int,
+                        help="prompt tokens computed per engine step while sequences are decoding, so prompts "
+                             "never stall their next token for long (default 64 on a CPU, 2048 on a GPU; at most "
+                             "--prefill-chunk)")
     parser.add_argument("--queue-timeout", type=float,
                         help="seconds a request waits for KV blocks before a 503 (default 30)")
     parser.add_argument("--max-training-jobs", type=int,
@@ -258,6 +264,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         block_size=int(pick("block_size", args.block_size, int)),  # type: ignore[arg-type]
         max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),  # type: ignore[arg-type]
         prefill_chunk=_optional_int(pick("prefill_chunk", args.prefill_chunk, int)),
+        decoding_prefill_chunk=_optional_int(pick("decoding_prefill_chunk", args.decoding_prefill_chunk, int)),
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),  # type: ignore[arg-type]
         sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),  # type: ignore[arg-type]
         max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),  # type: ignore[arg-type]

@@ -48,3 +48,12 @@ def test_bad_values_are_value_errors() -> None:
 def test_cache_dir_expands_user(tmp_path: Path) -> None:
     assert parse_settings(["--cache-dir", str(tmp_path)], {}).cache_dir == tmp_path
     assert "~" not in str(parse_settings([], {"MLX_DROPIN_CACHE_DIR": "~/x"}).cache_dir)
+
+
+def test_prefill_chunks_reach_the_scheduler() -> None:
+    settings = parse_settings(["--prefill-chunk", "256"], {"MLX_DROPIN_DECODING_PREFILL_CHUNK": "48"})
+    scheduler = settings.engine_config().scheduler
+    assert (scheduler.prefill_budget, scheduler.decoding_prefill_budget) == (256, 48)
+    assert parse_settings([], {}).engine_config().scheduler.decoding_prefill_budget is None  # the device's default
+    with pytest.raises(ValueError):
+        parse_settings(["--decoding-prefill-chunk", "0"], {})

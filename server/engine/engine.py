@@ -26,7 +26,7 @@ from typing import Any
 import mlx.core as mx
 
 from server.engine.block_pool import BlockPool, PoolExhaustedError
-from server.engine.config import DEFAULT_PREFILL_BUDGET, EngineConfig
+from server.engine.config import DEFAULT_DECODING_PREFILL_BUDGET, DEFAULT_PREFILL_BUDGET, EngineConfig
 from server.engine.constraints import ConstraintFactory
 from server.engine.decoder import Decoder
 from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
@@ -236,7 +236,10 @@ class Engine:
                 self._abort_everything()
                 return False
             if isinstance(command, _Add):
-                self._add(command)
+                try:
+                    self._add(command)
+                except Exception as exc:  # a request that cannot start must not take the engine thread down
+                    self._reject(command, exc)
             elif isinstance(command, _AbortAll):
                 self._abort_everything()
             else:
@@ -260,6 +263,20 @@ class Engine:
         self._seqs[request.request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _reject(self, command: _Add, exc: Exception) -> None:
+        """End every sequence of a request that failed to start with an error event; undo what it added."""
+        log.exception("request %s could not start", command.request.request_id)
+        request = command.request
+        for seq in self._seqs.pop(request.request_id, []):
+            self.scheduler.remove(seq)
+        self._sinks.pop(request.request_id, None)
+        for index in range(request.params.n):
+            command.sink(TokenEvent(request.request_id, index, None, "", finish_reason="error",
+                                    prompt_tokens=len(request.prompt_token_ids),
+                                    error=f"generation failed: {exc}", error_kind="internal"))
+        with self._lock:
+            self._stats.requests_finished += 1
 
     def _abort(self, request_id: str, status: SequenceStatus, error: str | None = None) -> None:
         for seq in self._seqs.get(request_id, []):
@@ -423,10 +440,11 @@ def _resolved(config: EngineConfig) -> EngineConfig:
     """The config with device-dependent defaults filled in."""
     from dataclasses import replace
 
-    if config.scheduler.prefill_budget is not None:
-        return config
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-    return replace(config, scheduler=replace(config.scheduler, prefill_budget=DEFAULT_PREFILL_BUDGET[device]))
+    scheduler = config.scheduler
+    budget = scheduler.prefill_budget or DEFAULT_PREFILL_BUDGET[device]
+    decoding = min(budget, scheduler.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET[device])
+    return replace(config, scheduler=replace(scheduler, prefill_budget=budget, decoding_prefill_budget=decoding))
 
 
 def _with_seed(params: Any, seed: int) -> Any:

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.block_pool import PoolExhaustedError
-from server.engine.config import DEFAULT_PREFILL_BUDGET, SchedulerConfig
+from server.engine.config import DEFAULT_DECODING_PREFILL_BUDGET, DEFAULT_PREFILL_BUDGET, SchedulerConfig
 from server.engine.kv_manager import KVCacheManager, PrefixHit, common_prefix_length
 from server.engine.paged_cache import KVStore
 from server.engine.sequence import Sequence, SequenceStatus
@@ -177,7 +177,11 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self._admit_waiting(plan)
-        budget = self.config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]
+        # while some sequence decodes, its next token waits for the step: the smaller budget bounds that wait
+        decoding = any(not seq.num_pending_prefill for seq in self.running)
+        config = self.config
+        budget = ((config.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET["cpu"]) if decoding
+                  else (config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]))
         chunked: dict[int, int] = {}
         for seq in self.running:
             pending = seq.num_pending_prefill

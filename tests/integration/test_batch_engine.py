@@ -11,7 +11,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from server.engine.block_pool import PoolExhaustedError
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import Engine, EngineConfig, GenerationError
 from server.engine.request import GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
@@ -425,3 +425,19 @@ def test_output_thread_delivers_the_same_events(engine: Engine, smol: tuple[Any,
     finally:
         threaded.shutdown()
     assert threaded.output._thread is None
+
+
+def test_a_request_that_fails_to_start_ends_with_an_error_and_the_engine_keeps_serving(
+        engine: Engine, smol: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    prompt = chat_tokens(smol[1], "Hello there.")
+
+    def broken(command: Any) -> None:
+        raise RuntimeError("cannot build the sampler")
+
+    monkeypatch.setattr(engine, "_add", broken)  # what a bug in starting a request would do
+    with pytest.raises(GenerationError, match="cannot build the sampler"):
+        engine.generate(request(prompt, max_tokens=2, n=2), timeout=30)
+    monkeypatch.undo()
+    assert tokens_of(engine.generate(request(prompt, max_tokens=2), timeout=60))
+    stats = engine.stats()
+    assert stats.requests_submitted == stats.requests_finished
