@@ -516,7 +516,13 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=16, help="our KV block size (default %(default)s)")
     p.add_argument("--kv-blocks", type=int, default=None, help="our KV pool size in blocks (default: sized to fit)")
     p.add_argument("--prefill-budget", type=int, default=None,
-                   help="our prompt tokens per step (default: the engine's, 512 on a CPU, 2048 on a GPU)")
+                   help="our prompt tokens per step while nothing decodes (default: the engine's, 512 on a CPU, "
+                        "2048 on a GPU)")
+    p.add_argument("--decoding-prefill-budget", type=int, default=None,
+                   help="our prompt tokens per step while sequences decode (default: the engine's, 64 on a CPU, "
+                        "2048 on a GPU; the server's --decoding-prefill-chunk). A batch submitted at once is "
+                        "admitted this many prompt tokens a step once its first rows decode: on a CPU, 512 "
+                        "gives the throughput figure, 64 the interactive default's")
     p.add_argument("--prefill-batch", type=int, default=8, help="mlx-lm prefill_batch_size (default: mlx-lm's, 8)")
     p.add_argument("--completion-batch", type=int, default=32,
                    help="mlx-lm completion_batch_size, raised to the batch (default: mlx-lm's, 32)")
@@ -542,12 +548,14 @@ def main() -> int:
     max_seqs = max(SchedulerConfig().max_num_seqs, max(args.batches), args.agents)
     engine = Engine(model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks, output_thread=args.output_thread,
                                              scheduler=SchedulerConfig(max_num_seqs=max_seqs,
-                                                                       prefill_budget=args.prefill_budget)))
+                                                                       prefill_budget=args.prefill_budget,
+                                                                       decoding_prefill_budget=args.decoding_prefill_budget)))
     engine.start()
     args.prefill_budget = engine.config.scheduler.prefill_budget
+    args.decoding_prefill_budget = engine.config.scheduler.decoding_prefill_budget
     print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}")
     print(f"ours: block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
-          f"{args.prefill_budget}, output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
+          f"{args.prefill_budget} ({args.decoding_prefill_budget} while decoding), output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
           f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}")
     print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated (ignore EOS), greedy; warm-up: one round per "
           f"side {'before every batch size' if args.warmup_each else 'before the first batch size'} "
