@@ -81,3 +81,13 @@ def test_the_decoding_budget_defaults_and_validation() -> None:
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
     assert resolved.prefill_budget == DEFAULT_PREFILL_BUDGET[device]
     assert resolved.decoding_prefill_budget == DEFAULT_DECODING_PREFILL_BUDGET[device]
+
+
+def test_the_decoding_budget_never_exceeds_the_full_one_even_unresolved() -> None:
+    sched = scheduler(SchedulerConfig(prefill_budget=16))  # the decoding budget left to the CPU default (64)
+    decoder, waiting = sequence("a", 10, 1000), sequence("b", 70, 2000)
+    sched.add(decoder)
+    sched.schedule()
+    decoder.num_computed_tokens = 10
+    sched.add(waiting)
+    assert sched.schedule().prefills == [(waiting, 16)]

@@ -1,15 +1,17 @@
 """Continuous batching: who joins the batch, who prefills how much, who decodes, who is preempted.
 
-Each step the scheduler admits waiting sequences while their blocks fit,
-gives prefill chunks to admitted sequences within a token budget (so one long
-prompt never stalls everyone's decoding for more than one chunk), and puts
-every sequence whose prompt is computed into the decode batch. When a decode
-needs a block and none can be reclaimed, the newest running sequence is
-preempted: its blocks are freed (their hashes stay, so re-admission mostly
-hits the prefix cache) and it waits at the head of the queue. A new sequence
-whose prompt shares whole blocks that a running sequence is still prefilling
-waits until they are computed, then reuses them (one computation of a shared
-system prompt, however many requests arrive with it at once).
+Each step the scheduler admits waiting sequences while their blocks fit, gives
+prefill chunks to admitted sequences within a token budget, a smaller one while
+sequences decode (so prompts never hold back anyone's next token for more than
+one small chunk, and a new request's first token comes a step or two after it
+arrives), and puts every sequence whose prompt is computed into the decode
+batch. When a decode needs a block and none can be reclaimed, the newest
+running sequence is preempted: its blocks are freed (their hashes stay, so
+re-admission mostly hits the prefix cache) and it waits at the head of the
+queue. A new sequence whose prompt shares whole blocks that a running sequence
+is still prefilling waits until they are computed, then reuses them (one
+computation of a shared system prompt, however many requests arrive with it at
+once).
 """
 
 from __future__ import annotations
@@ -178,10 +180,10 @@ class Scheduler:
         plan = StepPlan()
         self._admit_waiting(plan)
         # while some sequence decodes, its next token waits for the step: the smaller budget bounds that wait
-        decoding = any(not seq.num_pending_prefill for seq in self.running)
         config = self.config
-        budget = ((config.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET["cpu"]) if decoding
-                  else (config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]))
+        budget = config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]
+        if any(not seq.num_pending_prefill for seq in self.running):
+            budget = min(budget, config.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET["cpu"])
         chunked: dict[int, int] = {}
         for seq in self.running:
             pending = seq.num_pending_prefill
