@@ -33,6 +33,16 @@ def sequence(name: str, prompt_len: int, first: int) -> Sequence:
     return Sequence(name, 0, prompt, params, SequenceSampler(params, prompt, None), cast(Any, None), 8)
 
 
+def one_decoding_one_waiting(sched: Scheduler) -> tuple[Sequence, Sequence]:
+    """A short request admitted and prefilled (so it decodes), then a 70-token one waiting."""
+    decoder, waiting = sequence("a", 10, 1000), sequence("b", 70, 2000)
+    sched.add(decoder)
+    sched.schedule()
+    decoder.num_computed_tokens = 10
+    sched.add(waiting)
+    return decoder, waiting
+
+
 def test_prompts_take_the_full_budget_until_something_decodes_then_the_decoding_budget() -> None:
     sched = scheduler(SchedulerConfig(prefill_budget=100, decoding_prefill_budget=20))
     first = sequence("a", 90, 1000)
@@ -56,11 +66,7 @@ def test_prompts_take_the_full_budget_until_something_decodes_then_the_decoding_
 
 def test_the_full_budget_returns_when_the_last_decoder_finishes() -> None:
     sched = scheduler(SchedulerConfig(prefill_budget=100, decoding_prefill_budget=20))
-    decoder, waiting = sequence("a", 10, 1000), sequence("b", 70, 2000)
-    sched.add(decoder)
-    sched.schedule()
-    decoder.num_computed_tokens = 10
-    sched.add(waiting)
+    decoder, waiting = one_decoding_one_waiting(sched)
     assert sched.schedule().prefills == [(waiting, 20)]
     waiting.num_computed_tokens += 20
     sched.remove(decoder)
@@ -85,9 +91,5 @@ def test_the_decoding_budget_defaults_and_validation() -> None:
 
 def test_the_decoding_budget_never_exceeds_the_full_one_even_unresolved() -> None:
     sched = scheduler(SchedulerConfig(prefill_budget=16))  # the decoding budget left to the CPU default (64)
-    decoder, waiting = sequence("a", 10, 1000), sequence("b", 70, 2000)
-    sched.add(decoder)
-    sched.schedule()
-    decoder.num_computed_tokens = 10
-    sched.add(waiting)
+    decoder, waiting = one_decoding_one_waiting(sched)
     assert sched.schedule().prefills == [(waiting, 16)]
