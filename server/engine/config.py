@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 # 128 requests 4 at a time left most of them waiting a second.
 DEFAULT_PREFILL_BUDGET = {"cpu": 512, "gpu": 2048}
 # The same while sequences are decoding: every decoding sequence's next token waits for the step. On a
-# CPU a prompt token costs 12-16 ms (SmolLM2-135M, ~450 tokens of context), so 64 keep a step near a
-# 24-row decode step's cost, and requests arriving while others decode get their first token a step or
+# CPU a prompt token costs 12-16 ms (SmolLM2-135M, ~450 tokens of context), so 64 keep a step (with its
+# decode rows) around a second, and requests arriving while others decode get their first token a step or
 # two later instead of after one multi-second step (agents benchmark, README).
 DEFAULT_DECODING_PREFILL_BUDGET = {"cpu": 64, "gpu": 2048}
 
