@@ -238,8 +238,10 @@ class FineTuning:
         else:
             from server.engine.engine import Engine
             from server.finetune.chat_trainer import chat_model_with_adapter
+            from server.models.cpu_layers import speed_up_for_cpu
 
             model = chat_model_with_adapter(served.base.model, served.adapter_path)
+            speed_up_for_cpu(model)
             engine = Engine(model, served.base.tokenizer, self.settings.adapter_engine_config())
             engine.start()
             served.tokenizer, served.engine = served.base.tokenizer, engine

@@ -154,6 +154,7 @@ def prepare(registry: ModelRegistry, settings: Settings) -> None:
 def load(registry: ModelRegistry, settings: Settings) -> None:
     """Load every model: chat models get a running batch engine, embedding models an encoder and batcher."""
     from server.engine.engine import Engine
+    from server.models.cpu_layers import speed_up_for_cpu
 
     for served in registry.list():
         if served.kind == "embedding" and served.batcher is None:
@@ -166,6 +167,7 @@ def load(registry: ModelRegistry, settings: Settings) -> None:
         if served.kind == "chat" and served.model is None:
             started = time.perf_counter()
             model, tokenizer = load_chat_model(served.path, settings.dtype)
+            speed_up_for_cpu(model)
             engine = Engine(model, tokenizer, settings.engine_config())
             engine.start()
             served.tokenizer, served.engine = tokenizer, engine

@@ -5,6 +5,7 @@ stores the K/V that one-row prefill stores."""
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Any
 
 import mlx.core as mx
@@ -18,6 +19,7 @@ from server.engine.request import GenerationRequest
 from server.engine.runner import ModelRunner, padded_batches, prefill_groups
 from server.engine.sampling import SamplingParams, SequenceSampler
 from server.engine.sequence import Sequence
+from server.models.cpu_layers import speed_up_for_cpu
 from server.models.registry import ModelRegistry
 
 VOCAB = 49152  # the default model's tokenizer drives detokenization
@@ -66,6 +68,34 @@ def test_family_matches_mlx_lm(model_type: str, registry: ModelRegistry) -> None
         events = engine.generate(GenerationRequest(f"{model_type}-2", turn2, params))
         assert events[-1].cached_tokens > 0
         assert [e.token_id for e in events] == reference(model, turn2, 10)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "llama3_rope", "qwen2", "qwen3"])
+def test_cpu_layers_in_the_engine_generate_what_mlx_lm_generates(model_type: str, registry: ModelRegistry) -> None:
+    """The server switches these families to server/models/cpu_layers.py on a CPU: through the paged
+    cache, batched prefill and decode rows, the switched model still generates mlx-lm's tokens."""
+    tokenizer = registry.get("smollm2-135m-instruct").tokenizer
+    stock, switched = build(model_type), build(model_type)
+    assert speed_up_for_cpu(switched, mx.cpu) == 2 * CONFIGS[model_type]["num_hidden_layers"]
+    engine = Engine(switched, tokenizer, EngineConfig(block_size=8, num_blocks=96))
+    engine.start()
+    try:
+        prompts = [[(i * 7919 + k * 131) % 5000 + 100 for i in range(n)] for k, n in enumerate((37, 12, 25))]
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        results: dict[int, list[int]] = {}
+
+        def run(k: int) -> None:
+            results[k] = [e.token_id for e in engine.generate(GenerationRequest(f"cpu-{model_type}-{k}", prompts[k],
+                                                                                params))]
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [results[k] for k in range(len(prompts))] == [reference(stock, p, 8) for p in prompts]
     finally:
         engine.shutdown()
 
