@@ -162,6 +162,19 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model, tok, f"{path.name}, {dtype}"
 
 
+def engine_model(model: Any, exact: bool) -> tuple[Any, str]:
+    """The model our engine runs: on a CPU, what the server runs there (the same weights in a second module
+    tree switched to server/models/cpu_layers.py), so mlx-lm's side keeps its own modules; else `model`."""
+    if exact or mx.default_device() != mx.cpu:
+        return model, "mlx-lm's modules"
+    from server.finetune.adapters import rebuild_sharing_weights
+    from server.models.cpu_layers import speed_up_for_cpu
+
+    ours = rebuild_sharing_weights(model, lambda: type(model)(model.args))
+    ours.eval()
+    return ours, f"cpu layers on {speed_up_for_cpu(ours)} modules"
+
+
 def _flat(tree: Any) -> list[tuple[str, mx.array]]:
     from mlx.utils import tree_flatten
 
@@ -530,6 +543,8 @@ def main() -> int:
                    help="our token events on their own thread (default: the engine's, on a GPU)")
     p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
                    help="print the memory-bandwidth bound of each batch size (default: on a GPU)")
+    p.add_argument("--exact-cpu-layers", action="store_true",
+                   help="on a CPU, our engine runs mlx-lm's modules too (as the server's --exact-cpu-layers)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -540,13 +555,15 @@ def main() -> int:
 
     model, tok, desc = load_models(args)
     private = materialize_private_arrays(model)
+    our_model, layers = engine_model(model, args.exact_cpu_layers)
+    materialize_private_arrays(our_model)
     rng = np.random.default_rng(args.seed)
     bs = args.block_size
     longest_turn = args.prompt_len + (args.turns - 1) * (args.gen_len + args.turn_new) + args.gen_len + 1
     num_blocks = args.kv_blocks or (max(max(args.batches) * -(-(args.prompt_len + args.gen_len + 1) // bs),
                                         3 * args.agents * -(-longest_turn // bs)) + 64)
     max_seqs = max(SchedulerConfig().max_num_seqs, max(args.batches), args.agents)
-    engine = Engine(model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks, output_thread=args.output_thread,
+    engine = Engine(our_model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks, output_thread=args.output_thread,
                                              scheduler=SchedulerConfig(max_num_seqs=max_seqs,
                                                                        prefill_budget=args.prefill_budget,
                                                                        decoding_prefill_budget=args.decoding_prefill_budget)))
@@ -554,7 +571,7 @@ def main() -> int:
     args.prefill_budget = engine.config.scheduler.prefill_budget
     args.decoding_prefill_budget = engine.config.scheduler.decoding_prefill_budget
     print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}")
-    print(f"ours: block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
+    print(f"ours: {layers}, block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
           f"{args.prefill_budget} ({args.decoding_prefill_budget} while decoding), output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
           f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}")
     print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated (ignore EOS), greedy; warm-up: one round per "

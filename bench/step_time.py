@@ -92,16 +92,19 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--exact-cpu-layers", action="store_true", help="on a CPU, our engine runs mlx-lm's modules too")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     model, tok, desc = shared.load_models(args)
     shared.materialize_private_arrays(model)
+    our_model, layers = shared.engine_model(model, args.exact_cpu_layers)
+    shared.materialize_private_arrays(our_model)
     vocab = shared.vocab_size(model)
     batches = [int(b) for b in args.batches.split(",")]
     per_seq = -(-(args.prompt_len + args.warmup + args.steps + 80) // 16)
-    engine = Engine(model, tok, EngineConfig(num_blocks=max(batches) * per_seq + 64,
+    engine = Engine(our_model, tok, EngineConfig(num_blocks=max(batches) * per_seq + 64,
                                              scheduler=SchedulerConfig(max_num_seqs=max(max(batches), 64))))
-    print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}; output thread "
+    print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}; ours: {layers}; output thread "
           f"{engine.output.threaded}, decode ahead {engine.decoder.run_ahead}")
     print(f"prompt {args.prompt_len}, {args.warmup} warm-up + {args.steps} timed steps, best of {args.repeat}\n")
     header = f"{'batch':>5} | {'ours ms/step':>11} {'mlx-lm':>8} | {'ours tok/s':>10} {'mlx-lm':>8} | {'ours/mlx':>8}"

@@ -66,6 +66,7 @@ class Settings:
     max_num_seqs: int = 64
     prefill_chunk: int | None = None  # None: 512 on a CPU, 2048 on a GPU
     decoding_prefill_chunk: int | None = None  # the same while sequences decode; None: 64 on a CPU, 2048 on a GPU
+    exact_cpu_layers: bool = False  # keep mlx-lm's attention and MLP on a CPU (see server/models/cpu_layers.py)
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
     max_training_jobs: int = 1
@@ -191,6 +192,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens computed per engine step while sequences are decoding, so prompts "
                              "never stall their next token for long (default 64 on a CPU, 2048 on a GPU; at most "
                              "--prefill-chunk)")
+    parser.add_argument("--exact-cpu-layers", action="store_true", default=None,
+                        help="on a CPU, run mlx-lm's own attention and MLP code (MLX's scalar exp: about a third "
+                             "slower at long contexts) instead of the power-of-two forms")
     parser.add_argument("--queue-timeout", type=float,
                         help="seconds a request waits for KV blocks before a 503 (default 30)")
     parser.add_argument("--max-training-jobs", type=int,
@@ -238,6 +242,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     no_defaults = args.no_default_models if args.no_default_models is not None else \
         _env_bool(env, "NO_DEFAULT_MODELS", False)
     offline = args.offline if args.offline is not None else _env_bool(env, "OFFLINE", False)
+    exact_cpu_layers = args.exact_cpu_layers if args.exact_cpu_layers is not None else \
+        _env_bool(env, "EXACT_CPU_LAYERS", False)
     cors = args.cors_origin if args.cors_origin is not None else _env_list(env, "CORS_ORIGINS")
     keys_file = pick("api_keys_file", args.api_keys_file)
 
@@ -265,6 +271,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),  # type: ignore[arg-type]
         prefill_chunk=_optional_int(pick("prefill_chunk", args.prefill_chunk, int)),
         decoding_prefill_chunk=_optional_int(pick("decoding_prefill_chunk", args.decoding_prefill_chunk, int)),
+        exact_cpu_layers=exact_cpu_layers,
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),  # type: ignore[arg-type]
         sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),  # type: ignore[arg-type]
         max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),  # type: ignore[arg-type]

@@ -57,3 +57,9 @@ def test_prefill_chunks_reach_the_scheduler() -> None:
     assert parse_settings([], {}).engine_config().scheduler.decoding_prefill_budget is None  # the device's default
     with pytest.raises(ValueError):
         parse_settings(["--decoding-prefill-chunk", "0"], {})
+
+
+def test_exact_cpu_layers_from_flag_or_env() -> None:
+    assert parse_settings([], {}).exact_cpu_layers is False
+    assert parse_settings(["--exact-cpu-layers"], {}).exact_cpu_layers is True
+    assert parse_settings([], {"MLX_DROPIN_EXACT_CPU_LAYERS": "1"}).exact_cpu_layers is True

@@ -4,6 +4,7 @@ every mask kind the engine's caches hand a model, and switching a model changes 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -12,7 +13,11 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
+from server.config import Settings
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
 from server.models.cpu_layers import CPU_CLASSES, attention, silu_times, speed_up_for_cpu
+from server.models.registry import ModelRegistry, ServedModel, load, unload
 
 COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 96, "num_attention_heads": 6,
           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 512, "max_position_embeddings": 1024}
@@ -125,3 +130,23 @@ def test_nothing_switches_off_the_cpu_or_outside_the_known_families() -> None:
     assert speed_up_for_cpu(gemma, mx.cpu) == 0
     assert speed_up_for_cpu(model, mx.cpu) == 2 * COMMON["num_hidden_layers"]
     assert speed_up_for_cpu(model, mx.cpu) == 0  # already switched: idempotent
+
+
+def test_served_models_are_switched_unless_exact_layers_are_asked_for(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The server's model loading applies the switch on a CPU; --exact-cpu-layers keeps mlx-lm's modules."""
+    switched_types = set(CPU_CLASSES.values())
+    for exact in (False, True):
+        registry = ModelRegistry()
+        registry.add(ServedModel(id="chat", kind="chat", path=smollm2_dir))
+        settings = Settings(cache_dir=tmp_path / "cache", data_dir=tmp_path / "data", exact_cpu_layers=exact,
+                            kv_cache_gb=0.01)
+        load(registry, settings)
+        served = registry.get("chat")
+        try:
+            kinds = {type(layer.self_attn) in switched_types for layer in served.model.model.layers}
+            assert kinds == {not exact and mx.default_device() == mx.cpu}
+            events = served.engine.generate(GenerationRequest(f"exact-{exact}", [1, 2, 3, 4],
+                                                              SamplingParams(max_tokens=2, temperature=0.0)))
+            assert events and events[-1].finish_reason is not None
+        finally:
+            unload(served)

@@ -241,7 +241,8 @@ class FineTuning:
             from server.models.cpu_layers import speed_up_for_cpu
 
             model = chat_model_with_adapter(served.base.model, served.adapter_path)
-            speed_up_for_cpu(model)
+            if not self.settings.exact_cpu_layers:
+                speed_up_for_cpu(model)
             engine = Engine(model, served.base.tokenizer, self.settings.adapter_engine_config())
             engine.start()
             served.tokenizer, served.engine = served.base.tokenizer, engine

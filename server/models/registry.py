@@ -167,7 +167,8 @@ def load(registry: ModelRegistry, settings: Settings) -> None:
         if served.kind == "chat" and served.model is None:
             started = time.perf_counter()
             model, tokenizer = load_chat_model(served.path, settings.dtype)
-            speed_up_for_cpu(model)
+            if not settings.exact_cpu_layers:
+                speed_up_for_cpu(model)
             engine = Engine(model, tokenizer, settings.engine_config())
             engine.start()
             served.tokenizer, served.engine = tokenizer, engine
