@@ -14,11 +14,12 @@ Scenarios:
               each: aggregate completion tokens/s (from `usage`) and the ratio ours / mlx_lm.
 
 Each server starts as a subprocess on a free port, is warmed up with two requests, measured, and
-stopped before the other starts (they never share the cores). Sides alternate which goes first
-with --reverse. Connections a server drops are retried by the SDK (up to 3 times, counted in the time).
+stopped before the other starts (they never share the cores). --reverse puts mlx_lm.server first;
+--rounds N repeats both sides N times, alternating which goes first, and prints the median ratios. Connections a server drops are retried by the SDK (up to 3 times, counted in the time).
 
     .venv/bin/python bench/server_vs_mlxlm.py                                  # 24 agents x 4 turns, 16 fresh
     .venv/bin/python bench/server_vs_mlxlm.py --scenario agents --agents 8 --turns 3
+    .venv/bin/python bench/server_vs_mlxlm.py --rounds 3                      # ~18 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -235,34 +236,9 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=("agents", "throughput", "both"), default="both")
-    parser.add_argument("--agents", type=int, default=24)
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--system-words", type=int, default=300)
-    parser.add_argument("--max-tokens", type=int, default=24, help="tokens per agent turn")
-    parser.add_argument("--fresh", type=int, default=16, help="concurrent fresh requests (throughput)")
-    parser.add_argument("--gen-tokens", type=int, default=64, help="max_tokens per fresh request")
-    parser.add_argument("--reverse", action="store_true", help="measure mlx_lm.server first")
-    parser.add_argument("--only", choices=("mlx-dropin", "mlx_lm.server"),
-                        help="measure one side (no ratios): for trying server settings")
-    parser.add_argument("--server-args", default="", help="extra flags for our server, e.g. '--prefill-chunk 64'")
-    args = parser.parse_args()
-
-    import server  # noqa: F401  (OpenBLAS before mlx.core)
-    import mlx.core as mx
-    import mlx_lm
-
-    model_dir = float32_model_dir()
-    logs = Path(tempfile.mkdtemp(prefix="bench-servers-"))
-    order = servers(model_dir, logs / "data", logs, args.server_args.split())
-    if args.reverse:
-        order.reverse()
-    if args.only:
-        order = [s for s in order if s.name == args.only]
-    print(f"model {model_dir} (float32); mlx {mx.__version__} on {mx.default_device()}; mlx-lm {mlx_lm.__version__}; "
-          f"{os.cpu_count()} CPUs; logs in {logs}")
+def measure(order: list[Server], args: argparse.Namespace) -> tuple[dict[str, AgentsResult],
+                                                                     dict[str, tuple[float, int, float]]]:
+    """One round: each server in `order` started, warmed up, measured and stopped in turn."""
     agents: dict[str, AgentsResult] = {}
     throughput: dict[str, tuple[float, int, float]] = {}
     for server in order:
@@ -278,15 +254,14 @@ def main() -> None:
                 print(f"  {server.name}: throughput done in {throughput[server.name][2]:.1f}s", flush=True)
         finally:
             server.stop()
+    return agents, throughput
 
+
+def report(agents: dict[str, AgentsResult], throughput: dict[str, tuple[float, int, float]],
+           args: argparse.Namespace) -> dict[str, float]:
+    """Print one round's tables; return its ratios (wall, last-turn TTFT, throughput) ours / mlx_lm."""
     ours, theirs = "mlx-dropin", "mlx_lm.server"
-    if args.only:
-        for name, r in agents.items():
-            print(f"\n{name} agents: wall {r.wall:.1f} s, TTFT p50 by turn "
-                  + " / ".join(f"{p50(x):.2f}" for x in r.ttft_by_turn) + " s")
-        for name, (t, n, w) in throughput.items():
-            print(f"{name} throughput: {t:.1f} tok/s ({n} tokens in {w:.1f} s)")
-        return
+    ratios: dict[str, float] = {}
     if agents:
         a, b = agents[ours], agents[theirs]
         print(f"\nagents: {args.agents} agents x {args.turns} turns, shared system prompt of {args.system_words} "
@@ -296,6 +271,8 @@ def main() -> None:
             print(f"{name:16} {r.wall:8.1f} " + " ".join(f"{p50(x):13.2f}" for x in r.ttft_by_turn))
         print(f"{'ours / mlx_lm':16} {a.wall / b.wall:8.2f} "
               + " ".join(f"{p50(x) / p50(y):13.2f}" for x, y in zip(a.ttft_by_turn, b.ttft_by_turn)))
+        ratios["wall"] = a.wall / b.wall
+        ratios["last-turn TTFT"] = p50(a.ttft_by_turn[-1]) / p50(b.ttft_by_turn[-1])
     if throughput:
         (ta, na, wa), (tb, nb, wb) = throughput[ours], throughput[theirs]
         print(f"\nthroughput: {args.fresh} concurrent fresh requests, max_tokens {args.gen_tokens}")
@@ -303,6 +280,61 @@ def main() -> None:
         print(f"{ours:16} {ta:8.1f} {na:7d} {wa:7.1f}")
         print(f"{theirs:16} {tb:8.1f} {nb:7d} {wb:7.1f}")
         print(f"{'ours / mlx_lm':16} {ta / tb:8.2f}")
+        ratios["throughput"] = ta / tb
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=("agents", "throughput", "both"), default="both")
+    parser.add_argument("--agents", type=int, default=24)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--system-words", type=int, default=300)
+    parser.add_argument("--max-tokens", type=int, default=24, help="tokens per agent turn")
+    parser.add_argument("--fresh", type=int, default=16, help="concurrent fresh requests (throughput)")
+    parser.add_argument("--gen-tokens", type=int, default=64, help="max_tokens per fresh request")
+    parser.add_argument("--reverse", action="store_true", help="measure mlx_lm.server first (in the first round)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of both sides, alternating which goes first; prints every round and the "
+                             "median of each ratio (this machine's noise moves single runs by 15%% or more)")
+    parser.add_argument("--only", choices=("mlx-dropin", "mlx_lm.server"),
+                        help="measure one side (no ratios): for trying server settings")
+    parser.add_argument("--server-args", default="", help="extra flags for our server, e.g. '--prefill-chunk 64'")
+    args = parser.parse_args()
+
+    import server  # noqa: F401  (OpenBLAS before mlx.core)
+    import mlx.core as mx
+    import mlx_lm
+
+    model_dir = float32_model_dir()
+    logs = Path(tempfile.mkdtemp(prefix="bench-servers-"))
+    print(f"model {model_dir} (float32); mlx {mx.__version__} on {mx.default_device()}; mlx-lm {mlx_lm.__version__}; "
+          f"{os.cpu_count()} CPUs; logs in {logs}")
+    rounds: list[dict[str, float]] = []
+    for number in range(args.rounds):
+        round_logs = logs / f"round{number + 1}"
+        round_logs.mkdir()
+        order = servers(model_dir, round_logs / "data", round_logs, args.server_args.split())
+        if args.reverse != (number % 2 == 1):
+            order.reverse()
+        if args.only:
+            order = [s for s in order if s.name == args.only]
+        if args.rounds > 1:
+            print(f"\nround {number + 1} of {args.rounds}: {' then '.join(s.name for s in order)}", flush=True)
+        agents, throughput = measure(order, args)
+        if args.only:
+            for name, r in agents.items():
+                print(f"\n{name} agents: wall {r.wall:.1f} s, TTFT p50 by turn "
+                      + " / ".join(f"{p50(x):.2f}" for x in r.ttft_by_turn) + " s")
+            for name, (t, n, w) in throughput.items():
+                print(f"{name} throughput: {t:.1f} tok/s ({n} tokens in {w:.1f} s)")
+            continue
+        rounds.append(report(agents, throughput, args))
+    if len(rounds) > 1:
+        print(f"\nratios ours / mlx_lm over {len(rounds)} rounds (median; every round)")
+        for key in rounds[0]:
+            values = [r[key] for r in rounds]
+            print(f"{key:16} {statistics.median(values):6.2f}   " + ", ".join(f"{v:.2f}" for v in values))
 
 
 if __name__ == "__main__":
