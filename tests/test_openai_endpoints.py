@@ -337,3 +337,24 @@ def test_suffix_without_fill_in_the_middle_tokens_is_400(client: openai.OpenAI) 
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="def add(a, b):", suffix="    return c", max_tokens=4)
     assert info.value.param == "suffix"
+
+
+def test_the_engine_learns_which_requests_stream(client: openai.OpenAI, registry: ModelRegistry,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stream` reaches the engine (GenerationRequest.streamed): the scheduler holds prompts to the small
+    decoding budget only for the sake of streamed sequences."""
+    engine = registry.get(MODEL).engine
+    seen: list[tuple[str, bool]] = []
+    submit = engine.submit
+
+    def recording(request, sink):  # type: ignore[no-untyped-def]
+        seen.append((request.request_id.split("-")[0], request.streamed))
+        submit(request, sink)
+
+    monkeypatch.setattr(engine, "submit", recording)
+    client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    list(client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1, stream=True))
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, stream=True))
+    client.responses.create(model=MODEL, input="Hi", max_output_tokens=16)
+    assert seen == [("chat", False), ("chat", True), ("cmpl", False), ("cmpl", True), ("resp", False)]

@@ -93,3 +93,21 @@ def test_the_decoding_budget_never_exceeds_the_full_one_even_unresolved() -> Non
     sched = scheduler(SchedulerConfig(prefill_budget=16))  # the decoding budget left to the CPU default (64)
     decoder, waiting = one_decoding_one_waiting(sched)
     assert sched.schedule().prefills == [(waiting, 16)]
+
+
+def test_only_streamed_decoders_hold_prompts_to_the_decoding_budget() -> None:
+    """A non-streamed request shows nothing until it ends: while only such requests decode, waiting
+    prompts get the full budget (a batch job's burst starts together); one streamed decoder brings the
+    decoding budget back."""
+    sched = scheduler(SchedulerConfig(prefill_budget=100, decoding_prefill_budget=20))
+    decoder, waiting = one_decoding_one_waiting(sched)
+    decoder.streamed = False
+    plan = sched.schedule()
+    assert plan.prefills == [(waiting, 69)] and plan.decodes == [decoder, waiting]
+    waiting.num_computed_tokens += 69 + 1
+    streamed, late = sequence("s", 10, 3000), sequence("l", 60, 4000)
+    sched.add(streamed)
+    sched.schedule()
+    streamed.num_computed_tokens = 10  # decoding now, and streamed (the default)
+    sched.add(late)
+    assert sched.schedule().prefills == [(late, 20)]

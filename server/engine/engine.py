@@ -258,7 +258,8 @@ class Engine:
             sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
             detok = IncrementalDetokenizer(self.text_decoder, request.params.stop, request.prompt_token_ids)
             seqs.append(Sequence(request.request_id, index, list(request.prompt_token_ids), request.params,
-                                 sampler, detok, max_tokens, request.salt, request.conversation_key))
+                                 sampler, detok, max_tokens, request.salt, request.conversation_key,
+                                 streamed=request.streamed))
         self._sinks[request.request_id] = command.sink
         self._seqs[request.request_id] = seqs
         for seq in seqs:

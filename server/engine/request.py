@@ -13,7 +13,9 @@ class GenerationRequest:
 
     `salt` scopes KV reuse: the model or adapter id and the tenant, so two
     tenants or a base and a fine-tuned model never read each other's blocks.
-    `conversation_key` pins the finished turn's KV for the next turn.
+    `conversation_key` pins the finished turn's KV for the next turn. `streamed`: the client reads
+    tokens as they come (SSE), so the scheduler bounds how long prompts stall them (see scheduler.py);
+    a non-streamed request is answered at its end, where only its completion time counts.
     """
 
     request_id: str
@@ -21,6 +23,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     conversation_key: str | None = None
     salt: bytes = b""
+    streamed: bool = True
 
 
 @dataclass

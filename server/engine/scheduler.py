@@ -179,10 +179,12 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self._admit_waiting(plan)
-        # while some sequence decodes, its next token waits for the step: the smaller budget bounds that wait
+        # while a streamed sequence decodes, its client waits for the step's token: the smaller budget bounds
+        # that wait. Non-streamed sequences show nothing until they end: for them (a batch job's burst of
+        # requests) the full budget admits everyone sooner and the batch finishes together.
         config = self.config
         budget = config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]
-        if any(not seq.num_pending_prefill for seq in self.running):
+        if any(seq.streamed and not seq.num_pending_prefill for seq in self.running):
             budget = min(budget, config.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET["cpu"])
         chunked: dict[int, int] = {}
         for seq in self.running:

@@ -58,6 +58,7 @@ class Sequence:
     max_tokens: int
     salt: bytes = b""
     conversation_key: str | None = None
+    streamed: bool = True  # its client reads tokens as they come (GenerationRequest.streamed)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -177,7 +177,7 @@ def _grammar(response_format: dict[str, Any] | None, tools: list[dict[str, Any]]
 
 def build_request(served: ServedModel, scope: RequestScope, conversation: str | None,
                   messages: list[dict[str, Any]], tools: list[dict[str, Any]], mode: str, forced: str | None,
-                  response_format: dict[str, Any] | None, *, request_id: str,
+                  response_format: dict[str, Any] | None, *, request_id: str, streamed: bool = True,
                   **sampling: Any) -> tuple[GenerationRequest, ToolFormat | None]:
     """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
 
@@ -191,7 +191,8 @@ def build_request(served: ServedModel, scope: RequestScope, conversation: str | 
     prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
     request = GenerationRequest(
         request_id=request_id, prompt_token_ids=prompt, params=params,
-        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id))
+        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id),
+        streamed=streamed)
     served.engine.validate(request)
     return request, fmt
 
@@ -206,7 +207,7 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
     request, fmt = build_request(
         served, scope, conversation, messages, tools, mode, forced,
         msgspec.to_builtins(body.response_format) if body.response_format is not None else None,
-        request_id=f"chat-{uuid.uuid4().hex}",
+        request_id=f"chat-{uuid.uuid4().hex}", streamed=bool(body.stream),
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

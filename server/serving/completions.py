@@ -114,7 +114,7 @@ def prepare(body: CompletionRequest, served: ServedModel, scope: RequestScope, c
             ids = _with_suffix(ids, body.suffix, tokenizer)
         request = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,
                                     conversation_key=scope.conversation_key(served.id, conversation),
-                                    salt=scope.salt(served.id))
+                                    salt=scope.salt(served.id), streamed=bool(body.stream))
         served.engine.validate(request)
         requests.append(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -223,7 +223,8 @@ def prepare(body: ResponseRequest, served: ServedModel, scope: RequestScope, con
     with _responses_params():
         request, fmt = build_request(
             served, scope, conversation, chat_messages(history + items, body.instructions), tools, mode, forced,
-            _response_format(body.text), request_id=f"resp-{uuid.uuid4().hex}", max_tokens=body.max_output_tokens,
+            _response_format(body.text), request_id=f"resp-{uuid.uuid4().hex}", streamed=bool(body.stream),
+            max_tokens=body.max_output_tokens,
             temperature=body.temperature, top_p=body.top_p)
     max_calls = 1 if body.parallel_tool_calls is False else None
     if body.max_tool_calls is not None:
