@@ -65,7 +65,7 @@ class Settings:
     block_size: int = 16
     max_num_seqs: int = 64
     prefill_chunk: int | None = None  # None: 512 on a CPU, 2048 on a GPU
-    decoding_prefill_chunk: int | None = None  # the same while sequences decode; None: 64 on a CPU, 2048 on a GPU
+    decoding_prefill_chunk: int | None = None  # the same while streamed sequences decode; None: 64 on a CPU, 2048 on a GPU
     exact_cpu_layers: bool = False  # keep mlx-lm's attention and MLP on a CPU (see server/models/cpu_layers.py)
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
@@ -189,9 +189,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens computed per engine step while no sequence is decoding "
                              "(default 512 on a CPU, 2048 on a GPU)")
     parser.add_argument("--decoding-prefill-chunk", type=int,
-                        help="prompt tokens computed per engine step while sequences are decoding, so prompts "
-                             "never stall their next token for long (default 64 on a CPU, 2048 on a GPU; at most "
-                             "--prefill-chunk)")
+                        help="prompt tokens computed per engine step while streamed sequences are decoding, so "
+                             "prompts never stall their next token for long (default 64 on a CPU, 2048 on a GPU; "
+                             "at most --prefill-chunk)")
     parser.add_argument("--exact-cpu-layers", action="store_true", default=None,
                         help="on a CPU, run mlx-lm's own attention and MLP code (MLX's scalar exp: about a third "
                              "slower at long contexts) instead of the power-of-two forms")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 # step but the prompts in it). On a GPU 512 tokens cost little more than one decode step, and admitting
 # 128 requests 4 at a time left most of them waiting a second.
 DEFAULT_PREFILL_BUDGET = {"cpu": 512, "gpu": 2048}
-# The same while sequences are decoding: every decoding sequence's next token waits for the step. On a
+# The same while streamed sequences are decoding: each one's next token waits for the step. On a
 # CPU a prompt token costs 12-16 ms (SmolLM2-135M, ~450 tokens of context), so 64 keep a step (with its
 # decode rows) around a second, and requests arriving while others decode get their first token a step or
 # two later instead of after one multi-second step (agents benchmark, README).
@@ -20,7 +20,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences decoding together
     # prompt tokens computed per step, across sequences; None: DEFAULT_PREFILL_BUDGET for the device
     prefill_budget: int | None = None
-    # the same while some sequence is decoding; None: DEFAULT_DECODING_PREFILL_BUDGET for the device
+    # the same while some streamed sequence is decoding; None: DEFAULT_DECODING_PREFILL_BUDGET for the device
     decoding_prefill_budget: int | None = None
     admission_timeout: float = 30.0  # seconds a request may wait for blocks before PoolExhaustedError
 
