@@ -532,8 +532,9 @@ def main() -> int:
                    help="our prompt tokens per step while nothing decodes (default: the engine's, 512 on a CPU, "
                         "2048 on a GPU)")
     p.add_argument("--decoding-prefill-budget", type=int, default=None,
-                   help="our prompt tokens per step while sequences decode (default: the engine's, 64 on a CPU, "
-                        "2048 on a GPU; the server's --decoding-prefill-chunk). A batch submitted at once is "
+                   help="our prompt tokens per step while streamed sequences decode (every request here is "
+                        "streamed; default: the engine's, 64 on a CPU, 2048 on a GPU; the server's "
+                        "--decoding-prefill-chunk). A batch submitted at once is "
                         "admitted this many prompt tokens a step once its first rows decode: on a CPU, 512 "
                         "gives the throughput figure, 64 the interactive default's")
     p.add_argument("--prefill-batch", type=int, default=8, help="mlx-lm prefill_batch_size (default: mlx-lm's, 8)")

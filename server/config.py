@@ -65,7 +65,8 @@ class Settings:
     block_size: int = 16
     max_num_seqs: int = 64
     prefill_chunk: int | None = None  # None: 512 on a CPU, 2048 on a GPU
-    decoding_prefill_chunk: int | None = None  # the same while streamed sequences decode; None: 64 on a CPU, 2048 on a GPU
+    # the same while streamed sequences decode; None: 64 on a CPU, 2048 on a GPU
+    decoding_prefill_chunk: int | None = None
     exact_cpu_layers: bool = False  # keep mlx-lm's attention and MLP on a CPU (see server/models/cpu_layers.py)
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0

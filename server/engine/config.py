@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 # step but the prompts in it). On a GPU 512 tokens cost little more than one decode step, and admitting
 # 128 requests 4 at a time left most of them waiting a second.
 DEFAULT_PREFILL_BUDGET = {"cpu": 512, "gpu": 2048}
-# The same while streamed sequences are decoding: each one's next token waits for the step. On a
-# CPU a prompt token costs 12-16 ms (SmolLM2-135M, ~450 tokens of context), so 64 keep a step (with its
-# decode rows) around a second, and requests arriving while others decode get their first token a step or
-# two later instead of after one multi-second step (agents benchmark, README).
+# The same while streamed sequences are decoding: each one's next token waits for the step. On a CPU a
+# prompt token costs about 10 ms (SmolLM2-135M, ~500 tokens of context, server/models/cpu_layers.py;
+# 12-16 ms with mlx-lm's own modules), so 64 keep a step (with its decode rows) under a second, and
+# requests arriving while others decode get their first token a step or two later instead of after one
+# multi-second step (agents benchmark, README).
 DEFAULT_DECODING_PREFILL_BUDGET = {"cpu": 64, "gpu": 2048}
 
 

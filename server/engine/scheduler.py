@@ -5,8 +5,8 @@ prefill chunks to admitted sequences within a token budget, a smaller one while
 streamed sequences decode (so prompts never hold back a streamed token for more
 than one small chunk, and a new request's first token comes a step or two after
 it arrives; non-streamed requests show nothing until they end, so a burst of
-them starts together under the full budget), and puts every sequence whose prompt is computed into the decode
-batch. When a decode needs a block and none can be reclaimed, the newest
+them starts together under the full budget), and puts every sequence whose
+prompt is computed into the decode batch. When a decode needs a block and none can be reclaimed, the newest
 running sequence is preempted: its blocks are freed (their hashes stay, so
 re-admission mostly hits the prefix cache) and it waits at the head of the
 queue. A new sequence whose prompt shares whole blocks that a running sequence

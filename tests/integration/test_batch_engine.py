@@ -441,3 +441,36 @@ def test_a_request_that_fails_to_start_ends_with_an_error_and_the_engine_keeps_s
     assert tokens_of(engine.generate(request(prompt, max_tokens=2), timeout=60))
     stats = engine.stats()
     assert stats.requests_submitted == stats.requests_finished
+
+
+def test_a_non_streamed_request_lets_arrivals_prefill_at_the_full_budget(smol: tuple[Any, Any]) -> None:
+    """`GenerationRequest.streamed` reaches the scheduler: with a decoding budget of one token a step,
+    a 40-token prompt arriving while a non-streamed request decodes is still computed in one step."""
+    model, tokenizer = smol
+    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=64, scheduler=SchedulerConfig(
+        prefill_budget=512, decoding_prefill_budget=1)))
+    eng.start()
+    try:
+        for streamed in (False, True):
+            first = GenerationRequest(f"ns-{streamed}-a", chat_tokens(tokenizer, "Count slowly."),
+                                      SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                                      streamed=streamed)
+            done: list[list[TokenEvent]] = []
+            runner = threading.Thread(target=lambda r=first: done.append(eng.generate(r)))
+            before = eng.stats().steps
+            runner.start()
+            while eng.stats().steps < before + 2:  # the first request is decoding
+                time.sleep(0.01)
+            # 40 tokens sharing no block with the first request's prompt (nothing reused from the cache)
+            arrival = request([1000 + 17 * i + (7 if streamed else 0) for i in range(40)], max_tokens=1)
+            mid = eng.stats().steps
+            eng.generate(arrival)
+            steps = eng.stats().steps - mid
+            runner.join(120)
+            assert len(tokens_of(done[0])) == 20
+            if streamed:  # held to one prompt token a step until the streamed decoder finishes
+                assert steps >= 8
+            else:  # its whole prompt in the step it arrives at, its token at most a step later
+                assert steps <= 2
+    finally:
+        eng.shutdown()
