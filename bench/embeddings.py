@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import server  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx.core)
+import cache_location  # noqa: E402  (bench/: the model cache, found as the server finds it)
 
 import numpy as np  # noqa: E402
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="sequential single-input HTTP requests")
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum time per throughput cell")
+    cache_location.add_cache_dir_argument(parser)
     args = parser.parse_args()
 
     import openai
@@ -81,12 +83,12 @@ def main() -> None:
     from server.models.registry import ModelRegistry, build_registry, shutdown
     from tests.serving import running_server
 
-    settings = Settings(data_dir=Path("/tmp/mlx-dropin-bench-data"))
+    settings = Settings(cache_dir=cache_location.cache_dir(args), data_dir=Path("/tmp/mlx-dropin-bench-data"))
     if args.model is not None:
         from server.config import ModelSpec
 
         settings = Settings(models=(ModelSpec("bench-embed", str(args.model)),), default_models=False,
-                            data_dir=settings.data_dir)
+                            cache_dir=settings.cache_dir, data_dir=settings.data_dir)
     registry = ModelRegistry()
     build_registry(registry, settings)
     assert registry.ready, registry.failure

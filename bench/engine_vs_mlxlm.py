@@ -24,7 +24,8 @@ ignore_eos, mlx-lm without stop tokens):
    mlx-lm's BatchGenerator the prompt cache its finished turn returned (what mlx_lm.server's
    prompt cache does), so only the new tokens are computed there too.
 
-Models: the default SmolLM2-135M-Instruct from the model cache, --model DIR for another MLX model
+Models: the default SmolLM2-135M-Instruct from the model cache (--cache-dir, else
+MLX_DROPIN_CACHE_DIR, else ~/.cache/mlx-dropin, as the server), --model DIR for another MLX model
 directory, or random weights: --shape llama-1b (Llama-3.2-1B's shape) or --random-weights CONFIG_JSON.
 Random-weight models get random prompts like the others; their detokenizer is the default
 SmolLM2 tokenizer, used directly when the model's vocabulary fits in it, else with ids folded modulo
@@ -51,6 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+import cache_location  # noqa: E402  (bench/: the model cache, found as the server finds it)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -121,10 +123,9 @@ def materialize_private_arrays(model: Any) -> list[str]:
     return [name for name, _ in found]
 
 
-def default_model_dir() -> Path:
-    from server.models.cache import default_cache_root
-
-    return default_cache_root() / "models" / "smollm2-135m-instruct"
+def default_model_dir(args: argparse.Namespace) -> Path:
+    """The default SmolLM2-135M-Instruct in the cache --cache-dir / MLX_DROPIN_CACHE_DIR names."""
+    return cache_location.default_model_dir("smollm2-135m-instruct", cache_location.cache_dir(args))
 
 
 def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -143,7 +144,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
                               model.parameters()))
         mx.eval(model.parameters())
         model.eval()
-        tok = load_tokenizer(default_model_dir())
+        tok = load_tokenizer(default_model_dir(args))
         vocab = int(config["vocab_size"])
         tok_size = len(tok.vocab)
         if vocab <= tok_size:
@@ -156,7 +157,7 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
         return model, our_tok, f"{name} random weights, {dtype}; detokenizer: {note}"
     from server.models.loading import load_chat_model
 
-    path = Path(args.model) if args.model else default_model_dir()
+    path = Path(args.model) if args.model else default_model_dir(args)
     model, tok = load_chat_model(path)
     dtype = next(iter(v.dtype for _, v in _flat(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)))
     return model, tok, f"{path.name}, {dtype}"
@@ -507,6 +508,7 @@ def main() -> int:
     src.add_argument("--model", help="an MLX model directory (default: the cached SmolLM2-135M-Instruct)")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights in this model's shape")
     src.add_argument("--random-weights", metavar="CONFIG_JSON", help="random weights for this config.json")
+    cache_location.add_cache_dir_argument(p)
     p.add_argument("--dtype", default="auto", help="random weights only: auto = bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64)

@@ -97,13 +97,16 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
+    parser.add_argument("--cache-dir", help="the server's model cache (default: the server's own rule, "
+                                            "MLX_DROPIN_CACHE_DIR, else ~/.cache/mlx-dropin)")
     args = parser.parse_args()
 
     port = free_port()
     data = tempfile.mkdtemp(prefix="mlx-dropin-load-")
     log = Path(data) / "server.log"
     env = {**os.environ, "MLX_DROPIN_DATA_DIR": data, "MLX_DROPIN_API_KEYS": "", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *args.server_arg],
+    cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []  # else the server resolves it itself
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *cache, *args.server_arg],
                             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

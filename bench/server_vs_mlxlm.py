@@ -54,15 +54,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def float32_model_dir() -> Path:
-    """A float32 MLX copy of the default chat model (built once, kept in the model cache)."""
-    from server.config import Settings
-    from server.models.cache import ModelCache
-    from server.models.defaults import SMOLLM2, build_default
+def float32_model_dir(cache_dir: Path) -> Path:
+    """A float32 MLX copy of the default chat model (built once, kept in the model cache at cache_dir)."""
+    import cache_location
 
-    settings = Settings()
-    cache = ModelCache(settings.cache_dir)
-    out = settings.cache_dir / "bench" / "smollm2-135m-instruct-f32"
+    out = cache_dir / "bench" / "smollm2-135m-instruct-f32"
     if (out / "config.json").is_file():
         return out
     import json
@@ -71,7 +67,7 @@ def float32_model_dir() -> Path:
 
     from server.models.loading import load_chat_model
 
-    src = build_default(SMOLLM2, cache)
+    src = cache_location.default_model_dir(MODEL_ID, cache_dir)
     model, tokenizer = load_chat_model(src, "float32")
     tmp = out.with_suffix(".partial")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -285,6 +281,9 @@ def report(agents: dict[str, AgentsResult], throughput: dict[str, tuple[float, i
 
 
 def main() -> None:
+    import server  # noqa: F401  (OpenBLAS before mlx.core)
+    import cache_location  # the model cache, found as the server finds it
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=("agents", "throughput", "both"), default="both")
     parser.add_argument("--agents", type=int, default=24)
@@ -300,13 +299,13 @@ def main() -> None:
     parser.add_argument("--only", choices=("mlx-dropin", "mlx_lm.server"),
                         help="measure one side (no ratios): for trying server settings")
     parser.add_argument("--server-args", default="", help="extra flags for our server, e.g. '--prefill-chunk 64'")
+    cache_location.add_cache_dir_argument(parser)
     args = parser.parse_args()
 
-    import server  # noqa: F401  (OpenBLAS before mlx.core)
     import mlx.core as mx
     import mlx_lm
 
-    model_dir = float32_model_dir()
+    model_dir = float32_model_dir(cache_location.cache_dir(args))
     logs = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     print(f"model {model_dir} (float32); mlx {mx.__version__} on {mx.default_device()}; mlx-lm {mlx_lm.__version__}; "
           f"{os.cpu_count()} CPUs; logs in {logs}")

@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cache_location  # noqa: E402  (the model cache, found as the server finds it)
 import engine_vs_mlxlm as shared  # noqa: E402  (model loading shared with the other engine benchmark)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,6 +87,7 @@ def main() -> int:
     src.add_argument("--model", help="an MLX model directory (default: the cached SmolLM2-135M-Instruct)")
     src.add_argument("--shape", choices=sorted(shared.SHAPES), help="random weights in this model's shape")
     src.add_argument("--random-weights", metavar="CONFIG_JSON", help="random weights for this config.json")
+    cache_location.add_cache_dir_argument(p)
     p.add_argument("--dtype", default="auto", help="random weights only: auto = bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=128)

@@ -18,9 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from server.aliases import VersionPrefixMiddleware
 from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
-from server.keys import KeyRing
+from server.keys import KeyRing, key_id_secret
 from server.limits import RateLimits
 from server.metrics import Metrics
 from server.middleware import (
@@ -64,7 +65,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
                 shutdown(registry)
             app.state.database.close()
 
-    keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
+    keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file, key_id_secret(settings.data_dir))
     limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm, settings.max_concurrent_per_key,
                         settings.rate_limit_window)
     observed = Metrics()
@@ -76,11 +77,12 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
         routes=routes,
         middleware=[
             Middleware(TrailingSlashMiddleware),
+            Middleware(VersionPrefixMiddleware, routes=routes),  # `/chat/completions` is `/v1/chat/completions`
             Middleware(UnreadBodyMiddleware),
             Middleware(RequestIdMiddleware),
             Middleware(AccessLogMiddleware, metrics=observed, routes=routes),
             *cors,  # outside auth: browsers send preflights without the key
-            Middleware(AuthMiddleware, keys=keys),
+            Middleware(AuthMiddleware, keys=keys, metrics_key=settings.metrics_key),
             Middleware(RateLimitMiddleware, limits=limits),
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/files": settings.max_file_bytes}),

@@ -6,16 +6,25 @@ import argparse
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from server import __version__
 from server.config import Settings, add_serve_arguments, resolve_cache_dir, settings_from_args
 from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
 from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import ModelSourceError, resolve_source
+from server.models.registry import ServedModel
+from server.preflight import StartupError, bind_listeners, check_data_dir
 from server.shutdown import GracefulShutdown
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config
 
 log = logging.getLogger("mlx_dropin")
 
@@ -29,6 +38,16 @@ def _setup_logging(level: str) -> None:
     access.propagate = False
 
 
+def format_model_table(models: Sequence[ServedModel]) -> str:
+    """The start-up table: id, kind and where each model comes from, columns as wide as their longest
+    entry; a fine-tuned model shows its own adapter directory and its base."""
+    rows = [(m.id, m.kind, str(m.path) if m.adapter_path is None else
+             f"{m.adapter_path} (adapter on {m.base.id if m.base is not None else m.path})") for m in models]
+    id_width = max((len(row[0]) for row in rows), default=0)
+    kind_width = max((len(row[1]) for row in rows), default=0)
+    return "\n".join(f"  {i:<{id_width}}  {k:<{kind_width}}  {s}" for i, k, s in rows)
+
+
 def _announce_when_ready(app_state: object, settings: Settings, stop: asyncio.Event,
                          loop: asyncio.AbstractEventLoop, failed: list[str]) -> None:
     registry = app_state.registry  # type: ignore[attr-defined]
@@ -38,30 +57,51 @@ def _announce_when_ready(app_state: object, settings: Settings, stop: asyncio.Ev
             log.error("could not start: %s", registry.failure)
             loop.call_soon_threadsafe(stop.set)
             return
+    loader = getattr(app_state, "loader", None)
+    if loader is not None:  # it registers the fine-tuned models after the base models are ready
+        loader.join(timeout=60)
     base = f"http://{settings.host}:{settings.port}/v1"
-    lines = [f"  {m.id:<28} {m.kind:<10} {m.path}" for m in registry.list()]
-    print(f"mlx-dropin ready at {base}\nmodels:\n" + "\n".join(lines), flush=True)
+    listed = [m for m in registry.list() if m.listed]  # fine-tuning checkpoints are not listed
+    print(f"mlx-dropin ready at {base}\nmodels:\n" + format_model_table(listed), flush=True)
+
+
+def _hypercorn_config(settings: Settings) -> Config:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    # hypercorn's own logger, not a second handler of its own: its lines ("Running on ...") print once
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.loglevel = settings.log_level.upper()
+    config.keep_alive_timeout = 75
+    return config
 
 
 def serve(settings: Settings) -> int:
     from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
 
     from server.app import create_app
 
+    config = _hypercorn_config(settings)
+    try:  # before any log line: a port in use or a bad data directory is one line and exit status 1
+        check_data_dir(settings.data_dir)
+        bind_listeners(config)
+    except StartupError as exc:
+        print(f"mlx-dropin: error: {exc}", file=sys.stderr)
+        return 1
     _setup_logging(settings.log_level)
     log.info("BLAS: %s", describe_blas())
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except (OSError, sqlite3.Error) as exc:  # e.g. a data directory whose database is not SQLite
+        print(f"mlx-dropin: error: cannot start: {exc}", file=sys.stderr)
+        return 1
     if app.state.keys.enabled:
         log.info("API keys required (%d configured)", len(app.state.keys))
     else:
         log.warning("no API keys configured: the server is OPEN to anyone who can reach %s:%d",
                     settings.host, settings.port)
-    config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
-    config.accesslog = None
-    config.loglevel = settings.log_level.upper()
-    config.keep_alive_timeout = 75
     graceful = GracefulShutdown(app.state.registry, settings.shutdown_timeout)
     config.graceful_timeout = graceful.connection_grace
     print(f"mlx-dropin listening on http://{settings.host}:{settings.port} (loading models...)", flush=True)
@@ -127,19 +167,27 @@ def models_convert(cache: ModelCache, gguf: str, out: str | None) -> int:
     return 0
 
 
+CACHE_DIR_HELP = "model cache (default: MLX_DROPIN_CACHE_DIR, else ~/.cache/mlx-dropin)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-dropin", description="OpenAI-compatible server for MLX")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="start the server"))
     models = sub.add_parser("models", help="manage the model cache")
-    models.add_argument("--cache-dir", help="model cache (default ~/.cache/mlx-dropin)")
+    models.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     msub = models.add_subparsers(dest="action", required=True)
-    msub.add_parser("list", help="list cached models")
+    listing = msub.add_parser("list", help="list cached models")
     pull = msub.add_parser("pull", help="fetch a default model id or a hub repo into the cache")
-    pull.add_argument("id")
+    pull.add_argument("id", metavar="ID",
+                      help=f"a default model ({', '.join(d.id for d in DEFAULTS)}), a Hugging Face repo id "
+                           "(org/name), a local MLX directory or a .gguf file")
     convert = msub.add_parser("convert", help="convert a GGUF file to an MLX directory")
-    convert.add_argument("gguf")
+    convert.add_argument("gguf", metavar="GGUF", help="the .gguf file to convert")
     convert.add_argument("--out", help="write here instead of into the cache")
+    for action in (listing, pull, convert):  # also after the action: `models pull ID --cache-dir X`
+        action.add_argument("--cache-dir", default=argparse.SUPPRESS, help=CACHE_DIR_HELP)
     return parser
 
 

@@ -59,6 +59,7 @@ class Settings:
     dtype: str = "auto"
     max_body_mb: float = 32.0
     max_file_mb: float = 512.0
+    max_storage_gb_per_tenant: float | None = None  # bytes of /v1/files a tenant may hold; None = no quota
     log_level: str = "info"
     offline: bool = False
     kv_cache_gb: float = 2.0
@@ -81,12 +82,15 @@ class Settings:
     request_timeout: float | None = None  # seconds for a non-streamed generation before a 504; None = off
     cors_origins: tuple[str, ...] = ()
     shutdown_timeout: float = 10.0  # seconds in-flight requests may run on after SIGTERM before they are cut
+    metrics_key: str | None = None  # when set, GET /metrics needs exactly this key; else it is open
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_body_mb <= 0 or self.max_file_mb <= 0:
             raise ValueError("max_body_mb and max_file_mb must be positive")
+        if self.max_storage_gb_per_tenant is not None and not self.max_storage_gb_per_tenant > 0:
+            raise ValueError(f"max_storage_gb_per_tenant must be positive, got {self.max_storage_gb_per_tenant}")
         if self.kv_cache_gb <= 0 or self.block_size < 1 or self.max_num_seqs < 1 or \
                 any(c is not None and c < 1 for c in (self.prefill_chunk, self.decoding_prefill_chunk)):
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and the prefill chunks must be positive")
@@ -104,6 +108,8 @@ class Settings:
             raise ValueError("rate_limit_window and request_timeout must be positive")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.metrics_key is not None and (not self.metrics_key or any(c.isspace() for c in self.metrics_key)):
+            raise ValueError("the metrics key must be non-empty and contain no whitespace")
         ids = [spec.id for spec in self.models]
         if len(ids) != len(set(ids)):
             raise ValueError(f"model ids must be unique, got {ids}")
@@ -117,6 +123,11 @@ class Settings:
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def max_storage_bytes_per_tenant(self) -> int | None:
+        gb = self.max_storage_gb_per_tenant
+        return None if gb is None else int(gb * 1024 ** 3)
 
     @property
     def auth_enabled(self) -> bool:
@@ -180,6 +191,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype: auto = float32 on CPU, keep quantized on Metal/CUDA (default auto)")
     parser.add_argument("--max-body-mb", type=float, help="largest request body in MiB (default 32)")
     parser.add_argument("--max-file-mb", type=float, help="largest upload to /v1/files in MiB (default 512)")
+    parser.add_argument("--max-storage-gb-per-tenant", type=float,
+                        help="GiB of stored files (/v1/files) each tenant may hold; an upload over it is a 400 "
+                             "storage_quota_exceeded (default off)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     parser.add_argument("--offline", action="store_true", default=None,
                         help="never reach the hub; serve only what the cache holds")
@@ -222,6 +236,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float,
                         help="seconds in-flight requests may finish after SIGTERM; then they end with "
                              "finish_reason 'abort' (default 10)")
+    parser.add_argument("--metrics-key", metavar="KEY",
+                        help="require this key (Bearer, api-key or x-api-key header) for GET /metrics; API keys "
+                             "do not open it (default: /metrics is open)")
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -265,6 +282,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         dtype=str(pick("dtype", args.dtype)),
         max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),  # type: ignore[arg-type]
         max_file_mb=float(pick("max_file_mb", args.max_file_mb, float)),  # type: ignore[arg-type]
+        max_storage_gb_per_tenant=optional("max_storage_gb_per_tenant", float),  # type: ignore[arg-type]
         log_level=str(pick("log_level", args.log_level)),
         offline=offline,
         kv_cache_gb=float(pick("kv_cache_gb", args.kv_cache_gb, float)),  # type: ignore[arg-type]
@@ -285,6 +303,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         request_timeout=optional("request_timeout", float),  # type: ignore[arg-type]
         cors_origins=tuple(cors),
         shutdown_timeout=float(pick("shutdown_timeout", args.shutdown_timeout, float)),  # type: ignore[arg-type]
+        metrics_key=optional("metrics_key", str),  # type: ignore[arg-type]
     )
 
 

@@ -6,11 +6,18 @@ tokens and the tokens generated. Read at scrape time: each engine's
 `stats()` (KV blocks, running and waiting sequences, prompt tokens computed
 and reused), each embedding batcher's counters and the fine-tuning jobs by
 status, so nothing has to push them.
+
+/metrics may be open, so no label names a tenant: the operator's models keep
+their ids, and every fine-tuned model (whose ``ft:<base>:<org>:<suffix>:<job>``
+id names an organization) is counted under the one label ``fine-tuned``. The
+engines behind that label come and go (adapters are unloaded when idle), so
+their counters are carried over once an engine is gone and stay monotonic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,6 +32,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+FINE_TUNED = "fine-tuned"  # the one label of every tenant's fine-tuned model
+FINE_TUNED_PREFIX = "ft:"
+ENGINE_GAUGES = ("blocks_used", "blocks_cached", "blocks_free", "blocks_pinned", "running", "waiting")
+ENGINE_COUNTERS = ("prompt_tokens_computed", "prompt_tokens_reused", "generated_tokens")
+BATCHER_COUNTERS = ("batches", "inputs")
+
+
+def model_label(model: Any) -> str:
+    """A model's metric label (a ServedModel or a model id): its id for the operator's models, "fine-tuned" for
+    a tenant's (owned by a tenant, built on a base, or named ``ft:...``)."""
+    model_id = model if isinstance(model, str) else model.id
+    owned = not isinstance(model, str) and (model.owner is not None or model.base is not None)
+    return FINE_TUNED if owned or model_id.startswith(FINE_TUNED_PREFIX) else model_id
 
 
 class Metrics:
@@ -54,8 +74,9 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 
-    def generation(self, model: str, started: float | None = None) -> TokenTimer:
-        return TokenTimer(self, model, started if started is not None else time.perf_counter())
+    def generation(self, model: Any, started: float | None = None) -> TokenTimer:
+        """A timer for one generation of `model` (a ServedModel or its id), labelled by `model_label`."""
+        return TokenTimer(self, model_label(model), started if started is not None else time.perf_counter())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -90,17 +111,48 @@ def timed(timer: TokenTimer | None, events: AsyncIterator[TokenEvent]) -> AsyncI
     return events if timer is None else timer.watch(events)
 
 
+class _Carried:
+    """Counters per label that stay monotonic while the engines (or batchers) behind a label come and go: the last
+    values of one that is gone (unloaded, replaced, or counting from zero again) are kept and added."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # scrapes run on the thread pool, possibly two at once
+        self._seen: dict[str, tuple[int, str, dict[str, float]]] = {}  # model id -> (source, label, counters)
+        self._gone: dict[str, dict[str, float]] = {}  # label -> counters of sources gone
+
+    def totals(self, current: dict[str, tuple[int, str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+        """Per label, the counters of the sources in `current` (model id -> (id of the source, label, counters))
+        plus those of every source gone since start."""
+        with self._lock:
+            for model_id, (source, label, last) in self._seen.items():
+                now = current.get(model_id)
+                if now is None or now[0] != source or any(now[2][k] < v for k, v in last.items()):
+                    _add(self._gone.setdefault(label, {}), last)
+            self._seen = dict(current)
+            out = {label: dict(counters) for label, counters in self._gone.items()}
+        for _, label, counters in current.values():
+            _add(out.setdefault(label, {}), counters)
+        return out
+
+
+def _add(into: dict[str, float], counters: dict[str, float]) -> None:
+    for name, value in counters.items():
+        into[name] = into.get(name, 0) + value
+
+
 class _StateCollector(Collector):
     def __init__(self, state: Any) -> None:
         self.state = state
+        self.engines, self.batchers = _Carried(), _Carried()
 
     def collect(self) -> Iterator[Metric]:
-        yield from _engine_metrics(self.state.registry.list())
-        yield from _embedding_metrics(self.state.registry.list())
+        models = self.state.registry.list()
+        yield from _engine_metrics(models, self.engines)
+        yield from _embedding_metrics(models, self.batchers)
         yield _fine_tuning_jobs(self.state)
 
 
-def _engine_metrics(models: list[Any]) -> Iterator[Metric]:
+def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
     blocks = GaugeMetricFamily("mlx_dropin_kv_blocks", "KV blocks by state (used, cached = free but still "
                                "holding reusable KV, free, pinned by conversations)", labels=("model", "state"))
     seqs = GaugeMetricFamily("mlx_dropin_sequences", "Sequences running or waiting for admission",
@@ -113,34 +165,40 @@ def _engine_metrics(models: list[Any]) -> Iterator[Metric]:
                               "since start", labels=("model",))
     engine_tokens = CounterMetricFamily("mlx_dropin_engine_generated_tokens", "Tokens the engine sampled",
                                         labels=("model",))
+    gauges: dict[str, dict[str, float]] = {}
+    counters: dict[str, tuple[int, str, dict[str, float]]] = {}
     for served in models:
         engine = getattr(served, "engine", None)
         if served.kind != "chat" or engine is None:
             continue
-        s = engine.stats()
-        for name, value in (("used", s.blocks_used), ("cached", s.blocks_cached), ("free", s.blocks_free),
-                            ("pinned", s.blocks_pinned)):
-            blocks.add_metric([served.id, name], value)
-        seqs.add_metric([served.id, "running"], s.running)
-        seqs.add_metric([served.id, "waiting"], s.waiting)
-        queue.add_metric([served.id], s.waiting)
-        prompt.add_metric([served.id, "computed"], s.prompt_tokens_computed)
-        prompt.add_metric([served.id, "reused"], s.prompt_tokens_reused)
-        total = s.prompt_tokens_computed + s.prompt_tokens_reused
-        reuse.add_metric([served.id], s.prompt_tokens_reused / total if total else 0.0)
-        engine_tokens.add_metric([served.id], s.generated_tokens)
+        s, label = engine.stats(), model_label(served)
+        _add(gauges.setdefault(label, {}), {name: getattr(s, name) for name in ENGINE_GAUGES})
+        counters[served.id] = (id(engine), label, {name: getattr(s, name) for name in ENGINE_COUNTERS})
+    for label, g in gauges.items():
+        for name in ("used", "cached", "free", "pinned"):
+            blocks.add_metric([label, name], g["blocks_" + name])
+        seqs.add_metric([label, "running"], g["running"])
+        seqs.add_metric([label, "waiting"], g["waiting"])
+        queue.add_metric([label], g["waiting"])
+    for label, c in carried.totals(counters).items():
+        computed, reused = c["prompt_tokens_computed"], c["prompt_tokens_reused"]
+        prompt.add_metric([label, "computed"], computed)
+        prompt.add_metric([label, "reused"], reused)
+        reuse.add_metric([label], reused / (computed + reused) if computed + reused else 0.0)
+        engine_tokens.add_metric([label], c["generated_tokens"])
     yield from (blocks, seqs, queue, prompt, reuse, engine_tokens)
 
 
-def _embedding_metrics(models: list[Any]) -> Iterator[Metric]:
+def _embedding_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
     batches = CounterMetricFamily("mlx_dropin_embedding_batches", "Encoder calls made by the micro-batcher",
                                   labels=("model",))
     inputs = CounterMetricFamily("mlx_dropin_embedding_inputs", "Inputs embedded", labels=("model",))
-    for served in models:
-        batcher = getattr(served, "batcher", None)
-        if batcher is not None:
-            batches.add_metric([served.id], batcher.batches)
-            inputs.add_metric([served.id], batcher.inputs)
+    counters = {served.id: (id(batcher), model_label(served), {name: getattr(batcher, name)
+                                                                 for name in BATCHER_COUNTERS})
+                for served in models if (batcher := getattr(served, "batcher", None)) is not None}
+    for label, c in carried.totals(counters).items():
+        batches.add_metric([label], c["batches"])
+        inputs.add_metric([label], c["inputs"])
     yield from (batches, inputs)
 
 

@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware: request ids, access logs and metrics, bearer-key auth, rate limits, the body limit,
-and closing connections whose request body was left unread.
+"""Pure-ASGI middleware: request ids, access logs and metrics, API-key auth (and the metrics key), rate limits,
+the body limit, and closing connections whose request body was left unread.
 
 Each is a small class wrapping the next ASGI app (Starlette's pattern), so
 they work for streaming responses too and add no per-chunk overhead.
@@ -7,6 +7,8 @@ they work for streaming responses too and add no per-chunk overhead.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -28,6 +30,8 @@ access_log = logging.getLogger("mlx_dropin.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
+METRICS_PATH = "/metrics"
+KEY_HEADERS = (b"api-key", b"x-api-key")  # Azure's and Anthropic's, read after `Authorization: Bearer`
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -151,32 +155,49 @@ class AccessLogMiddleware:
             seconds = time.perf_counter() - started
             self.metrics.observe_request(self._route(scope), scope["method"], status, seconds)
             key: ApiKey | None = state.get("api_key")
-            access_log.info(json.dumps({
+            model: str | None = state.get("model")
+            access_log.info(json.dumps({  # key ids as keyed hashes only (ApiKey.log_id, ApiKey.scrub)
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "request_id": state.get("request_id"), "method": scope["method"], "path": scope["path"],
+                "request_id": state.get("request_id"), "method": scope["method"],
+                "path": key.scrub(scope["path"]) if key is not None else scope["path"],
                 "status": status, "duration_ms": round(seconds * 1000, 1),
-                "tenant": key.tenant if key is not None else None, "key": key.id if key is not None else None,
-                "model": state.get("model")}))
+                "tenant": key.log_tenant if key is not None else None, "key": key.log_id if key is not None else None,
+                "model": key.scrub(model) if key is not None and model is not None else model}))
+
+
+def presented_key(scope: Scope) -> str | None:
+    """The key a request presents: the first of `Authorization: Bearer`, `api-key` and `x-api-key` that carries
+    one. Later headers are not read, so a request with several keys is judged by the first alone."""
+    header = _header(scope, b"authorization")
+    if header and header.lower().startswith("bearer ") and header[7:].strip():
+        return header[7:].strip()
+    for name in KEY_HEADERS:
+        value = (_header(scope, name) or "").strip()
+        if value:
+            return value
+    return None
 
 
 class AuthMiddleware:
     """Name the caller's key in ``scope["state"]["api_key"]``; when keys are configured, require a known one.
 
     On an open server every caller is the one anonymous key (tenant "public"), so
-    rate limits still have someone to count.
+    rate limits still have someone to count. `/metrics` takes no API key: with a
+    metrics key it needs exactly that one, else it is open.
     """
 
-    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_key: str | None = None) -> None:
         self.app = app
         self.keys = keys
-
-    def _presented(self, scope: Scope) -> str | None:
-        header = _header(scope, b"authorization")
-        if not header or not header.lower().startswith("bearer "):
-            return None
-        return header[7:].strip()
+        self._metrics_digest = hashlib.sha256(metrics_key.encode()).digest() if metrics_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == METRICS_PATH and self._metrics_digest is not None:
+            presented = hashlib.sha256((presented_key(scope) or "").encode()).digest()
+            if not hmac.compare_digest(presented, self._metrics_digest):
+                await self._refuse(scope, receive, send, "/metrics needs the metrics key (--metrics-key); send it "
+                                   "as `Authorization: Bearer METRICS_KEY`.")
+                return
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
@@ -185,14 +206,20 @@ class AuthMiddleware:
             state["api_key"] = ANONYMOUS
             await self.app(scope, receive, send)
             return
-        key = self.keys.lookup(self._presented(scope) or "")
+        presented = presented_key(scope)
+        key = self.keys.lookup(presented or "")
         if key is None:
-            message = ("You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY`."
-                       if not _header(scope, b"authorization") else "Incorrect API key provided.")
-            await error_response(AuthenticationError(message), state.get("request_id"))(scope, receive, send)
+            await self._refuse(scope, receive, send, "Incorrect API key provided." if presented else
+                               "You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY` "
+                               "(or in an `api-key` or `x-api-key` header).")
             return
         state["api_key"] = key
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        request_id = scope.get("state", {}).get("request_id")
+        await error_response(AuthenticationError(message), request_id)(scope, receive, send)
 
 
 class RateLimitMiddleware:

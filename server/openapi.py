@@ -181,7 +181,9 @@ def build_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "mlx-dropin", "version": __version__,
                  "description": "An OpenAI-compatible server for MLX. Errors are always "
-                                '`{"error": {"message", "type", "param", "code"}}`.'},
+                                '`{"error": {"message", "type", "param", "code"}}`. Every `/v1/...` path '
+                                "is also served without the `/v1` prefix (`/chat/completions`), as the same "
+                                "operation; only the `/v1` paths are listed."},
         "paths": paths,
         "components": {"schemas": components,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -283,3 +283,20 @@ def test_fill_masks_rejects_a_vocabulary_mismatch(factory: ConstraintFactory) ->
     constraint: SequenceConstraint = factory.create(GrammarSpec.json_object())
     with pytest.raises(ValueError, match="vocabulary"):
         fill_masks([(0, constraint)], 1, factory.vocab_size + 32)
+
+
+def test_errors_never_quote_the_grammar_source(factory: ConstraintFactory, tokenizer: Any,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Compile errors lose llguidance's source excerpt; a matcher failure loses its <state> and <grammar>
+    dump for the client (the whole of it is logged)."""
+    with pytest.raises(ValueError) as info:
+        factory.validate(GrammarSpec("lark", text='start: "a" c\nc: %json {"type": "array", "uniqueItems": true}'))
+    assert "uniqueItems" in str(info.value)
+    assert "%json" not in str(info.value) and "start:" not in str(info.value) and "^" not in str(info.value)
+    constraint = factory.create(GrammarSpec("lark", text='start: "secret-grammar-text" %json {"type": "object"}'))
+    with caplog.at_level("ERROR", logger="server.engine.constraints"):
+        constraint.advance(tokenizer.encode("hello", add_special_tokens=False)[0])
+    error = constraint.error
+    assert error and "doesn't satisfy the grammar" in error, error
+    assert "secret-grammar-text" not in error and "<state>" not in error and "<grammar>" not in error
+    assert "secret-grammar-text" in caplog.text

@@ -101,3 +101,70 @@ def test_concurrent_uploads_lose_nothing(base: str) -> None:
     assert len({f.id for f in created}) == 16
     for f, p in zip(created, payloads):
         assert client.files.content(f.id).content == p
+
+
+# -- per-tenant storage quota (--max-storage-gb-per-tenant) ------------------------------------------
+
+QUOTA_KEYS = "sk-acme-1 acme\nsk-acme-2 acme\nsk-globex globex\n"
+QUOTA_BYTES = 10_000
+
+
+@pytest.fixture(scope="module")
+def quota_server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    data = tmp_path_factory.mktemp("quota")
+    (data / "keys.txt").write_text(QUOTA_KEYS)
+    settings = Settings(data_dir=data, api_keys_file=data / "keys.txt",
+                        max_storage_gb_per_tenant=QUOTA_BYTES / 1024 ** 3)
+    with running_server(create_app(settings, registry)) as url:
+        yield url, data / "files"
+
+
+def test_quota_refuses_an_upload_over_it_per_tenant(quota_server: tuple[str, Path]) -> None:
+    url, files_dir = quota_server
+    acme, acme_mate, globex = sdk(url, "sk-acme-1"), sdk(url, "sk-acme-2"), sdk(url, "sk-globex")
+    kept = acme.files.create(file=("a.jsonl", io.BytesIO(b"a" * 6_000)), purpose="fine-tune")
+    on_disk = sorted(p.name for p in files_dir.iterdir())
+    with pytest.raises(openai.BadRequestError) as err:  # 6,000 + 5,000 > 10,000, from the other key of acme
+        acme_mate.files.create(file=("b.jsonl", io.BytesIO(b"b" * 5_000)), purpose="fine-tune")
+    body = err.value.body
+    assert body["code"] == "storage_quota_exceeded" and body["param"] == "file"
+    assert "--max-storage-gb-per-tenant" in body["message"] and "6000 bytes" in body["message"]
+    assert [f.id for f in acme.files.list()] == [kept.id]
+    assert sorted(p.name for p in files_dir.iterdir()) == on_disk  # no orphan bytes
+    # another org has its own quota; acme still fits what is left
+    assert globex.files.create(file=("g.jsonl", io.BytesIO(b"g" * 9_000)), purpose="fine-tune").bytes == 9_000
+    assert acme_mate.files.create(file=("c.jsonl", io.BytesIO(b"c" * 4_000)), purpose="fine-tune").bytes == 4_000
+    with pytest.raises(openai.BadRequestError):  # exactly full now: even one byte more is refused
+        acme.files.create(file=("d.jsonl", io.BytesIO(b"d")), purpose="fine-tune")
+    acme.files.delete(kept.id)  # deleting frees room
+    assert acme.files.create(file=("e.jsonl", io.BytesIO(b"e" * 6_000)), purpose="fine-tune").bytes == 6_000
+
+
+def test_concurrent_uploads_never_exceed_the_quota(quota_server: tuple[str, Path]) -> None:
+    url, _ = quota_server
+    client = sdk(url, "sk-globex")
+    for f in client.files.list():
+        client.files.delete(f.id)
+
+    def upload(i: int) -> int:
+        try:
+            client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"x" * 3_000)), purpose="user_data")
+            return 1
+        except openai.BadRequestError as exc:
+            assert exc.body["code"] == "storage_quota_exceeded"
+            return 0
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        accepted = sum(pool.map(upload, range(8)))
+    assert accepted == 3 and sum(f.bytes for f in client.files.list()) == 9_000
+
+
+def test_quota_flag_and_env() -> None:
+    from server.config import parse_settings
+
+    assert parse_settings([]).max_storage_bytes_per_tenant is None
+    assert parse_settings(["--max-storage-gb-per-tenant", "2"]).max_storage_bytes_per_tenant == 2 * 1024 ** 3
+    env = {"MLX_DROPIN_MAX_STORAGE_GB_PER_TENANT": "0.5"}
+    assert parse_settings([], env).max_storage_gb_per_tenant == 0.5
+    with pytest.raises(ValueError):
+        Settings(max_storage_gb_per_tenant=0)

@@ -219,3 +219,41 @@ def test_given_hyperparameters_are_kept() -> None:
 def test_out_of_range_hyperparameters_raise(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         resolve_hyperparameters("chat", 16, **{field: value})
+
+
+# --- hostile files: never an exception, always the line ---------------------------------------
+
+
+def test_deeply_nested_json_is_a_line_error_not_an_exception(tmp_path: Path, tokenizer: Any, minilm: Any) -> None:
+    lines: list[Any] = [chat_line() for _ in range(12)]
+    lines[2] = "[" * 100_000
+    lines[5] = '{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    report = validate_chat_file(write_lines(tmp_path / "t.jsonl", lines), tokenizer, 2048)
+    assert [(e.line, e.message) for e in report.errors] == [(3, "invalid JSON (nested too deeply)"),
+                                                            (6, "invalid JSON (nested too deeply)")]
+    pairs: list[Any] = [{"anchor": "a", "positive": "b"}] * 3 + ['{"anchor": ' + '{"a": ' * 100_000]
+    report = validate_embedding_file(write_lines(tmp_path / "e.jsonl", pairs), minilm)
+    assert [e.line for e in report.errors] == [4] and "nested too deeply" in report.errors[0].message
+
+
+def test_an_empty_file_says_so(tmp_path: Path, tokenizer: Any) -> None:
+    for content in ("", "\n\n  \n"):
+        (tmp_path / "t.jsonl").write_text(content)
+        report = validate_chat_file(tmp_path / "t.jsonl", tokenizer, 2048)
+        assert [e.line for e in report.errors] == [0]
+        assert report.errors[0].message.startswith("the file holds no examples (it is empty")
+
+
+def test_a_template_raising_on_a_line_is_that_lines_error(tmp_path: Path, smollm2_dir: Path) -> None:
+    from mlx_lm.utils import load_tokenizer
+
+    strict = load_tokenizer(smollm2_dir)
+    strict._tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    lines: list[Any] = [chat_line() for _ in range(12)]
+    lines[7] = {"messages": [{"role": "system", "content": "Be terse."}, *chat_line()["messages"]]}
+    report = validate_chat_file(write_lines(tmp_path / "t.jsonl", lines), strict, 2048)
+    assert [e.line for e in report.errors] == [8]
+    assert "System role not supported" in report.errors[0].message

@@ -66,7 +66,13 @@ def test_keys_file_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "fragment"), [
     ("k1 acme rpm=x\n", "line 1"), ("k1\nk2 acme bogus=3\n", "line 2"), ("k1 public\n", "organization"),
     ("k1 a:b\n", "organization"), ("k1 acme rpm=0\n", "positive"), ("# nothing\n", "no keys"),
-    ('{"keys": [{"key": "k", "org": "x"}]}', "unknown fields"), ("k1 acme\nk1 globex\n", "twice"),
+    ('{"keys": [{"key": "k", "org": "x"}]}', "unknown fields"),
+    ("k1 acme\nk2\nk1 globex\n", "line 3: repeats the key of line 1"),
+    ("k1 acme\nk1 acme\n", "line 2: repeats the key of line 1"),  # even an identical repeat is a mistake
+    ('{"keys": [{"key": "k"}, {"key": "j"}, {"key": "k"}]}', r"keys\[2\] repeats the key of keys\[0\]"),
+    ("k1\nk2 acme rpm=abc\n", "line 2: rpm must be a positive integer, got 'abc'"),
+    ("k1 tpm=1.5\n", "line 1: tpm must be a positive integer, got '1.5'"),
+    ("k1 acme rpm=2 rpm=3\n", "line 1: rpm is given twice"),
 ])
 def test_bad_keys_files_name_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "keys"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from server.serving.tool_grammar import call_schema, lark_text, marker
 from server.serving.tools import HERMES_END, HERMES_START, ToolCallParser, tool_format, with_tools
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
@@ -81,3 +82,78 @@ def test_parallel_tool_calls_false_keeps_only_the_first_call() -> None:
     assert len(calls) == 1 and text == ""
     unlimited = parser()
     assert len(unlimited.feed(CALL + CALL)[1]) == 2
+
+
+# -- markup never reaches the client ----------------------------------------------------------------
+
+def test_an_unterminated_call_that_does_not_parse_is_dropped_not_shown() -> None:
+    """A forced call cut by max_tokens: the text before it stays, its markup never becomes content."""
+    p = parser()
+    shown, calls = p.feed('Sure. <tool_call>{"name": "get')
+    rest, more = p.finish(cut=True)
+    assert shown + rest == "Sure. " and not calls and not more and p.dropped_unfinished
+    p = parser()
+    p.feed('<tool_call>{"name": "get')
+    assert p.finish() == ("", [])  # ended some other way (EOS mid-call): dropped as well
+
+
+def test_a_partial_start_marker_is_dropped_only_when_the_generation_was_cut() -> None:
+    p = parser()
+    assert p.feed("Answer: <tool_c") == ("Answer: ", [])
+    assert p.finish(cut=True) == ("", [])
+    p = parser()
+    p.feed("a < b and <tool")
+    assert p.finish(cut=False)[0] == "<tool"
+
+
+class _Native:
+    """A tokenizer whose template renders tools, with one of mlx-lm's real tool parsers."""
+
+    has_tool_calling = True
+    chat_template = "{% for tool in tools %}{% endfor %}"
+
+    def __init__(self, module: str) -> None:
+        import importlib
+
+        parser_module = importlib.import_module(f"mlx_lm.tool_parsers.{module}")
+        self.tool_call_start, self.tool_call_end = parser_module.tool_call_start, parser_module.tool_call_end
+        self.tool_parser = parser_module.parse_tool_call
+
+
+def test_only_json_call_formats_get_the_forcing_grammar() -> None:
+    """Qwen3-Coder's calls start with `<tool_call>` too, but hold XML: a JSON grammar would break them."""
+    assert tool_format(_NoTools()).json_calls
+    assert tool_format(_Native("json_tools")).json_calls and tool_format(_Native("json_tools")).native
+    coder = tool_format(_Native("qwen3_coder"))
+    assert coder.start == HERMES_START and coder.native and not coder.json_calls
+
+
+# -- the forcing grammar ----------------------------------------------------------------------------
+
+class _Added:
+    def __init__(self, added: dict[str, int]) -> None:
+        self.added = added
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return self.added
+
+
+def test_markers_that_are_added_tokens_become_token_references() -> None:
+    assert marker("<tool_call>", _Added({"<tool_call>": 151657})) == "<[151657]>"
+    assert marker("<tool_call>", _Added({})) == '"<tool_call>"'
+    assert marker("<tool_call>", object()) == '"<tool_call>"'
+
+
+def test_the_call_schema_hoists_defs_and_the_grammar_is_compact_and_bounded() -> None:
+    parameters = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                  "$defs": {"Digit": {"type": "integer"}}, "type": "object",
+                  "properties": {"a": {"$ref": "#/$defs/Digit"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    schema = call_schema(tool)
+    assert schema["$defs"] == parameters["$defs"] and "$defs" not in schema["properties"]["arguments"]
+    assert schema["properties"]["arguments"]["additionalProperties"] is False
+    strict = {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}, "strict": True}}
+    text = lark_text(tool_format(_NoTools()), [(0, tool), (1, strict)], _Added({"<tool_call>": 7}))
+    assert text.startswith('start: <[7]> NL? call NL? "</tool_call>"\nNL: "\\n"\ncall: tool_0 | tool_1\n')
+    assert '"x-guidance": {"whitespace_flexible": false, "lenient": true}' in text  # non-strict: lenient
+    assert '"x-guidance": {"whitespace_flexible": false, "lenient": false}' in text

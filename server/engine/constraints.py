@@ -14,6 +14,8 @@ The llguidance mask allows EOS exactly when the grammar accepts; once the gramma
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +33,18 @@ _KINDS = ("json_object", "json_schema", "lark", "regex")
 # A schema's own top-level "x-guidance" options override this.
 JSON_WHITESPACE = r"(?:\x20|\r?\n[\x20\x09]{0,32})"
 _CACHE_SIZE = 32
+# llguidance's messages quote the grammar: source lines ("  2 | call: %json {...}", a caret line) at compile
+# time, the matcher's <state> and <grammar> at run time. Clients get the message without them.
+_SOURCE_LINE = re.compile(r"^\s*(?:\d+ \|.*|\^+)\s*$")
+
+log = logging.getLogger(__name__)
+
+
+def client_message(message: str) -> str:
+    """An llguidance error message without the grammar source and matcher state it quotes."""
+    message = message.split("<state>", 1)[0].split("<grammar>", 1)[0]
+    lines = [line for line in message.splitlines() if not _SOURCE_LINE.match(line)]
+    return "\n".join(lines).strip() or "the grammar matcher failed"
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,8 @@ class SequenceConstraint:
         """Consume a sampled token. A token the grammar does not allow puts the constraint in an error state
         (`finished` and `error` then say so); it never raises for that."""
         self._matcher.consume_token(int(token_id))
+        if self._matcher.is_error():
+            log.error("constrained decoding failed at token %d: %s", int(token_id), self._matcher.get_error())
 
     @property
     def finished(self) -> bool:
@@ -200,7 +216,7 @@ class SequenceConstraint:
     def error(self) -> str | None:
         if not self._matcher.is_error():
             return None
-        return self._matcher.get_error() or "the grammar matcher failed"
+        return client_message(self._matcher.get_error() or "")
 
 
 class ConstraintFactory:
@@ -277,10 +293,10 @@ class ConstraintFactory:
         try:
             grammar = _grammar_json(spec)
         except (ValueError, TypeError) as exc:
-            return f"Invalid {what}: {exc}"
+            return f"Invalid {what}: {client_message(str(exc))}"
         matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            message = matcher.get_error().strip()
+            message = client_message(matcher.get_error())
             if spec.kind == "json_schema" and message.startswith("Unimplemented keys"):
                 message += (" (these JSON Schema keywords are not supported for structured output; "
                             "with strict=false they are ignored)")
@@ -344,4 +360,4 @@ def apply_bitmask(x: mx.array, bitmask: np.ndarray) -> mx.array:
 
 
 __all__ = ["ConstraintFactory", "GrammarSpec", "JSON_WHITESPACE", "SequenceConstraint", "apply_bitmask",
-           "fill_masks"]
+           "client_message", "fill_masks"]

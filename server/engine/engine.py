@@ -129,6 +129,7 @@ class Engine:
         self.output = OutputProcessor(threaded=self.config.output_thread if self.config.output_thread is not None
                                       else on_gpu)
         self._lock = threading.Lock()
+        self._record_state()  # the pool's counts from the start, not only after the first step
         log.info("KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)", num_blocks, bs,
                  self.store.nbytes / (1 << 30), shape.bytes_per_token)
 

@@ -5,6 +5,11 @@ place only after they are complete, and the row is inserted after the rename,
 so a killed server leaves at worst an orphan temporary file (swept at start),
 never a row without its bytes. Every lookup is scoped to the tenant: another
 tenant's file id is simply not found.
+
+A storage quota (`quota_bytes`, from --max-storage-gb-per-tenant) caps the sum of
+a tenant's stored files: checked while the bytes stream in and again inside the
+transaction that records the row (so concurrent uploads cannot both slip under
+it); a refused upload leaves no file and no row.
 """
 
 from __future__ import annotations
@@ -50,6 +55,16 @@ class FileTooLargeError(ValueError):
     pass
 
 
+class StorageQuotaError(ValueError):
+    """The upload would take the tenant's stored bytes over its quota."""
+
+    def __init__(self, quota: int, used: int) -> None:
+        super().__init__(f"This upload would exceed the storage quota of {quota} bytes per tenant "
+                         f"(--max-storage-gb-per-tenant); {used} bytes are stored now. Delete files to make room.")
+        self.quota = quota
+        self.used = used
+
+
 class FileStore:
     def __init__(self, database: Database, root: Path) -> None:
         self.db = database
@@ -62,8 +77,16 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.root / file_id
 
-    def add(self, tenant: str, filename: str, purpose: str, source: BinaryIO, max_bytes: int) -> StoredFile:
-        """Copy `source` into the store (at most max_bytes, else FileTooLargeError) and record it."""
+    def usage(self, tenant: str) -> int:
+        """Bytes of every file the tenant holds (uploads and result files)."""
+        row = self.db.query_one("SELECT COALESCE(SUM(bytes), 0) AS used FROM files WHERE tenant = ?", (tenant,))
+        return int(row["used"]) if row is not None else 0
+
+    def add(self, tenant: str, filename: str, purpose: str, source: BinaryIO, max_bytes: int,
+            quota_bytes: int | None = None) -> StoredFile:
+        """Copy `source` into the store (at most max_bytes, else FileTooLargeError; with a quota, at most
+        what the tenant has left, else StorageQuotaError) and record it."""
+        room = None if quota_bytes is None else quota_bytes - self.usage(tenant)
         file_id = "file-" + secrets.token_hex(12)
         partial = self.root / f"{file_id}.partial"
         size = 0
@@ -73,6 +96,8 @@ class FileStore:
                     size += len(chunk)
                     if size > max_bytes:
                         raise FileTooLargeError(f"The file is larger than the limit of {max_bytes} bytes.")
+                    if room is not None and quota_bytes is not None and size > room:
+                        raise StorageQuotaError(quota_bytes, quota_bytes - room)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
@@ -81,12 +106,26 @@ class FileStore:
             partial.unlink(missing_ok=True)
             raise
         stored = StoredFile(file_id, tenant, filename, purpose, size, int(time.time()))
+        try:
+            self._record(stored, quota_bytes)
+        except BaseException:
+            self.path(file_id).unlink(missing_ok=True)
+            raise
+        return stored
+
+    def _record(self, stored: StoredFile, quota_bytes: int | None) -> None:
+        """Insert the row; under a quota, only if the tenant's total still fits (checked in the transaction)."""
         with self.db.transaction() as conn:
+            if quota_bytes is not None:
+                used = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?",
+                                    (stored.tenant,)).fetchone()[0]
+                if used + stored.bytes > quota_bytes:
+                    raise StorageQuotaError(quota_bytes, used)
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM files").fetchone()[0]
             conn.execute("INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, seq) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (file_id, tenant, filename, purpose, size, stored.created_at, seq))
-        return stored
+                         (stored.id, stored.tenant, stored.filename, stored.purpose, stored.bytes,
+                          stored.created_at, seq))
 
     def get(self, tenant: str, file_id: str) -> StoredFile | None:
         row = self.db.query_one("SELECT * FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))

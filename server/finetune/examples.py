@@ -12,8 +12,10 @@ An embedding line without "negative" still trains: the other examples' positives
 batch are its negatives (in-batch negatives), so only files of pairs need batches > 1.
 
 Errors are `ExampleError(line, message)` with the 1-based line; `line == 0` marks a
-problem of the whole file (too few examples). `describe` renders "Line 3: invalid JSON".
-At most MAX_ERRORS are collected; validation stops reading there.
+problem of the whole file (empty, too few examples). `describe` renders "Line 3: invalid JSON".
+At most MAX_ERRORS are collected; validation stops reading there. Whatever a line does
+(JSON nested deeper than the decoder's recursion limit, a chat template that raises on it),
+it becomes that line's error: validation never raises for a file's content.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(raw)
         except ValueError as exc:
             yield number, _LineError(number, f"invalid JSON ({getattr(exc, 'msg', exc)})")
+        except RecursionError:
+            yield number, _LineError(number, "invalid JSON (nested too deeply)")
 
 
 class _LineError(ValueError):
@@ -119,8 +123,13 @@ def _scan(path: Path, parse: Callable[[Any], T], check: Callable[[T], int],
                 errors.append(exc.error)
             except ValueError as exc:
                 errors.append(ExampleError(number, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - e.g. a template raising on this line: the line's error
+                errors.append(ExampleError(number, f"the example cannot be used ({type(exc).__name__}: {exc})"))
         else:
-            if lines < min_examples:
+            if lines == 0:
+                errors.append(ExampleError(0, f"the file holds no examples (it is empty or has only blank lines); "
+                                              f"at least {min_examples} are required"))
+            elif lines < min_examples:
                 errors.append(ExampleError(0, f"the file has {lines} examples; at least {min_examples} are required"))
     except _LineError as exc:  # not UTF-8: one error, the rest is unreadable
         errors.append(exc.error)
@@ -152,6 +161,15 @@ def _type_name(value: Any) -> str:
             int: "a number", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
 
 
+def _shown(value: Any) -> str:
+    """A scalar as JSON (a string cut at 40 characters), anything else by its type: never re-encodes a tree."""
+    if isinstance(value, str):
+        return json.dumps(value[:40] + ("..." if len(value) > 40 else ""))
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return _type_name(value)
+
+
 def _object(obj: Any, allowed: frozenset[str]) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {_type_name(obj)}")
@@ -172,7 +190,7 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         raise ValueError(f"{where} has an unexpected key '{unknown[0]}'")
     role = m.get("role")
     if role not in ROLES:
-        raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {_shown(role)}")
     if "content" not in m:
         raise ValueError(f"{where} has no 'content'")
     out: dict[str, Any] = {"role": role, "content": _string(m["content"], f"{where}.content")}
@@ -182,7 +200,7 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         if role != "assistant":
             raise ValueError(f"{where}: 'weight' is only allowed on assistant messages")
         if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
-            raise ValueError(f"{where}.weight must be 0 or 1, got {json.dumps(m['weight'])}")
+            raise ValueError(f"{where}.weight must be 0 or 1, got {_shown(m['weight'])}")
         out["weight"] = int(m["weight"])
     return out
 

@@ -9,6 +9,11 @@ only to its tenant, and loaded on first use by putting its adapter on the
 base model's shared weights with its own engine (so its KV never mixes with
 the base model's or another adapter's). At most `--max-loaded-adapters` stay
 loaded; the least recently used idle one is unloaded to make room.
+
+A succeeded job's epoch checkpoints are served too, under the ids
+`checkpoints.list` gives (`<model>:ckpt-step-N`): visible only to the tenant,
+callable like the final model, left out of `GET /v1/models` (as OpenAI does),
+and removed with the final model when it is deleted.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
-from server.errors import InvalidRequestError, NotFoundError
+from server.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from server.files.store import FileStore
-from server.finetune.jobs import Job, JobStore
+from server.finetune.jobs import Checkpoint, Job, JobStore
 from server.finetune.spec import Hyperparameters, ValidationReport
-from server.finetune.supervisor import FineTuningSupervisor
+from server.finetune.supervisor import FineTuningSupervisor, ValidationDeferred
 from server.finetune.worker import METRICS_FILE
 from server.models.registry import ModelRegistry, ServedModel, unload
 from server.storage.database import Database
@@ -177,12 +182,25 @@ class FineTuning:
         return self.supervisor.cancel(job)
 
     # -- validation (supervisor thread) -------------------------------------------------------
+    def _validation_base(self, job: Job) -> ServedModel:
+        """The loaded base model to check a job's files against; ValidationDeferred while it loads."""
+        if not self.registry.ready:
+            if self.registry.failure:
+                raise RuntimeError(f"the server's models failed to load ({self.registry.failure})")
+            raise ValidationDeferred(f"the base model {job.model} is still loading")
+        try:
+            base = self.registry.get(job.model)
+        except ModelNotFoundError:
+            raise RuntimeError(f"the base model {job.model} is not served by this server") from None
+        if not base.loaded:
+            raise ValidationDeferred(f"the base model {job.model} is still loading")
+        return base
+
     def _validate(self, job: Job) -> tuple[ValidationReport, dict[str, Any]]:
+        """The first bad file's report (hyperparameters are resolved only for good files)."""
         from server.finetune.examples import resolve_hyperparameters, validate_chat_file, validate_embedding_file
 
-        base = self.registry.get(job.model)
-        if not base.loaded:
-            raise RuntimeError(f"base model {job.model} is not loaded yet")
+        base = self._validation_base(job)
         work = self.store.job_dir(job.id)
         files = [work / "train.jsonl"] + ([work / "validation.jsonl"] if job.validation_file else [])
         reports = []
@@ -192,7 +210,9 @@ class FineTuning:
             else:
                 reports.append(validate_chat_file(path, base.tokenizer, base.engine.context_length))
         bad = [r for r in reports if not r.ok]
-        report = bad[0] if bad else reports[0]
+        if bad:
+            return bad[0], {}
+        report = reports[0]
         hp = job.hyperparameters
         resolved: Hyperparameters = resolve_hyperparameters(job.kind, reports[0].examples, hp.get("n_epochs"),
                                                             hp.get("batch_size"), hp.get("learning_rate_multiplier"))
@@ -211,18 +231,30 @@ class FineTuning:
         except Exception:  # noqa: BLE001 - the base is not served by this server now
             log.warning("not serving %s: its base %s is not served", model.id, model.base)
             return
-        try:
-            self.registry.get(model.id)
-        except Exception:  # noqa: BLE001 - not registered yet
-            self.registry.add(ServedModel(id=model.id, kind=base.kind, path=base.path, created=model.created_at,
-                                          owned_by=job.tenant, owner=job.tenant, base=base,
-                                          adapter_path=model.adapter_path))
-            self._registered.add(model.id)
+        self._register(ServedModel(id=model.id, kind=base.kind, path=base.path, created=model.created_at,
+                                   owned_by=job.tenant, owner=job.tenant, base=base, adapter_path=model.adapter_path))
+        for checkpoint in self._checkpoints(job.id):
+            if checkpoint.path.is_dir():
+                self._register(ServedModel(id=checkpoint.model_name, kind=base.kind, path=base.path,
+                                           created=checkpoint.created_at, owned_by=job.tenant, owner=job.tenant,
+                                           base=base, adapter_path=checkpoint.path, listed=False))
         metrics = self.store.job_dir(job.id) / METRICS_FILE
         if publish and metrics.is_file() and not job.result_files:
             with metrics.open("rb") as f:
                 stored = self.files.add(job.tenant, f"{job.id}-metrics.csv", RESULTS_PURPOSE, f, 1 << 30)
             self.store.update(job.id, result_files=[stored.id])
+
+    def _register(self, served: ServedModel) -> None:
+        """Add a fine-tuned model (or checkpoint) to the registry unless it is there already."""
+        try:
+            self.registry.get(served.id)
+        except ModelNotFoundError:
+            self.registry.add(served)
+            self._registered.add(served.id)
+
+    def _checkpoints(self, job_id: str) -> list[Checkpoint]:
+        checkpoints, _ = self.store.checkpoints(job_id, None, 1000)
+        return checkpoints
 
     def _load_adapter(self, served: ServedModel) -> None:
         """Put the adapter on the base's shared weights, with its own engine or batcher."""
@@ -264,12 +296,23 @@ class FineTuning:
         if served.adapter_path is None or served.owner != tenant:
             raise InvalidRequestError(f"Model '{model_id}' is not a fine-tuned model of yours and cannot be "
                                       f"deleted.", param="model", code="model_not_deletable")
+        if not served.listed:
+            raise InvalidRequestError(f"Model '{model_id}' is a checkpoint; it is deleted with its fine-tuned "
+                                      f"model '{model_id.rsplit(':', 1)[0]}'.", param="model",
+                                      code="model_not_deletable")
+        job_ids = [m.job_id for m in self.store.models() if m.id == model_id]
         self.store.delete_model(model_id, tenant)
-        self.registry.remove(model_id)
-        self._registered.discard(model_id)
-        _unload_adapter(served)
-        shutil.rmtree(served.adapter_path, ignore_errors=True)
+        doomed = [served] + [self._forget(c.model_name) for job_id in job_ids for c in self._checkpoints(job_id)]
+        self._forget(model_id)
+        for gone in doomed:
+            if gone is not None and gone.adapter_path is not None:
+                _unload_adapter(gone)
+                shutil.rmtree(gone.adapter_path, ignore_errors=True)
         return True
+
+    def _forget(self, model_id: str) -> ServedModel | None:
+        self._registered.discard(model_id)
+        return self.registry.remove(model_id)
 
 
 def _unload_adapter(served: ServedModel) -> None:

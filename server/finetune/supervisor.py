@@ -11,6 +11,13 @@ watches the children: a worker that exits while its job is still `running`
 (killed, out of memory) fails the job with the reason. At start-up, jobs left
 `running` or `validating_files` by a previous server are failed with a reason
 (their worker cannot have survived it), so nothing stays `running` forever.
+
+Validation never spins: `validate` raising `ValidationDeferred` (the base model
+is still loading) keeps the job waiting, said once in the log and the job's
+events; a ValueError fails it as `invalid_hyperparameters`; any other exception
+fails it too (`validation_failed`) instead of being retried every tick. Every
+job start, success, failure and cancellation is logged (INFO / WARNING) on this
+module's logger.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ POLL_SECONDS = 0.25
 CANCEL_GRACE_SECONDS = 20.0  # a worker that ignores a cancel this long (e.g. still loading) is killed
 
 
+class ValidationDeferred(Exception):
+    """Raised by `validate` when the job cannot be checked yet (its base model is still loading)."""
+
+
 @dataclass
 class _Worker:
     job_id: str
@@ -47,7 +58,8 @@ class FineTuningSupervisor:
     def __init__(self, store: JobStore, *, validate: Callable[[Job], Any], on_succeeded: Callable[[Job], None],
                  data_dir: Path, max_jobs: int = 1) -> None:
         """`validate(job)` returns a ValidationReport (server/finetune/spec.py) and the resolved
-        hyperparameters as a dict, or raises ValueError; `on_succeeded(job)` serves the new model."""
+        hyperparameters as a dict, raises ValueError (bad hyperparameters) or ValidationDeferred (try
+        again later); `on_succeeded(job)` serves the new model."""
         self.store = store
         self.validate = validate
         self.on_succeeded = on_succeeded
@@ -58,6 +70,7 @@ class FineTuningSupervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._waiting: set[str] = set()  # jobs whose deferred validation was already logged
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,8 +87,8 @@ class FineTuningSupervisor:
             if job.id in finished:  # the worker finished; the server stopped before marking it
                 self._mark_succeeded(job)
                 continue
-            self.store.fail(job.id, "The server stopped while this job was running, so its training worker "
-                                    "stopped too. Create the job again to retrain.", code="worker_died")
+            self._fail(job.id, "The server stopped while this job was running, so its training worker "
+                               "stopped too. Create the job again to retrain.", code="worker_died")
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread; running jobs are failed with a reason and their workers terminated."""
@@ -95,8 +108,8 @@ class FineTuningSupervisor:
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 worker.process.wait()
-            self.store.fail(worker.job_id, "The server shut down while this job was running. Create the job "
-                                           "again to retrain.", code="server_shutdown")
+            self._fail(worker.job_id, "The server shut down while this job was running. Create the job "
+                                      "again to retrain.", code="server_shutdown")
 
     def wake(self) -> None:
         self._wake.set()
@@ -107,6 +120,7 @@ class FineTuningSupervisor:
         its next step and exits, and one that does not within CANCEL_GRACE_SECONDS is killed."""
         if self.store.transition(job.id, ("validating_files", "queued", "running"), "cancelled", cancel_requested=1):
             self.store.add_event(job.id, "Fine-tuning job cancelled")
+            log.info("fine-tuning job %s cancelled (was %s)", job.id, job.status)
             with self._lock:
                 worker = self.workers.get(job.id)
                 if worker is not None and worker.cancel_sent_at is None:
@@ -124,8 +138,17 @@ class FineTuningSupervisor:
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
 
+    def _fail(self, job_id: str, message: str, code: str, param: str | None = None) -> bool:
+        """Fail an active job and log it; False when it had already finished."""
+        failed = self.store.fail(job_id, message, code=code, param=param)
+        if failed:
+            log.warning("fine-tuning job %s failed (%s): %s", job_id, code, message)
+        return failed
+
     def _tick(self) -> None:
-        for job in self.store.with_status("validating_files"):
+        validating = self.store.with_status("validating_files")
+        self._waiting &= {job.id for job in validating}
+        for job in validating:
             self._validate(job)
         self._reap()
         with self._lock:
@@ -137,16 +160,24 @@ class FineTuningSupervisor:
     def _validate(self, job: Job) -> None:
         try:
             report, hyperparameters = self.validate(job)
-        except ValueError as exc:
-            self.store.fail(job.id, str(exc), code="invalid_hyperparameters", param="hyperparameters")
+        except ValidationDeferred as exc:
+            if job.id not in self._waiting:  # said once, not every tick
+                self._waiting.add(job.id)
+                log.info("fine-tuning job %s waits to validate its files: %s", job.id, exc)
+                self.store.add_event(job.id, f"Waiting to validate the files: {exc}")
             return
-        except Exception as exc:  # noqa: BLE001 - e.g. the base model is not loaded yet: try again later
-            log.info("validation of %s deferred: %s", job.id, exc)
+        except ValueError as exc:
+            self._fail(job.id, str(exc), code="invalid_hyperparameters", param="hyperparameters")
+            return
+        except Exception as exc:  # noqa: BLE001 - never retried: a job that cannot be validated fails
+            log.exception("validating the files of fine-tuning job %s failed", job.id)
+            self._fail(job.id, f"Validating the files failed: {type(exc).__name__}: {exc}",
+                       code="validation_failed", param="training_file")
             return
         if not report.ok:
             more = f" (and {len(report.errors) - 1} more problems)" if len(report.errors) > 1 else ""
-            self.store.fail(job.id, f"The training file is invalid. {describe(report.errors[0])}{more}",
-                            code="invalid_training_file", param="training_file")
+            self._fail(job.id, f"The training file is invalid. {describe(report.errors[0])}{more}",
+                       code="invalid_training_file", param="training_file")
             for problem in report.errors[1:20]:
                 self.store.add_event(job.id, describe(problem), level="error")
             return
@@ -168,6 +199,8 @@ class FineTuningSupervisor:
         self.store.update(job.id, worker_pid=process.pid)
         with self._lock:
             self.workers[job.id] = _Worker(job.id, process)
+        # no tenant and no model id in logs: a key without an organization is its tenant's (bare-hash) name
+        log.info("fine-tuning job %s started: %s on %s (worker pid %d)", job.id, job.kind, job.model, process.pid)
 
     def _reap(self) -> None:
         with self._lock:
@@ -192,8 +225,11 @@ class FineTuningSupervisor:
                 self._finish(job)
             elif job.status == "running":
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                self.store.fail(job.id, f"The training worker died ({how}) before finishing; see "
-                                        f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
+                self._fail(job.id, f"The training worker died ({how}) before finishing; see "
+                                   f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
+            elif job.status == "failed" and job.error:  # the worker failed it (e.g. training_failed)
+                log.warning("fine-tuning job %s failed (%s): %s", job.id, job.error.get("code"),
+                            job.error.get("message"))
             elif trained and job.status == "cancelled":  # cancelled while finishing: no model survives
                 self.store.delete_model(model_name(job.model, job.tenant, job.suffix, job.id), job.tenant)
 
@@ -204,7 +240,7 @@ class FineTuningSupervisor:
         try:
             self.on_succeeded(job)
         except Exception:  # noqa: BLE001 - the model row stays; loading is retried on first use
-            log.exception("could not register %s", name)
+            log.exception("could not register the model of fine-tuning job %s", job.id)
         if not self._mark_succeeded(job):
             self.store.delete_model(name, job.tenant)  # cancelled meanwhile
 
@@ -213,4 +249,5 @@ class FineTuningSupervisor:
         if not self.store.transition(job.id, ("running",), "succeeded", fine_tuned_model=name):
             return False
         self.store.add_event(job.id, "The job has successfully completed", data={"fine_tuned_model": name})
+        log.info("fine-tuning job %s succeeded: its model, on %s, is served", job.id, job.model)
         return True

@@ -42,6 +42,7 @@ class ServedModel:
     owner: str | None = None  # the tenant a fine-tuned model belongs to; None = every caller sees it
     base: ServedModel | None = None  # a fine-tuned model's base (its weights are shared)
     adapter_path: Path | None = None  # a fine-tuned model's adapter directory
+    listed: bool = True  # False: callable by id but left out of GET /v1/models (fine-tuning checkpoints)
     last_used: float = 0.0
 
     def visible_to(self, tenant: str | None) -> bool:
@@ -138,17 +139,26 @@ class ModelRegistry:
         return self._ready.wait(timeout)
 
 
+def created_time(path: Path) -> int:
+    """A base model's `created`: its directory's modification time, the same on every start."""
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return int(time.time())
+
+
 def prepare(registry: ModelRegistry, settings: Settings) -> None:
     """Fetch/convert every configured model and register it (no weights loaded yet)."""
     cache = ModelCache(settings.cache_dir)
     for spec in settings.models:
         path = resolve_source(spec.source, cache, settings.offline)
-        registry.add(ServedModel(id=spec.id, kind=detect_kind(path), path=path))
+        registry.add(ServedModel(id=spec.id, kind=detect_kind(path), path=path, created=created_time(path)))
     if settings.default_models:
         for default in DEFAULTS:
             if default.id in {spec.id for spec in settings.models}:
                 continue
-            registry.add(ServedModel(id=default.id, kind=default.kind, path=build_default(default, cache)))
+            path = build_default(default, cache)
+            registry.add(ServedModel(id=default.id, kind=default.kind, path=path, created=created_time(path)))
 
 
 def load(registry: ModelRegistry, settings: Settings) -> None:

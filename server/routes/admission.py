@@ -1,5 +1,5 @@
 """What every generation route does around its service: name the model, charge the key, time the tokens,
-and bound a non-streamed answer by --request-timeout."""
+and bound a non-streamed answer by --request-timeout and by the client's patience (a disconnect stops it)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from server.errors import GatewayTimeoutError
 from server.limits import admit, generation_cost
 from server.metrics import TokenTimer
 from server.models.registry import ServedModel
+from server.routes.disconnect import unless_disconnected
 
 T = TypeVar("T")
 
@@ -24,7 +25,13 @@ def admit_generation(request: Request, served: ServedModel, requests: Sequence[G
     return request.app.state.metrics.generation(served.id, getattr(request.state, "started", None))  # type: ignore[no-any-return]
 
 
-async def within_timeout(request: Request, answer: Awaitable[T]) -> T:
+async def within_limits(request: Request, answer: Awaitable[T]) -> T:
+    """A non-streamed answer: a 504 once --request-timeout passes, a 499 as soon as the client disconnects;
+    either way the answer is cancelled, which aborts the engine's sequences at its next step."""
+    return await unless_disconnected(request.receive, _within_timeout(request, answer))
+
+
+async def _within_timeout(request: Request, answer: Awaitable[T]) -> T:
     """The answer, or a 504 once --request-timeout passes (cancelling it aborts the engine's sequences)."""
     timeout: float | None = request.app.state.settings.request_timeout
     if timeout is None:

@@ -1,4 +1,6 @@
-"""`/v1/files`: upload (multipart), list (paged), retrieve, content, delete; each scoped to the caller's tenant."""
+"""`/v1/files`: upload (multipart), list (paged), retrieve, content, delete; each scoped to the caller's tenant.
+
+An upload over the tenant's storage quota (--max-storage-gb-per-tenant) is a 400 `storage_quota_exceeded`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from server.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
-from server.files.store import PURPOSES, FileStore, FileTooLargeError, StoredFile
+from server.files.store import PURPOSES, FileStore, FileTooLargeError, StorageQuotaError, StoredFile
 from server.serving.scope import RequestScope
 from server.wire.codec import json_response
 from server.wire.files import FileDeleted, FileList, FileObject
@@ -51,9 +53,12 @@ async def upload(request: Request) -> Response:
         filename = (upload_file.filename or "upload").rsplit("/", 1)[-1][:255]
         try:
             stored = await run_in_threadpool(_store(request).add, RequestScope.of(request).tenant, filename,
-                                             purpose, upload_file.file, settings.max_file_bytes)
+                                             purpose, upload_file.file, settings.max_file_bytes,
+                                             settings.max_storage_bytes_per_tenant)
         except FileTooLargeError as exc:
             raise PayloadTooLargeError(str(exc), param="file") from exc
+        except StorageQuotaError as exc:
+            raise InvalidRequestError(str(exc), param="file", code="storage_quota_exceeded") from exc
     return json_response(file_object(stored))
 
 

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.models.registry import ModelRegistry
-from server.routes.admission import admit_generation, within_timeout
+from server.routes.admission import admit_generation, within_limits
 from server.serving import chat, completions
 from server.serving.scope import RequestScope, conversation_id
 from server.wire.chat import ChatCompletionRequest
@@ -37,7 +37,7 @@ def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: 
         plan.timer = admit_generation(request, served, plan.requests)
         if body.stream:
             return EventSourceResponse(stream(plan), ping=request.app.state.settings.sse_keepalive)
-        return json_response(await within_timeout(request, complete(plan)))
+        return json_response(await within_limits(request, complete(plan)))
 
     return endpoint
 

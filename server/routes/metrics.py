@@ -1,4 +1,9 @@
-"""`GET /metrics`: the app's Prometheus metrics in the text exposition format (no key needed, as /health)."""
+"""`GET /metrics`: the app's Prometheus metrics in the text exposition format.
+
+Open like /health unless the server has a metrics key (--metrics-key), which
+AuthMiddleware then requires; API keys never open it. Nothing in it names a
+tenant: fine-tuned models share one `model="fine-tuned"` label (server.metrics).
+"""
 
 from __future__ import annotations
 

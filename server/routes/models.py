@@ -22,7 +22,8 @@ def _card(served: ServedModel) -> ModelCard:
 
 async def list_models(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
-    return json_response(ModelList(data=[_card(m) for m in registry.list(RequestScope.of(request).tenant)]))
+    listed = [m for m in registry.list(RequestScope.of(request).tenant) if m.listed]  # no checkpoints
+    return json_response(ModelList(data=[_card(m) for m in listed]))
 
 
 async def get_model(request: Request) -> Response:

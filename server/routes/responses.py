@@ -15,7 +15,7 @@ from starlette.routing import Route
 from server.errors import InvalidRequestError, NotFoundError
 from server.models.registry import ModelRegistry
 from server.responses.store import ResponseStore
-from server.routes.admission import admit_generation, within_timeout
+from server.routes.admission import admit_generation, within_limits
 from server.serving import response_output, responses
 from server.serving.scope import RequestScope, conversation_id
 from server.wire.codec import json_response, read_json
@@ -47,7 +47,7 @@ async def create_response(request: Request) -> Response:
     plan.timer = admit_generation(request, served, [plan.request])
     if body.stream:
         return EventSourceResponse(response_output.stream(plan, store), ping=request.app.state.settings.sse_keepalive)
-    return json_response(await within_timeout(request, response_output.complete(plan, store)))
+    return json_response(await within_limits(request, response_output.complete(plan, store)))
 
 
 async def retrieve_response(request: Request) -> Response:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from jinja2 import TemplateError
 
 from server import __version__
 from server.engine.block_pool import PoolExhaustedError
@@ -27,8 +26,11 @@ from server.metrics import TokenTimer, timed
 from server.models.registry import ServedModel
 from server.serving.logprobs import TokenText
 from server.serving.params import build_params, stop_list
+from server.serving.prompt import render_prompt
 from server.serving.scope import RequestScope
-from server.serving.tools import HERMES_START, ParsedCall, ToolCallParser, ToolFormat, tool_format, with_tools
+from server.serving.tool_grammar import forcing_grammar
+from server.serving.tool_names import check_tool_name, check_tool_names
+from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_format, with_tools
 from server.wire.chat import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice,
     ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, NamedToolChoice, PromptTokensDetails, TokenLogprob, ToolCall,
@@ -46,10 +48,14 @@ def _text_of(message: ChatMessage, index: int) -> str | None:
         return content
     pieces = []
     for j, part in enumerate(content):
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise InvalidRequestError(
                 f"Content parts of type '{part.type}' are not supported by this model; send text parts only.",
                 param=f"messages[{index}].content[{j}]", code="unsupported_content_type")
+        if part.text is None:
+            where = f"messages[{index}].content[{j}].text"
+            raise InvalidRequestError(f"Missing required parameter: '{where}'.", param=where,
+                                      code="missing_required_parameter")
         pieces.append(part.text)
     return "".join(pieces)
 
@@ -86,15 +92,6 @@ def tool_call_entry(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     except ValueError:
         parsed = arguments
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-    try:
-        ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True)
-    except TemplateError as exc:
-        raise InvalidRequestError(f"The model's chat template rejected these messages: {exc}",
-                                  param="messages") from exc
-    return list(ids)
 
 
 @dataclass
@@ -148,25 +145,11 @@ def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, st
     return tool_mode(choice, None, names)
 
 
-def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
-    function = tool["function"]
-    arguments = dict(function.get("parameters") or {"type": "object"})
-    if "properties" in arguments:
-        # arguments a tool does not declare are useless to it; small models invent them and run on
-        arguments.setdefault("additionalProperties", False)
-    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": arguments},
-            "required": ["name", "arguments"], "additionalProperties": False}
-
-
-def _grammar(response_format: dict[str, Any] | None, tools: list[dict[str, Any]], mode: str, forced: str | None,
-             fmt: ToolFormat | None) -> GrammarSpec | None:
-    """The decoding constraint: a forced tool call, else the response_format, else none."""
-    if mode == "required" and fmt is not None and fmt.start == HERMES_START:
-        chosen = [t for t in tools if forced is None or t["function"]["name"] == forced]
-        schema = _call_schema(chosen[0]) if len(chosen) == 1 else {"anyOf": [_call_schema(t) for t in chosen]}
-        text = (f"start: {json.dumps(fmt.start)} call {json.dumps(fmt.end)}\n"
-                f"call: %json {json.dumps(schema)}\n")
-        return GrammarSpec(kind="lark", text=text, strict=False)
+def _grammar(served: ServedModel, response_format: dict[str, Any] | None, tools: list[dict[str, Any]], mode: str,
+             forced: str | None, fmt: ToolFormat | None) -> GrammarSpec | None:
+    """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
+    if mode == "required" and fmt is not None and fmt.json_calls:
+        return forcing_grammar(tools, forced, fmt, served.tokenizer, served.engine.constraints)
     if response_format is None:
         return None
     try:
@@ -187,7 +170,7 @@ def build_request(served: ServedModel, scope: RequestScope, conversation: str | 
     fmt = tool_format(served.tokenizer) if mode != "none" else None
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced)
-    params = build_params(**sampling, grammar=_grammar(response_format, tools, mode, forced, fmt))
+    params = build_params(**sampling, grammar=_grammar(served, response_format, tools, mode, forced, fmt))
     prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
     request = GenerationRequest(
         request_id=request_id, prompt_token_ids=prompt, params=params,
@@ -201,6 +184,9 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
             conversation: str | None) -> ChatPlan:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    check_tool_names([t.function.name for t in body.tools or []], "tools[{}].function.name")
+    if isinstance(body.tool_choice, NamedToolChoice):
+        check_tool_name(body.tool_choice.function.name, "tool_choice.function.name")
     tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
     mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
     messages = template_messages(body.messages)
@@ -276,7 +262,7 @@ async def complete(plan: ChatPlan) -> ChatCompletion:
         parser = plan.tool_parser()
         if parser is not None:
             shown, calls = parser.feed(texts[i])
-            rest, more = parser.finish()
+            rest, more = parser.finish(cut=finish[i] == "length")
             content, calls = (shown + rest) or None, calls + more
         message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
         reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
@@ -324,7 +310,7 @@ async def stream(plan: ChatPlan) -> AsyncIterator[dict[str, str]]:
             if parser is not None:
                 text, calls = parser.feed(event.text)
                 if event.finish_reason is not None:
-                    rest, more = parser.finish()
+                    rest, more = parser.finish(cut=event.finish_reason == "length")
                     text, calls = text + rest, calls + more
             if text or entry is not None:
                 logprobs = ChoiceLogprobs(content=[entry]) if entry is not None else None

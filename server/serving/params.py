@@ -8,6 +8,7 @@ from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 4
+MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64; the engine checks the lower bound
 _FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
            "repetition_penalty", "logit_bias", "seed", "stop", "top_logprobs", "logprobs", "n")
 
@@ -34,6 +35,9 @@ def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
 def build_params(**fields: Any) -> SamplingParams:
     """SamplingParams from OpenAI-named fields; None means "use the default"."""
     given = {k: v for k, v in fields.items() if v is not None}
+    if isinstance(given.get("seed"), int) and given["seed"] > MAX_SEED:
+        raise InvalidRequestError(f"Invalid 'seed': integer above maximum value. Expected a value <= {MAX_SEED}.",
+                                  param="seed", code="integer_above_max_value")
     if "logit_bias" in given:
         try:
             given["logit_bias"] = {int(k): float(v) for k, v in given["logit_bias"].items()}

@@ -56,12 +56,14 @@ class OutputBuilder:
         self._text = ""
         self._pending = ""
 
-    def feed(self, text: str, final: bool) -> list[StreamEvent]:
+    def feed(self, text: str, finish_reason: str | None) -> list[StreamEvent]:
+        """The events for one piece of text (`finish_reason` set on the last): a call the generation cut
+        short is dropped, never shown as output_text."""
         calls: list[ParsedCall] = []
         if self.parser is not None:
             text, calls = self.parser.feed(text)
-            if final:
-                rest, more = self.parser.finish()
+            if finish_reason is not None:
+                rest, more = self.parser.finish(cut=finish_reason == "length")
                 text, calls = text + rest, calls + more
         events = self._add_text(text)
         for call in calls:
@@ -123,7 +125,7 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
     """Engine events -> output events, ending with every item closed and the usage known."""
     async for event in timed(plan.timer, plan.served.engine.stream(plan.request)):
         final = event.finish_reason is not None
-        for step in output.feed(event.text, final):
+        for step in output.feed(event.text, event.finish_reason):
             yield step
         if final:
             output.finish_reason = event.finish_reason

@@ -26,6 +26,7 @@ from server.models.registry import ServedModel
 from server.responses.store import ResponseStore
 from server.serving.chat import build_request, tool_call_entry, tool_mode
 from server.serving.scope import RequestScope
+from server.serving.tool_names import check_tool_name, check_tool_names
 from server.serving.tools import ToolCallParser, ToolFormat
 from server.wire.responses import (
     FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputContent, InputItem, InputText, Item, MessageItem,
@@ -71,9 +72,13 @@ def _text(content: str | list[InputContent] | None, param: str) -> str:
         return content
     pieces = []
     for j, part in enumerate(content):
-        if part.type not in TEXT_PARTS or part.text is None:
+        if part.type not in TEXT_PARTS:
             raise InvalidRequestError(f"Content parts of type '{part.type}' are not supported by this model; send "
                                       f"text parts only.", param=f"{param}[{j}]", code="unsupported_content_type")
+        if part.text is None:
+            where = f"{param}[{j}].text"
+            raise InvalidRequestError(f"Missing required parameter: '{where}'.", param=where,
+                                      code="missing_required_parameter")
         pieces.append(part.text)
     return "".join(pieces)
 
@@ -113,6 +118,17 @@ def input_items(given: str | list[InputItem] | None) -> list[Item]:
     return [_item(raw, i) for i, raw in enumerate(given)]
 
 
+def check_call_ids(history: list[Item], items: list[Item]) -> None:
+    """Every function_call_output in `items` answers a function_call made before it in the conversation."""
+    calls = {item.call_id for item in history if isinstance(item, FunctionCallItem)}
+    for i, item in enumerate(items):
+        if isinstance(item, FunctionCallItem):
+            calls.add(item.call_id)
+        elif isinstance(item, FunctionCallOutputItem) and item.call_id not in calls:
+            raise InvalidRequestError(f"No tool call found for function call output with call_id {item.call_id}.",
+                                      param=f"input[{i}].call_id")
+
+
 def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str, Any]]:
     """A conversation's items as chat-template messages; a function call joins the assistant turn before it."""
     out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
@@ -138,11 +154,13 @@ def _tools(tools: list[FunctionTool] | None) -> list[dict[str, Any]]:
         if tool.type != "function":
             raise InvalidRequestError(f"Tools of type '{tool.type}' are not supported; only function tools are.",
                                       param=f"tools[{i}].type", code="unsupported_tool_type")
-        if not tool.name:
-            raise InvalidRequestError("A function tool needs a 'name'.", param=f"tools[{i}].name")
+        if tool.name is None:
+            raise InvalidRequestError(f"Missing required parameter: 'tools[{i}].name'.", param=f"tools[{i}].name",
+                                      code="missing_required_parameter")
         function = {"name": tool.name, "description": tool.description, "parameters": tool.parameters,
                     "strict": tool.strict}
         out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
+    check_tool_names([t["function"]["name"] for t in out], "tools[{}].name")
     return out
 
 
@@ -152,6 +170,7 @@ def _tool_mode(choice: str | ToolChoiceObject | None, names: list[str]) -> tuple
             raise InvalidRequestError(
                 f"tool_choice of type '{choice.type}' is not supported; use 'none', 'auto', 'required' or "
                 '{"type": "function", "name": ...}.', param="tool_choice")
+        check_tool_name(choice.name, "tool_choice.name")
         return tool_mode(None, choice.name, names)
     return tool_mode(choice, None, names)
 
@@ -214,6 +233,7 @@ def prepare(body: ResponseRequest, served: ServedModel, scope: RequestScope, con
                                       param="previous_response_id", code="previous_response_not_found")
         history, conversation = previous.items, previous.conversation
     items = input_items(body.input)
+    check_call_ids(history, items)
     tools = _tools(body.tools)
     mode, forced = _tool_mode(body.tool_choice, [t["function"]["name"] for t in tools])
     response_id = new_id("resp")

@@ -8,7 +8,9 @@ and answer in the Hermes format, `<tool_call>{"name": ..., "arguments": {...}}</
 
 `ToolCallParser` works on text as it streams: content outside a call passes
 through (a partial start marker is held back), a complete call becomes one
-`ParsedCall`.
+`ParsedCall`. Markup never reaches the client as content: a call the
+generation cut short (max_tokens) is dropped at `finish()` unless what it has
+already parses, and the text before its start marker stays.
 """
 
 from __future__ import annotations
@@ -35,13 +37,21 @@ class ToolFormat:
     end: str
     parse: Callable[[str, Any], dict[str, Any]]
     native: bool  # the chat template renders `tools` itself
+    json_calls: bool = False  # a call is {"name", "arguments"} JSON between the markers (a forced call's grammar)
+
+
+def _is_json_parser(parse: Any) -> bool:
+    """mlx-lm's `json_tools` parser (Qwen2.5, Qwen3, QwQ, Hermes-style templates): calls are JSON objects."""
+    return getattr(parse, "__module__", "") == "mlx_lm.tool_parsers.json_tools"
 
 
 def tool_format(tokenizer: Any) -> ToolFormat:
     template = getattr(tokenizer, "chat_template", None) or ""
     if getattr(tokenizer, "has_tool_calling", False) and "tools" in template:
-        return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser, native=True)
-    return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, native=False)
+        parse = tokenizer.tool_parser
+        return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parse, native=True,
+                          json_calls=_is_json_parser(parse))
+    return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, native=False, json_calls=True)
 
 
 def tools_system_prompt(tools: list[dict[str, Any]], forced: str | None) -> str:
@@ -95,6 +105,7 @@ class ToolCallParser:
         self._buffer = ""
         self._in_call = False
         self.calls: list[ParsedCall] = []
+        self.dropped_unfinished = False  # finish() dropped a call cut short (its markup is never content)
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         """Consume text; return the content that is safe to show and any calls completed."""
@@ -121,15 +132,21 @@ class ToolCallParser:
                 continue
             calls.append(call)
 
-    def finish(self) -> tuple[str, list[ParsedCall]]:
-        """End of generation: an unterminated call is parsed if it can be, else shown as content."""
+    def finish(self, cut: bool = False) -> tuple[str, list[ParsedCall]]:
+        """End of generation: an unterminated call is parsed if it can be, else dropped (never shown as
+        content). A held-back partial start marker is text, unless the generation was `cut` short
+        (finish_reason "length"): then it is the start of a call that never came, and dropped too."""
         rest, self._buffer = self._buffer, ""
         if self._in_call:
             self._in_call = False
             call = self._parse(rest)
             if call is not None:
                 return "", [call]
-            return self.fmt.start + rest, []
+            self.dropped_unfinished = True
+            return "", []
+        if cut and rest:
+            self.dropped_unfinished = True
+            return "", []
         return rest, []
 
     def _parse(self, text: str) -> ParsedCall | None:

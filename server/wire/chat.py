@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from server.errors import InvalidRequestError
+
 
 class ContentPart(msgspec.Struct):
     type: str
@@ -73,6 +75,13 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
+def check_stream_options(stream: bool | None, options: StreamOptions | None) -> None:
+    """OpenAI's 400 for `stream_options` on a request that does not stream (an explicit null is fine)."""
+    if options is not None and not stream:
+        raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                                  param="stream_options", code="invalid_value")
+
+
 class ChatCompletionRequest(msgspec.Struct):
     messages: list[ChatMessage]
     model: str | None = None
@@ -101,6 +110,9 @@ class ChatCompletionRequest(msgspec.Struct):
     response_format: ResponseFormat | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
+
+    def __post_init__(self) -> None:  # runs while decoding: an InvalidRequestError leaves msgspec as is
+        check_stream_options(self.stream, self.stream_options)
 
 
 # -- responses ------------------------------------------------------------------------------------

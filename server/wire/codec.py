@@ -23,6 +23,9 @@ _encoder = msgspec.json.Encoder()
 
 
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
+# scanned left to right: an escaped backslash, a valid surrogate pair, or a lone surrogate (group "lone")
+_SURROGATES = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                         rb"|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
 
 
 def _param_from(message: str) -> tuple[str, str | None]:
@@ -36,6 +39,26 @@ def _param_from(message: str) -> tuple[str, str | None]:
     return message[: match.start()], path or None
 
 
+def _lone_surrogate(body: bytes) -> tuple[str, int] | None:
+    """The first `\\uD800`-style escape that is half of a UTF-16 pair without its other half, and its offset."""
+    for match in _SURROGATES.finditer(body):
+        if match.group("lone"):
+            return match.group("lone").decode(), match.start()
+    return None
+
+
+def _unparsable(body: bytes, exc: Exception) -> InvalidRequestError:
+    lone = _lone_surrogate(body)
+    if lone is not None:  # msgspec calls this "Input data was truncated" when nothing follows the escape
+        return InvalidRequestError(
+            f"We could not parse the JSON body of your request: the escape '{lone[0]}' at byte {lone[1]} is half of "
+            f"a UTF-16 surrogate pair without its other half, which is not a character. The OpenAI API expects "
+            f"a JSON payload of valid Unicode text.", code="invalid_json")
+    return InvalidRequestError(
+        f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload.",
+        code="invalid_json")
+
+
 def decode_json(body: bytes, kind: type[T]) -> T:
     """Decode a JSON body into `kind`, raising InvalidRequestError (400) naming the bad param."""
     if not body.strip():
@@ -47,9 +70,7 @@ def decode_json(body: bytes, kind: type[T]) -> T:
         where = f" (at '{param}')" if param else ""
         raise InvalidRequestError(f"Invalid request: {message}{where}.", param=param) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a string holding bytes that are not UTF-8
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload.",
-            code="invalid_json") from exc
+        raise _unparsable(body, exc) from exc
     except RecursionError as exc:  # msgspec's nesting limit (e.g. 10,000 nested lists)
         raise InvalidRequestError("The JSON body of your request is nested too deeply.", code="invalid_json") from exc
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from server.wire.chat import StreamOptions, Usage
+from server.wire.chat import StreamOptions, Usage, check_stream_options
 
 TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 # text, texts, token ids or lists of token ids: decoded as Any and checked in the service (null is a 400 there)
@@ -40,6 +40,9 @@ class CompletionRequest(msgspec.Struct):
     stream_options: StreamOptions | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
+
+    def __post_init__(self) -> None:  # runs while decoding: an InvalidRequestError leaves msgspec as is
+        check_stream_options(self.stream, self.stream_options)
 
 
 class CompletionLogprobs(msgspec.Struct):

@@ -151,3 +151,30 @@ def test_unsupported_schema_is_a_400_on_response_format(served: tuple[Engine, An
     with pytest.raises(InvalidRequestError, match="uniqueItems") as info:
         engine.generate(request)
     assert info.value.param == "response_format"
+
+
+def test_forced_tool_calls_are_compact_json(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What LangChain's `with_structured_output(Sum, method="function_calling")` sends: a pydantic schema and a
+    named tool_choice. The forcing grammar allows no whitespace inside the call's JSON: SmolLM2 used to
+    pretty-print `{"a": 2, "b": 3}` over lines and indentation (36 tokens); compact, the call takes 26."""
+    import httpx
+
+    from server.app import create_app
+    from server.config import Settings
+    from tests.serving import running_server
+
+    parameters = {"properties": {"a": {"title": "A", "type": "integer"}, "b": {"title": "B", "type": "integer"}},
+                  "required": ["a", "b"], "title": "Sum", "type": "object"}
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+            "tools": [{"type": "function", "function": {"name": "Sum", "description": "Add two integers.",
+                                                        "parameters": parameters}}],
+            "tool_choice": {"type": "function", "function": {"name": "Sum"}}, "max_tokens": 30, "temperature": 0}
+    settings = Settings(data_dir=tmp_path_factory.mktemp("compact-data"))
+    with running_server(create_app(settings, registry)) as url:
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=600).json()
+    choice = answer["choices"][0]
+    print("forced call:", answer["usage"]["completion_tokens"], "tokens,", choice["message"])
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+    assert answer["usage"]["completion_tokens"] <= 28

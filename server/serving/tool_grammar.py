@@ -1,0 +1,145 @@
+"""The forcing grammar: `tool_choice` "required" or a named function as a llguidance Lark grammar.
+
+A forced call is the start marker, at most one line break, one compact JSON object
+`{"name":<one of the chosen tools>,"arguments":<its parameters>}`, at most one line
+break, the end marker; then only EOS. Compact JSON (no whitespace between JSON tokens)
+keeps a small model from spending `max_tokens` on pretty-printing. A marker that is one
+added token of the tokenizer (`<tool_call>` is id 151657 in Qwen's vocabularies) is
+written as a token reference, `<[151657]>`: llguidance holds added tokens apart from
+text, so the quoted text `"<tool_call>"` would force the token and then reject it.
+
+Each tool's `parameters` are checked on their own first, so a schema the grammar cannot
+enforce is a 400 naming the tool and the keyword (never the grammar's source). As for
+`response_format`, a non-strict tool (`strict` absent or false) has the keywords
+llguidance does not implement (`uniqueItems`, ...) ignored; a strict one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+from server.engine.constraints import GrammarSpec
+from server.errors import APIError, InvalidRequestError
+from server.serving.tools import ToolFormat
+
+log = logging.getLogger(__name__)
+
+# $defs hoisted from a tool's parameters to the call schema's root, where `#/$defs/...` refs resolve
+_DEFINITIONS = ("$defs", "definitions")
+
+
+class GrammarValidator(Protocol):
+    """What the forcing grammar is checked with (a model's `ConstraintFactory`)."""
+
+    @property
+    def tokenizer(self) -> Any: ...  # raises ValueError when the model's tokenizer cannot be constrained
+
+    def validate(self, spec: GrammarSpec) -> None: ...
+
+
+def chosen_tools(tools: list[dict[str, Any]], forced: str | None) -> list[tuple[int, dict[str, Any]]]:
+    """(index in `tools`, tool) of the tools a forced call may use: the named one, else all."""
+    return [(i, t) for i, t in enumerate(tools) if forced is None or t["function"]["name"] == forced]
+
+
+def _parameters(tool: dict[str, Any], index: int) -> dict[str, Any]:
+    parameters = tool["function"].get("parameters")
+    if parameters is None:
+        return {"type": "object"}
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError("A function's 'parameters' must be a JSON Schema object.",
+                                  param=f"tools[{index}].function.parameters")
+    return parameters
+
+
+def call_schema(tool: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """The JSON schema of one call of `tool`: {"name": its name, "arguments": its parameters}.
+
+    The parameters' `$defs`/`definitions` move to the root so their `#/$defs/...` refs still resolve.
+    Arguments a tool does not declare are useless to it (small models invent them and run on), so an
+    object with `properties` gets `additionalProperties: false` unless it says otherwise."""
+    arguments = dict(_parameters(tool, index))
+    arguments.pop("$schema", None)
+    hoisted = {key: arguments.pop(key) for key in _DEFINITIONS if key in arguments}
+    if "properties" in arguments:
+        arguments.setdefault("additionalProperties", False)
+    schema = {"type": "object", "properties": {"name": {"const": tool["function"]["name"]}, "arguments": arguments},
+              "required": ["name", "arguments"], "additionalProperties": False}
+    return {**hoisted, **schema}
+
+
+def _strict(tool: dict[str, Any]) -> bool:
+    return tool["function"].get("strict") is True
+
+
+def marker(text: str, tokenizer: Any) -> str:
+    """A Lark terminal for a tool-call marker: `<[id]>` when it is one added token, else quoted text."""
+    added = _added_vocab(tokenizer)
+    token_id = added.get(text)
+    if token_id is not None:
+        return f"<[{int(token_id)}]>"
+    return json.dumps(text)
+
+
+def _added_vocab(tokenizer: Any) -> dict[str, int]:
+    getter = getattr(tokenizer, "get_added_vocab", None)
+    if getter is None:
+        return {}
+    try:
+        vocab = getter()
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    return vocab if isinstance(vocab, dict) else {}
+
+
+def _check_parameters(tool: dict[str, Any], index: int, validator: GrammarValidator) -> None:
+    """A 400 naming the tool and the reason when its parameters cannot be enforced."""
+    strict = _strict(tool)
+    try:
+        validator.validate(GrammarSpec.json_schema(_parameters(tool, index), strict=strict))
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"The parameters of function '{tool['function']['name']}' cannot be enforced for a forced tool call: "
+            f"{exc}", param=f"tools[{index}].function.parameters", code="invalid_function_parameters",
+        ) from None
+
+
+def lark_text(fmt: ToolFormat, chosen: list[tuple[int, dict[str, Any]]], tokenizer: Any) -> str:
+    """The Lark source: markers, at most one line break either side, one compact JSON call of a chosen tool."""
+    lines = [f"start: {marker(fmt.start, tokenizer)} NL? call NL? {marker(fmt.end, tokenizer)}",
+             "NL: \"\\n\"",
+             "call: " + " | ".join(f"tool_{k}" for k in range(len(chosen)))]
+    for k, (index, tool) in enumerate(chosen):
+        schema = call_schema(tool, index)
+        schema["x-guidance"] = {"whitespace_flexible": False, "lenient": not _strict(tool)}
+        lines.append(f"tool_{k}: %json {json.dumps(schema, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
+
+
+def forcing_grammar(tools: list[dict[str, Any]], forced: str | None, fmt: ToolFormat, tokenizer: Any,
+                    validator: GrammarValidator) -> GrammarSpec:
+    """The grammar that forces one call of `forced` (or any tool), checked against the model's tokenizer.
+
+    Raises InvalidRequestError when a tool's parameters cannot be enforced, and an APIError (500, logged)
+    when the grammar built from valid parameters does not compile: that is this server's bug."""
+    try:
+        validator.tokenizer
+    except ValueError as exc:
+        raise InvalidRequestError(f"Forced tool calls are not available for this model: {exc}",
+                                  param="tool_choice") from None
+    chosen = chosen_tools(tools, forced)
+    for index, tool in chosen:
+        _check_parameters(tool, index, validator)
+    spec = GrammarSpec(kind="lark", text=lark_text(fmt, chosen, tokenizer), strict=False)
+    try:
+        validator.validate(spec)
+    except ValueError as exc:
+        log.error("the forcing grammar did not compile: %s\n%s", exc, spec.text)
+        raise APIError("The server could not build the grammar for this forced tool call.",
+                       code="tool_grammar_failed") from None
+    return spec
+
+
+__all__ = ["call_schema", "chosen_tools", "forcing_grammar", "lark_text", "marker"]
