@@ -18,6 +18,8 @@ and removed with the final model when it is deleted.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import re
 import secrets
@@ -209,9 +211,9 @@ class FineTuning:
                 reports.append(validate_embedding_file(path, base.encoder))
             else:
                 reports.append(validate_chat_file(path, base.tokenizer, base.engine.context_length))
-        bad = [r for r in reports if not r.ok]
-        if bad:
-            return bad[0], {}
+        for report, field in zip(reports, ("training_file", "validation_file")):
+            if not report.ok:
+                return dataclasses.replace(report, file=field), {}
         report = reports[0]
         hp = job.hyperparameters
         resolved: Hyperparameters = resolve_hyperparameters(job.kind, reports[0].examples, hp.get("n_epochs"),

@@ -90,6 +90,7 @@ class ValidationReport:
     examples: int
     tokens: int  # total tokens of the training examples (what one epoch trains on)
     errors: tuple[ExampleError, ...]  # empty when the file is usable
+    file: str = "training_file"  # the job field naming the file ("training_file" or "validation_file")
 
     @property
     def ok(self) -> bool:

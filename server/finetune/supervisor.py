@@ -176,8 +176,9 @@ class FineTuningSupervisor:
             return
         if not report.ok:
             more = f" (and {len(report.errors) - 1} more problems)" if len(report.errors) > 1 else ""
-            self._fail(job.id, f"The training file is invalid. {describe(report.errors[0])}{more}",
-                       code="invalid_training_file", param="training_file")
+            which = "training" if report.file == "training_file" else "validation"
+            self._fail(job.id, f"The {which} file is invalid. {describe(report.errors[0])}{more}",
+                       code=f"invalid_{which}_file", param=report.file)
             for problem in report.errors[1:20]:
                 self.store.add_event(job.id, describe(problem), level="error")
             return

@@ -118,6 +118,18 @@ def test_bad_training_files_fail_at_once_naming_the_line(url: str, kind: str,
     assert "failed (invalid_training_file)" in logged[0].getMessage()
 
 
+def test_a_bad_validation_file_is_named_as_the_validation_file(url: str) -> None:
+    client = sdk(url)
+    good = client.files.create(file=("good.jsonl", jsonl(GOOD * 2)), purpose="fine-tune")
+    content, says = BAD_FILES["garbage"]
+    bad = client.files.create(file=("bad.jsonl", io.BytesIO(content)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=CHAT, training_file=good.id, validation_file=bad.id)
+    failed = wait_for(client, job.id, ("failed", "queued", "running", "succeeded"), timeout=15)
+    assert failed.status == "failed"
+    assert (failed.error.code, failed.error.param) == ("invalid_validation_file", "validation_file"), failed.error
+    assert failed.error.message.startswith("The validation file is invalid.") and says in failed.error.message.lower()
+
+
 def test_a_job_that_cannot_be_validated_fails_instead_of_spinning(url: str, data_dir: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A job whose base model this server does not serve (stored by an earlier server) fails with a reason."""
