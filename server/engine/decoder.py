@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.engine.block_pool import PoolExhaustedError
 from server.engine.kv_manager import KVCacheManager
 from server.engine.runner import ModelRunner, greedy_tokens
 from server.engine.sampling import TokenSample, sample_batch
@@ -64,12 +63,7 @@ class Decoder:
         if not all(len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.context_length
                    for s in decodes):
             return False
-        try:
-            for seq in decodes:
-                self.kv.allocate(seq.block_ids, seq.num_tokens + 1)
-        except PoolExhaustedError:
-            return False
-        return True
+        return all(self.kv.grow(seq, seq.num_tokens + 1) for seq in decodes)
 
 
 def _greedy_on_device(seq: Sequence) -> bool:

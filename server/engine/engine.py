@@ -4,7 +4,8 @@
     submit(request, sink) --inbox-->  drain -> Scheduler.schedule()
                                             -> ModelRunner.prefill, Decoder.step (decode
                                                + sampling, see decoder.py)
-                                            -> accept tokens, write rows back, finish sequences
+                                            -> accept tokens, finish sequences; KVCacheManager.sync
+                                               writes rows back, hashes blocks, pins finished turns
     sink(TokenEvent) <--call_soon_threadsafe-- OutputProcessor: detokenize, one event per token
                                                per sequence (its own thread on a GPU, see output.py)
 
@@ -26,11 +27,15 @@ from typing import Any
 import mlx.core as mx
 
 from server.engine.block_pool import BlockPool, PoolExhaustedError
-from server.engine.config import DEFAULT_DECODING_PREFILL_BUDGET, DEFAULT_PREFILL_BUDGET, EngineConfig
+from server.engine.config import (
+    DEFAULT_DECODING_PREFILL_BUDGET,
+    DEFAULT_PREFILL_BUDGET,
+    EngineConfig,
+)
 from server.engine.constraints import ConstraintFactory
 from server.engine.decoder import Decoder
 from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
-from server.engine.kv_manager import KVCacheManager
+from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
 from server.engine.model_limits import (
     ModelLimits,
     model_context_length,
@@ -44,12 +49,7 @@ from server.engine.sampling import SequenceSampler, TokenSample
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Sequence, SequenceStatus
 
-# decode rows are written back to the pool every this many steps (and when a sequence finishes); a
-# block is hashed for reuse once written back, so this bounds how late a generated block becomes shareable
-WRITE_BACK_EVERY = 16
-
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -103,9 +103,9 @@ class Engine:
             1, int(self.config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs))
         self.pool = BlockPool(num_blocks, bs)
         self.store = KVStore(shape, num_blocks, bs)
-        self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(self.kv, self.store, self.config.scheduler)
         self.runner = ModelRunner(model, self.store)
+        self.kv = KVCacheManager(self.pool, self.runner, WRITE_BACK_EVERY)
+        self.scheduler = Scheduler(self.kv, self.config.scheduler)
         self.context_length = context_length or model_context_length(model)
         self.vocab_size = model_vocab_size(model, tokenizer)
         self.text_decoder = TextDecoder(tokenizer)
@@ -121,8 +121,6 @@ class Engine:
         self._stats = EngineStats(blocks_total=num_blocks)
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
-        self._settling: list[Sequence] = []  # finished this step; pinned and freed once their rows are written back
-        self._steps_since_write_back = 0
         on_gpu = mx.default_device() != mx.cpu
         self.decoder = Decoder(self.runner, self.scheduler, self.kv, self.context_length,
                                self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu)
@@ -210,7 +208,7 @@ class Engine:
 
     def check_integrity(self) -> None:
         """Pool invariants; call when idle (tests)."""
-        self.pool.check_integrity()
+        self.kv.check_integrity()
 
     # -- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -300,9 +298,7 @@ class Engine:
         except Exception as exc:  # a failing forward must not take the engine down
             log.exception("engine step failed")
             self.decoder.drop()
-            settling, self._settling = self._settling, []
-            for seq in settling:  # their KV may be incomplete: freed, not pinned
-                self.scheduler.remove(seq)
+            self.kv.abandon_unwritten()  # finished sequences whose KV may be incomplete: freed, not pinned
             for seq in [s for s, _ in plan.prefills] + plan.decodes:
                 if not seq.finished:
                     seq.error = f"generation failed: {exc}"
@@ -334,7 +330,7 @@ class Engine:
                 seq.prompt_logprobs[start:start + len(found)] = found
             seq.num_computed_tokens += num_tokens
             self._stats.prompt_tokens_computed += num_tokens
-            self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
+            self.kv.commit(seq)
         if not plan.decodes:
             return
         fresh = [s for s in plan.decodes if not s.output_token_ids]
@@ -348,25 +344,7 @@ class Engine:
         for seq, sample in zip(plan.decodes, samples):
             seq.num_computed_tokens += 1
             self._accept(seq, sample)
-        self._steps_since_write_back += 1
-        self._write_back(plan.decodes)
-
-    def _write_back(self, decodes: list[Sequence]) -> None:
-        """Write decode rows back to the pool: every sequence's every WRITE_BACK_EVERY steps, a finished
-        one's at once (in one batch per step), then hash the blocks that are full and pin or free the
-        finished sequences' blocks."""
-        settling, self._settling = self._settling, []
-        periodic = self._steps_since_write_back >= WRITE_BACK_EVERY
-        if not periodic and not settling:
-            return
-        seqs = settling + ([s for s in decodes if s.status is SequenceStatus.RUNNING] if periodic else [])
-        self.runner.rows.write_back(seqs, [s.num_computed_tokens for s in seqs])
-        if periodic:
-            self._steps_since_write_back = 0
-        for seq in seqs:
-            self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
-        for seq in settling:
-            self._release(seq)
+        self.kv.sync(plan.decodes)  # decode rows written back, full blocks hashed, finished turns pinned
 
     def _accept(self, seq: Sequence, sample: TokenSample) -> None:
         token = sample.token_id
@@ -406,23 +384,15 @@ class Engine:
     def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None,
                 decode: int | None = None) -> None:
         seq.status = status
-        if status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH) and self.runner.rows.unpooled(seq):
-            self._settling.append(seq)  # its newest KV is only in its decode row: kept until written back
-        else:
-            self._release(seq)
+        # a turn that ended normally keeps its KV (pinned under its conversation key); see KVCacheManager.finish
+        completed = status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH)
+        self.scheduler.remove(seq, completed)
         self._emit(seq, text, sample, decode, seq.finish_reason)
         siblings = self._seqs.get(seq.request_id, [])
         if all(s.finished for s in siblings) and self._seqs.pop(seq.request_id, None) is not None:
             self._sinks.pop(seq.request_id, None)
             with self._lock:
                 self._stats.requests_finished += 1
-
-
-    def _release(self, seq: Sequence) -> None:
-        """Pin a finished turn's blocks under its conversation key, then free the sequence's blocks."""
-        if seq.conversation_key and seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH):
-            self.kv.pin(seq.conversation_key, seq.token_ids[: seq.num_computed_tokens], seq.block_ids)
-        self.scheduler.remove(seq)
 
 
 class GenerationError(RuntimeError):

@@ -39,7 +39,7 @@ def _body_of(model: Any) -> Any | None:
 
 
 class ModelRunner:
-    """Runs forward passes of one mlx-lm model over the paged KV store."""
+    """Runs forward passes of one mlx-lm model over the paged KV store; the KV manager's KVStorage."""
 
     def __init__(self, model: Any, store: KVStore) -> None:
         self.model = model
@@ -47,6 +47,19 @@ class ModelRunner:
         self._body = _body_of(model)
         self.rows = DecodeRows(store)
         compile_kernels([*store.keys, *store.values], store.block_size)
+
+    # -- KVStorage (see kv_manager.py): the storage side of the KV manager's block bookkeeping --------
+    def copy_prefix(self, src_block: int, dst_block: int, num_slots: int) -> None:
+        """Copy-on-write of a partial block: its first num_slots token slots, in every layer."""
+        self.store.copy_slots(src_block, dst_block, num_slots)
+
+    def has_unwritten(self, seq: Sequence) -> bool:
+        """Whether seq's decode row holds computed tokens the pool does not have yet."""
+        return self.rows.unpooled(seq)
+
+    def write_back(self, seqs: Seq[Sequence], counts: Seq[int]) -> None:
+        """Copy decode rows' columns the pool lacks, up to counts[i], into seqs[i]'s blocks."""
+        self.rows.write_back(seqs, counts)
 
     def _sync_pools(self, *outputs: mx.array) -> None:
         mx.eval(*outputs, self.store.keys, self.store.values)

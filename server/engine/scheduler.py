@@ -6,10 +6,11 @@ streamed sequences decode (so prompts never hold back a streamed token for more
 than one small chunk, and a new request's first token comes a step or two after
 it arrives; non-streamed requests show nothing until they end, so a burst of
 them starts together under the full budget), and puts every sequence whose
-prompt is computed into the decode batch. When a decode needs a block and none can be reclaimed, the newest
-running sequence is preempted: its blocks are freed (their hashes stay, so
-re-admission mostly hits the prefix cache) and it waits at the head of the
-queue. A new sequence whose prompt shares whole blocks that a running sequence
+prompt is computed into the decode batch. When a decode needs a block and
+none can be reclaimed, the newest running sequence not yet decoding this step
+(else the one in need) is preempted: the KV manager frees its blocks (their
+hashes stay, so re-admission mostly hits the prefix cache) and it waits at the
+head of the queue. A new sequence whose prompt shares whole blocks that a running sequence
 is still prefilling waits until they are computed, then reuses them (one
 computation of a shared system prompt, however many requests arrive with it at
 once).
@@ -21,10 +22,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.block_pool import PoolExhaustedError
-from server.engine.config import DEFAULT_DECODING_PREFILL_BUDGET, DEFAULT_PREFILL_BUDGET, SchedulerConfig
-from server.engine.kv_manager import KVCacheManager, PrefixHit, common_prefix_length
-from server.engine.paged_cache import KVStore
+from server.engine.config import (
+    DEFAULT_DECODING_PREFILL_BUDGET,
+    DEFAULT_PREFILL_BUDGET,
+    SchedulerConfig,
+)
+from server.engine.kv_manager import KVCacheManager, common_prefix_length
 from server.engine.sequence import Sequence, SequenceStatus
 
 
@@ -42,9 +45,8 @@ class StepPlan:
 class Scheduler:
     """Owns the waiting queue and the running batch; decides each step's work."""
 
-    def __init__(self, kv: KVCacheManager, store: KVStore, config: SchedulerConfig) -> None:
+    def __init__(self, kv: KVCacheManager, config: SchedulerConfig) -> None:
         self.kv = kv
-        self.store = store
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -56,14 +58,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a finished sequence out of the queues and free its blocks."""
+    def remove(self, seq: Sequence, completed: bool = False) -> None:
+        """Take a finished sequence out of the queues; its blocks go back through the KV manager (a
+        completed one's KV is kept: hashed, and pinned under its conversation key)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.free(seq.block_ids)
-        seq.block_hashes.clear()
+        self.kv.finish(seq, completed)
 
     # -- admission ------------------------------------------------------------------------------
     def _blocked_by_sibling(self, seq: Sequence) -> bool:
@@ -95,46 +97,27 @@ class Scheduler:
         return False
 
     def _admit(self, seq: Sequence) -> bool:
-        if seq.params.prompt_logprobs is not None and seq.index == 0 and not seq.admitted_once:
-            hit = PrefixHit()  # every prompt token's logits are needed: compute them all
-        else:
-            hit = self.kv.match(seq.token_ids, seq.salt, seq.conversation_key)
-        held = len(hit.block_ids)
-        needed = self.kv.blocks_needed(held, seq.num_tokens)
-        pool = self.kv.pool
-        if needed > self.kv.num_reclaimable:
-            self.kv.free(hit.block_ids)
-            if hit.copy_from is not None:
-                pool.release(hit.copy_from)
+        # a first prompt_logprobs admission needs every prompt token's logits: it computes them all
+        reuse = seq.params.prompt_logprobs is None or seq.index != 0 or seq.admitted_once
+        if not self.kv.admit(seq, reuse_prefix=reuse):
             return False
-        blocks = hit.block_ids
-        if hit.copy_from is not None:
-            self.kv.allocate(blocks, (held + 1) * self.kv.block_size)
-            self.store.copy_slots(hit.copy_from, blocks[-1], hit.num_tokens % self.kv.block_size)
-            pool.release(hit.copy_from)
-        self.kv.allocate(blocks, seq.num_tokens)
-        seq.block_ids = blocks
-        seq.num_computed_tokens = hit.num_tokens
         if not seq.admitted_once:
-            seq.num_cached_tokens = hit.num_tokens
+            seq.num_cached_tokens = seq.num_computed_tokens
             seq.admitted_once = True
-        # full reused blocks are already hashed; record their hashes so the chain continues
-        self.kv.commit(seq.token_ids, seq.block_ids, seq.block_hashes, seq.num_computed_tokens, seq.salt)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
 
     def _admit_waiting(self, plan: StepPlan) -> None:
         now = time.monotonic()
-        total = self.kv.pool.num_blocks
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_num_seqs:
                 break
             if self._blocked_by_sibling(seq) or self._prefix_in_flight(seq):
                 continue
-            if self.kv.blocks_needed(0, seq.num_tokens + 1) > total:
+            if not self.kv.can_ever_hold(seq.num_tokens + 1):
                 seq.error = (f"the request needs {seq.num_tokens + 1} tokens of KV but the whole pool holds "
-                             f"{total * self.kv.block_size}")
+                             f"{self.kv.capacity_tokens}")
                 seq.error_kind = "pool_exhausted"
                 self.waiting.remove(seq)
                 plan.failed.append(seq)
@@ -153,29 +136,27 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv.free(seq.block_ids)
-        seq.block_hashes.clear()
-        seq.num_computed_tokens = 0
+        self.kv.preempt(seq)
         seq.status = SequenceStatus.PREEMPTED
         self.waiting.appendleft(seq)
 
     def _reserve_decode_slot(self, seq: Sequence, plan: StepPlan) -> bool:
-        """Make sure seq has a block for the token it feeds; preempt newer sequences if needed."""
-        if seq.num_tokens <= len(seq.block_ids) * self.kv.block_size:
-            return True  # the usual case, checked without the allocator
-        while True:
-            try:
-                self.kv.allocate(seq.block_ids, seq.num_tokens)
-                return True
-            except PoolExhaustedError:
-                victims = [s for s in self.running if s is not seq and s not in plan.decodes]
-                if not victims:
-                    seq.error = "the KV pool cannot hold this sequence's context"
-                    seq.error_kind = "pool_exhausted"
-                    self.running.remove(seq)
-                    plan.failed.append(seq)
-                    return False
+        """Make sure seq has a block for the token it feeds; preempt the newest sequence not decoding this
+        step if needed, or seq itself when every other one already decodes (it waits for their blocks)."""
+        while not self.kv.grow(seq, seq.num_tokens):
+            victims = [s for s in self.running if s is not seq and s not in plan.decodes]
+            if victims:
                 self._preempt(victims[-1])
+            elif len(self.running) > 1:
+                self._preempt(seq)
+                return False
+            else:  # alone, with every idle pin unpinned: the pool cannot hold it
+                seq.error = "the KV pool cannot hold this sequence's context"
+                seq.error_kind = "pool_exhausted"
+                self.running.remove(seq)
+                plan.failed.append(seq)
+                return False
+        return True
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()

@@ -16,7 +16,7 @@ from server.engine.request import GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.errors import InvalidRequestError
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 BS = 16
 SYSTEM = ("You are a meticulous assistant for a company that builds servers for language models. "
@@ -200,6 +200,47 @@ def test_pool_exhaustion_fails_cleanly_and_engine_keeps_serving(smol: tuple[Any,
         assert done.wait(120)
         ok = small.generate(request(chat_tokens(tokenizer, "Hi"), max_tokens=3))
         assert ok[-1].finish_reason in ("stop", "length")
+        idle(small)
+        assert small.pool.num_used == 0
+    finally:
+        small.shutdown()
+
+
+def greedy_reference(smol: tuple[Any, Any], prompt: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm's own single-sequence greedy generation of exactly max_tokens tokens (EOS ignored)."""
+    import mlx.core as mx
+
+    return [int(token) for token, _ in generate_step(mx.array(prompt), smol[0], max_tokens=max_tokens)]
+
+
+@pytest.mark.parametrize("decode_ahead", [False, True])
+def test_preempted_sequences_resume_with_the_tokens_of_an_unpreempted_run(smol: tuple[Any, Any],
+                                                                          decode_ahead: bool) -> None:
+    """A pool too small for two growing sequences: the newer one is preempted (its blocks freed), waits,
+    and resumes by recomputing its prompt and generated tokens; every sequence's greedy tokens still equal
+    mlx-lm's solo run, also while greedy steps run one ahead."""
+    model, tokenizer = smol
+    prompts = [chat_tokens(tokenizer, "Count slowly from one to twenty."),
+               chat_tokens(tokenizer, "List the colours of the rainbow.")]
+    max_tokens = 40
+    needed = [-(-(len(p) + max_tokens) // BS) for p in prompts]
+    # both prompts fit at admission, both sequences grown to the end do not: someone must be preempted
+    num_blocks = max(needed) + 1
+    assert sum(-(-len(p) // BS) for p in prompts) <= num_blocks < sum(needed)
+    small = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=num_blocks, decode_ahead=decode_ahead))
+    small.start()
+    try:
+        results: dict[int, list[int]] = {}
+        requests = [request(p, max_tokens=max_tokens, ignore_eos=True, salt=b"preempt") for p in prompts]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, tokens_of(small.generate(requests[i]))))
+                   for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert small.kv.num_preemptions > 0
+        for i, prompt in enumerate(prompts):
+            assert results[i] == greedy_reference(smol, prompt, max_tokens)
         idle(small)
         assert small.pool.num_used == 0
     finally:
