@@ -59,7 +59,7 @@ from server.engine.block_gather import gather_block_rows, uses_kernel  # noqa: E
 from server.engine.decode_rows import DecodeRows  # noqa: E402
 from server.engine.engine import WRITE_BACK_EVERY  # noqa: E402
 from server.engine.paged_cache import KVShape, KVStore, StepLayout, step_caches  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine import SamplingParams  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
 
 DEFAULT_CONFIGS = "1x12,4x24,8x30,32x48"

@@ -80,7 +80,8 @@ def main() -> None:
 
     from server.app import create_app
     from server.config import Settings
-    from server.models.registry import ModelRegistry, build_registry, shutdown
+    from server.model_lifecycle import build_registry, shutdown
+    from server.registry import ModelRegistry
     from tests.serving import running_server
 
     settings = Settings(cache_dir=cache_location.cache_dir(args), data_dir=Path("/tmp/mlx-dropin-bench-data"))

@@ -56,11 +56,10 @@ import cache_location  # noqa: E402  (bench/: the model cache, found as the serv
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from server.engine import (  # noqa: E402
+    Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig, TokenEvent,
+)
 from server.engine.detokenizer import TextDecoder  # noqa: E402
-from server.engine.engine import Engine, EngineConfig  # noqa: E402
-from server.engine.request import GenerationRequest, TokenEvent  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import SchedulerConfig  # noqa: E402
 
 LLAMA_1B = {  # Llama-3.2-1B's config (weights random)
     "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,

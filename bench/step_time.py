@@ -29,10 +29,8 @@ import engine_vs_mlxlm as shared  # noqa: E402  (model loading shared with the o
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from server.engine.engine import Engine, EngineConfig, _Add  # noqa: E402
-from server.engine.request import GenerationRequest  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import SchedulerConfig  # noqa: E402
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig  # noqa: E402
+from server.engine.engine import _Add  # noqa: E402
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:

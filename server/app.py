@@ -21,18 +21,19 @@ from starlette.middleware.cors import CORSMiddleware
 from server.aliases import VersionPrefixMiddleware
 from server.config import Settings
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
+from server.finetune.service import FineTuning
 from server.keys import KeyRing, key_id_secret
-from server.limits import RateLimits
 from server.metrics import Metrics
 from server.middleware import (
     AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware,
     TrailingSlashMiddleware, UnreadBodyMiddleware,
 )
-from server.models.registry import ModelRegistry, build_registry, shutdown
-from server.files.store import FileStore
-from server.finetune.service import FineTuning
+from server.model_lifecycle import build_registry, shutdown
+from server.persistence.database import Database
+from server.persistence.files import FileStore
+from server.rate_limits import RateLimits
+from server.registry import ModelRegistry
 from server.routes import embeddings, files, fine_tuning, generation, health, metrics, models, openapi, responses
-from server.storage.database import Database
 
 log = logging.getLogger(__name__)
 

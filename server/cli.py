@@ -19,8 +19,8 @@ from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
 from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import ModelSourceError, resolve_source
-from server.models.registry import ServedModel
 from server.preflight import StartupError, bind_listeners, check_data_dir
+from server.registry import ServedModel
 from server.shutdown import GracefulShutdown
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ def _hypercorn_config(settings: Settings) -> Config:
 
 
 def serve(settings: Settings) -> int:
+    # imported here: the app loads MLX, which `models` and `--version` do without
     from hypercorn.asyncio import serve as hypercorn_serve
 
     from server.app import create_app
@@ -156,6 +157,7 @@ def models_pull(cache: ModelCache, model_id: str) -> int:
 
 def models_convert(cache: ModelCache, gguf: str, out: str | None) -> int:
     if out:
+        # imported here: it loads MLX, which the other commands do without
         from server.models.gguf import convert_gguf
 
         target = Path(out)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from server.engine.config import EngineConfig, SchedulerConfig
+from server.engine import EngineConfig, SchedulerConfig
 from server.models.cache import default_cache_root
 
 ENV_PREFIX = "MLX_DROPIN_"

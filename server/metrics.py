@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine.request import TokenEvent
+from server.engine import TokenEvent
+from server.finetune.jobs import ACTIVE, FINAL
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -203,8 +204,6 @@ def _embedding_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]
 
 
 def _fine_tuning_jobs(state: Any) -> Metric:
-    from server.finetune.jobs import ACTIVE, FINAL
-
     family = GaugeMetricFamily("mlx_dropin_fine_tuning_jobs", "Fine-tuning jobs by status", labels=("status",))
     counts = dict.fromkeys((*ACTIVE, *FINAL), 0)
     for job in state.fine_tuning.store.with_status(*counts):

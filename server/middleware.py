@@ -22,8 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import AuthenticationError, PayloadTooLargeError, RateLimitError, error_response
 from server.keys import ANONYMOUS, ApiKey, KeyRing
-from server.limits import RateLimits
 from server.metrics import Metrics
+from server.rate_limits import RateLimits
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mlx_dropin.access")

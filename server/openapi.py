@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from server import __version__
-from server.files.store import PURPOSES
+from server.persistence.files import PURPOSES
 from server.wire.chat import ChatCompletion, ChatCompletionRequest
 from server.wire.completions import Completion, CompletionRequest
 from server.wire.embeddings import EmbeddingList, EmbeddingRequest

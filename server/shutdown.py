@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

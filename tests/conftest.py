@@ -9,7 +9,7 @@ import pytest
 from server.config import resolve_cache_dir
 from server.models.cache import ModelCache
 from server.models.defaults import SMOLLM2, fetch_member
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,8 @@ def smollm2_gguf(model_cache: ModelCache) -> Path:
 def registry(model_cache: ModelCache) -> ModelRegistry:
     """The embedded default models, prepared and loaded once for the whole session."""
     from server.config import Settings
-    from server.models.registry import ModelRegistry, build_registry
+    from server.model_lifecycle import build_registry
+    from server.registry import ModelRegistry
 
     reg = ModelRegistry()
     build_registry(reg, Settings(cache_dir=model_cache.root))

@@ -158,7 +158,7 @@ def test_start_up_says_running_on_once_and_lists_the_models(smollm2_dir: Path, t
 
 def test_the_model_table_aligns_long_ids_and_shows_adapters(tmp_path: Path) -> None:
     from server.cli import format_model_table
-    from server.models.registry import ServedModel
+    from server.registry import ServedModel
 
     base = ServedModel(id="smollm2-135m-instruct", kind="chat", path=tmp_path / "base")
     rows = [base,
@@ -175,7 +175,8 @@ def test_the_model_table_aligns_long_ids_and_shows_adapters(tmp_path: Path) -> N
 
 def test_a_base_models_created_is_its_directory_time(tmp_path: Path) -> None:
     from server.config import ModelSpec, Settings
-    from server.models.registry import ModelRegistry, prepare
+    from server.model_lifecycle import prepare
+    from server.registry import ModelRegistry
 
     model = tmp_path / "model"
     model.mkdir()

@@ -11,7 +11,7 @@ import pytest
 
 from server.engine.constraints import ConstraintFactory, GrammarSpec, SequenceConstraint, apply_bitmask, fill_masks
 from server.engine.sampling import SamplingParams, SequenceSampler, sample_batch
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 jsonschema = pytest.importorskip("jsonschema")
 

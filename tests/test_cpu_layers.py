@@ -17,7 +17,8 @@ from server.config import Settings
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.models.cpu_layers import CPU_CLASSES, attention, silu_times, speed_up_for_cpu
-from server.models.registry import ModelRegistry, ServedModel, load, unload
+from server.model_lifecycle import load, unload
+from server.registry import ModelRegistry, ServedModel
 
 COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 96, "num_attention_heads": 6,
           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 512, "max_position_embeddings": 1024}

@@ -1,4 +1,4 @@
-"""server/storage/database.py: schemas, atomic transactions, concurrent writers from threads."""
+"""server/persistence/database.py: schemas, atomic transactions, concurrent writers from threads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.storage.database import Database, Schema
+from server.persistence.database import Database, Schema
 
 ITEMS = Schema("items", ("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",))
 

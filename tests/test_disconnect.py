@@ -23,9 +23,10 @@ from server.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine, EngineStats
 from server.keys import ApiKey
-from server.limits import RateLimits
 from server.metrics import Metrics
-from server.models.registry import ModelRegistry, ServedModel, load, shutdown
+from server.model_lifecycle import load, shutdown
+from server.rate_limits import RateLimits
+from server.registry import ModelRegistry, ServedModel
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from server.app import create_app
 from server.config import Settings
-from server.files.store import PURPOSES
-from server.models.registry import ModelRegistry
+from server.persistence.files import PURPOSES
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 CHAT, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"

@@ -11,7 +11,7 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 KEY = "sk-test-key"

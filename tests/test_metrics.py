@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"

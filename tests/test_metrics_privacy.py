@@ -23,7 +23,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.keys import SECRET_FILE, ApiKey, KeyRing, key_id_secret, keyed_id
 from server.metrics import FINE_TUNED
-from server.models.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ServedModel
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"

@@ -12,7 +12,8 @@ from server.config import Settings
 from server.models.cache import MANIFEST_NAME, ModelCache
 from server.models.defaults import MINILM, build_default
 from server.models.loading import ModelSourceError, detect_kind, resolve_source
-from server.models.registry import ModelRegistry, prepare
+from server.model_lifecycle import prepare
+from server.registry import ModelRegistry
 
 
 def _builder(calls: list[int]):  # type: ignore[no-untyped-def]

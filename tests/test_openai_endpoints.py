@@ -13,7 +13,7 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 MODEL = "smollm2-135m-instruct"

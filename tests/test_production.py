@@ -19,8 +19,8 @@ import pytest
 from server.app import create_app
 from server.config import Settings, parse_settings
 from server.keys import ApiKey, KeyRing, read_keys_file
-from server.limits import Bucket, go_duration
-from server.models.registry import ModelRegistry, ServedModel
+from server.rate_limits import Bucket, go_duration
+from server.registry import ModelRegistry, ServedModel
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"

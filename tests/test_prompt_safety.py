@@ -18,8 +18,8 @@ from mlx_lm.utils import load_tokenizer
 
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
-from server.serving.chat import tool_call_entry
+from server.registry import ModelRegistry
+from server.serving.tools import tool_call_entry
 from server.serving.prompt import control_tokens, render_prompt
 from server.serving.tools import with_tools
 from tests.real_vocab import QWEN3_ADDED, tiny_model_dir

@@ -19,7 +19,7 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine, EngineConfig
-from server.models.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ServedModel
 from tests.serving import running_server
 
 MODEL = "smollm2-135m-instruct"

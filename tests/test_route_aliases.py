@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 from server.aliases import VersionPrefixMiddleware
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"

@@ -29,7 +29,7 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from server.shutdown import GracefulShutdown
 from tests.serving import free_port, running_server
 

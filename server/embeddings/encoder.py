@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from tokenizers import Tokenizer
 
 from server.embeddings import cpu_kernels
 
@@ -337,8 +338,6 @@ class Encoder:
     def load(cls, path: Path, dtype: mx.Dtype = mx.float32) -> Encoder:
         """Load from a HF / sentence-transformers directory. float32 by default; pass
         mx.float16 only on GPU."""
-        from tokenizers import Tokenizer
-
         path = Path(path)
         modules_file = path / "modules.json"
         if modules_file.is_file():

@@ -1,1 +1,54 @@
-"""The batch engine: block pool, paged KV cache, scheduler, sampling."""
+"""The batch engine's public surface: code outside `server/engine/` imports engine names from here only.
+
+What the rest of the server uses: the engine and its statistics, its
+configuration, the request it runs and the events it streams back, the
+sampling parameters and grammar spec a request carries, and the errors it
+raises. Everything else in this package (block pool, KV manager, scheduler,
+runner, kernels) is the engine's own.
+
+Names load on first use (PEP 562 `__getattr__`): the settings module imports
+the configs without loading MLX, which keeps the command line fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.block_pool import PoolExhaustedError
+    from server.engine.config import EngineConfig, SchedulerConfig
+    from server.engine.constraints import GrammarSpec
+    from server.engine.engine import Engine, EngineStats, GenerationError, raise_if_failed
+    from server.engine.kv_manager import common_prefix_length
+    from server.engine.request import GenerationRequest, TokenEvent
+    from server.engine.sampling import SamplingParams
+
+_MODULE_OF: dict[str, str] = {
+    "PoolExhaustedError": "server.engine.block_pool",
+    "EngineConfig": "server.engine.config",
+    "SchedulerConfig": "server.engine.config",
+    "GrammarSpec": "server.engine.constraints",
+    "Engine": "server.engine.engine",
+    "EngineStats": "server.engine.engine",
+    "GenerationError": "server.engine.engine",
+    "raise_if_failed": "server.engine.engine",
+    "common_prefix_length": "server.engine.kv_manager",
+    "GenerationRequest": "server.engine.request",
+    "TokenEvent": "server.engine.request",
+    "SamplingParams": "server.engine.sampling",
+}
+
+__all__ = [
+    "Engine", "EngineConfig", "EngineStats", "GenerationError", "GenerationRequest", "GrammarSpec",
+    "PoolExhaustedError", "SamplingParams", "SchedulerConfig", "TokenEvent", "common_prefix_length",
+    "raise_if_failed",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module the first time it is asked for."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.kv_manager import common_prefix_length
+from server.engine import common_prefix_length
 
 
 @dataclass(frozen=True)

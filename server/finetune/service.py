@@ -29,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
+from server.embeddings.encoder import Encoder
 from server.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
-from server.files.store import FileStore
+from server.finetune.examples import resolve_hyperparameters, validate_chat_file, validate_embedding_file
 from server.finetune.jobs import Checkpoint, Job, JobStore
 from server.finetune.spec import Hyperparameters, ValidationReport
 from server.finetune.supervisor import FineTuningSupervisor, ValidationDeferred
 from server.finetune.worker import METRICS_FILE
-from server.models.registry import ModelRegistry, ServedModel, unload
-from server.storage.database import Database
+from server.model_lifecycle import start_model, unload
+from server.persistence.database import Database
+from server.persistence.files import FileStore
+from server.registry import ModelRegistry, ServedModel
 from server.wire.fine_tuning import JobCreateRequest
 
 log = logging.getLogger(__name__)
@@ -122,8 +125,6 @@ class FineTuning:
                                       f"'{served.base.id if served.base else ''}' instead.", param="model",
                                       code="model_not_available")
         if served.kind == "embedding":
-            from server.embeddings.encoder import Encoder
-
             if served.encoder is not None and not isinstance(served.encoder, Encoder):
                 raise InvalidRequestError(f"Model {model_id} (a decoder embedding model) cannot be fine-tuned "
                                           f"here; encoder models (BERT, XLM-RoBERTa) can.", param="model",
@@ -200,8 +201,6 @@ class FineTuning:
 
     def _validate(self, job: Job) -> tuple[ValidationReport, dict[str, Any]]:
         """The first bad file's report (hyperparameters are resolved only for good files)."""
-        from server.finetune.examples import resolve_hyperparameters, validate_chat_file, validate_embedding_file
-
         base = self._validation_base(job)
         work = self.store.job_dir(job.id)
         files = [work / "train.jsonl"] + ([work / "validation.jsonl"] if job.validation_file else [])
@@ -210,7 +209,7 @@ class FineTuning:
             if job.kind == "embedding":
                 reports.append(validate_embedding_file(path, base.encoder))
             else:
-                reports.append(validate_chat_file(path, base.tokenizer, base.engine.context_length))
+                reports.append(validate_chat_file(path, base.tokenizer, base.running_engine.context_length))
         for report, field in zip(reports, ("training_file", "validation_file")):
             if not report.ok:
                 return dataclasses.replace(report, file=field), {}
@@ -264,23 +263,15 @@ class FineTuning:
         self._make_room()
         started = time.perf_counter()
         if served.kind == "embedding":
-            from server.embeddings.batcher import EmbeddingBatcher
+            # the trainers are imported here: they load mlx-lm (with transformers and torch, seconds)
             from server.finetune.embedding_trainer import encoder_with_adapter
 
-            served.encoder = encoder_with_adapter(served.base.encoder, served.adapter_path)
-            served.batcher = EmbeddingBatcher(served.encoder)
+            start_model(served, self.settings, encoder=encoder_with_adapter(served.base.encoder, served.adapter_path))
         else:
-            from server.engine.engine import Engine
             from server.finetune.chat_trainer import chat_model_with_adapter
-            from server.models.cpu_layers import speed_up_for_cpu
 
-            model = chat_model_with_adapter(served.base.model, served.adapter_path)
-            if not self.settings.exact_cpu_layers:
-                speed_up_for_cpu(model)
-            engine = Engine(model, served.base.tokenizer, self.settings.adapter_engine_config())
-            engine.start()
-            served.tokenizer, served.engine = served.base.tokenizer, engine
-            served.model = model
+            start_model(served, self.settings, model=chat_model_with_adapter(served.base.model, served.adapter_path),
+                        tokenizer=served.base.tokenizer, engine_config=self.settings.adapter_engine_config())
         log.info("loaded adapter %s in %.1fs", served.id, time.perf_counter() - started)
 
     def _make_room(self) -> None:

@@ -31,7 +31,7 @@ from server.finetune.spec import (
     TrainingResult,
     TrainingSpec,
 )
-from server.storage.database import Database
+from server.persistence.database import Database
 
 log = logging.getLogger("mlx_dropin.finetune.worker")
 
@@ -100,6 +100,7 @@ class JobHooks:
 
 
 def train(spec: TrainingSpec, hooks: JobHooks) -> TrainingResult:
+    # imported here: a trainer loads mlx-lm (with transformers and torch, seconds); a job needs one of the two
     if spec.kind == "embedding":
         from server.finetune.embedding_trainer import train_embedding
 

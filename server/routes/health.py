@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from server.wire.codec import json_response
 
 

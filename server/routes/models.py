@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.models.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry, ServedModel
 from server.serving.scope import RequestScope
 from server.wire.codec import json_response
 from server.wire.models import ModelCard, ModelList

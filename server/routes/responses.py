@@ -1,6 +1,6 @@
 """`/v1/responses`: create (JSON or SSE), retrieve, delete, and list a stored response's input items.
 
-Stored responses live in the app's SQLite database (`server.responses.store`),
+Stored responses live in the app's SQLite database (`server.persistence.responses`),
 scoped to the API key that created them: another key gets a 404.
 """
 
@@ -13,8 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.errors import InvalidRequestError, NotFoundError
-from server.models.registry import ModelRegistry
-from server.responses.store import ResponseStore
+from server.persistence.responses import ResponseStore
+from server.registry import ModelRegistry
 from server.routes.admission import admit_generation, within_limits
 from server.serving import response_output, responses
 from server.serving.scope import RequestScope, conversation_id

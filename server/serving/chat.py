@@ -7,7 +7,6 @@ deltas, one finish chunk per choice, the usage chunk when asked, `[DONE]`.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,21 +15,16 @@ from typing import Any
 
 import msgspec
 
-from server import __version__
-from server.engine.block_pool import PoolExhaustedError
-from server.engine.constraints import GrammarSpec
-from server.engine.engine import Engine, GenerationError
-from server.engine.request import GenerationRequest, TokenEvent
-from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
+from server.engine import Engine, GenerationError, GenerationRequest, PoolExhaustedError, TokenEvent
+from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
-from server.models.registry import ServedModel
+from server.registry import ServedModel
+from server.serving.generation import SYSTEM_FINGERPRINT, build_request, engine_failure, tool_mode
 from server.serving.logprobs import TokenText
-from server.serving.params import build_params, stop_list
-from server.serving.prompt import render_prompt
+from server.serving.params import stop_list
 from server.serving.scope import RequestScope
-from server.serving.tool_grammar import forcing_grammar
 from server.serving.tool_names import check_tool_name, check_tool_names
-from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_format, with_tools
+from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_call_entry
 from server.wire.chat import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice,
     ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, NamedToolChoice, PromptTokensDetails, TokenLogprob, ToolCall,
@@ -38,7 +32,6 @@ from server.wire.chat import (
 )
 from server.wire.codec import encode
 
-SYSTEM_FINGERPRINT = f"fp_mlx_dropin_{__version__.replace('.', '_')}"
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -85,15 +78,6 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def tool_call_entry(call_id: str, name: str, arguments: str) -> dict[str, Any]:
-    """A past tool call as chat templates expect it (arguments parsed from their JSON string when they parse)."""
-    try:
-        parsed: Any = json.loads(arguments) if arguments else {}
-    except ValueError:
-        parsed = arguments
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
-
-
 @dataclass
 class ChatPlan:
     """Everything needed to run one chat request and shape its answer."""
@@ -111,7 +95,7 @@ class ChatPlan:
 
     @property
     def engine(self) -> Engine:
-        return self.served.engine  # type: ignore[no-any-return]
+        return self.served.running_engine
 
     @property
     def requests(self) -> list[GenerationRequest]:
@@ -123,61 +107,11 @@ class ChatPlan:
         return ToolCallParser(self.tool_format, self.tools, None if self.parallel_tool_calls else 1)
 
 
-def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple[str, str | None]:
-    """('none' | 'auto' | 'required', forced function name or None) from a tool_choice string or a named function."""
-    if forced is not None:
-        if forced not in names:
-            raise InvalidRequestError(f"tool_choice names '{forced}', which is not in 'tools'.", param="tool_choice")
-        return "required", forced
-    if choice is None:
-        return ("auto" if names else "none"), None
-    if choice not in ("none", "auto", "required"):
-        raise InvalidRequestError(f"Invalid tool_choice '{choice}'.", param="tool_choice")
-    if choice != "none" and not names:
-        raise InvalidRequestError(f"tool_choice '{choice}' needs 'tools'.", param="tool_choice")
-    return choice, None
-
-
 def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, str | None]:
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
         return tool_mode(None, choice.function.name, names)
     return tool_mode(choice, None, names)
-
-
-def _grammar(served: ServedModel, response_format: dict[str, Any] | None, tools: list[dict[str, Any]], mode: str,
-             forced: str | None, fmt: ToolFormat | None) -> GrammarSpec | None:
-    """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
-    if mode == "required" and fmt is not None and fmt.json_calls:
-        return forcing_grammar(tools, forced, fmt, served.tokenizer, served.engine.constraints)
-    if response_format is None:
-        return None
-    try:
-        return GrammarSpec.from_response_format(response_format)
-    except ValueError as exc:
-        raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
-
-
-def build_request(served: ServedModel, scope: RequestScope, conversation: str | None,
-                  messages: list[dict[str, Any]], tools: list[dict[str, Any]], mode: str, forced: str | None,
-                  response_format: dict[str, Any] | None, *, request_id: str, streamed: bool = True,
-                  **sampling: Any) -> tuple[GenerationRequest, ToolFormat | None]:
-    """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
-
-    Tools reach the prompt (natively or as a system message), a forced call or the response format
-    becomes the grammar, and the KV is salted by tenant and model and keyed by the conversation.
-    """
-    fmt = tool_format(served.tokenizer) if mode != "none" else None
-    if fmt is not None and not fmt.native:
-        messages = with_tools(messages, tools, forced)
-    params = build_params(**sampling, grammar=_grammar(served, response_format, tools, mode, forced, fmt))
-    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
-    request = GenerationRequest(
-        request_id=request_id, prompt_token_ids=prompt, params=params,
-        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id),
-        streamed=streamed)
-    served.engine.validate(request)
-    return request, fmt
 
 
 def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScope,
@@ -204,19 +138,12 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
                     body.parallel_tool_calls is not False)
 
 
-def engine_failure(exc: Exception) -> APIError:
-    if isinstance(exc, PoolExhaustedError):
-        return ServiceUnavailableError(f"The server is at capacity ({exc}); retry shortly.",
-                                       code="server_overloaded", headers={"retry-after": "2"})
-    return APIError(f"Generation failed: {exc}")
-
-
 class _Logprobs:
     """Builds OpenAI logprob entries from engine samples."""
 
     def __init__(self, served: ServedModel) -> None:
         self.text = TokenText(served.tokenizer)
-        self.eos = served.engine.eos_ids
+        self.eos = served.running_engine.eos_ids
 
     def entry(self, event: TokenEvent) -> TokenLogprob | None:
         if event.token_id is None or event.logprob is None or event.token_id in self.eos:

@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.block_pool import PoolExhaustedError
-from server.engine.engine import GenerationError
-from server.engine.request import GenerationRequest, TokenEvent
+from server.engine import GenerationError, GenerationRequest, PoolExhaustedError, TokenEvent
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
-from server.models.registry import ServedModel
-from server.serving.chat import SYSTEM_FINGERPRINT, engine_failure
+from server.registry import ServedModel
+from server.serving.batch_input import batch_items
+from server.serving.generation import SYSTEM_FINGERPRINT, engine_failure
 from server.serving.logprobs import TokenText
 from server.serving.params import build_params, stop_list
 from server.serving.scope import RequestScope
@@ -33,19 +32,10 @@ MAX_LOGPROBS = 5
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
 
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
 def parse_prompts(prompt: Any, tokenizer: Any) -> list[tuple[list[int], str]]:
     """Every accepted prompt shape as (token ids, text) pairs."""
-    if isinstance(prompt, str):
-        items: list[Any] = [prompt]
-    elif _is_ids(prompt) and prompt:
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
-        items = prompt
-    else:
+    items = batch_items(prompt, empty_ids_allowed=True)
+    if items is None:
         raise InvalidRequestError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
                                   "token-id lists.", param="prompt")
     if len(items) > MAX_PROMPTS:
@@ -115,7 +105,7 @@ def prepare(body: CompletionRequest, served: ServedModel, scope: RequestScope, c
         request = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,
                                     conversation_key=scope.conversation_key(served.id, conversation),
                                     salt=scope.salt(served.id), streamed=bool(body.stream))
-        served.engine.validate(request)
+        served.running_engine.validate(request)
         requests.append(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return CompletionPlan(served, requests, [t for _, t in prompts], n, bool(body.echo), body.logprobs, include_usage)
@@ -127,7 +117,7 @@ async def _merged(plan: CompletionPlan) -> AsyncIterator[tuple[int, TokenEvent]]
 
     async def pump(i: int, request: GenerationRequest) -> None:
         try:
-            async for event in timed(plan.timer, plan.served.engine.stream(request)):
+            async for event in timed(plan.timer, plan.served.running_engine.stream(request)):
                 await queue.put((i, event))
         except BaseException as exc:  # re-raised in the consumer
             await queue.put((i, exc))
@@ -170,7 +160,7 @@ class _Accumulator:
     def __init__(self, plan: CompletionPlan) -> None:
         self.plan = plan
         self.text_of = TokenText(plan.served.tokenizer)
-        self.eos = plan.served.engine.eos_ids
+        self.eos = plan.served.running_engine.eos_ids
         self.choices = {(p, j): _Choice() for p in range(len(plan.requests)) for j in range(plan.best_of)}
         self.prompt_logprobs: dict[int, list[tuple[int, float, list[tuple[int, float]]]]] = {}
 

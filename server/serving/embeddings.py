@@ -15,26 +15,18 @@ from typing import Any
 import numpy as np
 
 from server.errors import InvalidRequestError
-from server.models.registry import ServedModel
+from server.registry import ServedModel
+from server.serving.batch_input import batch_items
 from server.wire.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 
 MAX_INPUTS = 2048
 MAX_TOTAL_TOKENS = 300_000
 
 
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
 def input_items(raw: Any) -> list[str | list[int]]:
     """Every accepted `input` shape as a list of texts and/or token-id lists."""
-    if isinstance(raw, str):
-        items: list[Any] = [raw]
-    elif _is_ids(raw) and raw:
-        items = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(x, str) or (_is_ids(x) and x) for x in raw):
-        items = raw
-    else:
+    items = batch_items(raw, empty_ids_allowed=False)
+    if items is None:
         raise InvalidRequestError("'input' must be a non-empty string, a list of strings, a list of token ids, or "
                                   "a list of token-id lists.", param="input")
     if len(items) > MAX_INPUTS:
@@ -46,7 +38,7 @@ def input_items(raw: Any) -> list[str | list[int]]:
 
 
 def token_ids(items: list[str | list[int]], served: ServedModel, truncate: bool) -> list[list[int]]:
-    encoder = served.encoder
+    encoder = served.loaded_encoder
     texts = [(i, item) for i, item in enumerate(items) if isinstance(item, str)]
     encoded = dict(zip((i for i, _ in texts), encoder.tokenize([t for _, t in texts]))) if texts else {}
     wrap = encoder.special_tokens()
@@ -77,9 +69,9 @@ def check_request(body: EmbeddingRequest, served: ServedModel) -> None:
     if body.encoding_format not in (None, "float", "base64"):
         raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
     dims = body.dimensions
-    if dims is not None and not 1 <= dims <= served.encoder.dimensions:
-        raise InvalidRequestError(f"'dimensions' must be between 1 and {served.encoder.dimensions} for this model.",
-                                  param="dimensions")
+    most = served.loaded_encoder.dimensions
+    if dims is not None and not 1 <= dims <= most:
+        raise InvalidRequestError(f"'dimensions' must be between 1 and {most} for this model.", param="dimensions")
 
 
 def shape(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:

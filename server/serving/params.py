@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.engine.sampling import SamplingParams
+from server.engine import SamplingParams
 from server.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 4

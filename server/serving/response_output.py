@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from server.engine.block_pool import PoolExhaustedError
-from server.engine.engine import GenerationError
+from server.engine import GenerationError, PoolExhaustedError
 from server.metrics import timed
-from server.responses.store import ResponseStore
-from server.serving.chat import engine_failure
+from server.persistence.responses import ResponseStore
+from server.serving.generation import engine_failure
 from server.serving.responses import ResponsePlan, new_id
 from server.serving.tools import ParsedCall, ToolCallParser
 from server.wire.codec import encode
@@ -123,7 +122,7 @@ class OutputBuilder:
 
 async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[StreamEvent]:
     """Engine events -> output events, ending with every item closed and the usage known."""
-    async for event in timed(plan.timer, plan.served.engine.stream(plan.request)):
+    async for event in timed(plan.timer, plan.served.running_engine.stream(plan.request)):
         final = event.finish_reason is not None
         for step in output.feed(event.text, event.finish_reason):
             yield step

@@ -6,8 +6,8 @@ conversation rendered with the chat template, so it starts with the tokens
 the previous turn computed, and the chain's conversation key (its root's, or
 the `prompt_cache_key` it began with) finds them pinned in the engine: only
 the new input is prefilled. `instructions`, `tools` and `text` are not
-inherited, as in OpenAI's API. Prompt building, tools and grammars are chat's
-(`server.serving.chat.build_request`).
+inherited, as in OpenAI's API. Prompt building, tools and grammars are shared
+with chat completions (`server.serving.generation.build_request`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.request import GenerationRequest
+from server.engine import GenerationRequest
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer
-from server.models.registry import ServedModel
-from server.responses.store import ResponseStore
-from server.serving.chat import build_request, tool_call_entry, tool_mode
+from server.registry import ServedModel
+from server.persistence.responses import ResponseStore
+from server.serving.generation import build_request, tool_mode
 from server.serving.scope import RequestScope
 from server.serving.tool_names import check_tool_name, check_tool_names
-from server.serving.tools import ToolCallParser, ToolFormat
+from server.serving.tools import ToolCallParser, ToolFormat, tool_call_entry
 from server.wire.responses import (
     FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputContent, InputItem, InputText, Item, MessageItem,
     OutputText, Response, ResponseRequest, TextConfig, TextFormat, ToolChoiceObject,
@@ -213,7 +213,7 @@ def _refuse_unsupported(body: ResponseRequest) -> None:
 
 @contextlib.contextmanager
 def _responses_params() -> Iterator[None]:
-    """Errors raised by chat's helpers name this API's fields."""
+    """Errors raised by the shared generation helpers name this API's fields."""
     try:
         yield
     except InvalidRequestError as exc:

@@ -20,7 +20,7 @@ import json
 import logging
 from typing import Any, Protocol
 
-from server.engine.constraints import GrammarSpec
+from server.engine import GrammarSpec
 from server.errors import APIError, InvalidRequestError
 from server.serving.tools import ToolFormat
 

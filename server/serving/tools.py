@@ -88,6 +88,15 @@ def with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]], forc
     return out
 
 
+def tool_call_entry(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A past tool call as chat templates expect it (arguments parsed from their JSON string when they parse)."""
+    try:
+        parsed: Any = json.loads(arguments) if arguments else {}
+    except ValueError:
+        parsed = arguments
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
+
+
 @dataclass
 class ParsedCall:
     name: str

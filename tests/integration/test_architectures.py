@@ -20,7 +20,7 @@ from server.engine.runner import ModelRunner, padded_batches, prefill_groups
 from server.engine.sampling import SamplingParams, SequenceSampler
 from server.engine.sequence import Sequence
 from server.models.cpu_layers import speed_up_for_cpu
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 VOCAB = 49152  # the default model's tokenizer drives detokenization
 COMMON = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "num_attention_heads": 4,

@@ -1,5 +1,5 @@
 """Decoder (LLM-based) embedding models: a tiny random-weight qwen3 / llama saved as a
-sentence-transformers directory, embedded by `DecoderEncoder` and by sentence-transformers
+sentence-transformers directory, embedded by `CausalLMEncoder` and by sentence-transformers
 (transformers' own Qwen3Model / LlamaModel) on the same files."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from server.embeddings.decoder import DecoderEncoder, load_embedding_model
+from server.embeddings.causal_lm import CausalLMEncoder, load_embedding_model
 from server.models.loading import detect_kind
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 CHAT_ID = "smollm2-135m-instruct"
 COMMON = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
@@ -65,7 +65,7 @@ def test_decoder_embeddings_match_sentence_transformers(tmp_path: Path, registry
     path = _make_dir(tmp_path, model_type, pooling, registry)
     assert detect_kind(path) == "embedding"
     ours = load_embedding_model(path)
-    assert isinstance(ours, DecoderEncoder)
+    assert isinstance(ours, CausalLMEncoder)
     assert ours.dimensions == 64 and ours.max_length == 256
     assert ours.pooling.mode == pooling and ours.pooling.normalize
 
@@ -94,8 +94,8 @@ def test_decoder_model_served_over_http(tmp_path: Path, registry: ModelRegistry)
 
     from server.app import create_app
     from server.config import ModelSpec, Settings
-    from server.models.registry import ModelRegistry as Registry
-    from server.models.registry import build_registry, shutdown
+    from server.model_lifecycle import build_registry, shutdown
+    from server.registry import ModelRegistry as Registry
     from tests.serving import running_server
 
     path = _make_dir(tmp_path, "qwen3", "lasttoken", registry)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm import generate
 
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 
 def test_capital_of_france_is_paris(registry: ModelRegistry) -> None:

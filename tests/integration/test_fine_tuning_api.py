@@ -18,7 +18,7 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"
@@ -241,7 +241,7 @@ def job_steps(client: openai.OpenAI, job_id: str) -> int:
 
 def _pid(data_dir: Path, job_id: str) -> int:
     from server.finetune.jobs import JobStore
-    from server.storage.database import Database
+    from server.persistence.database import Database
 
     job = JobStore(Database.in_dir(data_dir), data_dir / "fine_tuning").get(job_id)
     assert job is not None and job.worker_pid
@@ -290,7 +290,7 @@ def test_everything_survives_a_restart(registry: ModelRegistry, url: str, chat_j
     """A second server on the same data directory (after this module's first one) lists the same files,
     jobs, events and models, serves the fine-tuned model, and fails a job a dead server left running."""
     from server.finetune.jobs import JobStore
-    from server.storage.database import Database
+    from server.persistence.database import Database
 
     store = JobStore(Database.in_dir(data_dir), data_dir / "fine_tuning")
     orphan = sdk(url).fine_tuning.jobs.create(model=CHAT, training_file=chat_job.training_file)

@@ -19,8 +19,8 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.finetune.jobs import Job, JobStore
-from server.models.registry import ModelRegistry
-from server.storage.database import Database
+from server.registry import ModelRegistry
+from server.persistence.database import Database
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"

@@ -20,7 +20,8 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.errors import APIError
-from server.models.registry import ModelRegistry, ServedModel, load, unload
+from server.model_lifecycle import load, unload
+from server.registry import ModelRegistry, ServedModel
 from server.serving.tool_grammar import forcing_grammar
 from server.serving.tools import tool_format
 from tests.real_vocab import QWEN3_ADDED, QWEN25_ADDED, tiny_model_dir

@@ -17,7 +17,7 @@ from server.engine.engine import Engine, raise_if_failed
 from server.engine.request import GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
-from server.models.registry import ModelRegistry
+from server.registry import ModelRegistry
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from server.storage.database import Database, Schema
+from server.persistence.database import Database, Schema
 
 PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
 SCHEMA = Schema("files", (

@@ -1,28 +1,31 @@
-"""The registry of served models: public ids -> model directories and, once loaded, the weights.
+"""The registry of served models: public ids -> `ServedModel`s (directory, kind, and once started, the weights).
 
-Building it has two stages. ``prepare`` fetches or converts every model's
-files (may download, may take minutes on first start) and registers them;
-``load`` reads chat weights into memory. The server answers /health during
-both, and /ready only after both.
+It answers which model a request means (the named one, or the default of its
+kind), checks that the caller's tenant may see it and that it is loaded, and
+loads a fine-tuned model's adapter on first use through the hook the
+fine-tuning service sets. Filling it and starting the models is
+`server.model_lifecycle`'s.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from server.config import ModelSpec, Settings
+from starlette.concurrency import run_in_threadpool
+
 from server.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
-from server.models.cache import ModelCache
-from server.models.defaults import DEFAULTS, ModelKind, build_default
-from server.models.loading import detect_kind, load_chat_model, resolve_source
+from server.models.kind import ModelKind
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # types only: importing them loads MLX, which the command line does without
+    from server.embeddings.batcher import EmbeddingBatcher
+    from server.embeddings.causal_lm import CausalLMEncoder
+    from server.embeddings.encoder import Encoder
+    from server.engine import Engine
 
 
 @dataclass
@@ -36,9 +39,9 @@ class ServedModel:
     owned_by: str = "mlx-dropin"
     model: Any = None
     tokenizer: Any = None
-    engine: Any = None  # server.engine.engine.Engine for chat models, once loaded
-    encoder: Any = None  # an Encoder or DecoderEncoder (server.embeddings) for embedding models, once loaded
-    batcher: Any = None  # its micro-batcher
+    engine: Engine | None = None  # a chat model's batch engine, once started
+    encoder: Encoder | CausalLMEncoder | None = None  # an embedding model's encoder, once loaded
+    batcher: EmbeddingBatcher | None = None  # the micro-batcher in front of that encoder
     owner: str | None = None  # the tenant a fine-tuned model belongs to; None = every caller sees it
     base: ServedModel | None = None  # a fine-tuned model's base (its weights are shared)
     adapter_path: Path | None = None  # a fine-tuned model's adapter directory
@@ -51,6 +54,28 @@ class ServedModel:
     @property
     def loaded(self) -> bool:
         return self.model is not None if self.kind == "chat" else self.batcher is not None
+
+    # Requests reach a model only once `registry.resolve` found it loaded; these name that state in types.
+    @property
+    def running_engine(self) -> Engine:
+        """A loaded chat model's batch engine."""
+        if self.engine is None:
+            raise RuntimeError(f"model {self.id!r} has no running engine")
+        return self.engine
+
+    @property
+    def loaded_encoder(self) -> Encoder | CausalLMEncoder:
+        """A loaded embedding model's encoder."""
+        if self.encoder is None:
+            raise RuntimeError(f"model {self.id!r} has no loaded encoder")
+        return self.encoder
+
+    @property
+    def running_batcher(self) -> EmbeddingBatcher:
+        """A loaded embedding model's micro-batcher."""
+        if self.batcher is None:
+            raise RuntimeError(f"model {self.id!r} has no running batcher")
+        return self.batcher
 
 
 class ModelRegistry:
@@ -123,8 +148,6 @@ class ModelRegistry:
         except ModelNotFoundError:
             served = None
         if served is not None and served.adapter_path is not None and not served.loaded:
-            from starlette.concurrency import run_in_threadpool
-
             return await run_in_threadpool(self.resolve, model_id, kind, tenant)
         return self.resolve(model_id, kind, tenant)
 
@@ -137,78 +160,3 @@ class ModelRegistry:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
-
-
-def created_time(path: Path) -> int:
-    """A base model's `created`: its directory's modification time, the same on every start."""
-    try:
-        return int(path.stat().st_mtime)
-    except OSError:
-        return int(time.time())
-
-
-def prepare(registry: ModelRegistry, settings: Settings) -> None:
-    """Fetch/convert every configured model and register it (no weights loaded yet)."""
-    cache = ModelCache(settings.cache_dir)
-    for spec in settings.models:
-        path = resolve_source(spec.source, cache, settings.offline)
-        registry.add(ServedModel(id=spec.id, kind=detect_kind(path), path=path, created=created_time(path)))
-    if settings.default_models:
-        for default in DEFAULTS:
-            if default.id in {spec.id for spec in settings.models}:
-                continue
-            path = build_default(default, cache)
-            registry.add(ServedModel(id=default.id, kind=default.kind, path=path, created=created_time(path)))
-
-
-def load(registry: ModelRegistry, settings: Settings) -> None:
-    """Load every model: chat models get a running batch engine, embedding models an encoder and batcher."""
-    from server.engine.engine import Engine
-    from server.models.cpu_layers import speed_up_for_cpu
-
-    for served in registry.list():
-        if served.kind == "embedding" and served.batcher is None:
-            from server.embeddings.batcher import EmbeddingBatcher
-            from server.embeddings.decoder import load_embedding_model
-
-            served.encoder = load_embedding_model(served.path, settings.dtype)
-            served.batcher = EmbeddingBatcher(served.encoder)
-            continue
-        if served.kind == "chat" and served.model is None:
-            started = time.perf_counter()
-            model, tokenizer = load_chat_model(served.path, settings.dtype)
-            if not settings.exact_cpu_layers:
-                speed_up_for_cpu(model)
-            engine = Engine(model, tokenizer, settings.engine_config())
-            engine.start()
-            served.tokenizer, served.engine = tokenizer, engine
-            served.model = model  # last: `loaded` turns true only with the engine running
-            log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
-
-
-def unload(served: ServedModel) -> None:
-    """Stop a model's engine or batcher (in-flight sequences end with finish_reason "abort")."""
-    if served.engine is not None:
-        served.engine.shutdown()
-    if served.batcher is not None:
-        served.batcher.shutdown()
-
-
-def shutdown(registry: ModelRegistry) -> None:
-    for served in registry.list():
-        unload(served)
-
-
-def build_registry(registry: ModelRegistry, settings: Settings) -> None:
-    """prepare + load, recording a failure instead of raising (runs on a start-up thread)."""
-    try:
-        prepare(registry, settings)
-        load(registry, settings)
-    except Exception as exc:  # reported by /ready and the start-up log; the process stays up
-        registry.failure = f"{type(exc).__name__}: {exc}"
-        log.exception("model start-up failed")
-        return
-    registry.mark_ready()
-
-
-__all__ = ["ModelRegistry", "ServedModel", "ModelSpec", "build_registry", "prepare", "load", "shutdown", "unload"]

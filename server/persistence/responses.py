@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from server.storage.database import Database, Schema
+from server.persistence.database import Database, Schema
 from server.wire.responses import Item, ItemList, Response
 
 SCHEMA = Schema("responses", (

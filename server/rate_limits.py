@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from server.engine.request import GenerationRequest
+from server.engine import GenerationRequest
 from server.errors import RateLimitError
 from server.keys import ApiKey
 

@@ -1,4 +1,4 @@
-"""Decoder (LLM-based) embedding models: any mlx-lm architecture pooled over its final hidden states.
+"""Causal-LM (LLM-based) embedding models: any mlx-lm architecture pooled over its final hidden states.
 
 Models such as Qwen3-Embedding or gte-Qwen2 ship as causal language models plus
 sentence-transformers files (`modules.json`, `1_Pooling/config.json`). They are
@@ -18,12 +18,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from server.embeddings.encoder import PoolingConfig, right_pad
+from server.embeddings.encoder import Encoder, PoolingConfig, right_pad
+from server.models.loading import ENCODER_MODEL_TYPES, load_chat_model
 
 DEFAULT_MAX_LENGTH = 8192
 
 
-class DecoderEncoder:
+class CausalLMEncoder:
     """A loaded decoder embedding model: mlx-lm network without its head + tokenizer + pooling."""
 
     def __init__(self, model: Any, tokenizer: Any, pooling: PoolingConfig, max_length: int) -> None:
@@ -44,9 +45,7 @@ class DecoderEncoder:
         self.dimensions = int(self._probe())
 
     @classmethod
-    def load(cls, path: Path, dtype_policy: str = "auto") -> DecoderEncoder:
-        from server.models.loading import load_chat_model
-
+    def load(cls, path: Path, dtype_policy: str = "auto") -> CausalLMEncoder:
         path = Path(path)
         model, wrapper = load_chat_model(path, dtype_policy)
         has_pooling_file = (path / "1_Pooling" / "config.json").is_file() or (path / "modules.json").is_file()
@@ -85,18 +84,14 @@ class DecoderEncoder:
         return self.embed_ids(self.tokenize(texts))
 
 
-def is_decoder_dir(path: Path) -> bool:
+def is_causal_lm_dir(path: Path) -> bool:
     """True when the directory's config names an architecture other than the BERT family."""
-    from server.models.loading import ENCODER_MODEL_TYPES
-
     config = json.loads((Path(path) / "config.json").read_text())
     return config.get("model_type", "bert") not in ENCODER_MODEL_TYPES
 
 
 def load_embedding_model(path: Path, dtype_policy: str = "auto") -> Any:
-    """An `Encoder` for BERT-family directories, a `DecoderEncoder` for mlx-lm architectures."""
-    if is_decoder_dir(path):
-        return DecoderEncoder.load(path, dtype_policy)
-    from server.embeddings.encoder import Encoder
-
+    """An `Encoder` for BERT-family directories, a `CausalLMEncoder` for mlx-lm architectures."""
+    if is_causal_lm_dir(path):
+        return CausalLMEncoder.load(path, dtype_policy)
     return Encoder.load(path)

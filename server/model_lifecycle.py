@@ -1,0 +1,114 @@
+"""The served models' life: registered, started, stopped.
+
+Building the registry has two stages. `prepare` fetches or converts every
+model's files (may download, may take minutes on first start) and registers
+them; `load` reads the weights and starts each one with `start_model`, which
+the fine-tuning service also uses for a fine-tuned model's adapter. The server
+answers /health during both, and /ready only after both. `unload` stops a
+model's engine or batcher; `shutdown` stops them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+from server.embeddings.batcher import EmbeddingBatcher
+from server.embeddings.causal_lm import CausalLMEncoder, load_embedding_model
+from server.embeddings.encoder import Encoder
+from server.engine import Engine, EngineConfig
+from server.models.cache import ModelCache
+from server.models.defaults import DEFAULTS, build_default
+from server.models.loading import detect_kind, load_chat_model, resolve_source
+from server.registry import ModelRegistry, ServedModel
+
+log = logging.getLogger(__name__)
+
+
+def created_time(path: Path) -> int:
+    """A base model's `created`: its directory's modification time, the same on every start."""
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return int(time.time())
+
+
+def prepare(registry: ModelRegistry, settings: Settings) -> None:
+    """Fetch/convert every configured model and register it (no weights loaded yet)."""
+    cache = ModelCache(settings.cache_dir)
+    for spec in settings.models:
+        path = resolve_source(spec.source, cache, settings.offline)
+        registry.add(ServedModel(id=spec.id, kind=detect_kind(path), path=path, created=created_time(path)))
+    if settings.default_models:
+        for default in DEFAULTS:
+            if default.id in {spec.id for spec in settings.models}:
+                continue
+            path = build_default(default, cache)
+            registry.add(ServedModel(id=default.id, kind=default.kind, path=path, created=created_time(path)))
+
+
+def start_model(served: ServedModel, settings: Settings, *, model: Any = None, tokenizer: Any = None,
+                engine_config: EngineConfig | None = None, encoder: Encoder | CausalLMEncoder | None = None) -> None:
+    """Put loaded weights in service: an embedding encoder behind a micro-batcher, a chat model behind a running engine.
+
+    A chat model gets the CPU fast paths first (unless --exact-cpu-layers); `model` is set last, so
+    `served.loaded` turns true only once its engine runs.
+    """
+    if served.kind == "embedding":
+        assert encoder is not None, "an embedding model starts from its encoder"
+        served.encoder = encoder
+        served.batcher = EmbeddingBatcher(encoder)
+        return
+    assert model is not None and tokenizer is not None and engine_config is not None, \
+        "a chat model starts from its weights, tokenizer and engine configuration"
+    if not settings.exact_cpu_layers:
+        # imported here: it loads mlx-lm (with transformers and torch, seconds) only when a chat model starts
+        from server.models.cpu_layers import speed_up_for_cpu
+
+        speed_up_for_cpu(model)
+    engine = Engine(model, tokenizer, engine_config)
+    engine.start()
+    served.tokenizer, served.engine = tokenizer, engine
+    served.model = model
+
+
+def load(registry: ModelRegistry, settings: Settings) -> None:
+    """Load and start every model not started yet: chat models get a batch engine, embedding models a batcher."""
+    for served in registry.list():
+        if served.kind == "embedding" and served.batcher is None:
+            start_model(served, settings, encoder=load_embedding_model(served.path, settings.dtype))
+            continue
+        if served.kind == "chat" and served.model is None:
+            started = time.perf_counter()
+            model, tokenizer = load_chat_model(served.path, settings.dtype)
+            start_model(served, settings, model=model, tokenizer=tokenizer, engine_config=settings.engine_config())
+            log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
+
+
+def unload(served: ServedModel) -> None:
+    """Stop a model's engine or batcher (in-flight sequences end with finish_reason "abort")."""
+    if served.engine is not None:
+        served.engine.shutdown()
+    if served.batcher is not None:
+        served.batcher.shutdown()
+
+
+def shutdown(registry: ModelRegistry) -> None:
+    """Stop every model's engine or batcher."""
+    for served in registry.list():
+        unload(served)
+
+
+def build_registry(registry: ModelRegistry, settings: Settings) -> None:
+    """prepare + load, recording a failure instead of raising (runs on a start-up thread)."""
+    try:
+        prepare(registry, settings)
+        load(registry, settings)
+    except Exception as exc:  # reported by /ready and the start-up log; the process stays up
+        registry.failure = f"{type(exc).__name__}: {exc}"
+        log.exception("model start-up failed")
+        return
+    registry.mark_ready()

@@ -1,0 +1,83 @@
+"""What the generation endpoints share: an engine request built from messages, engine failures as API errors.
+
+Chat completions and the Responses API turn templated messages and tools into
+one validated `GenerationRequest` with `build_request` (tools reach the prompt,
+a forced call or the response format becomes the grammar, the KV is salted by
+tenant and model); completions, chat and responses map a full pool or a failed
+generation to the same API error with `engine_failure` and stamp their objects
+with the same `SYSTEM_FINGERPRINT`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server import __version__
+from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError
+from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
+from server.registry import ServedModel
+from server.serving.params import build_params
+from server.serving.prompt import render_prompt
+from server.serving.scope import RequestScope
+from server.serving.tool_grammar import forcing_grammar
+from server.serving.tools import ToolFormat, tool_format, with_tools
+
+SYSTEM_FINGERPRINT = f"fp_mlx_dropin_{__version__.replace('.', '_')}"
+
+
+def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple[str, str | None]:
+    """('none' | 'auto' | 'required', forced function name or None) from a tool_choice string or a named function."""
+    if forced is not None:
+        if forced not in names:
+            raise InvalidRequestError(f"tool_choice names '{forced}', which is not in 'tools'.", param="tool_choice")
+        return "required", forced
+    if choice is None:
+        return ("auto" if names else "none"), None
+    if choice not in ("none", "auto", "required"):
+        raise InvalidRequestError(f"Invalid tool_choice '{choice}'.", param="tool_choice")
+    if choice != "none" and not names:
+        raise InvalidRequestError(f"tool_choice '{choice}' needs 'tools'.", param="tool_choice")
+    return choice, None
+
+
+def _grammar(served: ServedModel, response_format: dict[str, Any] | None, tools: list[dict[str, Any]], mode: str,
+             forced: str | None, fmt: ToolFormat | None) -> GrammarSpec | None:
+    """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
+    if mode == "required" and fmt is not None and fmt.json_calls:
+        return forcing_grammar(tools, forced, fmt, served.tokenizer, served.running_engine.constraints)
+    if response_format is None:
+        return None
+    try:
+        return GrammarSpec.from_response_format(response_format)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
+
+
+def build_request(served: ServedModel, scope: RequestScope, conversation: str | None,
+                  messages: list[dict[str, Any]], tools: list[dict[str, Any]], mode: str, forced: str | None,
+                  response_format: dict[str, Any] | None, *, request_id: str, streamed: bool = True,
+                  **sampling: Any) -> tuple[GenerationRequest, ToolFormat | None]:
+    """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
+
+    Tools reach the prompt (natively or as a system message), a forced call or the response format
+    becomes the grammar, and the KV is salted by tenant and model and keyed by the conversation.
+    """
+    fmt = tool_format(served.tokenizer) if mode != "none" else None
+    if fmt is not None and not fmt.native:
+        messages = with_tools(messages, tools, forced)
+    params = build_params(**sampling, grammar=_grammar(served, response_format, tools, mode, forced, fmt))
+    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
+    request = GenerationRequest(
+        request_id=request_id, prompt_token_ids=prompt, params=params,
+        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id),
+        streamed=streamed)
+    served.running_engine.validate(request)
+    return request, fmt
+
+
+def engine_failure(exc: Exception) -> APIError:
+    """An engine error as the API error the client sees: a full KV pool is a retryable 503, the rest a 500."""
+    if isinstance(exc, PoolExhaustedError):
+        return ServiceUnavailableError(f"The server is at capacity ({exc}); retry shortly.",
+                                       code="server_overloaded", headers={"retry-after": "2"})
+    return APIError(f"Generation failed: {exc}")
