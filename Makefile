@@ -9,7 +9,7 @@ ARGS ?=
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: serve test install test-deps clean
+.PHONY: serve test lint install test-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ serve: install
 
 test: test-deps
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: test-deps
+	$(BIN)/ruff check server tests bench compat examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache

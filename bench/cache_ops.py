@@ -216,7 +216,7 @@ def bench_contiguous(blocks: int, layers: int, args: argparse.Namespace, dtype: 
         mx.eval(outs, [(c.keys, c.values) for c in caches])
 
     out = {"read": measure(read, args), "write": measure(write, args), "step": measure(step, args, setup=reset)}
-    del caches
+    caches.clear()  # free the contiguous caches before the next size
     return out
 
 
@@ -233,7 +233,8 @@ def bench_seed(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
         return outs
 
     out = {"reconstruct": measure(reconstruct, args)}
-    del k_blocks, v_blocks
+    k_blocks.clear()
+    v_blocks.clear()
     gc.collect()
     mx.clear_cache()
     contiguous = [mx.random.normal((1, H, blocks * T, D)).astype(dtype) for _ in range(2 * layers)]
@@ -247,7 +248,7 @@ def bench_seed(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
 
     out["extract_views"] = measure(extract_views, args)
     out["extract_copies"] = measure(extract_copies, args)
-    del contiguous
+    contiguous.clear()
     return out
 
 

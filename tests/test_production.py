@@ -275,7 +275,6 @@ def test_concurrent_sequences_per_key(registry: ModelRegistry, tmp_path: Path) -
             next(lines)
             assert running() == 1  # held from admission until the stream's last byte
             assert [line for line in lines if line][-1] == "data: [DONE]"
-        deadline = time.monotonic() + 5
         wait_released()
         limits.admit(key, 0, 1)  # a sequence of this key is running
         try:

@@ -1,1 +1,1 @@
-"""Model sources (hub, local directory, GGUF), the on-disk cache, the registry of served models."""
+"""Model files: sources (hub, local directory, GGUF), the on-disk cache, GGUF conversion, the embedded defaults."""
