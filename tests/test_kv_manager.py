@@ -92,6 +92,15 @@ def finished_turn(kv: KVCacheManager, storage: FakeStorage, prompt: list[int], o
     return seq
 
 
+def one_decoded_turn() -> tuple[KVCacheManager, FakeStorage, Sequence]:
+    """A 6-token prompt of conversation "conv", prefilled, and one token decoded (still only in its decode row)."""
+    kv, storage = manager(write_back_every=100)
+    seq = sequence(list(range(6)), conversation="conv")
+    kv.admit(seq)
+    prefill(kv, storage, seq)
+    decode(kv, storage, seq, 50)
+    return kv, storage, seq
+
 def test_the_manager_and_scheduler_import_no_mlx() -> None:
     code = ("import sys, server.engine.kv_manager, server.engine.scheduler; "
             "sys.exit(any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules))")
@@ -185,11 +194,7 @@ def test_periodic_write_back_hashes_generated_blocks() -> None:
 
 
 def test_an_aborted_turn_is_freed_at_once_and_never_pinned() -> None:
-    kv, storage = manager(write_back_every=100)
-    seq = sequence(list(range(6)), conversation="conv")
-    kv.admit(seq)
-    prefill(kv, storage, seq)
-    decode(kv, storage, seq, 50)
+    kv, storage, seq = one_decoded_turn()
     kv.finish(seq, completed=False)
     assert not kv.conversations and kv.pool.num_free == 8 and storage.write_backs == []
     kv.check_integrity()
@@ -277,11 +282,7 @@ def test_tenant_salts_never_share_blocks() -> None:
 
 
 def test_a_failed_step_frees_settling_turns_without_pinning_them() -> None:
-    kv, storage = manager(write_back_every=100)
-    seq = sequence(list(range(6)), conversation="conv")
-    kv.admit(seq)
-    prefill(kv, storage, seq)
-    decode(kv, storage, seq, 50)
+    kv, storage, seq = one_decoded_turn()
     kv.finish(seq, completed=True)
     kv.abandon_unwritten()
     assert not kv.conversations and kv.pool.num_free == 8
@@ -301,11 +302,7 @@ def test_finish_without_a_conversation_pins_nothing(completed: bool) -> None:
 
 
 def test_a_write_back_that_raises_leaves_the_settling_turns_for_abandon_to_free() -> None:
-    kv, storage = manager(write_back_every=100)
-    seq = sequence(list(range(6)), conversation="conv")
-    kv.admit(seq)
-    prefill(kv, storage, seq)
-    decode(kv, storage, seq, 50)
+    kv, storage, seq = one_decoded_turn()
     kv.finish(seq, completed=True)
 
     def failing(seqs: Seq[Sequence], counts: Seq[int]) -> None:

@@ -158,13 +158,18 @@ def test_a_decode_needing_a_block_preempts_the_newest_sequence_which_resumes_fir
     sched.kv.check_integrity()
 
 
-def test_preemption_frees_a_block_reserved_for_the_step_run_ahead() -> None:
+def two_decoding_sequences() -> tuple[Scheduler, Sequence, Sequence]:
+    """Two 16-token prompts admitted and prefilled into a 3-block pool: one block left for both to grow into."""
     sched = scheduler(SchedulerConfig(prefill_budget=100), num_blocks=3)
     older, newer = sequence("a", 16, 1000), sequence("b", 16, 2000)
     sched.add(older)
     sched.add(newer)
     sched.schedule()
     decoded(older, newer)
+    return sched, older, newer
+
+def test_preemption_frees_a_block_reserved_for_the_step_run_ahead() -> None:
+    sched, older, newer = two_decoding_sequences()
     assert sched.kv.grow(newer, newer.num_tokens + 1)  # the decoder reserved the newer one's next slot early
     assert not sched.kv.grow(older, older.num_tokens + 1)  # and found none for the older: no step ahead
     plan = sched.schedule()
@@ -192,12 +197,7 @@ def test_a_sequence_that_cannot_fit_even_alone_fails_instead_of_waiting() -> Non
 def test_the_newest_sequence_needing_a_block_waits_when_every_older_one_already_decodes() -> None:
     """The older sequence took the pool's last block a step early (its step ran ahead): the newer one, needing a
     block while the older already decodes this step, is preempted and resumes later rather than failing."""
-    sched = scheduler(SchedulerConfig(prefill_budget=100), num_blocks=3)
-    older, newer = sequence("a", 16, 1000), sequence("b", 16, 2000)
-    sched.add(older)
-    sched.add(newer)
-    sched.schedule()
-    decoded(older, newer)
+    sched, older, newer = two_decoding_sequences()
     assert sched.kv.grow(older, older.num_tokens + 1)
     plan = sched.schedule()
     assert plan.decodes == [older] and not plan.failed
