@@ -119,7 +119,7 @@ TOOLS = [{"type": "function", "function": {
 
 
 def test_sdk_forced_tool_call(client: openai.OpenAI, chat_model: str) -> None:
-    r = client.chat.completions.create(model=chat_model, max_tokens=48, tools=TOOLS, messages=[
+    r = client.chat.completions.create(model=chat_model, max_tokens=64, temperature=0, tools=TOOLS, messages=[
         {"role": "user", "content": "What's the weather in Paris?"}],
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = r.choices[0]
@@ -131,7 +131,8 @@ def test_sdk_forced_tool_call(client: openai.OpenAI, chat_model: str) -> None:
 
 def test_sdk_tool_round_trip(client: openai.OpenAI, chat_model: str) -> None:
     messages: list = [{"role": "user", "content": "What's the weather in Paris?"}]
-    first = client.chat.completions.create(model=chat_model, max_tokens=48, tools=TOOLS, messages=messages,
+    first = client.chat.completions.create(model=chat_model, max_tokens=64, temperature=0, tools=TOOLS,
+                                           messages=messages,
                                            tool_choice="required")
     call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
     messages += [first.choices[0].message.model_dump(exclude_none=True),
@@ -142,7 +143,7 @@ def test_sdk_tool_round_trip(client: openai.OpenAI, chat_model: str) -> None:
 
 def test_sdk_streamed_tool_call_deltas(client: openai.OpenAI, chat_model: str) -> None:
     chunks = list(client.chat.completions.create(
-        model=chat_model, max_tokens=48, tools=TOOLS, tool_choice="required", stream=True,
+        model=chat_model, max_tokens=64, temperature=0, tools=TOOLS, tool_choice="required", stream=True,
         messages=[{"role": "user", "content": "Weather in Rome?"}]))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert deltas and all(isinstance(d.index, int) for d in deltas) and deltas[0].id and deltas[0].function

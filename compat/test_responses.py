@@ -81,7 +81,7 @@ def test_responses_unknown_previous_response(client: openai.OpenAI, chat_model: 
 
 def test_responses_tool_round_trip(client: openai.OpenAI, chat_model: str) -> None:
     first = client.responses.create(model=chat_model, input="What's the weather in Paris?", tools=TOOLS,
-                                    tool_choice="required", max_output_tokens=48)
+                                    tool_choice="required", max_output_tokens=64, temperature=0)
     call: Any = next(item for item in first.output if item.type == "function_call")
     assert call.name == "get_weather" and call.call_id and "city" in json.loads(call.arguments)
     final = client.responses.create(model=chat_model, previous_response_id=first.id, tools=TOOLS,
@@ -91,9 +91,11 @@ def test_responses_tool_round_trip(client: openai.OpenAI, chat_model: str) -> No
 
 
 def test_responses_streamed_function_call(client: openai.OpenAI, chat_model: str) -> None:
-    with client.responses.stream(model=chat_model, input="Weather in Rome?", tools=TOOLS, max_output_tokens=48,
+    with client.responses.stream(model=chat_model, input="Weather in Rome?", tools=TOOLS, max_output_tokens=64,
+                                 temperature=0,
                                  tool_choice={"type": "function", "name": "get_weather"}) as stream:
         events: list[Any] = list(stream)
+        assert events and events[-1].type == "response.completed", [e.type for e in events][-6:]
         final = stream.get_final_response()
     arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     call: Any = next(item for item in final.output if item.type == "function_call")
@@ -103,6 +105,6 @@ def test_responses_streamed_function_call(client: openai.OpenAI, chat_model: str
 def test_responses_json_schema(client: openai.OpenAI, chat_model: str) -> None:
     schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
               "required": ["capital"], "additionalProperties": False}
-    r = client.responses.create(model=chat_model, input=QUESTION, max_output_tokens=40, text={
+    r = client.responses.create(model=chat_model, input=QUESTION, max_output_tokens=40, temperature=0, text={
         "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
     assert set(json.loads(r.output_text)) == {"capital"}
