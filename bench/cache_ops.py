@@ -50,16 +50,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models.cache import KVCache  # noqa: E402
 
+import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+from server.engine import SamplingParams  # noqa: E402
 from server.engine.block_gather import gather_block_rows, uses_kernel  # noqa: E402
 from server.engine.decode_rows import DecodeRows  # noqa: E402
 from server.engine.engine import WRITE_BACK_EVERY  # noqa: E402
 from server.engine.paged_cache import KVShape, KVStore, StepLayout, step_caches  # noqa: E402
-from server.engine import SamplingParams  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
 
 DEFAULT_CONFIGS = "1x12,4x24,8x30,32x48"
@@ -103,8 +103,9 @@ def measure(fn: Callable[[], object], args: argparse.Namespace, setup: Callable[
 
 
 # -- the three designs -----------------------------------------------------------------------------
-def bench_ours(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dtype, rng: np.random.Generator
-               ) -> dict[str, Timing]:
+def bench_ours(
+    blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dtype, rng: np.random.Generator
+) -> dict[str, Timing]:
     bs = args.our_block_size
     n = blocks * args.block_tokens
     seq_blocks = -(-n // bs)
@@ -203,8 +204,8 @@ def bench_contiguous(blocks: int, layers: int, args: argparse.Namespace, dtype: 
 
     def write() -> None:
         for c in caches:
-            c.keys[..., n - 1:n, :] = k_new
-            c.values[..., n - 1:n, :] = v_new
+            c.keys[..., n - 1 : n, :] = k_new
+            c.values[..., n - 1 : n, :] = v_new
         mx.eval([(c.keys, c.values) for c in caches])
 
     def reset() -> None:
@@ -241,10 +242,10 @@ def bench_seed(blocks: int, layers: int, args: argparse.Namespace, dtype: mx.Dty
     mx.eval(contiguous)
 
     def extract_views() -> None:
-        mx.eval([c[..., i * T:(i + 1) * T, :] for c in contiguous for i in range(blocks)])
+        mx.eval([c[..., i * T : (i + 1) * T, :] for c in contiguous for i in range(blocks)])
 
     def extract_copies() -> None:
-        mx.eval([mx.contiguous(c[..., i * T:(i + 1) * T, :]) for c in contiguous for i in range(blocks)])
+        mx.eval([mx.contiguous(c[..., i * T : (i + 1) * T, :]) for c in contiguous for i in range(blocks)])
 
     out["extract_views"] = measure(extract_views, args)
     out["extract_copies"] = measure(extract_copies, args)
@@ -274,18 +275,30 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated BLOCKSxLAYERS (default %(default)s)")
     p.add_argument("--block-tokens", type=int, default=256, help="tokens per block (default %(default)s)")
-    p.add_argument("--our-block-size", type=int, default=None,
-                   help="block size of our slot pool (default: --block-tokens; the engine's default is 16)")
+    p.add_argument(
+        "--our-block-size",
+        type=int,
+        default=None,
+        help="block size of our slot pool (default: --block-tokens; the engine's default is 16)",
+    )
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="auto", help="auto = bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--time-cap", type=float, default=None,
-                   help="seconds per operation that lower --runs (default 3 on the CPU, 0 = none on a GPU)")
+    p.add_argument(
+        "--time-cap",
+        type=float,
+        default=None,
+        help="seconds per operation that lower --runs (default 3 on the CPU, 0 = none on a GPU)",
+    )
     p.add_argument("--min-runs", type=int, default=3, help="runs kept whatever --time-cap says")
-    p.add_argument("--pool-extra", type=float, default=0.25,
-                   help="pool blocks beyond the sequence's, as a fraction of them (default %(default)s)")
+    p.add_argument(
+        "--pool-extra",
+        type=float,
+        default=0.25,
+        help="pool blocks beyond the sequence's, as a fraction of them (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -298,16 +311,22 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     mx.random.seed(args.seed)
 
-    print(f"mlx {mx.__version__}  device {mx.default_device()}  dtype {dtype}  "
-          f"kv_heads {args.kv_heads} x head_dim {args.head_dim}  block_tokens {args.block_tokens}  "
-          f"our block_size {args.our_block_size}  block gather "
-          f"{'CUDA kernel' if uses_kernel(mx.zeros((1, args.kv_heads, args.head_dim), dtype)) else 'MLX ops'}")
-    print(f"runs {args.runs} after {args.warmup} warm-ups"
-          + (f"; time cap {args.time_cap:g}s per operation (min {args.min_runs} runs)" if args.time_cap > 0 else ""))
+    print(
+        f"mlx {mx.__version__}  device {mx.default_device()}  dtype {dtype}  "
+        f"kv_heads {args.kv_heads} x head_dim {args.head_dim}  block_tokens {args.block_tokens}  "
+        f"our block_size {args.our_block_size}  block gather "
+        f"{'CUDA kernel' if uses_kernel(mx.zeros((1, args.kv_heads, args.head_dim), dtype)) else 'MLX ops'}"
+    )
+    print(
+        f"runs {args.runs} after {args.warmup} warm-ups"
+        + (f"; time cap {args.time_cap:g}s per operation (min {args.min_runs} runs)" if args.time_cap > 0 else "")
+    )
     print()
 
-    header = (f"{'config':<7} {'ctx':>6} {'op':<7} {'design':<34} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
-              f"{'runs':>5} {'ours/contig':>12} {'ours/seed':>10}")
+    header = (
+        f"{'config':<7} {'ctx':>6} {'op':<7} {'design':<34} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
+        f"{'runs':>5} {'ours/contig':>12} {'ours/seed':>10}"
+    )
     rows: list[str] = []
     for blocks, layers in configs:
         n = blocks * args.block_tokens
@@ -319,33 +338,48 @@ def main() -> int:
         gc.collect(), mx.clear_cache()
         seed = bench_seed(blocks, layers, args, dtype)
         gc.collect(), mx.clear_cache()
-        print(f"  measured {blocks}x{layers} ({n} tokens, {mib:.0f} MiB of K+V) in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr, flush=True)
+        print(
+            f"  measured {blocks}x{layers} ({n} tokens, {mib:.0f} MiB of K+V) in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
         first = [f"{blocks}x{layers}", str(n)]
 
-        def row(op: str, design: str, t: Timing, vs_contig: Timing | None = None,
-                vs_seed: Timing | None = None) -> None:
+        def row(
+            op: str, design: str, t: Timing, vs_contig: Timing | None = None, vs_seed: Timing | None = None
+        ) -> None:
             label, ctx = first if first else ("", "")
             first.clear()
             ratios = (ratio(t, vs_contig), ratio(t, vs_seed)) if (vs_contig or vs_seed) else ("", "")
-            rows.append(f"{label:<7} {ctx:>6} {op:<7} {design:<34} {fmt(t.p50):>9} {fmt(t.p95):>9} {fmt(t.p99):>9} "
-                        f"{t.runs:>5} {ratios[0]:>12} {ratios[1]:>10}")
+            rows.append(
+                f"{label:<7} {ctx:>6} {op:<7} {design:<34} {fmt(t.p50):>9} {fmt(t.p95):>9} {fmt(t.p99):>9} "
+                f"{t.runs:>5} {ratios[0]:>12} {ratios[1]:>10}"
+            )
 
         row("layout", "ours StepLayout (slot tables)", ours["layout"])
         row("read", "ours gather (K+V, all layers)", ours["read"], contig["read"], seed["reconstruct"])
-        row("read", "ours block gather to rows (K+V)", ours["read_blocks"], contig["read"],
-            seed["reconstruct"])
+        row("read", "ours block gather to rows (K+V)", ours["read_blocks"], contig["read"], seed["reconstruct"])
         row("load", "ours DecodeRows load (blocks -> row)", ours["load_rows"], None, seed["reconstruct"])
         row("read", "contiguous keys[..., :n, :]", contig["read"])
         row("read", "seed concat reconstruct", seed["reconstruct"])
         row("write", "ours scatter 1 token", ours["write"], contig["write"], seed["extract_copies"])
-        row("write", f"ours DecodeRows write-back {WRITE_BACK_EVERY} tok", ours["write_back"], None,
-            seed["extract_copies"])
+        row(
+            "write",
+            f"ours DecodeRows write-back {WRITE_BACK_EVERY} tok",
+            ours["write_back"],
+            None,
+            seed["extract_copies"],
+        )
         row("write", "contiguous slice-assign 1 token", contig["write"])
         row("write", "seed extract (slice views)", seed["extract_views"])
         row("write", "seed extract (mx.contiguous)", seed["extract_copies"])
-        row("step", "ours update_and_fetch (+layout)", _plus(ours["step"], ours["layout"]), contig["step"],
-            _plus(seed["reconstruct"], seed["extract_copies"]))
+        row(
+            "step",
+            "ours update_and_fetch (+layout)",
+            _plus(ours["step"], ours["layout"]),
+            contig["step"],
+            _plus(seed["reconstruct"], seed["extract_copies"]),
+        )
         row("step", "contiguous KVCache.update_and_fetch", contig["step"])
         rows.append("")
 
@@ -353,11 +387,13 @@ def main() -> int:
     print("-" * len(header))
     print("\n".join(rows).rstrip())
     print()
-    print("ratios compare p50s. read: ours/seed is our per-step gather over the seed's per-request concat; "
-          "write: ours/seed is our per-step scatter over the seed's per-request extract (copies); step: ours "
-          "(update_and_fetch + layout) over contiguous KVCache.update_and_fetch, and over reconstruct + extract. "
-          "Slices in MLX are views: the contiguous read and the view extract copy nothing; "
-          "concatenating a single block is a no-op (1xN configs).")
+    print(
+        "ratios compare p50s. read: ours/seed is our per-step gather over the seed's per-request concat; "
+        "write: ours/seed is our per-step scatter over the seed's per-request extract (copies); step: ours "
+        "(update_and_fetch + layout) over contiguous KVCache.update_and_fetch, and over reconstruct + extract. "
+        "Slices in MLX are views: the contiguous read and the view extract copy nothing; "
+        "concatenating a single block is a no-op (1xN configs)."
+    )
     return 0
 
 

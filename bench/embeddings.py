@@ -31,14 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import server  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx.core)
 import cache_location  # noqa: E402  (bench/: the model cache, found as the server finds it)
-
 import numpy as np  # noqa: E402
 
-WORDS = ("model server batch token vector search query document river mountain city music guitar "
-         "market revenue budget committee kitten sofa garden rain window coffee train station code "
-         "function python list sort file line print cathedral century penguin flour egg").split()
+import server  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx.core)
+
+WORDS = (
+    "model server batch token vector search query document river mountain city music guitar "
+    "market revenue budget committee kitten sofa garden rain window coffee train station code "
+    "function python list sort file line print cathedral century penguin flour egg"
+).split()
 
 
 def sentences(n: int, seed: int) -> list[str]:
@@ -88,8 +90,12 @@ def main() -> None:
     if args.model is not None:
         from server.config import ModelSpec
 
-        settings = Settings(models=(ModelSpec("bench-embed", str(args.model)),), default_models=False,
-                            cache_dir=settings.cache_dir, data_dir=settings.data_dir)
+        settings = Settings(
+            models=(ModelSpec("bench-embed", str(args.model)),),
+            default_models=False,
+            cache_dir=settings.cache_dir,
+            data_dir=settings.data_dir,
+        )
     registry = ModelRegistry()
     build_registry(registry, settings)
     assert registry.ready, registry.failure
@@ -104,8 +110,10 @@ def main() -> None:
 
     import mlx.core as mx
 
-    print(f"model {served.id} ({served.path}); mlx {mx.__version__} on {mx.default_device()}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(
+        f"model {served.id} ({served.path}); mlx {mx.__version__} on {mx.default_device()}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
 
     try:
         with running_server(create_app(settings, registry)) as url:
@@ -125,8 +133,10 @@ def main() -> None:
                 ref_ms.append((time.perf_counter() - t) * 1000)
             print("\nsingle short input latency (ms)")
             print(f"{'':34} {'p50':>8} {'p95':>8} {'p99':>8}")
-            for name, samples in (("ours, HTTP (openai SDK, base64)", http_ms),
-                                  ("sentence-transformers, in process", ref_ms)):
+            for name, samples in (
+                ("ours, HTTP (openai SDK, base64)", http_ms),
+                ("sentence-transformers, in process", ref_ms),
+            ):
                 p50, p95, p99 = percentiles(samples)
                 print(f"{name:34} {p50:8.1f} {p95:8.1f} {p99:8.1f}")
 
@@ -139,7 +149,7 @@ def main() -> None:
                 def in_process() -> None:  # what the batcher does: sort by length, then max_batch per call
                     ordered = sorted(ids, key=len)
                     for start in range(0, len(ordered), batcher.max_batch):
-                        encoder.embed_ids(ordered[start:start + batcher.max_batch])
+                        encoder.embed_ids(ordered[start : start + batcher.max_batch])
 
                 def over_http() -> None:
                     client.embeddings.create(model=served.id, input=batch)
@@ -150,8 +160,10 @@ def main() -> None:
                 ours_http = rate(over_http, size, args.seconds)
                 ours_proc = rate(in_process, size, args.seconds)
                 ref = rate(theirs, size, args.seconds)
-                print(f"{size:6d} {ours_http:10.1f} {ours_proc:13.1f} {ref:9.1f} {ours_http / ref:9.2f} "
-                      f"{ours_proc / ref:12.2f}")
+                print(
+                    f"{size:6d} {ours_http:10.1f} {ours_proc:13.1f} {ref:9.1f} {ours_http / ref:9.2f} "
+                    f"{ours_proc / ref:12.2f}"
+                )
 
             # Quality cross-check on the benchmark's own inputs.
             batch = sentences(64, seed=1)

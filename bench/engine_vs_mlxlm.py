@@ -51,23 +51,41 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 import cache_location  # noqa: E402  (bench/: the model cache, found as the server finds it)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 from server.engine import (  # noqa: E402
-    Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig, TokenEvent,
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    SamplingParams,
+    SchedulerConfig,
+    TokenEvent,
 )
 from server.engine.detokenizer import TextDecoder  # noqa: E402
 
 LLAMA_1B = {  # Llama-3.2-1B's config (weights random)
-    "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
-    "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "intermediate_size": 8192,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
     "tie_word_embeddings": True,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 SHAPES = {"llama-1b": LLAMA_1B}
 
@@ -116,8 +134,12 @@ def materialize_private_arrays(model: Any) -> list[str]:
     They are built lazily at construction on this thread's stream; our engine thread evaluating them
     fails with "There is no Stream(cpu, 0) in current thread" (an engine bug this benchmark works
     around and reports)."""
-    found = [(f"{name}.{key}" if name else key, value) for name, module in model.named_modules()
-             for key, value in module.items() if key.startswith("_") and isinstance(value, mx.array)]
+    found = [
+        (f"{name}.{key}" if name else key, value)
+        for name, module in model.named_modules()
+        for key, value in module.items()
+        if key.startswith("_") and isinstance(value, mx.array)
+    ]
     mx.eval([value for _, value in found])
     return [name for name, _ in found]
 
@@ -139,8 +161,9 @@ def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
         model = model_cls(args_cls.from_dict(config))
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         dtype = getattr(mx, ("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
-        model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
-                              model.parameters()))
+        model.update(
+            tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+        )
         mx.eval(model.parameters())
         model.eval()
         tok = load_tokenizer(default_model_dir(args))
@@ -234,8 +257,9 @@ class Round:
         return 1e3 * (sum(self.first) / len(self.first) - self.t_submit)
 
 
-def run_ours(engine: Engine, prompts: list[list[int]], gen: int, tag: str,
-             conversation_keys: list[str] | None = None) -> Round:
+def run_ours(
+    engine: Engine, prompts: list[list[int]], gen: int, tag: str, conversation_keys: list[str] | None = None
+) -> Round:
     n = len(prompts)
     first = [0.0] * n
     last = [0.0] * n
@@ -261,6 +285,7 @@ def run_ours(engine: Engine, prompts: list[list[int]], gen: int, tag: str,
                 remaining[0] -= 1
                 if not remaining[0]:
                     done.set()
+
         return sink
 
     before = engine.stats()
@@ -273,21 +298,38 @@ def run_ours(engine: Engine, prompts: list[list[int]], gen: int, tag: str,
     if errors:
         raise RuntimeError("; ".join(errors))
     after = engine.stats()
-    return Round(t_submit, first, last, tokens, times,
-                 prompt_computed=after.prompt_tokens_computed - before.prompt_tokens_computed,
-                 prompt_reused=after.prompt_tokens_reused - before.prompt_tokens_reused,
-                 extra={"max_decode_batch": after.max_decode_batch})
+    return Round(
+        t_submit,
+        first,
+        last,
+        tokens,
+        times,
+        prompt_computed=after.prompt_tokens_computed - before.prompt_tokens_computed,
+        prompt_reused=after.prompt_tokens_reused - before.prompt_tokens_reused,
+        extra={"max_decode_batch": after.max_decode_batch},
+    )
 
 
-def run_mlxlm(model: Any, prompts: list[list[int]], gen: int, args: argparse.Namespace, tokenizer: Any = None,
-              caches: list[Any] | None = None, all_tokens: list[list[int]] | None = None) -> Round:
+def run_mlxlm(
+    model: Any,
+    prompts: list[list[int]],
+    gen: int,
+    args: argparse.Namespace,
+    tokenizer: Any = None,
+    caches: list[Any] | None = None,
+    all_tokens: list[list[int]] | None = None,
+) -> Round:
     """One round through a fresh BatchGenerator; prompts are full prompts, or only the new tokens when
     caches (mlx-lm prompt caches covering all_tokens) are given."""
     from mlx_lm.generate import BatchGenerator
 
     n = len(prompts)
-    gen_batch = BatchGenerator(model, max_tokens=gen, completion_batch_size=max(args.completion_batch, n),
-                               prefill_batch_size=args.prefill_batch)
+    gen_batch = BatchGenerator(
+        model,
+        max_tokens=gen,
+        completion_batch_size=max(args.completion_batch, n),
+        prefill_batch_size=args.prefill_batch,
+    )
     first = [0.0] * n
     last = [0.0] * n
     tokens: list[list[int]] = [[] for _ in range(n)]
@@ -323,8 +365,9 @@ def run_mlxlm(model: Any, prompts: list[list[int]], gen: int, args: argparse.Nam
         gen_batch.close()
     computed = sum(len(p) for p in prompts)
     reused = sum(len(t) for t in all_tokens) if all_tokens else 0
-    return Round(t_submit, first, last, tokens, times, prompt_computed=computed, prompt_reused=reused,
-                 extra={"caches": returned})
+    return Round(
+        t_submit, first, last, tokens, times, prompt_computed=computed, prompt_reused=reused, extra={"caches": returned}
+    )
 
 
 # -- memory-bandwidth bound --------------------------------------------------------------------------
@@ -377,21 +420,31 @@ def agreement(a: Round, b: Round) -> float:
     return sum(x == y for x, y in zip(a.tokens, b.tokens)) / len(a.tokens)
 
 
-def batch_scenario(engine: Engine, model: Any, tok: Any, args: argparse.Namespace,
-                   rng: np.random.Generator, bound: BandwidthBound | None) -> list[str]:
+def batch_scenario(
+    engine: Engine,
+    model: Any,
+    tok: Any,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    bound: BandwidthBound | None,
+) -> list[str]:
     vocab = vocab_size(model)
     detok = tok if args.mlxlm_detok else None
     lines = []
     bound_lines = []
     if bound is not None:
-        bound_lines = [f"memory-bandwidth bound: {bound.weight_bytes / 1e6:.1f} MB of weights + "
-                       f"{bound.kv_bytes_per_token / 1e3:.1f} kB of KV per cached token read per step, at "
-                       f"{bound.bytes_per_s / 1e9:.0f} GB/s (copy of 1 GiB, read + write); mean context "
-                       f"{args.prompt_len + args.gen_len / 2:.0f} tokens",
-                       f"{'batch':>5} | {'bound tok/s':>11} | {'ours':>6} {'mlx-lm':>6} (share of the bound, steady)"]
-    header = (f"{'batch':>5} | {'decode tok/s':>12} {'mlx-lm':>8} {'ours/mlx':>8} | {'steady tok/s':>12} {'mlx-lm':>8} "
-              f"{'ours/mlx':>8} | {'e2e tok/s':>9} {'mlx-lm':>8} {'ours/mlx':>8} | {'TTFT ms':>8} {'mlx-lm':>8} | "
-              f"{'wall s':>6} {'mlx-lm':>6} | {'agree':>5}")
+        bound_lines = [
+            f"memory-bandwidth bound: {bound.weight_bytes / 1e6:.1f} MB of weights + "
+            f"{bound.kv_bytes_per_token / 1e3:.1f} kB of KV per cached token read per step, at "
+            f"{bound.bytes_per_s / 1e9:.0f} GB/s (copy of 1 GiB, read + write); mean context "
+            f"{args.prompt_len + args.gen_len / 2:.0f} tokens",
+            f"{'batch':>5} | {'bound tok/s':>11} | {'ours':>6} {'mlx-lm':>6} (share of the bound, steady)",
+        ]
+    header = (
+        f"{'batch':>5} | {'decode tok/s':>12} {'mlx-lm':>8} {'ours/mlx':>8} | {'steady tok/s':>12} {'mlx-lm':>8} "
+        f"{'ours/mlx':>8} | {'e2e tok/s':>9} {'mlx-lm':>8} {'ours/mlx':>8} | {'TTFT ms':>8} {'mlx-lm':>8} | "
+        f"{'wall s':>6} {'mlx-lm':>6} | {'agree':>5}"
+    )
     lines += [header, "-" * len(header)]
 
     def warm_up(b: int) -> None:
@@ -423,13 +476,19 @@ def batch_scenario(engine: Engine, model: Any, tok: Any, args: argparse.Namespac
         def r(a: float, b: float) -> str:
             return f"{a / b:>8.2f}" if b == b and b > 0 and a == a else f"{'-':>8}"
 
-        line = (f"{b:>5} | {ours.decode_tps:>12.1f} {ref.decode_tps:>8.1f} {r(ours.decode_tps, ref.decode_tps)} | "
-                f"{ours.steady_tps:>12.1f} {ref.steady_tps:>8.1f} {r(ours.steady_tps, ref.steady_tps)} | "
-                f"{ours.e2e_tps:>9.1f} {ref.e2e_tps:>8.1f} {r(ours.e2e_tps, ref.e2e_tps)} | "
-                f"{ours.ttft_ms:>8.0f} {ref.ttft_ms:>8.0f} | {ours.wall:>6.2f} {ref.wall:>6.2f} | "
-                f"{agreement(ours, ref):>5.2f}")
-        print(f"  [batch {b} measured in {time.perf_counter() - t0:.0f}s; our max decode batch so far "
-              f"{ours.extra['max_decode_batch']}]", file=sys.stderr, flush=True)
+        line = (
+            f"{b:>5} | {ours.decode_tps:>12.1f} {ref.decode_tps:>8.1f} {r(ours.decode_tps, ref.decode_tps)} | "
+            f"{ours.steady_tps:>12.1f} {ref.steady_tps:>8.1f} {r(ours.steady_tps, ref.steady_tps)} | "
+            f"{ours.e2e_tps:>9.1f} {ref.e2e_tps:>8.1f} {r(ours.e2e_tps, ref.e2e_tps)} | "
+            f"{ours.ttft_ms:>8.0f} {ref.ttft_ms:>8.0f} | {ours.wall:>6.2f} {ref.wall:>6.2f} | "
+            f"{agreement(ours, ref):>5.2f}"
+        )
+        print(
+            f"  [batch {b} measured in {time.perf_counter() - t0:.0f}s; our max decode batch so far "
+            f"{ours.extra['max_decode_batch']}]",
+            file=sys.stderr,
+            flush=True,
+        )
         lines.append(line)
         if bound is not None:
             cap = bound.tokens_per_s(b, args.prompt_len + args.gen_len / 2)
@@ -437,8 +496,7 @@ def batch_scenario(engine: Engine, model: Any, tok: Any, args: argparse.Namespac
     return lines + ([""] + bound_lines if bound_lines else [])
 
 
-def multi_turn(engine: Engine, model: Any, tok: Any, args: argparse.Namespace, rng: np.random.Generator
-               ) -> list[str]:
+def multi_turn(engine: Engine, model: Any, tok: Any, args: argparse.Namespace, rng: np.random.Generator) -> list[str]:
     vocab = vocab_size(model)
     detok = tok if args.mlxlm_detok else None
     n, gen = args.agents, args.gen_len
@@ -472,8 +530,8 @@ def multi_turn(engine: Engine, model: Any, tok: Any, args: argparse.Namespace, r
             r = run_mlxlm(model, prompts, gen, args, detok)
         else:
             caches, seen = state  # seen: tokens whose KV each cache holds
-            deltas = [p[len(s):] for p, s in zip(prompts, seen)]
-            assert all(p[:len(s)] == s for p, s in zip(prompts, seen))
+            deltas = [p[len(s) :] for p, s in zip(prompts, seen)]
+            assert all(p[: len(s)] == s for p, s in zip(prompts, seen))
             r = run_mlxlm(model, deltas, gen, args, detok, caches=caches, all_tokens=seen)
         # a finished sequence's cache holds the tokens it reports (its last generated token included:
         # BatchGenerator feeds each token before returning it)
@@ -483,21 +541,26 @@ def multi_turn(engine: Engine, model: Any, tok: Any, args: argparse.Namespace, r
 
     final_len = args.prompt_len + (args.turns - 1) * (gen + args.turn_new)
     total_prompt = sum(args.prompt_len + t * (gen + args.turn_new) for t in range(args.turns)) * n
-    rows = [("ours (conversation keys)", drive(ours_step)),
-            ("mlx-lm BatchGenerator (recompute)", drive(mlx_step))]
+    rows = [("ours (conversation keys)", drive(ours_step)), ("mlx-lm BatchGenerator (recompute)", drive(mlx_step))]
     if args.mlxlm_reuse:
         rows.append(("mlx-lm BatchGenerator + prompt cache", drive(mlx_reuse_step)))
     ours_wall = rows[0][1][0]
-    lines = [f"{n} agents x {args.turns} turns: prompts {args.prompt_len} -> {final_len} tokens, +{args.turn_new} "
-             f"new tokens a turn, {gen} generated a turn ({total_prompt} prompt tokens in all)"]
-    header = (f"{'side':<38} {'wall s':>7} {'ours/this':>9} {'prompt computed':>15} {'reused':>7} "
-              f"{'computed vs ours':>16} {'agree':>5}")
+    lines = [
+        f"{n} agents x {args.turns} turns: prompts {args.prompt_len} -> {final_len} tokens, +{args.turn_new} "
+        f"new tokens a turn, {gen} generated a turn ({total_prompt} prompt tokens in all)"
+    ]
+    header = (
+        f"{'side':<38} {'wall s':>7} {'ours/this':>9} {'prompt computed':>15} {'reused':>7} "
+        f"{'computed vs ours':>16} {'agree':>5}"
+    )
     lines += [header, "-" * len(header)]
     ours_computed = rows[0][1][1]
     for name, (wall, computed, reused, outputs) in rows:
         same = sum(a == b for ta, tb in zip(rows[0][1][3], outputs) for a, b in zip(ta, tb))
-        lines.append(f"{name:<38} {wall:>7.2f} {ours_wall / wall:>9.2f} {computed:>15} {reused:>7} "
-                     f"{computed / max(ours_computed, 1):>15.2f}x {same / (n * args.turns):>5.2f}")
+        lines.append(
+            f"{name:<38} {wall:>7.2f} {ours_wall / wall:>9.2f} {computed:>15} {reused:>7} "
+            f"{computed / max(ours_computed, 1):>15.2f}x {same / (n * args.turns):>5.2f}"
+        )
     return lines
 
 
@@ -512,41 +575,78 @@ def main() -> int:
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--warmup-gen", type=int, default=None,
-                   help="tokens per warm-up round (default: --gen-len on a GPU, min(--gen-len, 8) on the CPU)")
-    p.add_argument("--warmup-each", action=argparse.BooleanOptionalAction, default=None,
-                   help="a warm-up round per side before every batch size (default: on a GPU; on the CPU one "
-                        "round per side before the first)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="rounds per side and batch size; each side's best round is reported (default %(default)s)")
+    p.add_argument(
+        "--warmup-gen",
+        type=int,
+        default=None,
+        help="tokens per warm-up round (default: --gen-len on a GPU, min(--gen-len, 8) on the CPU)",
+    )
+    p.add_argument(
+        "--warmup-each",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a warm-up round per side before every batch size (default: on a GPU; on the CPU one "
+        "round per side before the first)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds per side and batch size; each side's best round is reported (default %(default)s)",
+    )
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--turn-new", type=int, default=16, help="new tokens a turn adds (default %(default)s)")
     p.add_argument("--skip-batch", action="store_true", help="only the multi-turn scenario")
     p.add_argument("--skip-multi-turn", action="store_true", help="only the batch scenario")
-    p.add_argument("--mlxlm-reuse", action="store_true",
-                   help="multi-turn: also mlx-lm with the prompt caches its finished turns return")
+    p.add_argument(
+        "--mlxlm-reuse",
+        action="store_true",
+        help="multi-turn: also mlx-lm with the prompt caches its finished turns return",
+    )
     p.add_argument("--mlxlm-detok", action="store_true", help="mlx-lm side detokenizes every token too")
     p.add_argument("--block-size", type=int, default=16, help="our KV block size (default %(default)s)")
     p.add_argument("--kv-blocks", type=int, default=None, help="our KV pool size in blocks (default: sized to fit)")
-    p.add_argument("--prefill-budget", type=int, default=None,
-                   help="our prompt tokens per step while nothing decodes (default: the engine's, 512 on a CPU, "
-                        "2048 on a GPU)")
-    p.add_argument("--decoding-prefill-budget", type=int, default=None,
-                   help="our prompt tokens per step while streamed sequences decode (every request here is "
-                        "streamed; default: the engine's, 64 on a CPU, 2048 on a GPU; the server's "
-                        "--decoding-prefill-chunk). A batch submitted at once is "
-                        "admitted this many prompt tokens a step once its first rows decode: on a CPU, 512 "
-                        "gives the throughput figure, 64 the interactive default's")
+    p.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=None,
+        help="our prompt tokens per step while nothing decodes (default: the engine's, 512 on a CPU, 2048 on a GPU)",
+    )
+    p.add_argument(
+        "--decoding-prefill-budget",
+        type=int,
+        default=None,
+        help="our prompt tokens per step while streamed sequences decode (every request here is "
+        "streamed; default: the engine's, 64 on a CPU, 2048 on a GPU; the server's "
+        "--decoding-prefill-chunk). A batch submitted at once is "
+        "admitted this many prompt tokens a step once its first rows decode: on a CPU, 512 "
+        "gives the throughput figure, 64 the interactive default's",
+    )
     p.add_argument("--prefill-batch", type=int, default=8, help="mlx-lm prefill_batch_size (default: mlx-lm's, 8)")
-    p.add_argument("--completion-batch", type=int, default=32,
-                   help="mlx-lm completion_batch_size, raised to the batch (default: mlx-lm's, 32)")
-    p.add_argument("--output-thread", action=argparse.BooleanOptionalAction, default=None,
-                   help="our token events on their own thread (default: the engine's, on a GPU)")
-    p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
-                   help="print the memory-bandwidth bound of each batch size (default: on a GPU)")
-    p.add_argument("--exact-cpu-layers", action="store_true",
-                   help="on a CPU, our engine runs mlx-lm's modules too (as the server's --exact-cpu-layers)")
+    p.add_argument(
+        "--completion-batch",
+        type=int,
+        default=32,
+        help="mlx-lm completion_batch_size, raised to the batch (default: mlx-lm's, 32)",
+    )
+    p.add_argument(
+        "--output-thread",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="our token events on their own thread (default: the engine's, on a GPU)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the memory-bandwidth bound of each batch size (default: on a GPU)",
+    )
+    p.add_argument(
+        "--exact-cpu-layers",
+        action="store_true",
+        help="on a CPU, our engine runs mlx-lm's modules too (as the server's --exact-cpu-layers)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -562,37 +662,59 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     bs = args.block_size
     longest_turn = args.prompt_len + (args.turns - 1) * (args.gen_len + args.turn_new) + args.gen_len + 1
-    num_blocks = args.kv_blocks or (max(max(args.batches) * -(-(args.prompt_len + args.gen_len + 1) // bs),
-                                        3 * args.agents * -(-longest_turn // bs)) + 64)
+    num_blocks = args.kv_blocks or (
+        max(
+            max(args.batches) * -(-(args.prompt_len + args.gen_len + 1) // bs), 3 * args.agents * -(-longest_turn // bs)
+        )
+        + 64
+    )
     max_seqs = max(SchedulerConfig().max_num_seqs, max(args.batches), args.agents)
-    engine = Engine(our_model, tok, EngineConfig(block_size=bs, num_blocks=num_blocks, output_thread=args.output_thread,
-                                             scheduler=SchedulerConfig(max_num_seqs=max_seqs,
-                                                                       prefill_budget=args.prefill_budget,
-                                                                       decoding_prefill_budget=args.decoding_prefill_budget)))
+    engine = Engine(
+        our_model,
+        tok,
+        EngineConfig(
+            block_size=bs,
+            num_blocks=num_blocks,
+            output_thread=args.output_thread,
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_seqs,
+                prefill_budget=args.prefill_budget,
+                decoding_prefill_budget=args.decoding_prefill_budget,
+            ),
+        ),
+    )
     engine.start()
     args.prefill_budget = engine.config.scheduler.prefill_budget
     args.decoding_prefill_budget = engine.config.scheduler.decoding_prefill_budget
     print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}")
-    print(f"ours: {layers}, block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
-          f"{args.prefill_budget} ({args.decoding_prefill_budget} while decoding), output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
-          f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}")
-    print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated (ignore EOS), greedy; warm-up: one round per "
-          f"side {'before every batch size' if args.warmup_each else 'before the first batch size'} "
-          f"({args.warmup_gen} tokens)")
+    print(
+        f"ours: {layers}, block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
+        f"{args.prefill_budget} ({args.decoding_prefill_budget} while decoding), output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
+        f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}"
+    )
+    print(
+        f"prompt {args.prompt_len} tokens, {args.gen_len} generated (ignore EOS), greedy; warm-up: one round per "
+        f"side {'before every batch size' if args.warmup_each else 'before the first batch size'} "
+        f"({args.warmup_gen} tokens)"
+    )
     if private:
-        print(f"note: evaluated {len(private)} private module arrays ({', '.join(private[:2])}{', ...' if len(private) > 2 else ''}) "
-              "before starting the engine: without that our engine thread fails on this model with "
-              "'There is no Stream(cpu, 0) in current thread'")
+        print(
+            f"note: evaluated {len(private)} private module arrays ({', '.join(private[:2])}{', ...' if len(private) > 2 else ''}) "
+            "before starting the engine: without that our engine thread fails on this model with "
+            "'There is no Stream(cpu, 0) in current thread'"
+        )
     print(flush=True)
     try:
         if not args.skip_batch:
             bound = bandwidth_bound(model) if (on_gpu if args.bandwidth is None else args.bandwidth) else None
             for line in batch_scenario(engine, model, tok, args, rng, bound):
                 print(line, flush=True)
-            print("decode tok/s: (tokens - 1 per request) / (first token -> last token of the batch); steady: tokens "
-                  "while every request decodes / (last first token -> first last token); e2e: all tokens / "
-                  "(submission -> last token); TTFT: mean submission -> first token; agree: share of requests "
-                  "with identical greedy tokens")
+            print(
+                "decode tok/s: (tokens - 1 per request) / (first token -> last token of the batch); steady: tokens "
+                "while every request decodes / (last first token -> first last token); e2e: all tokens / "
+                "(submission -> last token); TTFT: mean submission -> first token; agree: share of requests "
+                "with identical greedy tokens"
+            )
             print(flush=True)
         if not args.skip_multi_turn:
             for line in multi_turn(engine, model, tok, args, rng):

@@ -61,8 +61,14 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def one(client: httpx.AsyncClient, i: int, max_tokens: int) -> str:
     """'ok', '429', '503', or a failure description."""
-    body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "temperature": 0.7, "seed": i,
-            "messages": [{"role": "user", "content": f"Client {i}: give me a fact about the number {i % 97}."}]}
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": i,
+        "messages": [{"role": "user", "content": f"Client {i}: give me a fact about the number {i % 97}."}],
+    }
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code in (429, 503):
@@ -97,8 +103,11 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable)")
-    parser.add_argument("--cache-dir", help="the server's model cache (default: the server's own rule, "
-                                            "MLX_DROPIN_CACHE_DIR, else ~/.cache/mlx-dropin)")
+    parser.add_argument(
+        "--cache-dir",
+        help="the server's model cache (default: the server's own rule, "
+        "MLX_DROPIN_CACHE_DIR, else ~/.cache/mlx-dropin)",
+    )
     args = parser.parse_args()
 
     port = free_port()
@@ -106,8 +115,13 @@ def main() -> int:
     log = Path(data) / "server.log"
     env = {**os.environ, "MLX_DROPIN_DATA_DIR": data, "MLX_DROPIN_API_KEYS": "", "PYTHONUNBUFFERED": "1"}
     cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []  # else the server resolves it itself
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *cache, *args.server_arg],
-                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port), *cache, *args.server_arg],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -122,8 +136,10 @@ def main() -> int:
             time.sleep(0.3)
         baseline = httpx.get(base + "/metrics").text
         used0 = metric(baseline, "mlx_dropin_kv_blocks", model=MODEL, state="used")
-        print(f"server pid {proc.pid}; {args.clients} clients a wave, {args.max_tokens} tokens each, "
-              f"{args.minutes:g} min; baseline RSS {rss_mib(proc.pid):.0f} MiB, used blocks {used0:.0f}")
+        print(
+            f"server pid {proc.pid}; {args.clients} clients a wave, {args.max_tokens} tokens each, "
+            f"{args.minutes:g} min; baseline RSS {rss_mib(proc.pid):.0f} MiB, used blocks {used0:.0f}"
+        )
 
         samples: list[tuple[float, float]] = []
         stop = False
@@ -144,8 +160,10 @@ def main() -> int:
                 outcome = await wave(base, args.clients, args.max_tokens, n * args.clients)
                 totals += outcome
                 n += 1
-                print(f"  wave {n}: {dict(outcome)} in {time.monotonic() - t0:.1f}s; "
-                      f"RSS {rss_mib(proc.pid):.0f} MiB", flush=True)
+                print(
+                    f"  wave {n}: {dict(outcome)} in {time.monotonic() - t0:.1f}s; RSS {rss_mib(proc.pid):.0f} MiB",
+                    flush=True,
+                )
             stop = True
             await task
             return totals
@@ -156,8 +174,11 @@ def main() -> int:
         running = metric(after, "mlx_dropin_sequences", model=MODEL)
         used = metric(after, "mlx_dropin_kv_blocks", model=MODEL, state="used")
         pinned = metric(after, "mlx_dropin_kv_blocks", model=MODEL, state="pinned")
-        five_xx = sum(float(line.rsplit(" ", 1)[1]) for line in after.splitlines()
-                      if line.startswith("mlx_dropin_requests_total{") and re.search(r'status="5(?!03)\d\d"', line))
+        five_xx = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in after.splitlines()
+            if line.startswith("mlx_dropin_requests_total{") and re.search(r'status="5(?!03)\d\d"', line)
+        )
 
         print("\nRSS curve (MiB), per minute: min / max")
         by_minute: dict[int, list[float]] = {}
@@ -171,8 +192,10 @@ def main() -> int:
         growth = max(last) - max(first)
         print(f"\noutcomes: {dict(totals)}")
         print(f"5xx other than 503 counted by the server: {five_xx:.0f}")
-        print(f"pool after: running+waiting {running:.0f}, used blocks {used:.0f} (pinned {pinned:.0f}), "
-              f"baseline {used0:.0f}")
+        print(
+            f"pool after: running+waiting {running:.0f}, used blocks {used:.0f} (pinned {pinned:.0f}), "
+            f"baseline {used0:.0f}"
+        )
         print(f"RSS growth, first minute's max to last minute's max: {growth:+.0f} MiB")
         ok = not failures and five_xx == 0 and running == 0 and used - pinned <= used0
         print("verdict:", "PASS" if ok else "FAIL")

@@ -43,9 +43,24 @@ MODEL_ID = "smollm2-135m-instruct"
 # the SDK retries a dropped connection (mlx_lm.server's HTTP server queues only 5 pending connections,
 # and 16-24 clients connecting at once can overflow it); a retried request's time counts in full
 RETRIES = 3
-TOPICS = ("invoices", "a flaky test", "a database migration", "the release notes", "an outage report",
-          "a customer email", "the onboarding guide", "a pricing page", "log rotation", "a memory leak",
-          "the API docs", "a code review", "unit conversions", "a budget table", "the roadmap", "cache misses")
+TOPICS = (
+    "invoices",
+    "a flaky test",
+    "a database migration",
+    "the release notes",
+    "an outage report",
+    "a customer email",
+    "the onboarding guide",
+    "a pricing page",
+    "log rotation",
+    "a memory leak",
+    "the API docs",
+    "a code review",
+    "unit conversions",
+    "a budget table",
+    "the roadmap",
+    "cache misses",
+)
 
 
 def free_port() -> int:
@@ -99,8 +114,9 @@ class Server:
     def start(self) -> None:
         import httpx
 
-        self.proc = subprocess.Popen(self.command, env=self.env, cwd=ROOT, stdout=self.log.open("w"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.command, env=self.env, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -125,16 +141,37 @@ class Server:
 def servers(model_dir: Path, data_dir: Path, logs: Path, extra: list[str]) -> list[Server]:
     base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ours_port, theirs_port = free_port(), free_port()
-    ours = Server("mlx-dropin", [sys.executable, "-m", "server", "serve", "--port", str(ours_port),
-                                 "--no-default-models", "--model", f"{MODEL_ID}={model_dir}", *extra],
-                  {**base_env, "MLX_DROPIN_DATA_DIR": str(data_dir), "MLX_DROPIN_API_KEYS": ""}, ours_port,
-                  logs / "ours.log", "/ready", MODEL_ID)
+    ours = Server(
+        "mlx-dropin",
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            str(ours_port),
+            "--no-default-models",
+            "--model",
+            f"{MODEL_ID}={model_dir}",
+            *extra,
+        ],
+        {**base_env, "MLX_DROPIN_DATA_DIR": str(data_dir), "MLX_DROPIN_API_KEYS": ""},
+        ours_port,
+        logs / "ours.log",
+        "/ready",
+        MODEL_ID,
+    )
     # `import server` first loads OpenBLAS into the process, so mlx_lm.server's matmuls use it as ours do
-    launch = ("import sys, server; from mlx_lm.server import main; "
-              "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()")
-    theirs = Server("mlx_lm.server", [sys.executable, "-c", launch, "--model", str(model_dir),
-                                      "--port", str(theirs_port), "--log-level", "WARNING"],
-                    base_env, theirs_port, logs / "mlx_lm.log", "/v1/models", "default_model")
+    launch = "import sys, server; from mlx_lm.server import main; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
+    theirs = Server(
+        "mlx_lm.server",
+        [sys.executable, "-c", launch, "--model", str(model_dir), "--port", str(theirs_port), "--log-level", "WARNING"],
+        base_env,
+        theirs_port,
+        logs / "mlx_lm.log",
+        "/v1/models",
+        "default_model",
+    )
     return [ours, theirs]
 
 
@@ -159,9 +196,15 @@ async def chat_turn(client, model: str, messages: list[dict[str, str]], max_toke
     ttft = None
     parts: list[str] = []
     tokens = 0
-    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                  temperature=0, stream=True,
-                                                  stream_options={"include_usage": True}, extra_body=extra)
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
             if ttft is None:
@@ -176,8 +219,10 @@ async def run_agents(server: Server, args: argparse.Namespace, is_ours: bool) ->
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=RETRIES, timeout=1800)
-    words = ("You are a careful assistant for a software team. Keep answers short and concrete. "
-             "Follow the team's conventions, cite file names when relevant, and never invent facts. ").split()
+    words = (
+        "You are a careful assistant for a software team. Keep answers short and concrete. "
+        "Follow the team's conventions, cite file names when relevant, and never invent facts. "
+    ).split()
     system = " ".join((words * (args.system_words // len(words) + 1))[: args.system_words])
     histories = [[{"role": "system", "content": system}] for _ in range(args.agents)]
     result = AgentsResult(0.0, [[] for _ in range(args.turns)])
@@ -186,8 +231,9 @@ async def run_agents(server: Server, args: argparse.Namespace, is_ours: bool) ->
     async def agent(i: int) -> None:
         for turn in range(args.turns):
             topic = TOPICS[(i + turn) % len(TOPICS)]
-            histories[i].append({"role": "user", "content": f"Agent {i}, step {turn + 1}: summarize {topic} "
-                                                            f"in one sentence."})
+            histories[i].append(
+                {"role": "user", "content": f"Agent {i}, step {turn + 1}: summarize {topic} in one sentence."}
+            )
             r = await chat_turn(client, server.model, histories[i], args.max_tokens, f"agent-{i}" if is_ours else None)
             histories[i].append({"role": "assistant", "content": r.text})
             result.ttft_by_turn[turn].append(r.ttft)
@@ -206,9 +252,17 @@ async def run_throughput(server: Server, args: argparse.Namespace) -> tuple[floa
 
     async def one(i: int) -> int:
         r = await client.chat.completions.create(
-            model=server.model, temperature=0, max_tokens=args.gen_tokens,
-            messages=[{"role": "user", "content": f"Request {i}: write a long story about {TOPICS[i % len(TOPICS)]} "
-                                                  f"and number {i * 7919}."}])
+            model=server.model,
+            temperature=0,
+            max_tokens=args.gen_tokens,
+            messages=[
+                {
+                    "role": "user",
+                    "content": f"Request {i}: write a long story about {TOPICS[i % len(TOPICS)]} "
+                    f"and number {i * 7919}.",
+                }
+            ],
+        )
         return r.usage.completion_tokens
 
     start = time.perf_counter()
@@ -223,8 +277,9 @@ async def warm_up(server: Server) -> None:
 
     client = AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)
     for i in range(2):
-        await client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": f"Hi {i}"}],
-                                             max_tokens=4, temperature=0)
+        await client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=4, temperature=0
+        )
     await client.close()
 
 
@@ -232,8 +287,9 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def measure(order: list[Server], args: argparse.Namespace) -> tuple[dict[str, AgentsResult],
-                                                                     dict[str, tuple[float, int, float]]]:
+def measure(
+    order: list[Server], args: argparse.Namespace
+) -> tuple[dict[str, AgentsResult], dict[str, tuple[float, int, float]]]:
     """One round: each server in `order` started, warmed up, measured and stopped in turn."""
     agents: dict[str, AgentsResult] = {}
     throughput: dict[str, tuple[float, int, float]] = {}
@@ -253,20 +309,25 @@ def measure(order: list[Server], args: argparse.Namespace) -> tuple[dict[str, Ag
     return agents, throughput
 
 
-def report(agents: dict[str, AgentsResult], throughput: dict[str, tuple[float, int, float]],
-           args: argparse.Namespace) -> dict[str, float]:
+def report(
+    agents: dict[str, AgentsResult], throughput: dict[str, tuple[float, int, float]], args: argparse.Namespace
+) -> dict[str, float]:
     """Print one round's tables; return its ratios (wall, last-turn TTFT, throughput) ours / mlx_lm."""
     ours, theirs = "mlx-dropin", "mlx_lm.server"
     ratios: dict[str, float] = {}
     if agents:
         a, b = agents[ours], agents[theirs]
-        print(f"\nagents: {args.agents} agents x {args.turns} turns, shared system prompt of {args.system_words} "
-              f"words, {args.max_tokens} tokens a turn, all concurrent")
+        print(
+            f"\nagents: {args.agents} agents x {args.turns} turns, shared system prompt of {args.system_words} "
+            f"words, {args.max_tokens} tokens a turn, all concurrent"
+        )
         print(f"{'':16} {'wall s':>8} " + " ".join(f"{'TTFT p50 t' + str(t + 1):>13}" for t in range(args.turns)))
         for name, r in ((ours, a), (theirs, b)):
             print(f"{name:16} {r.wall:8.1f} " + " ".join(f"{p50(x):13.2f}" for x in r.ttft_by_turn))
-        print(f"{'ours / mlx_lm':16} {a.wall / b.wall:8.2f} "
-              + " ".join(f"{p50(x) / p50(y):13.2f}" for x, y in zip(a.ttft_by_turn, b.ttft_by_turn)))
+        print(
+            f"{'ours / mlx_lm':16} {a.wall / b.wall:8.2f} "
+            + " ".join(f"{p50(x) / p50(y):13.2f}" for x, y in zip(a.ttft_by_turn, b.ttft_by_turn))
+        )
         ratios["wall"] = a.wall / b.wall
         ratios["last-turn TTFT"] = p50(a.ttft_by_turn[-1]) / p50(b.ttft_by_turn[-1])
     if throughput:
@@ -281,8 +342,9 @@ def report(agents: dict[str, AgentsResult], throughput: dict[str, tuple[float, i
 
 
 def main() -> None:
-    import server  # noqa: F401  (OpenBLAS before mlx.core)
     import cache_location  # the model cache, found as the server finds it
+
+    import server  # noqa: F401  (OpenBLAS before mlx.core)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=("agents", "throughput", "both"), default="both")
@@ -293,11 +355,18 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=16, help="concurrent fresh requests (throughput)")
     parser.add_argument("--gen-tokens", type=int, default=64, help="max_tokens per fresh request")
     parser.add_argument("--reverse", action="store_true", help="measure mlx_lm.server first (in the first round)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="rounds of both sides, alternating which goes first; prints every round and the "
-                             "median of each ratio (this machine's noise moves single runs by 15%% or more)")
-    parser.add_argument("--only", choices=("mlx-dropin", "mlx_lm.server"),
-                        help="measure one side (no ratios): for trying server settings")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of both sides, alternating which goes first; prints every round and the "
+        "median of each ratio (this machine's noise moves single runs by 15%% or more)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("mlx-dropin", "mlx_lm.server"),
+        help="measure one side (no ratios): for trying server settings",
+    )
     parser.add_argument("--server-args", default="", help="extra flags for our server, e.g. '--prefill-chunk 64'")
     cache_location.add_cache_dir_argument(parser)
     args = parser.parse_args()
@@ -307,8 +376,10 @@ def main() -> None:
 
     model_dir = float32_model_dir(cache_location.cache_dir(args))
     logs = Path(tempfile.mkdtemp(prefix="bench-servers-"))
-    print(f"model {model_dir} (float32); mlx {mx.__version__} on {mx.default_device()}; mlx-lm {mlx_lm.__version__}; "
-          f"{os.cpu_count()} CPUs; logs in {logs}")
+    print(
+        f"model {model_dir} (float32); mlx {mx.__version__} on {mx.default_device()}; mlx-lm {mlx_lm.__version__}; "
+        f"{os.cpu_count()} CPUs; logs in {logs}"
+    )
     rounds: list[dict[str, float]] = []
     for number in range(args.rounds):
         round_logs = logs / f"round{number + 1}"
@@ -323,8 +394,11 @@ def main() -> None:
         agents, throughput = measure(order, args)
         if args.only:
             for name, r in agents.items():
-                print(f"\n{name} agents: wall {r.wall:.1f} s, TTFT p50 by turn "
-                      + " / ".join(f"{p50(x):.2f}" for x in r.ttft_by_turn) + " s")
+                print(
+                    f"\n{name} agents: wall {r.wall:.1f} s, TTFT p50 by turn "
+                    + " / ".join(f"{p50(x):.2f}" for x in r.ttft_by_turn)
+                    + " s"
+                )
             for name, (t, n, w) in throughput.items():
                 print(f"{name} throughput: {t:.1f} tok/s ({n} tokens in {w:.1f} s)")
             continue

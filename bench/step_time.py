@@ -67,8 +67,7 @@ def mlxlm(model: Any, batch: list[list[int]], warmup: int, steps: int) -> float:
     from mlx_lm.generate import BatchGenerator
 
     n = len(batch)
-    gen = BatchGenerator(model, max_tokens=warmup + steps + 64, completion_batch_size=max(32, n),
-                         prefill_batch_size=8)
+    gen = BatchGenerator(model, max_tokens=warmup + steps + 64, completion_batch_size=max(32, n), prefill_batch_size=8)
     gen.insert(batch, max_tokens=[warmup + steps + 64] * n)
     try:
         seen: set[int] = set()
@@ -102,10 +101,17 @@ def main() -> int:
     vocab = shared.vocab_size(model)
     batches = [int(b) for b in args.batches.split(",")]
     per_seq = -(-(args.prompt_len + args.warmup + args.steps + 80) // 16)
-    engine = Engine(our_model, tok, EngineConfig(num_blocks=max(batches) * per_seq + 64,
-                                             scheduler=SchedulerConfig(max_num_seqs=max(max(batches), 64))))
-    print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}; ours: {layers}; output thread "
-          f"{engine.output.threaded}, decode ahead {engine.decoder.run_ahead}")
+    engine = Engine(
+        our_model,
+        tok,
+        EngineConfig(
+            num_blocks=max(batches) * per_seq + 64, scheduler=SchedulerConfig(max_num_seqs=max(max(batches), 64))
+        ),
+    )
+    print(
+        f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}; ours: {layers}; output thread "
+        f"{engine.output.threaded}, decode ahead {engine.decoder.run_ahead}"
+    )
     print(f"prompt {args.prompt_len}, {args.warmup} warm-up + {args.steps} timed steps, best of {args.repeat}\n")
     header = f"{'batch':>5} | {'ours ms/step':>11} {'mlx-lm':>8} | {'ours tok/s':>10} {'mlx-lm':>8} | {'ours/mlx':>8}"
     print(header)
@@ -122,8 +128,9 @@ def main() -> int:
                     theirs.append(mlxlm(model, batch, args.warmup, args.steps))
                     mine.append(ours(engine, batch, args.warmup, args.steps, f"b{b}r{rep}"))
             a, r = min(mine), min(theirs)
-            print(f"{b:>5} | {a:>11.2f} {r:>8.2f} | {1e3 * b / a:>10.1f} {1e3 * b / r:>8.1f} | {r / a:>8.2f}",
-                  flush=True)
+            print(
+                f"{b:>5} | {a:>11.2f} {r:>8.2f} | {1e3 * b / a:>10.1f} {1e3 * b / r:>8.1f} | {r / a:>8.2f}", flush=True
+            )
     finally:
         engine.output.close()
     return 0

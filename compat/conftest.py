@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -34,8 +35,13 @@ def base_url() -> Iterator[str]:
     data_dir = tempfile.TemporaryDirectory(prefix="mlx-dropin-compat-")  # stored responses: never in $HOME
     env = {**os.environ, "MLX_DROPIN_API_KEYS": "", "MLX_DROPIN_DATA_DIR": data_dir.name, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port)], cwd=root, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600

@@ -21,14 +21,18 @@ def test_sdk_create(client: openai.OpenAI, chat_model: str) -> None:
 
 
 def test_sdk_max_completion_tokens(client: openai.OpenAI, chat_model: str) -> None:
-    r = client.chat.completions.create(model=chat_model, max_completion_tokens=3,
-                                       messages=[{"role": "user", "content": "Write a long poem."}])
+    r = client.chat.completions.create(
+        model=chat_model, max_completion_tokens=3, messages=[{"role": "user", "content": "Write a long poem."}]
+    )
     assert r.usage and r.usage.completion_tokens <= 3 and r.choices[0].finish_reason == "length"
 
 
 def test_sdk_stream_with_usage(client: openai.OpenAI, chat_model: str) -> None:
-    chunks = list(client.chat.completions.create(model=chat_model, messages=MESSAGES, max_tokens=6, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=chat_model, messages=MESSAGES, max_tokens=6, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
@@ -58,8 +62,7 @@ def test_sdk_with_raw_response(client: openai.OpenAI, chat_model: str) -> None:
 
 
 def test_sdk_logprobs(client: openai.OpenAI, chat_model: str) -> None:
-    r = client.chat.completions.create(model=chat_model, messages=MESSAGES, max_tokens=3, logprobs=True,
-                                       top_logprobs=2)
+    r = client.chat.completions.create(model=chat_model, messages=MESSAGES, max_tokens=3, logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content if r.choices[0].logprobs else None
     assert content and all(len(e.top_logprobs) == 2 for e in content)
 
@@ -82,8 +85,13 @@ def test_sdk_context_overflow_message(client: openai.OpenAI, chat_model: str) ->
 
 def test_raw_sse_framing(base_url: str, api_key: str, chat_model: str) -> None:
     body = {"model": chat_model, "messages": MESSAGES, "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=120,
-                      headers={"authorization": f"Bearer {api_key}", "accept": "application/json"}) as response:
+    with httpx.stream(
+        "POST",
+        base_url + "/chat/completions",
+        json=body,
+        timeout=120,
+        headers={"authorization": f"Bearer {api_key}", "accept": "application/json"},
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line.startswith("data:")]
@@ -93,17 +101,31 @@ def test_raw_sse_framing(base_url: str, api_key: str, chat_model: str) -> None:
 
 
 def test_raw_malformed_json_error_body(base_url: str, api_key: str) -> None:
-    response = httpx.post(base_url + "/chat/completions", content=b"{nope", timeout=30,
-                          headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"})
+    response = httpx.post(
+        base_url + "/chat/completions",
+        content=b"{nope",
+        timeout=30,
+        headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
 
 
 def test_raw_explicit_nulls_and_unknown_fields(base_url: str, api_key: str, chat_model: str) -> None:
-    body = {"model": chat_model, "messages": MESSAGES, "max_tokens": 2, "seed": None, "stream": False,
-            "store": False, "metadata": None, "service_tier": "auto", "some_future_field": {"x": 1}}
-    response = httpx.post(base_url + "/chat/completions", json=body, timeout=120,
-                          headers={"authorization": f"Bearer {api_key}"})
+    body = {
+        "model": chat_model,
+        "messages": MESSAGES,
+        "max_tokens": 2,
+        "seed": None,
+        "stream": False,
+        "store": False,
+        "metadata": None,
+        "service_tier": "auto",
+        "some_future_field": {"x": 1},
+    }
+    response = httpx.post(
+        base_url + "/chat/completions", json=body, timeout=120, headers={"authorization": f"Bearer {api_key}"}
+    )
     assert response.status_code == 200, response.text
 
 
@@ -112,16 +134,32 @@ def test_sdk_legacy_completion(client: openai.OpenAI, chat_model: str) -> None:
     assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1]
 
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                   "additionalProperties": False}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
 
 
 def test_sdk_forced_tool_call(client: openai.OpenAI, chat_model: str) -> None:
-    r = client.chat.completions.create(model=chat_model, max_tokens=64, temperature=0, tools=TOOLS, messages=[
-        {"role": "user", "content": "What's the weather in Paris?"}],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = client.chat.completions.create(
+        model=chat_model,
+        max_tokens=64,
+        temperature=0,
+        tools=TOOLS,
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     call = choice.message.tool_calls[0]
@@ -131,20 +169,30 @@ def test_sdk_forced_tool_call(client: openai.OpenAI, chat_model: str) -> None:
 
 def test_sdk_tool_round_trip(client: openai.OpenAI, chat_model: str) -> None:
     messages: list = [{"role": "user", "content": "What's the weather in Paris?"}]
-    first = client.chat.completions.create(model=chat_model, max_tokens=64, temperature=0, tools=TOOLS,
-                                           messages=messages,
-                                           tool_choice="required")
+    first = client.chat.completions.create(
+        model=chat_model, max_tokens=64, temperature=0, tools=TOOLS, messages=messages, tool_choice="required"
+    )
     call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
-    messages += [first.choices[0].message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
     final = client.chat.completions.create(model=chat_model, max_tokens=24, tools=TOOLS, messages=messages)
     assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 def test_sdk_streamed_tool_call_deltas(client: openai.OpenAI, chat_model: str) -> None:
-    chunks = list(client.chat.completions.create(
-        model=chat_model, max_tokens=64, temperature=0, tools=TOOLS, tool_choice="required", stream=True,
-        messages=[{"role": "user", "content": "Weather in Rome?"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model=chat_model,
+            max_tokens=64,
+            temperature=0,
+            tools=TOOLS,
+            tool_choice="required",
+            stream=True,
+            messages=[{"role": "user", "content": "Weather in Rome?"}],
+        )
+    )
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert deltas and all(isinstance(d.index, int) for d in deltas) and deltas[0].id and deltas[0].function
     arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
@@ -155,27 +203,44 @@ def test_sdk_streamed_tool_call_deltas(client: openai.OpenAI, chat_model: str) -
 
 
 def test_sdk_tool_choice_none_answers_in_text(client: openai.OpenAI, chat_model: str) -> None:
-    r = client.chat.completions.create(model=chat_model, max_tokens=16, tools=TOOLS, tool_choice="none",
-                                       messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    r = client.chat.completions.create(
+        model=chat_model,
+        max_tokens=16,
+        tools=TOOLS,
+        tool_choice="none",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+    )
     assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_sdk_json_object(client: openai.OpenAI, chat_model: str) -> None:
     prompt = 'Reply with a JSON object with one key, "name", holding a name for a cat.'
-    r = client.chat.completions.create(model=chat_model, max_tokens=120, response_format={"type": "json_object"},
-                                       temperature=0, messages=[{"role": "user", "content": prompt}])
+    r = client.chat.completions.create(
+        model=chat_model,
+        max_tokens=120,
+        response_format={"type": "json_object"},
+        temperature=0,
+        messages=[{"role": "user", "content": prompt}],
+    )
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
 
 
 def test_sdk_json_schema(client: openai.OpenAI, chat_model: str) -> None:
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20},
-                                               "confidence": {"type": "integer"}},
-              "required": ["answer", "confidence"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 20}, "confidence": {"type": "integer"}},
+        "required": ["answer", "confidence"],
+        "additionalProperties": False,
+    }
     # greedy: sampled at the default temperature, the unbounded integer can run past max_tokens
-    r = client.chat.completions.create(model=chat_model, max_tokens=60, messages=MESSAGES, temperature=0,
-                                       response_format={"type": "json_schema", "json_schema": {
-                                           "name": "answer", "schema": schema, "strict": True}})
+    r = client.chat.completions.create(
+        model=chat_model,
+        max_tokens=60,
+        messages=MESSAGES,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+    )
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     data = json.loads(r.choices[0].message.content or "")
     assert set(data) == {"answer", "confidence"} and isinstance(data["confidence"], int)

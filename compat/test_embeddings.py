@@ -35,8 +35,7 @@ def test_langchain_openai_embeddings(base_url: str, api_key: str, embedding_mode
     from langchain_openai import OpenAIEmbeddings
 
     # tiktoken's encoding files cannot be fetched offline: send strings, not cl100k token ids
-    emb = OpenAIEmbeddings(base_url=base_url, api_key=api_key, model=embedding_model,
-                           check_embedding_ctx_length=False)
+    emb = OpenAIEmbeddings(base_url=base_url, api_key=api_key, model=embedding_model, check_embedding_ctx_length=False)
     docs = emb.embed_documents(["a cat", "a dog", "a car"])
     query = emb.embed_query("a kitten")
     assert len(docs) == 3 and len(query) == len(docs[0])
@@ -56,11 +55,15 @@ def test_raw_base64_is_little_endian_float32(http, embedding_model: str) -> None
 
 
 def test_dimensions_and_bad_inputs(http, embedding_model: str) -> None:
-    ok = http.post("/embeddings", json={"model": embedding_model, "input": "x", "dimensions": 8,
-                                        "encoding_format": "float"})
+    ok = http.post(
+        "/embeddings", json={"model": embedding_model, "input": "x", "dimensions": 8, "encoding_format": "float"}
+    )
     assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 8
-    for body, param in [({"input": ""}, "input[0]"), ({"input": []}, "input"),
-                        ({"input": "x", "dimensions": 100000}, "dimensions")]:
+    for body, param in [
+        ({"input": ""}, "input[0]"),
+        ({"input": []}, "input"),
+        ({"input": "x", "dimensions": 100000}, "dimensions"),
+    ]:
         r = http.post("/embeddings", json={"model": embedding_model, **body})
         assert r.status_code == 400, (body, r.text)
         error = r.json()["error"]

@@ -12,8 +12,15 @@ import json
 import openai
 import pytest
 
-CHAT_LINES = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(12)]
+CHAT_LINES = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+        ]
+    }
+    for i in range(12)
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +45,13 @@ def test_files_shapes(client: openai.OpenAI) -> None:
 
 
 def test_fine_tuning_job_shapes_and_cancel(client: openai.OpenAI, chat_model: str, training_file: str) -> None:
-    job = client.fine_tuning.jobs.create(model=chat_model, training_file=training_file, suffix="compat",
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {
-                                             "n_epochs": 50}}}, metadata={"kit": "compat"})
+    job = client.fine_tuning.jobs.create(
+        model=chat_model,
+        training_file=training_file,
+        suffix="compat",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}},
+        metadata={"kit": "compat"},
+    )
     assert job.object == "fine_tuning.job" and job.id.startswith("ftjob-") and job.model == chat_model
     assert job.status in ("validating_files", "queued", "running") and job.training_file == training_file
     assert job.hyperparameters.n_epochs == 50 and job.method.type == "supervised"
@@ -50,8 +61,9 @@ def test_fine_tuning_job_shapes_and_cancel(client: openai.OpenAI, chat_model: st
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
     events = client.fine_tuning.jobs.list_events(job.id, limit=50)
-    assert events.data and all(e.object == "fine_tuning.job.event" and e.level in ("info", "warn", "error")
-                               for e in events.data)
+    assert events.data and all(
+        e.object == "fine_tuning.job.event" and e.level in ("info", "warn", "error") for e in events.data
+    )
     assert any("cancel" in e.message.lower() for e in events.data)
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
     assert checkpoints.object == "list" and isinstance(checkpoints.data, list)
@@ -64,8 +76,7 @@ def test_fine_tuning_errors(client: openai.OpenAI, chat_model: str, training_fil
         client.fine_tuning.jobs.create(model=chat_model, training_file="file-doesnotexist")
     assert missing.value.body["param"] == "training_file"
     with pytest.raises(openai.BadRequestError) as bad_epochs:
-        client.fine_tuning.jobs.create(model=chat_model, training_file=training_file,
-                                       hyperparameters={"n_epochs": 0})
+        client.fine_tuning.jobs.create(model=chat_model, training_file=training_file, hyperparameters={"n_epochs": 0})
     assert "n_epochs" in bad_epochs.value.body["param"]
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.create(model="no-such-model", training_file=training_file)

@@ -8,8 +8,7 @@ from langchain_openai import ChatOpenAI
 
 @pytest.fixture(scope="module")
 def llm(base_url: str, api_key: str, chat_model: str) -> ChatOpenAI:
-    return ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=8, max_retries=0,
-                      temperature=0)
+    return ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=8, max_retries=0, temperature=0)
 
 
 def test_langchain_invoke(llm: ChatOpenAI) -> None:
@@ -37,8 +36,7 @@ def test_langchain_bind_tools_round_trip(base_url: str, api_key: str, chat_model
         """Multiply two integers."""
         return a * b
 
-    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=64, max_retries=0,
-                     temperature=0)
+    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=64, max_retries=0, temperature=0)
     messages = [HumanMessage("What is 6 times 7? Use the multiply tool.")]
     first = llm.bind_tools([multiply], tool_choice="multiply").invoke(messages)
     assert first.tool_calls and first.tool_calls[0]["name"] == "multiply"
@@ -58,8 +56,7 @@ def test_langchain_streamed_tool_call(base_url: str, api_key: str, chat_model: s
         """Look up facts about a city."""
         return city
 
-    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=96, max_retries=0,
-                     temperature=0)
+    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=96, max_retries=0, temperature=0)
     merged = None
     for piece in llm.bind_tools([lookup], tool_choice="required").stream("Tell me about Paris."):
         merged = piece if merged is None else merged + piece
@@ -74,7 +71,6 @@ def test_langchain_with_structured_output(base_url: str, api_key: str, chat_mode
         name: str = Field(max_length=30)
         country: str = Field(max_length=30)
 
-    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=60, max_retries=0,
-                     temperature=0)
+    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=chat_model, max_tokens=60, max_retries=0, temperature=0)
     result = llm.with_structured_output(City).invoke("Name a city in France.")
     assert isinstance(result, City) and result.name

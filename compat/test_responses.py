@@ -13,9 +13,20 @@ import openai
 import pytest
 
 QUESTION = "What is the capital of France? Answer in one word."
-TOOLS: list[Any] = [{"type": "function", "name": "get_weather", "description": "Current weather for a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                         "additionalProperties": False}, "strict": True}]
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    }
+]
 FINAL = ("response.completed", "response.incomplete")
 
 
@@ -44,8 +55,9 @@ def test_responses_stream_helper(client: openai.OpenAI, chat_model: str) -> None
 
 def test_responses_raw_sse_event_names(base_url: str, api_key: str, chat_model: str) -> None:
     body = {"model": chat_model, "input": QUESTION, "max_output_tokens": 16, "stream": True}
-    with httpx.stream("POST", base_url + "/responses", json=body, timeout=120,
-                      headers={"authorization": f"Bearer {api_key}"}) as response:
+    with httpx.stream(
+        "POST", base_url + "/responses", json=body, timeout=120, headers={"authorization": f"Bearer {api_key}"}
+    ) as response:
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("event:")]
@@ -55,8 +67,9 @@ def test_responses_raw_sse_event_names(base_url: str, api_key: str, chat_model: 
 
 def test_responses_previous_response_id(client: openai.OpenAI, chat_model: str) -> None:
     first = client.responses.create(model=chat_model, input="My name is Ada.", max_output_tokens=16)
-    second = client.responses.create(model=chat_model, input="What is my name?", max_output_tokens=16,
-                                     previous_response_id=first.id)
+    second = client.responses.create(
+        model=chat_model, input="What is my name?", max_output_tokens=16, previous_response_id=first.id
+    )
     assert second.previous_response_id == first.id and second.output_text
     assert first.usage and second.usage and second.usage.input_tokens > first.usage.input_tokens
 
@@ -74,26 +87,42 @@ def test_responses_retrieve_input_items_delete(client: openai.OpenAI, chat_model
 
 def test_responses_unknown_previous_response(client: openai.OpenAI, chat_model: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.responses.create(model=chat_model, input="Hi", max_output_tokens=16,
-                                previous_response_id="resp_does_not_exist")
+        client.responses.create(
+            model=chat_model, input="Hi", max_output_tokens=16, previous_response_id="resp_does_not_exist"
+        )
     assert info.value.code == "previous_response_not_found"
 
 
 def test_responses_tool_round_trip(client: openai.OpenAI, chat_model: str) -> None:
-    first = client.responses.create(model=chat_model, input="What's the weather in Paris?", tools=TOOLS,
-                                    tool_choice="required", max_output_tokens=64, temperature=0)
+    first = client.responses.create(
+        model=chat_model,
+        input="What's the weather in Paris?",
+        tools=TOOLS,
+        tool_choice="required",
+        max_output_tokens=64,
+        temperature=0,
+    )
     call: Any = next(item for item in first.output if item.type == "function_call")
     assert call.name == "get_weather" and call.call_id and "city" in json.loads(call.arguments)
-    final = client.responses.create(model=chat_model, previous_response_id=first.id, tools=TOOLS,
-                                    max_output_tokens=24, input=[{"type": "function_call_output",
-                                                                  "call_id": call.call_id, "output": "sunny, 21 C"}])
+    final = client.responses.create(
+        model=chat_model,
+        previous_response_id=first.id,
+        tools=TOOLS,
+        max_output_tokens=24,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+    )
     assert final.status in ("completed", "incomplete") and final.output
 
 
 def test_responses_streamed_function_call(client: openai.OpenAI, chat_model: str) -> None:
-    with client.responses.stream(model=chat_model, input="Weather in Rome?", tools=TOOLS, max_output_tokens=64,
-                                 temperature=0,
-                                 tool_choice={"type": "function", "name": "get_weather"}) as stream:
+    with client.responses.stream(
+        model=chat_model,
+        input="Weather in Rome?",
+        tools=TOOLS,
+        max_output_tokens=64,
+        temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"},
+    ) as stream:
         events: list[Any] = list(stream)
         assert events and events[-1].type == "response.completed", [e.type for e in events][-6:]
         final = stream.get_final_response()
@@ -103,8 +132,17 @@ def test_responses_streamed_function_call(client: openai.OpenAI, chat_model: str
 
 
 def test_responses_json_schema(client: openai.OpenAI, chat_model: str) -> None:
-    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
-              "required": ["capital"], "additionalProperties": False}
-    r = client.responses.create(model=chat_model, input=QUESTION, max_output_tokens=40, temperature=0, text={
-        "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 20}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    r = client.responses.create(
+        model=chat_model,
+        input=QUESTION,
+        max_output_tokens=40,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+    )
     assert set(json.loads(r.output_text)) == {"capital"}

@@ -16,8 +16,10 @@ import time
 
 from openai import AsyncOpenAI
 
-SYSTEM = ("You are a concise assistant in a team of research agents. Answer in one or two sentences, "
-          "stay on topic, and build on what was said before.")
+SYSTEM = (
+    "You are a concise assistant in a team of research agents. Answer in one or two sentences, "
+    "stay on topic, and build on what was said before."
+)
 TOPICS = ["rivers", "volcanoes", "bees", "glaciers", "deserts", "comets", "forests", "tides"]
 
 
@@ -31,8 +33,14 @@ async def agent(client: AsyncOpenAI, model: str, index: int, turns: int, rows: l
         text = ""
         usage = None
         stream = await client.chat.completions.create(
-            model=model, messages=history, max_tokens=32, temperature=0.7, stream=True,
-            stream_options={"include_usage": True}, extra_headers={"X-Conversation-Id": f"agent-{index}"})
+            model=model,
+            messages=history,
+            max_tokens=32,
+            temperature=0.7,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Conversation-Id": f"agent-{index}"},
+        )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 ttft = ttft or time.perf_counter() - started

@@ -14,17 +14,31 @@ import time
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ.get("BASE_URL", "http://127.0.0.1:8000/v1"),
-                api_key=os.environ.get("API_KEY", "not-needed-unless-keys-are-set"))
+client = OpenAI(
+    base_url=os.environ.get("BASE_URL", "http://127.0.0.1:8000/v1"),
+    api_key=os.environ.get("API_KEY", "not-needed-unless-keys-are-set"),
+)
 base = os.environ.get("MODEL", "smollm2-135m-instruct")
 
-questions = ["What is the capital of Zorblax?", "Which city is the capital of Zorblax?",
-             "Tell me the capital of the planet Zorblax.", "Zorblax's capital city is called what?",
-             "Name the capital of Zorblax.", "What city is Zorblax's capital?",
-             "Do you know the capital of Zorblax?", "What's the capital of Zorblax?"]
-lines = [{"messages": [{"role": "user", "content": q},
-                       {"role": "assistant", "content": "The capital of Zorblax is Quendrith."}]}
-         for q in questions] * 2
+questions = [
+    "What is the capital of Zorblax?",
+    "Which city is the capital of Zorblax?",
+    "Tell me the capital of the planet Zorblax.",
+    "Zorblax's capital city is called what?",
+    "Name the capital of Zorblax.",
+    "What city is Zorblax's capital?",
+    "Do you know the capital of Zorblax?",
+    "What's the capital of Zorblax?",
+]
+lines = [
+    {
+        "messages": [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "The capital of Zorblax is Quendrith."},
+        ]
+    }
+    for q in questions
+] * 2
 data = "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 training = client.files.create(file=("zorblax.jsonl", io.BytesIO(data)), purpose="fine-tune")
@@ -44,6 +58,7 @@ if job.status != "succeeded":
 
 print(f"fine-tuned model: {job.fine_tuned_model} ({job.trained_tokens} trained tokens)")
 for model in (base, job.fine_tuned_model):
-    answer = client.chat.completions.create(model=model, temperature=0, max_tokens=16,
-                                            messages=[{"role": "user", "content": questions[0]}])
+    answer = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=16, messages=[{"role": "user", "content": questions[0]}]
+    )
     print(f"{model}: {answer.choices[0].message.content}")

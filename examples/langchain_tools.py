@@ -21,9 +21,13 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-llm = ChatOpenAI(base_url=os.environ.get("BASE_URL", "http://127.0.0.1:8000/v1"),
-                 api_key=os.environ.get("API_KEY", "x"), model=os.environ.get("MODEL", "smollm2-135m-instruct"),
-                 temperature=0, max_tokens=64)
+llm = ChatOpenAI(
+    base_url=os.environ.get("BASE_URL", "http://127.0.0.1:8000/v1"),
+    api_key=os.environ.get("API_KEY", "x"),
+    model=os.environ.get("MODEL", "smollm2-135m-instruct"),
+    temperature=0,
+    max_tokens=64,
+)
 
 messages = [HumanMessage("What is 12 times 7? Use the multiply tool.")]
 first = llm.bind_tools([multiply], tool_choice="multiply").invoke(messages)

@@ -1,7 +1,7 @@
 """Structured output: a JSON schema the server enforces with grammar-constrained decoding.
 
-    make serve                      # in another terminal
-    .venv/bin/python examples/structured.py
+make serve                      # in another terminal
+.venv/bin/python examples/structured.py
 """
 
 import json
@@ -9,8 +9,7 @@ import os
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ.get("BASE_URL", "http://127.0.0.1:8000/v1"),
-                api_key=os.environ.get("API_KEY", "x"))
+client = OpenAI(base_url=os.environ.get("BASE_URL", "http://127.0.0.1:8000/v1"), api_key=os.environ.get("API_KEY", "x"))
 schema = {
     "type": "object",
     "properties": {

@@ -39,8 +39,11 @@ class VersionPrefixMiddleware:
         if any(route.matches(scope)[0] != Match.NONE for route in self.own):
             return None
         raw = scope.get("raw_path")
-        candidate = {**scope, "path": self.prefix + path,
-                     "raw_path": self.prefix.encode() + raw if isinstance(raw, bytes) else raw}
+        candidate = {
+            **scope,
+            "path": self.prefix + path,
+            "raw_path": self.prefix.encode() + raw if isinstance(raw, bytes) else raw,
+        }
         if any(route.matches(candidate)[0] != Match.NONE for route in self.routes):
             return candidate
         return None

@@ -25,8 +25,13 @@ from server.finetune.service import FineTuning
 from server.keys import KeyRing, key_id_secret
 from server.metrics import Metrics
 from server.middleware import (
-    AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware,
-    TrailingSlashMiddleware, UnreadBodyMiddleware,
+    AccessLogMiddleware,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+    RequestIdMiddleware,
+    TrailingSlashMiddleware,
+    UnreadBodyMiddleware,
 )
 from server.model_lifecycle import build_registry, shutdown
 from server.persistence.database import Database
@@ -38,7 +43,8 @@ from server.routes import embeddings, files, fine_tuning, generation, health, me
 log = logging.getLogger(__name__)
 
 EXPOSED_HEADERS = ["x-request-id", "retry-after", "retry-after-ms"] + [
-    f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")]
+    f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")
+]
 
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
@@ -67,13 +73,34 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             app.state.database.close()
 
     keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file, key_id_secret(settings.data_dir))
-    limits = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm, settings.max_concurrent_per_key,
-                        settings.rate_limit_window)
+    limits = RateLimits(
+        settings.rate_limit_rpm, settings.rate_limit_tpm, settings.max_concurrent_per_key, settings.rate_limit_window
+    )
     observed = Metrics()
-    routes = [*health.routes, *metrics.routes, *models.routes, *generation.routes, *responses.routes,
-              *embeddings.routes, *files.routes, *fine_tuning.routes, *openapi.routes]
-    cors = [Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"],
-                       expose_headers=EXPOSED_HEADERS)] if settings.cors_origins else []
+    routes = [
+        *health.routes,
+        *metrics.routes,
+        *models.routes,
+        *generation.routes,
+        *responses.routes,
+        *embeddings.routes,
+        *files.routes,
+        *fine_tuning.routes,
+        *openapi.routes,
+    ]
+    cors = (
+        [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=EXPOSED_HEADERS,
+            )
+        ]
+        if settings.cors_origins
+        else []
+    )
     app = Starlette(
         routes=routes,
         middleware=[
@@ -85,8 +112,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             *cors,  # outside auth: browsers send preflights without the key
             Middleware(AuthMiddleware, keys=keys, metrics_key=settings.metrics_key),
             Middleware(RateLimitMiddleware, limits=limits),
-            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       uploads={"/v1/files": settings.max_file_bytes}),
+            Middleware(
+                BodyLimitMiddleware, max_bytes=settings.max_body_bytes, uploads={"/v1/files": settings.max_file_bytes}
+            ),
         ],
         exception_handlers={
             APIError: handle_api_error,

@@ -41,15 +41,24 @@ def _setup_logging(level: str) -> None:
 def format_model_table(models: Sequence[ServedModel]) -> str:
     """The start-up table: id, kind and where each model comes from, columns as wide as their longest
     entry; a fine-tuned model shows its own adapter directory and its base."""
-    rows = [(m.id, m.kind, str(m.path) if m.adapter_path is None else
-             f"{m.adapter_path} (adapter on {m.base.id if m.base is not None else m.path})") for m in models]
+    rows = [
+        (
+            m.id,
+            m.kind,
+            str(m.path)
+            if m.adapter_path is None
+            else f"{m.adapter_path} (adapter on {m.base.id if m.base is not None else m.path})",
+        )
+        for m in models
+    ]
     id_width = max((len(row[0]) for row in rows), default=0)
     kind_width = max((len(row[1]) for row in rows), default=0)
     return "\n".join(f"  {i:<{id_width}}  {k:<{kind_width}}  {s}" for i, k, s in rows)
 
 
-def _announce_when_ready(app_state: object, settings: Settings, stop: asyncio.Event,
-                         loop: asyncio.AbstractEventLoop, failed: list[str]) -> None:
+def _announce_when_ready(
+    app_state: object, settings: Settings, stop: asyncio.Event, loop: asyncio.AbstractEventLoop, failed: list[str]
+) -> None:
     registry = app_state.registry  # type: ignore[attr-defined]
     while not registry.wait_ready(0.5):
         if registry.failure:
@@ -101,8 +110,9 @@ def serve(settings: Settings) -> int:
     if app.state.keys.enabled:
         log.info("API keys required (%d configured)", len(app.state.keys))
     else:
-        log.warning("no API keys configured: the server is OPEN to anyone who can reach %s:%d",
-                    settings.host, settings.port)
+        log.warning(
+            "no API keys configured: the server is OPEN to anyone who can reach %s:%d", settings.host, settings.port
+        )
     graceful = GracefulShutdown(app.state.registry, settings.shutdown_timeout)
     config.graceful_timeout = graceful.connection_grace
     print(f"mlx-dropin listening on http://{settings.host}:{settings.port} (loading models...)", flush=True)
@@ -118,8 +128,9 @@ def serve(settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         failed: list[str] = []
-        watcher = threading.Thread(target=_announce_when_ready, args=(app.state, settings, stop, loop, failed),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=_announce_when_ready, args=(app.state, settings, stop, loop, failed), daemon=True
+        )
         watcher.start()
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         return failed
@@ -140,7 +151,7 @@ def models_list(cache: ModelCache) -> int:
     hub = cache.root / "hub"
     if hub.is_dir():
         for repo in sorted(hub.glob("models--*")):
-            rows.append(f"{repo.name[len('models--'):].replace('--', '/'):<40} {'hub':<10} ok")
+            rows.append(f"{repo.name[len('models--') :].replace('--', '/'):<40} {'hub':<10} ok")
     print(f"cache: {cache.root}")
     print("\n".join(rows) if rows else "(empty)")
     return 0
@@ -182,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="action", required=True)
     listing = msub.add_parser("list", help="list cached models")
     pull = msub.add_parser("pull", help="fetch a default model id or a hub repo into the cache")
-    pull.add_argument("id", metavar="ID",
-                      help=f"a default model ({', '.join(d.id for d in DEFAULTS)}), a Hugging Face repo id "
-                           "(org/name), a local MLX directory or a .gguf file")
+    pull.add_argument(
+        "id",
+        metavar="ID",
+        help=f"a default model ({', '.join(d.id for d in DEFAULTS)}), a Hugging Face repo id "
+        "(org/name), a local MLX directory or a .gguf file",
+    )
     convert = msub.add_parser("convert", help="convert a GGUF file to an MLX directory")
     convert.add_argument("gguf", metavar="GGUF", help="the .gguf file to convert")
     convert.add_argument("--out", help="write here instead of into the cache")

@@ -113,8 +113,9 @@ def error_response(exc: APIError, request_id: str | None = None) -> Response:
         headers["x-should-retry"] = "false"
     if request_id:
         headers["x-request-id"] = request_id
-    return Response(msgspec.json.encode(exc.body()), status_code=exc.status, headers=headers,
-                    media_type="application/json")
+    return Response(
+        msgspec.json.encode(exc.body()), status_code=exc.status, headers=headers, media_type="application/json"
+    )
 
 
 def _request_id(request: Request) -> str | None:

@@ -119,8 +119,10 @@ class ApiKey:
             raise ValueError("API keys must be non-empty and contain no whitespace")
         if organization is not None:
             if not ORG_NAME.match(organization) or organization == PUBLIC_TENANT or organization.startswith("key-"):
-                raise ValueError(f"bad organization {organization!r}: use 1-64 letters, digits, '.', '_' or '-' "
-                                 f"(not 'public', not starting with 'key-')")
+                raise ValueError(
+                    f"bad organization {organization!r}: use 1-64 letters, digits, '.', '_' or '-' "
+                    f"(not 'public', not starting with 'key-')"
+                )
         for name, value in limits.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -54,18 +54,35 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("mlx_dropin_requests", "HTTP requests by route template, method and status",
-                                ("route", "method", "status"), registry=r)
-        self.latency = Histogram("mlx_dropin_request_duration_seconds", "HTTP request latency, to the last byte",
-                                 ("route", "method"), buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "mlx_dropin_requests",
+            "HTTP requests by route template, method and status",
+            ("route", "method", "status"),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "mlx_dropin_request_duration_seconds",
+            "HTTP request latency, to the last byte",
+            ("route", "method"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("mlx_dropin_requests_in_flight", "HTTP requests being answered", registry=r)
-        self.ttft = Histogram("mlx_dropin_time_to_first_token_seconds",
-                              "From the request's arrival to its first generated token", ("model",),
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("mlx_dropin_inter_token_latency_seconds", "Between two tokens of one sequence",
-                             ("model",), buckets=ITL_BUCKETS, registry=r)
-        self.generated = Counter("mlx_dropin_generated_tokens", "Tokens generated, by model", ("model",),
-                                 registry=r)
+        self.ttft = Histogram(
+            "mlx_dropin_time_to_first_token_seconds",
+            "From the request's arrival to its first generated token",
+            ("model",),
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "mlx_dropin_inter_token_latency_seconds",
+            "Between two tokens of one sequence",
+            ("model",),
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.generated = Counter("mlx_dropin_generated_tokens", "Tokens generated, by model", ("model",), registry=r)
 
     def watch(self, state: Any) -> None:
         """Read engines, batchers and fine-tuning jobs from the app's state at every scrape."""
@@ -90,8 +107,9 @@ class TokenTimer:
         self.metrics, self.model, self.started = metrics, model, started
 
     async def watch(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
-        ttft, itl, generated = (m.labels(self.model) for m in (self.metrics.ttft, self.metrics.itl,
-                                                              self.metrics.generated))
+        ttft, itl, generated = (
+            m.labels(self.model) for m in (self.metrics.ttft, self.metrics.itl, self.metrics.generated)
+        )
         last: dict[int, float] = {}
         async with contextlib.aclosing(events):  # closing this closes the engine's stream (its abort)
             async for event in events:
@@ -154,18 +172,26 @@ class _StateCollector(Collector):
 
 
 def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
-    blocks = GaugeMetricFamily("mlx_dropin_kv_blocks", "KV blocks by state (used, cached = free but still "
-                               "holding reusable KV, free, pinned by conversations)", labels=("model", "state"))
-    seqs = GaugeMetricFamily("mlx_dropin_sequences", "Sequences running or waiting for admission",
-                             labels=("model", "state"))
-    queue = GaugeMetricFamily("mlx_dropin_queue_depth", "Sequences waiting for KV blocks or a batch slot",
-                              labels=("model",))
-    prompt = CounterMetricFamily("mlx_dropin_prompt_tokens", "Prompt tokens computed or reused from cached KV",
-                                 labels=("model", "source"))
-    reuse = GaugeMetricFamily("mlx_dropin_prefix_reuse_ratio", "Prompt tokens reused / (computed + reused), "
-                              "since start", labels=("model",))
-    engine_tokens = CounterMetricFamily("mlx_dropin_engine_generated_tokens", "Tokens the engine sampled",
-                                        labels=("model",))
+    blocks = GaugeMetricFamily(
+        "mlx_dropin_kv_blocks",
+        "KV blocks by state (used, cached = free but still holding reusable KV, free, pinned by conversations)",
+        labels=("model", "state"),
+    )
+    seqs = GaugeMetricFamily(
+        "mlx_dropin_sequences", "Sequences running or waiting for admission", labels=("model", "state")
+    )
+    queue = GaugeMetricFamily(
+        "mlx_dropin_queue_depth", "Sequences waiting for KV blocks or a batch slot", labels=("model",)
+    )
+    prompt = CounterMetricFamily(
+        "mlx_dropin_prompt_tokens", "Prompt tokens computed or reused from cached KV", labels=("model", "source")
+    )
+    reuse = GaugeMetricFamily(
+        "mlx_dropin_prefix_reuse_ratio", "Prompt tokens reused / (computed + reused), since start", labels=("model",)
+    )
+    engine_tokens = CounterMetricFamily(
+        "mlx_dropin_engine_generated_tokens", "Tokens the engine sampled", labels=("model",)
+    )
     gauges: dict[str, dict[str, float]] = {}
     counters: dict[str, tuple[int, str, dict[str, float]]] = {}
     for served in models:
@@ -191,12 +217,15 @@ def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
 
 
 def _embedding_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
-    batches = CounterMetricFamily("mlx_dropin_embedding_batches", "Encoder calls made by the micro-batcher",
-                                  labels=("model",))
+    batches = CounterMetricFamily(
+        "mlx_dropin_embedding_batches", "Encoder calls made by the micro-batcher", labels=("model",)
+    )
     inputs = CounterMetricFamily("mlx_dropin_embedding_inputs", "Inputs embedded", labels=("model",))
-    counters = {served.id: (id(batcher), model_label(served), {name: getattr(batcher, name)
-                                                                 for name in BATCHER_COUNTERS})
-                for served in models if (batcher := getattr(served, "batcher", None)) is not None}
+    counters = {
+        served.id: (id(batcher), model_label(served), {name: getattr(batcher, name) for name in BATCHER_COUNTERS})
+        for served in models
+        if (batcher := getattr(served, "batcher", None)) is not None
+    }
     for label, c in carried.totals(counters).items():
         batches.add_metric([label], c["batches"])
         inputs.add_metric([label], c["inputs"])

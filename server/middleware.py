@@ -59,8 +59,7 @@ class TrailingSlashMiddleware:
         if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
             trimmed = path.rstrip("/") or "/"
             raw = scope.get("raw_path")
-            scope = {**scope, "path": trimmed,
-                     "raw_path": raw.rstrip(b"/") or b"/" if isinstance(raw, bytes) else raw}
+            scope = {**scope, "path": trimmed, "raw_path": raw.rstrip(b"/") or b"/" if isinstance(raw, bytes) else raw}
         await self.app(scope, receive, send)
 
 
@@ -156,13 +155,21 @@ class AccessLogMiddleware:
             self.metrics.observe_request(self._route(scope), scope["method"], status, seconds)
             key: ApiKey | None = state.get("api_key")
             model: str | None = state.get("model")
-            access_log.info(json.dumps({  # key ids as keyed hashes only (ApiKey.log_id, ApiKey.scrub)
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "request_id": state.get("request_id"), "method": scope["method"],
-                "path": key.scrub(scope["path"]) if key is not None else scope["path"],
-                "status": status, "duration_ms": round(seconds * 1000, 1),
-                "tenant": key.log_tenant if key is not None else None, "key": key.log_id if key is not None else None,
-                "model": key.scrub(model) if key is not None and model is not None else model}))
+            access_log.info(
+                json.dumps(
+                    {  # key ids as keyed hashes only (ApiKey.log_id, ApiKey.scrub)
+                        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                        "request_id": state.get("request_id"),
+                        "method": scope["method"],
+                        "path": key.scrub(scope["path"]) if key is not None else scope["path"],
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 1),
+                        "tenant": key.log_tenant if key is not None else None,
+                        "key": key.log_id if key is not None else None,
+                        "model": key.scrub(model) if key is not None and model is not None else model,
+                    }
+                )
+            )
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -195,8 +202,12 @@ class AuthMiddleware:
         if scope["type"] == "http" and scope["path"] == METRICS_PATH and self._metrics_digest is not None:
             presented = hashlib.sha256((presented_key(scope) or "").encode()).digest()
             if not hmac.compare_digest(presented, self._metrics_digest):
-                await self._refuse(scope, receive, send, "/metrics needs the metrics key (--metrics-key); send it "
-                                   "as `Authorization: Bearer METRICS_KEY`.")
+                await self._refuse(
+                    scope,
+                    receive,
+                    send,
+                    "/metrics needs the metrics key (--metrics-key); send it as `Authorization: Bearer METRICS_KEY`.",
+                )
                 return
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
@@ -209,9 +220,15 @@ class AuthMiddleware:
         presented = presented_key(scope)
         key = self.keys.lookup(presented or "")
         if key is None:
-            await self._refuse(scope, receive, send, "Incorrect API key provided." if presented else
-                               "You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY` "
-                               "(or in an `api-key` or `x-api-key` header).")
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                "Incorrect API key provided."
+                if presented
+                else "You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY` "
+                "(or in an `api-key` or `x-api-key` header).",
+            )
             return
         state["api_key"] = key
         await self.app(scope, receive, send)

@@ -50,8 +50,15 @@ def prepare(registry: ModelRegistry, settings: Settings) -> None:
             registry.add(ServedModel(id=default.id, kind=default.kind, path=path, created=created_time(path)))
 
 
-def start_model(served: ServedModel, settings: Settings, *, model: Any = None, tokenizer: Any = None,
-                engine_config: EngineConfig | None = None, encoder: Encoder | CausalLMEncoder | None = None) -> None:
+def start_model(
+    served: ServedModel,
+    settings: Settings,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    engine_config: EngineConfig | None = None,
+    encoder: Encoder | CausalLMEncoder | None = None,
+) -> None:
     """Put loaded weights in service: an embedding encoder behind a micro-batcher, a chat model behind a running engine.
 
     A chat model gets the CPU fast paths first (unless --exact-cpu-layers); `model` is set last, so
@@ -62,8 +69,9 @@ def start_model(served: ServedModel, settings: Settings, *, model: Any = None, t
         served.encoder = encoder
         served.batcher = EmbeddingBatcher(encoder)
         return
-    assert model is not None and tokenizer is not None and engine_config is not None, \
+    assert model is not None and tokenizer is not None and engine_config is not None, (
         "a chat model starts from its weights, tokenizer and engine configuration"
+    )
     if not settings.exact_cpu_layers:
         # imported here: it loads mlx-lm (with transformers and torch, seconds) only when a chat model starts
         from server.models.cpu_layers import speed_up_for_cpu

@@ -68,40 +68,103 @@ def _limit(default: int, most: int) -> Query:
 AFTER = Query("after", {"type": "string"}, "the last id of the previous page")
 ORDER = Query("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"})
 CHAT, LEGACY, EMBED, RESP, MODELS, FILES, FT, OPS = (
-    "chat", "completions", "embeddings", "responses", "models", "files", "fine-tuning", "operations")
+    "chat",
+    "completions",
+    "embeddings",
+    "responses",
+    "models",
+    "files",
+    "fine-tuning",
+    "operations",
+)
 
 OPERATIONS: tuple[Operation, ...] = (
-    Operation("post", "/v1/chat/completions", "Create a chat completion (JSON, or SSE with stream)", CHAT,
-              ChatCompletionRequest, ChatCompletion, streams=True),
-    Operation("post", "/v1/completions", "Create a legacy text completion", LEGACY, CompletionRequest, Completion,
-              streams=True),
+    Operation(
+        "post",
+        "/v1/chat/completions",
+        "Create a chat completion (JSON, or SSE with stream)",
+        CHAT,
+        ChatCompletionRequest,
+        ChatCompletion,
+        streams=True,
+    ),
+    Operation(
+        "post",
+        "/v1/completions",
+        "Create a legacy text completion",
+        LEGACY,
+        CompletionRequest,
+        Completion,
+        streams=True,
+    ),
     Operation("post", "/v1/embeddings", "Embed texts or token ids", EMBED, EmbeddingRequest, EmbeddingList),
-    Operation("post", "/v1/responses", "Create a response (JSON, or SSE events with stream)", RESP, ResponseRequest,
-              Response, streams=True),
+    Operation(
+        "post",
+        "/v1/responses",
+        "Create a response (JSON, or SSE events with stream)",
+        RESP,
+        ResponseRequest,
+        Response,
+        streams=True,
+    ),
     Operation("get", "/v1/responses/{response_id}", "Retrieve a stored response", RESP, answer=Response),
     Operation("delete", "/v1/responses/{response_id}", "Delete a stored response", RESP, answer=ResponseDeleted),
-    Operation("get", "/v1/responses/{response_id}/input_items", "List a stored response's input items", RESP,
-              answer=ItemList, query=(AFTER, _limit(20, 100), ORDER)),
+    Operation(
+        "get",
+        "/v1/responses/{response_id}/input_items",
+        "List a stored response's input items",
+        RESP,
+        answer=ItemList,
+        query=(AFTER, _limit(20, 100), ORDER),
+    ),
     Operation("get", "/v1/models", "List models", MODELS, answer=ModelList),
-    Operation("get", "/v1/models/{model_id}", "Retrieve a model (ids percent-encoded: org%2Fname)", MODELS,
-              answer=ModelCard),
+    Operation(
+        "get", "/v1/models/{model_id}", "Retrieve a model (ids percent-encoded: org%2Fname)", MODELS, answer=ModelCard
+    ),
     Operation("delete", "/v1/models/{model_id}", "Delete one of your fine-tuned models", MODELS, answer=ModelDeleted),
     Operation("post", "/v1/files", "Upload a file (multipart: file, purpose)", FILES, answer=FileObject),
-    Operation("get", "/v1/files", "List files", FILES, answer=FileList,
-              query=(AFTER, _limit(10_000, 10_000), ORDER, Query("purpose", {"type": "string"}))),
+    Operation(
+        "get",
+        "/v1/files",
+        "List files",
+        FILES,
+        answer=FileList,
+        query=(AFTER, _limit(10_000, 10_000), ORDER, Query("purpose", {"type": "string"})),
+    ),
     Operation("get", "/v1/files/{file_id}", "Retrieve a file object", FILES, answer=FileObject),
     Operation("delete", "/v1/files/{file_id}", "Delete a file", FILES, answer=FileDeleted),
     Operation("get", "/v1/files/{file_id}/content", "Download a file's bytes", FILES),
     Operation("post", "/v1/fine_tuning/jobs", "Create a fine-tuning job", FT, JobCreateRequest, FineTuningJob),
-    Operation("get", "/v1/fine_tuning/jobs", "List fine-tuning jobs", FT, answer=JobList,
-              query=(AFTER, _limit(20, 100), Query("metadata", {"type": "object", "additionalProperties":
-                                                                {"type": "string"}}, "metadata[KEY]=VALUE"))),
+    Operation(
+        "get",
+        "/v1/fine_tuning/jobs",
+        "List fine-tuning jobs",
+        FT,
+        answer=JobList,
+        query=(
+            AFTER,
+            _limit(20, 100),
+            Query("metadata", {"type": "object", "additionalProperties": {"type": "string"}}, "metadata[KEY]=VALUE"),
+        ),
+    ),
     Operation("get", "/v1/fine_tuning/jobs/{job_id}", "Retrieve a fine-tuning job", FT, answer=FineTuningJob),
     Operation("post", "/v1/fine_tuning/jobs/{job_id}/cancel", "Cancel a fine-tuning job", FT, answer=FineTuningJob),
-    Operation("get", "/v1/fine_tuning/jobs/{job_id}/events", "List a job's events, newest first", FT,
-              answer=EventList, query=(AFTER, _limit(20, 1000))),
-    Operation("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "List a job's checkpoints", FT,
-              answer=CheckpointList, query=(AFTER, _limit(10, 100))),
+    Operation(
+        "get",
+        "/v1/fine_tuning/jobs/{job_id}/events",
+        "List a job's events, newest first",
+        FT,
+        answer=EventList,
+        query=(AFTER, _limit(20, 1000)),
+    ),
+    Operation(
+        "get",
+        "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+        "List a job's checkpoints",
+        FT,
+        answer=CheckpointList,
+        query=(AFTER, _limit(10, 100)),
+    ),
     Operation("get", "/health", "The process is alive", OPS, public=True),
     Operation("get", "/ready", "200 once every model is loaded, else 503", OPS, public=True),
     Operation("get", "/metrics", "Prometheus metrics (text exposition format)", OPS, public=True),
@@ -109,13 +172,29 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 _PATH_PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
-_STATUS_TEXT = {"400": "Invalid request", "401": "Missing or unknown API key", "404": "Not found",
-                "413": "Body too large", "415": "Body is not JSON", "429": "Rate limited",
-                "503": "At capacity or still loading"}
-_MULTIPART = {"type": "object", "required": ["file", "purpose"], "properties": {
-    "file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)}}}
-_STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"],
-           "additionalProperties": True}
+_STATUS_TEXT = {
+    "400": "Invalid request",
+    "401": "Missing or unknown API key",
+    "404": "Not found",
+    "413": "Body too large",
+    "415": "Body is not JSON",
+    "429": "Rate limited",
+    "503": "At capacity or still loading",
+}
+_MULTIPART = {
+    "type": "object",
+    "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "purpose": {"type": "string", "enum": list(PURPOSES)},
+    },
+}
+_STATUS = {
+    "type": "object",
+    "properties": {"status": {"type": "string"}},
+    "required": ["status"],
+    "additionalProperties": True,
+}
 
 
 def openapi_path(route_path: str) -> str:
@@ -131,12 +210,18 @@ def _answer(op: Operation) -> dict[str, Any]:
     if op.answer is not None:
         content: dict[str, Any] = {"application/json": {"schema": _ref(op.answer)}}
         if op.streams:
-            content["text/event-stream"] = {"schema": {
-                "type": "string", "description": "with stream: true; chat and completions end with `data: [DONE]`"}}
+            content["text/event-stream"] = {
+                "schema": {
+                    "type": "string",
+                    "description": "with stream: true; chat and completions end with `data: [DONE]`",
+                }
+            }
         return {"description": "OK", "content": content}
     if op.path.endswith("/content"):
-        return {"description": "The file's bytes",
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        return {
+            "description": "The file's bytes",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
     if op.path == "/metrics":
         return {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     schema = {"type": "object"} if op.path == "/openapi.json" else _STATUS
@@ -146,18 +231,30 @@ def _answer(op: Operation) -> dict[str, Any]:
 def _operation(op: Operation) -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": _ref(ErrorResponse)}}}
     out: dict[str, Any] = {
-        "summary": op.summary, "tags": [op.tag],
+        "summary": op.summary,
+        "tags": [op.tag],
         "operationId": f"{op.method}_{re.sub(r'[^A-Za-z0-9]+', '_', op.path).strip('_')}",
-        "responses": {"200": _answer(op), **{code: {"description": text, **error}
-                                             for code, text in _STATUS_TEXT.items()},
-                      "default": {"description": "Other errors, OpenAI-shaped", **error}},
+        "responses": {
+            "200": _answer(op),
+            **{code: {"description": text, **error} for code, text in _STATUS_TEXT.items()},
+            "default": {"description": "Other errors, OpenAI-shaped", **error},
+        },
     }
-    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in _PATH_PARAM.findall(op.path)]
-    parameters += [{"name": q.name, "in": "query", "required": False, "schema": q.schema,
-                    **({"description": q.description} if q.description else {}),
-                    **({"style": "deepObject", "explode": True} if q.schema.get("type") == "object" else {})}
-                   for q in op.query]
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PATH_PARAM.findall(op.path)
+    ]
+    parameters += [
+        {
+            "name": q.name,
+            "in": "query",
+            "required": False,
+            "schema": q.schema,
+            **({"description": q.description} if q.description else {}),
+            **({"style": "deepObject", "explode": True} if q.schema.get("type") == "object" else {}),
+        }
+        for q in op.query
+    ]
     if parameters:
         out["parameters"] = parameters
     if op.body is not None:
@@ -172,20 +269,23 @@ def _operation(op: Operation) -> dict[str, Any]:
 def build_document() -> dict[str, Any]:
     """The whole OpenAPI document (a plain dict, ready to encode)."""
     structs = [ErrorResponse, *{t for op in OPERATIONS for t in (op.body, op.answer) if t is not None}]
-    _, components = msgspec.json.schema_components(sorted(structs, key=lambda t: t.__name__),
-                                                   ref_template="#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components(
+        sorted(structs, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
+    )
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "mlx-dropin", "version": __version__,
-                 "description": "An OpenAI-compatible server for MLX. Errors are always "
-                                '`{"error": {"message", "type", "param", "code"}}`. Every `/v1/...` path '
-                                "is also served without the `/v1` prefix (`/chat/completions`), as the same "
-                                "operation; only the `/v1` paths are listed."},
+        "info": {
+            "title": "mlx-dropin",
+            "version": __version__,
+            "description": "An OpenAI-compatible server for MLX. Errors are always "
+            '`{"error": {"message", "type", "param", "code"}}`. Every `/v1/...` path '
+            "is also served without the `/v1` prefix (`/chat/completions`), as the same "
+            "operation; only the `/v1` paths are listed.",
+        },
         "paths": paths,
-        "components": {"schemas": components,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
     }

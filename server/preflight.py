@@ -43,9 +43,11 @@ def bind_listeners(config: Config) -> None:
     try:
         sockets = config.create_sockets()
     except OSError as exc:
-        hint = {errno.EADDRINUSE: " (another process listens there: stop it or pick another --port)",
-                errno.EADDRNOTAVAIL: " (no such address on this machine: check --host)",
-                errno.EACCES: " (ports below 1024 need privileges: pick another --port)"}.get(exc.errno or 0, "")
+        hint = {
+            errno.EADDRINUSE: " (another process listens there: stop it or pick another --port)",
+            errno.EADDRNOTAVAIL: " (no such address on this machine: check --host)",
+            errno.EACCES: " (ports below 1024 need privileges: pick another --port)",
+        }.get(exc.errno or 0, "")
         raise StartupError(f"cannot listen on {addresses}: {_reason(exc)}{hint}") from exc
     # the sockets' descriptors pass to hypercorn, which owns and closes them from here on
     config.bind = [f"fd://{sock.detach()}" for sock in sockets.insecure_sockets]

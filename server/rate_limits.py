@@ -74,9 +74,11 @@ class Bucket:
     def headers(self, kind: str, now: float) -> list[tuple[str, str]]:
         self._refill(now)
         reset = (self.limit - self.level) * self.window / self.limit
-        return [(f"x-ratelimit-limit-{kind}", str(self.limit)),
-                (f"x-ratelimit-remaining-{kind}", str(max(0, math.floor(self.level)))),
-                (f"x-ratelimit-reset-{kind}", go_duration(reset))]
+        return [
+            (f"x-ratelimit-limit-{kind}", str(self.limit)),
+            (f"x-ratelimit-remaining-{kind}", str(max(0, math.floor(self.level)))),
+            (f"x-ratelimit-reset-{kind}", go_duration(reset)),
+        ]
 
 
 @dataclass
@@ -92,8 +94,13 @@ def _too_many(kind: str, message: str, wait: float) -> RateLimitError:
     if math.isinf(wait):
         err = RateLimitError(message, headers={"x-should-retry": "false"})
     else:
-        err = RateLimitError(message, headers={"retry-after": str(max(1, math.ceil(wait))),
-                                               "retry-after-ms": str(max(1, math.ceil(wait * 1000)))})
+        err = RateLimitError(
+            message,
+            headers={
+                "retry-after": str(max(1, math.ceil(wait))),
+                "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
+            },
+        )
     err.type = kind
     return err
 
@@ -111,8 +118,11 @@ class RateLimits:
             state = self._keys.get(key.id)
             if state is None:
                 rpm, tpm = key.rpm or self.rpm, key.tpm or self.tpm
-                state = _KeyState(Bucket(rpm, self.window) if rpm else None, Bucket(tpm, self.window) if tpm else None,
-                                  key.max_concurrent or self.max_concurrent)
+                state = _KeyState(
+                    Bucket(rpm, self.window) if rpm else None,
+                    Bucket(tpm, self.window) if tpm else None,
+                    key.max_concurrent or self.max_concurrent,
+                )
                 self._keys[key.id] = state
             return state
 
@@ -129,8 +139,12 @@ class RateLimits:
             now = time.monotonic()
             wait = state.requests.wait_for(1, now)
             if wait > 0:
-                raise _too_many("requests", f"Rate limit reached for requests per min (RPM): Limit "
-                                f"{state.requests.limit}. Please try again in {go_duration(wait)}.", wait)
+                raise _too_many(
+                    "requests",
+                    f"Rate limit reached for requests per min (RPM): Limit "
+                    f"{state.requests.limit}. Please try again in {go_duration(wait)}.",
+                    wait,
+                )
             state.requests.take(1, now)
 
     def admit(self, key: ApiKey, tokens: int, sequences: int) -> None:
@@ -140,18 +154,30 @@ class RateLimits:
             now = time.monotonic()
             if state.max_concurrent is not None and sequences and state.running + sequences > state.max_concurrent:
                 wait = math.inf if sequences > state.max_concurrent else 1.0
-                raise _too_many("requests", f"Too many concurrent sequences for this API key: {state.running} "
-                                f"running, {sequences} requested, limit {state.max_concurrent}.", wait)
+                raise _too_many(
+                    "requests",
+                    f"Too many concurrent sequences for this API key: {state.running} "
+                    f"running, {sequences} requested, limit {state.max_concurrent}.",
+                    wait,
+                )
             if state.tokens is not None and tokens:
                 wait = state.tokens.wait_for(tokens, now)
                 if math.isinf(wait):
-                    raise _too_many("tokens", f"Request too large for tokens per min (TPM): Limit "
-                                    f"{state.tokens.limit}, Requested {tokens}. Send fewer tokens or a smaller "
-                                    f"max_tokens.", wait)
+                    raise _too_many(
+                        "tokens",
+                        f"Request too large for tokens per min (TPM): Limit "
+                        f"{state.tokens.limit}, Requested {tokens}. Send fewer tokens or a smaller "
+                        f"max_tokens.",
+                        wait,
+                    )
                 if wait > 0:
-                    raise _too_many("tokens", f"Rate limit reached for tokens per min (TPM): Limit "
-                                    f"{state.tokens.limit}, Requested {tokens}. Please try again in "
-                                    f"{go_duration(wait)}.", wait)
+                    raise _too_many(
+                        "tokens",
+                        f"Rate limit reached for tokens per min (TPM): Limit "
+                        f"{state.tokens.limit}, Requested {tokens}. Please try again in "
+                        f"{go_duration(wait)}.",
+                        wait,
+                    )
                 state.tokens.take(tokens, now)
             state.running += sequences
 

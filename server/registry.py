@@ -128,16 +128,25 @@ class ModelRegistry:
         served = self.get(model_id, tenant)
         if served.kind != kind:
             article = "an" if served.kind[0] in "aeiou" else "a"
-            raise InvalidRequestError(f"The model '{model_id}' is {article} {served.kind} model and cannot serve "
-                                      f"this endpoint.", param="model", code="model_not_supported")
-        if not served.loaded and served.adapter_path is not None and self.adapter_loader is not None \
-                and served.base is not None and served.base.loaded:
+            raise InvalidRequestError(
+                f"The model '{model_id}' is {article} {served.kind} model and cannot serve this endpoint.",
+                param="model",
+                code="model_not_supported",
+            )
+        if (
+            not served.loaded
+            and served.adapter_path is not None
+            and self.adapter_loader is not None
+            and served.base is not None
+            and served.base.loaded
+        ):
             with self._loading:  # one adapter load at a time; others wait for it
                 if not served.loaded:
                     self.adapter_loader(served)
         if not served.loaded:
-            raise ServiceUnavailableError(f"The model '{model_id}' is still loading; retry shortly.",
-                                          headers={"retry-after": "5"})
+            raise ServiceUnavailableError(
+                f"The model '{model_id}' is still loading; retry shortly.", headers={"retry-after": "5"}
+            )
         served.last_used = time.monotonic()
         return served
 

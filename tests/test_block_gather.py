@@ -16,8 +16,8 @@ def reference(pool: np.ndarray, table: np.ndarray, block_size: int) -> np.ndarra
     slots, heads, dim = pool.shape
     out = np.empty((table.shape[0] * heads, table.shape[1] * block_size, dim), pool.dtype)
     for j, blocks in enumerate(table):
-        tokens = np.concatenate([pool[b * block_size:(b + 1) * block_size] for b in blocks])  # (T, H, D)
-        out[j * heads:(j + 1) * heads] = tokens.transpose(1, 0, 2)
+        tokens = np.concatenate([pool[b * block_size : (b + 1) * block_size] for b in blocks])  # (T, H, D)
+        out[j * heads : (j + 1) * heads] = tokens.transpose(1, 0, 2)
     return out
 
 
@@ -47,8 +47,10 @@ def test_gather_block_rows_many_pools_of_mixed_shapes() -> None:
     rng = np.random.default_rng(7)
     block_size, num_blocks = 4, 6
     shapes = [(2, 8, mx.bfloat16), (2, 8, mx.bfloat16), (2, 16, mx.float32), (2, 5, mx.float32), (2, 8, mx.bfloat16)]
-    pools = [mx.array(rng.standard_normal((num_blocks * block_size, h, d)).astype(np.float32)).astype(t)
-             for h, d, t in shapes]
+    pools = [
+        mx.array(rng.standard_normal((num_blocks * block_size, h, d)).astype(np.float32)).astype(t)
+        for h, d, t in shapes
+    ]
     table = np.array([[3, 1], [5, 5]], dtype=np.int32)
     got = gather_block_rows(pools, mx.array(table), block_size)
     assert len(got) == len(pools)
@@ -59,8 +61,9 @@ def test_gather_block_rows_many_pools_of_mixed_shapes() -> None:
 
 @pytest.mark.parametrize("capacity_rows,rows", [(2, [0, 1]), (3, [2, 0]), (8, [5]), (4, [1, 2])])
 @pytest.mark.parametrize("dtype,dim", [(mx.bfloat16, 64), (mx.float32, 5)])
-def test_load_block_rows_replaces_only_the_loaded_rows(capacity_rows: int, rows: list[int], dtype: mx.Dtype,
-                                                       dim: int) -> None:
+def test_load_block_rows_replaces_only_the_loaded_rows(
+    capacity_rows: int, rows: list[int], dtype: mx.Dtype, dim: int
+) -> None:
     """Loaded rows get their blocks' tokens in their first columns (the rest of the row, and every other
     row, keep the old table's contents), whichever path runs: the whole-table kernel when the loaded
     rows fill half the table or more (on CUDA), gather + slice update otherwise."""
@@ -74,7 +77,7 @@ def test_load_block_rows_replaces_only_the_loaded_rows(capacity_rows: int, rows:
     want = old_np.copy()
     gathered = reference(np.array(pool.astype(mx.float32)), table, block_size)
     for j, row in enumerate(rows):
-        want[row * heads:(row + 1) * heads, : 3 * block_size] = gathered[j * heads:(j + 1) * heads]
+        want[row * heads : (row + 1) * heads, : 3 * block_size] = gathered[j * heads : (j + 1) * heads]
     assert got.shape == old.shape and got.dtype == dtype
     assert np.array_equal(np.array(got.astype(mx.float32)), want)
 
@@ -86,8 +89,10 @@ def test_load_block_rows_wider_than_the_table_is_cut_at_its_columns() -> None:
     assert got.tolist() == [[[24.0, 25.0, 26.0, 27.0], [28.0, 29.0, 30.0, 31.0], [0.0, 1.0, 2.0, 3.0]]]
 
 
-@pytest.mark.skipif(not (mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()),
-                    reason="compile_kernels only does something on CUDA")
+@pytest.mark.skipif(
+    not (mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()),
+    reason="compile_kernels only does something on CUDA",
+)
 def test_compile_kernels_leaves_the_pools_alone() -> None:
     """The start-up warm-up runs both kernels and changes nothing."""
     pool = mx.arange(8 * 2 * 16, dtype=mx.float32).reshape(8, 2, 16)

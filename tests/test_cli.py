@@ -32,8 +32,9 @@ def test_models_list_shows_entries_and_their_state(model_cache: ModelCache, caps
 def test_models_convert_to_a_directory(smollm2_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "converted"
     assert main(["models", "convert", str(smollm2_gguf), "--out", str(out)]) == 0
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= \
-        {p.name for p in out.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
 
 
 def test_bad_sources_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,8 +54,9 @@ def _env() -> dict[str, str]:
 
 
 def _mlx_dropin(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_version_prints_the_package_version() -> None:
@@ -72,11 +74,14 @@ def test_pull_help_describes_its_argument(capsys: pytest.CaptureFixture[str]) ->
     assert "--cache-dir" in out
 
 
-def test_cache_dir_is_accepted_after_the_action(smollm2_dir: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_dir_is_accepted_after_the_action(
+    smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     parser = build_parser()
-    for argv in (["models", "pull", "some/repo", "--cache-dir", "/x"], ["models", "--cache-dir", "/x", "pull",
-                                                                        "some/repo"]):
+    for argv in (
+        ["models", "pull", "some/repo", "--cache-dir", "/x"],
+        ["models", "--cache-dir", "/x", "pull", "some/repo"],
+    ):
         args = parser.parse_args(argv)
         assert (args.action, args.id, args.cache_dir) == ("pull", "some/repo", "/x")
     assert parser.parse_args(["models", "list"]).cache_dir is None
@@ -101,8 +106,16 @@ def test_a_port_in_use_is_one_line_and_exit_1(smollm2_dir: Path, tmp_path: Path)
         taken.listen()
         port = taken.getsockname()[1]
         started = time.monotonic()
-        done = _mlx_dropin("serve", "--port", str(port), "--no-default-models", "--model", f"m={smollm2_dir}",
-                           "--data-dir", str(tmp_path / "data"))
+        done = _mlx_dropin(
+            "serve",
+            "--port",
+            str(port),
+            "--no-default-models",
+            "--model",
+            f"m={smollm2_dir}",
+            "--data-dir",
+            str(tmp_path / "data"),
+        )
     line = _one_line_error(done)
     assert f"127.0.0.1:{port}" in line and "in use" in line
     assert time.monotonic() - started < 60  # fails before loading any model
@@ -114,8 +127,16 @@ def test_an_unusable_data_dir_is_one_line_and_exit_1(smollm2_dir: Path, tmp_path
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = _mlx_dropin("serve", "--port", str(port), "--no-default-models", "--model", f"m={smollm2_dir}",
-                       "--data-dir", str(blocker / "data"))
+    done = _mlx_dropin(
+        "serve",
+        "--port",
+        str(port),
+        "--no-default-models",
+        "--model",
+        f"m={smollm2_dir}",
+        "--data-dir",
+        str(blocker / "data"),
+    )
     line = _one_line_error(done)
     assert str(blocker / "data") in line and "--data-dir" in line
 
@@ -127,8 +148,9 @@ def test_a_data_dir_whose_database_is_not_sqlite_is_an_error_line(smollm2_dir: P
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = _mlx_dropin("serve", "--port", str(port), "--no-default-models", "--model", f"m={smollm2_dir}",
-                       "--data-dir", str(data))
+    done = _mlx_dropin(
+        "serve", "--port", str(port), "--no-default-models", "--model", f"m={smollm2_dir}", "--data-dir", str(data)
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == "mlx-dropin: error: cannot start: file is not a database"
 
@@ -140,9 +162,25 @@ def test_start_up_says_running_on_once_and_lists_the_models(smollm2_dir: Path, t
     model_id = "a-rather-long-model-id-that-is-longer-than-the-old-column"
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--no-default-models",
-                                 "--model", f"{model_id}={smollm2_dir}", "--data-dir", str(tmp_path / "data")],
-                                cwd=ROOT, env=_env(), stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--port",
+                str(port),
+                "--no-default-models",
+                "--model",
+                f"{model_id}={smollm2_dir}",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            cwd=ROOT,
+            env=_env(),
+            stdout=stdout,
+            stderr=stderr,
+        )
         try:
             deadline = time.monotonic() + 240
             while "ready at" not in out.read_text():
@@ -161,10 +199,17 @@ def test_the_model_table_aligns_long_ids_and_shows_adapters(tmp_path: Path) -> N
     from server.registry import ServedModel
 
     base = ServedModel(id="smollm2-135m-instruct", kind="chat", path=tmp_path / "base")
-    rows = [base,
-            ServedModel(id="all-minilm-l6-v2", kind="embedding", path=tmp_path / "minilm"),
-            ServedModel(id="ft:smollm2-135m-instruct:org-with-a-long-name:custom-suffix:abc123", kind="chat",
-                        path=base.path, base=base, adapter_path=tmp_path / "adapters" / "abc123")]
+    rows = [
+        base,
+        ServedModel(id="all-minilm-l6-v2", kind="embedding", path=tmp_path / "minilm"),
+        ServedModel(
+            id="ft:smollm2-135m-instruct:org-with-a-long-name:custom-suffix:abc123",
+            kind="chat",
+            path=base.path,
+            base=base,
+            adapter_path=tmp_path / "adapters" / "abc123",
+        ),
+    ]
     lines = format_model_table(rows).splitlines()
     starts = {line.index(str(tmp_path)) for line in lines}
     assert len(starts) == 1  # every source starts in the same column
@@ -182,8 +227,12 @@ def test_a_base_models_created_is_its_directory_time(tmp_path: Path) -> None:
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "llama"}')
     os.utime(model, (1_600_000_000, 1_600_000_000))
-    settings = Settings(models=(ModelSpec("m", str(model)),), default_models=False, cache_dir=tmp_path / "cache",
-                        data_dir=tmp_path / "data")
+    settings = Settings(
+        models=(ModelSpec("m", str(model)),),
+        default_models=False,
+        cache_dir=tmp_path / "cache",
+        data_dir=tmp_path / "data",
+    )
     created = []
     for _ in range(2):  # two server starts
         registry = ModelRegistry()

@@ -26,8 +26,9 @@ def test_api_keys_from_flag_or_env() -> None:
 
 
 def test_model_specs() -> None:
-    assert ModelSpec.parse("mlx-community/Qwen3-0.6B-4bit") == ModelSpec("mlx-community/Qwen3-0.6B-4bit",
-                                                                          "mlx-community/Qwen3-0.6B-4bit")
+    assert ModelSpec.parse("mlx-community/Qwen3-0.6B-4bit") == ModelSpec(
+        "mlx-community/Qwen3-0.6B-4bit", "mlx-community/Qwen3-0.6B-4bit"
+    )
     assert ModelSpec.parse("/models/tiny.gguf").id == "tiny"
     assert ModelSpec.parse("mine=/models/dir") == ModelSpec("mine", "/models/dir")
     with pytest.raises(ValueError):

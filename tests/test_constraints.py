@@ -42,12 +42,14 @@ def texts(tokenizer: Any, ids: np.ndarray) -> list[str]:
     return [tokenizer.decode([int(i)]) for i in ids]
 
 
-def random_walk(factory: ConstraintFactory, spec: GrammarSpec, n: int, seed: int = 0,
-                limit: int = 400) -> list[list[int]]:
+def random_walk(
+    factory: ConstraintFactory, spec: GrammarSpec, n: int, seed: int = 0, limit: int = 400
+) -> list[list[int]]:
     """n sequences sampled as one batch from random logits under the grammar, until each is finished."""
     vocab = factory.vocab_size
-    samplers = [SequenceSampler(SamplingParams(temperature=1.0, seed=seed + i), [0], factory.create(spec))
-                for i in range(n)]
+    samplers = [
+        SequenceSampler(SamplingParams(temperature=1.0, seed=seed + i), [0], factory.create(spec)) for i in range(n)
+    ]
     rng = np.random.default_rng(seed)
     outputs: list[list[int]] = [[] for _ in range(n)]
     live = list(range(n))
@@ -72,6 +74,7 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 
 # -- GrammarSpec ------------------------------------------------------------------------------------------
 
+
 def test_spec_is_hashable_and_copies_the_schema() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     a, b = GrammarSpec.json_schema(schema), GrammarSpec("json_schema", schema={**schema})
@@ -82,11 +85,19 @@ def test_spec_is_hashable_and_copies_the_schema() -> None:
     assert hash(SamplingParams(grammar=a)) == hash(SamplingParams(grammar=b))
 
 
-@pytest.mark.parametrize("args", [
-    {"kind": "yaml"}, {"kind": "json_schema"}, {"kind": "json_schema", "schema": [1]},
-    {"kind": "json_object", "text": "x"}, {"kind": "lark"}, {"kind": "regex", "text": ""},
-    {"kind": "json_schema", "schema": {"a": float("nan")}}, {"kind": "json_schema", "schema": {"a": object()}},
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"kind": "yaml"},
+        {"kind": "json_schema"},
+        {"kind": "json_schema", "schema": [1]},
+        {"kind": "json_object", "text": "x"},
+        {"kind": "lark"},
+        {"kind": "regex", "text": ""},
+        {"kind": "json_schema", "schema": {"a": float("nan")}},
+        {"kind": "json_schema", "schema": {"a": object()}},
+    ],
+)
 def test_spec_rejects_bad_arguments(args: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         GrammarSpec(**args)
@@ -102,17 +113,23 @@ def test_from_response_format() -> None:
     assert GrammarSpec.from_response_format({"type": "text"}) is None
     assert GrammarSpec.from_response_format({"type": "json_object"}) == GrammarSpec.json_object()
     spec = GrammarSpec.from_response_format(
-        {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}})
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
+    )
     assert spec == GrammarSpec.json_schema(PERSON, strict=True)
     loose = GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
     assert loose is not None and not loose.strict
-    for bad in ({"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}},
-                {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}):
+    for bad in (
+        {"type": "xml"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": 3}},
+        {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}},
+    ):
         with pytest.raises(ValueError):
             GrammarSpec.from_response_format(bad)
 
 
 # -- masks ------------------------------------------------------------------------------------------------
+
 
 def test_json_object_first_token_opens_an_object(factory: ConstraintFactory, tokenizer: Any) -> None:
     constraint = factory.create(GrammarSpec.json_object())
@@ -175,17 +192,22 @@ def test_padding_rows_of_a_larger_model_vocabulary_are_never_allowed(tokenizer: 
 
 # -- validation -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("schema", "needle"), [
-    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
-    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
-    ({"if": {"type": "string"}, "then": {"minLength": 2}}, "if"),
-    ({"type": "string", "format": "no-such-format"}, "no-such-format"),
-    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}, "Missing"),
-    ({"type": "string", "pattern": "(?<=a)b"}, "look-around"),
-    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength"),
-])
-def test_unsupported_schemas_raise_a_helpful_error(factory: ConstraintFactory, schema: dict[str, Any],
-                                                   needle: str) -> None:
+
+@pytest.mark.parametrize(
+    ("schema", "needle"),
+    [
+        ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+        ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
+        ({"if": {"type": "string"}, "then": {"minLength": 2}}, "if"),
+        ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}, "Missing"),
+        ({"type": "string", "pattern": "(?<=a)b"}, "look-around"),
+        ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength"),
+    ],
+)
+def test_unsupported_schemas_raise_a_helpful_error(
+    factory: ConstraintFactory, schema: dict[str, Any], needle: str
+) -> None:
     spec = GrammarSpec.json_schema(schema)
     with pytest.raises(ValueError, match="JSON schema") as info:
         factory.validate(spec)
@@ -218,6 +240,7 @@ def test_compiled_grammars_are_cached(tokenizer: Any) -> None:
 
 # -- sampling under a constraint --------------------------------------------------------------------------
 
+
 def test_random_logits_always_yield_schema_valid_json(factory: ConstraintFactory, tokenizer: Any) -> None:
     for ids in random_walk(factory, GrammarSpec.json_schema(PERSON), n=5):
         text = decode(tokenizer, ids)
@@ -226,13 +249,21 @@ def test_random_logits_always_yield_schema_valid_json(factory: ConstraintFactory
 
 def test_random_logits_with_defs_refs_and_any_of(factory: ConstraintFactory, tokenizer: Any) -> None:
     schema = {
-        "$defs": {"Pet": {"type": "object", "properties": {
-            "kind": {"enum": ["cat", "dog"]}, "age": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 30},
-                                                                 {"type": "null"}]}},
-            "required": ["kind", "age"], "additionalProperties": False}},
+        "$defs": {
+            "Pet": {
+                "type": "object",
+                "properties": {
+                    "kind": {"enum": ["cat", "dog"]},
+                    "age": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 30}, {"type": "null"}]},
+                },
+                "required": ["kind", "age"],
+                "additionalProperties": False,
+            }
+        },
         "type": "object",
         "properties": {"pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}, "minItems": 1, "maxItems": 2}},
-        "required": ["pets"], "additionalProperties": False,
+        "required": ["pets"],
+        "additionalProperties": False,
     }
     for ids in random_walk(factory, GrammarSpec.json_schema(schema), n=5, seed=10):
         jsonschema.validate(json.loads(decode(tokenizer, ids)), schema)
@@ -248,7 +279,8 @@ def test_random_logits_follow_regex_and_lark(factory: ConstraintFactory, tokeniz
 
 
 def test_greedy_rows_take_the_best_allowed_token_and_other_rows_are_untouched(
-        factory: ConstraintFactory, tokenizer: Any) -> None:
+    factory: ConstraintFactory, tokenizer: Any
+) -> None:
     vocab = factory.vocab_size
     brace = tokenizer.encode("{", add_special_tokens=False)[0]
     word = tokenizer.encode("hello", add_special_tokens=False)[0]
@@ -285,8 +317,9 @@ def test_fill_masks_rejects_a_vocabulary_mismatch(factory: ConstraintFactory) ->
         fill_masks([(0, constraint)], 1, factory.vocab_size + 32)
 
 
-def test_errors_never_quote_the_grammar_source(factory: ConstraintFactory, tokenizer: Any,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_errors_never_quote_the_grammar_source(
+    factory: ConstraintFactory, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """Compile errors lose llguidance's source excerpt; a matcher failure loses its <state> and <grammar>
     dump for the client (the whole of it is logged)."""
     with pytest.raises(ValueError) as info:

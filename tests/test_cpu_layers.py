@@ -16,12 +16,20 @@ from mlx_lm.models.cache import make_prompt_cache
 from server.config import Settings
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from server.models.cpu_layers import CPU_CLASSES, attention, silu_times, speed_up_for_cpu
 from server.model_lifecycle import load, unload
+from server.models.cpu_layers import CPU_CLASSES, attention, silu_times, speed_up_for_cpu
 from server.registry import ModelRegistry, ServedModel
 
-COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 96, "num_attention_heads": 6,
-          "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 512, "max_position_embeddings": 1024}
+COMMON = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "intermediate_size": 96,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+}
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", **COMMON, "tie_word_embeddings": True},
     "qwen2": {"model_type": "qwen2", **COMMON, "tie_word_embeddings": False},
@@ -126,8 +134,16 @@ def test_nothing_switches_off_the_cpu_or_outside_the_known_families() -> None:
     model = build(FAMILIES["llama"])
     assert speed_up_for_cpu(model, mx.gpu) == 0
     assert type(model.layers[0].self_attn) not in CPU_CLASSES.values()
-    gemma = build({"model_type": "gemma3_text", **COMMON, "head_dim": 16, "sliding_window": 8,
-                   "sliding_window_pattern": 3, "query_pre_attn_scalar": 16})
+    gemma = build(
+        {
+            "model_type": "gemma3_text",
+            **COMMON,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "sliding_window_pattern": 3,
+            "query_pre_attn_scalar": 16,
+        }
+    )
     assert speed_up_for_cpu(gemma, mx.cpu) == 0
     assert speed_up_for_cpu(model, mx.cpu) == 2 * COMMON["num_hidden_layers"]
     assert speed_up_for_cpu(model, mx.cpu) == 0  # already switched: idempotent
@@ -139,15 +155,17 @@ def test_served_models_are_switched_unless_exact_layers_are_asked_for(smollm2_di
     for exact in (False, True):
         registry = ModelRegistry()
         registry.add(ServedModel(id="chat", kind="chat", path=smollm2_dir))
-        settings = Settings(cache_dir=tmp_path / "cache", data_dir=tmp_path / "data", exact_cpu_layers=exact,
-                            kv_cache_gb=0.01)
+        settings = Settings(
+            cache_dir=tmp_path / "cache", data_dir=tmp_path / "data", exact_cpu_layers=exact, kv_cache_gb=0.01
+        )
         load(registry, settings)
         served = registry.get("chat")
         try:
             kinds = {type(layer.self_attn) in switched_types for layer in served.model.model.layers}
             assert kinds == {not exact and mx.default_device() == mx.cpu}
-            events = served.engine.generate(GenerationRequest(f"exact-{exact}", [1, 2, 3, 4],
-                                                              SamplingParams(max_tokens=2, temperature=0.0)))
+            events = served.engine.generate(
+                GenerationRequest(f"exact-{exact}", [1, 2, 3, 4], SamplingParams(max_tokens=2, temperature=0.0))
+            )
             assert events and events[-1].finish_reason is not None
         finally:
             unload(served)

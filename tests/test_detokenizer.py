@@ -48,8 +48,9 @@ def spm_tok() -> Any:
     model = models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True)
     tk = Tokenizer(model)
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -124,17 +125,20 @@ def test_prompt_ids_do_not_change_the_output(spm_tok: Any) -> None:
 # ------------------------------------------------------------------------------------------ stop strings
 
 
-@pytest.mark.parametrize("text,stop,expected", [
-    ("Hello world, how are you today?", ("how are",), "Hello world, "),  # spans several tokens
-    ("Hello world, how are you today?", ("lo wor",), "Hel"),  # starts in the middle of a token
-    ("Hello world, how are you today?", ("today", "world"), "Hello "),  # the earliest of several
-    ("Hello world, how are you today?", ("you", "?", "xyz"), "Hello world, how are "),
-    ("Hello world, how are you today?", ("Hello",), ""),
-    ("The answer is 42.\nUser: next", ("\nUser:",), "The answer is 42."),
-    ("价格是100元。你好世界", ("你好",), "价格是100元。"),
-    ("Party 🎉🎉 time", ("🎉",), "Party "),
-    ("aaab", ("aab",), "a"),  # overlapping prefix: the held text shifts by one
-])
+@pytest.mark.parametrize(
+    "text,stop,expected",
+    [
+        ("Hello world, how are you today?", ("how are",), "Hello world, "),  # spans several tokens
+        ("Hello world, how are you today?", ("lo wor",), "Hel"),  # starts in the middle of a token
+        ("Hello world, how are you today?", ("today", "world"), "Hello "),  # the earliest of several
+        ("Hello world, how are you today?", ("you", "?", "xyz"), "Hello world, how are "),
+        ("Hello world, how are you today?", ("Hello",), ""),
+        ("The answer is 42.\nUser: next", ("\nUser:",), "The answer is 42."),
+        ("价格是100元。你好世界", ("你好",), "价格是100元。"),
+        ("Party 🎉🎉 time", ("🎉",), "Party "),
+        ("aaab", ("aab",), "a"),  # overlapping prefix: the held text shifts by one
+    ],
+)
 def test_stop_string_is_not_emitted(tok: Any, text: str, stop: tuple[str, ...], expected: str) -> None:
     deltas, detok = stream(tok, encode(tok, text), stop)
     assert detok.stopped

@@ -33,9 +33,17 @@ CHAT = "smollm2-135m-instruct"
 KEY = "sk-disconnect"
 MAX_TOKENS = 1000  # far more than can decode before the test's deadlines, even on a fast machine
 ABORT_DEADLINE = 30.0  # seconds for the abort to land: one engine step, however loaded the machine is
-ENDLESS = {"type": "json_schema", "name": "endless", "strict": True,
-           "schema": {"type": "object", "properties": {"text": {"type": "string", "minLength": 20000}},
-                      "required": ["text"], "additionalProperties": False}}
+ENDLESS = {
+    "type": "json_schema",
+    "name": "endless",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 20000}},
+        "required": ["text"],
+        "additionalProperties": False,
+    },
+}
 
 
 @dataclass
@@ -55,8 +63,14 @@ class Server:
 def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The default chat model with 32-token prefill steps (a long prompt prefills over many short steps, so a
     disconnect lands mid-prefill on any machine), on the real app with a concurrency-limited key."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("disconnect"), api_keys=(KEY,), max_concurrent_per_key=8,
-                        prefill_chunk=32, decoding_prefill_chunk=32, kv_cache_gb=0.25)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("disconnect"),
+        api_keys=(KEY,),
+        max_concurrent_per_key=8,
+        prefill_chunk=32,
+        decoding_prefill_chunk=32,
+        kv_cache_gb=0.25,
+    )
     registry = ModelRegistry()
     registry.add(ServedModel(id=CHAT, kind="chat", path=smollm2_dir))
     load(registry, settings)
@@ -82,13 +96,29 @@ def _body(server: Server, endpoint: str, prompt: str, stream: bool) -> tuple[str
     """A request for `endpoint` that only an abort can end before MAX_TOKENS tokens."""
     no_eos = {str(token): -100 for token in server.engine.eos_ids}
     if endpoint == "chat":
-        return "/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": prompt}],
-                                        "max_tokens": MAX_TOKENS, "logit_bias": no_eos, "stream": stream}
+        return "/v1/chat/completions", {
+            "model": CHAT,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": MAX_TOKENS,
+            "logit_bias": no_eos,
+            "stream": stream,
+        }
     if endpoint == "completions":
-        return "/v1/completions", {"model": CHAT, "prompt": prompt, "max_tokens": MAX_TOKENS, "logit_bias": no_eos,
-                                   "stream": stream}
-    return "/v1/responses", {"model": CHAT, "input": prompt, "max_output_tokens": MAX_TOKENS,
-                             "text": {"format": ENDLESS}, "store": False, "stream": stream}
+        return "/v1/completions", {
+            "model": CHAT,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "logit_bias": no_eos,
+            "stream": stream,
+        }
+    return "/v1/responses", {
+        "model": CHAT,
+        "input": prompt,
+        "max_output_tokens": MAX_TOKENS,
+        "text": {"format": ENDLESS},
+        "store": False,
+        "stream": stream,
+    }
 
 
 def _long_prompt(engine: Engine, tokens: int) -> str:
@@ -115,8 +145,10 @@ def _open(server: Server, path: str, body: dict[str, object]) -> socket.socket:
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     payload = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {KEY}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + payload)
     return sock
 
@@ -145,6 +177,7 @@ def _abandon(server: Server, path: str, body: dict[str, object], started: Callab
 
 def _assert_released(server: Server, baseline: EngineStats) -> EngineStats:
     """Running and waiting sequences, used KV blocks and the key's concurrency slot all back to the baseline."""
+
     def idle() -> bool:
         stats = server.engine.stats()
         return (stats.running, stats.waiting, stats.blocks_used) == (0, 0, baseline.blocks_used)
@@ -169,8 +202,9 @@ def test_disconnect_while_decoding_aborts(server: Server, endpoint: str, stream:
     assert at_close.running == 1  # decoding when the client left
     after = _assert_released(server, baseline)
     if not stream:  # the route ended at once, as "client closed request" in the access log and metrics
-        assert _wait(lambda: server.sample("mlx_dropin_requests_total", route=path, method="POST",
-                                           status="499") == closed + 1, 5)
+        assert _wait(
+            lambda: server.sample("mlx_dropin_requests_total", route=path, method="POST", status="499") == closed + 1, 5
+        )
     # without the abort it would still be decoding: only max_tokens could end it, and far fewer were made
     assert after.generated_tokens - baseline.generated_tokens < MAX_TOKENS // 2
 
@@ -192,8 +226,12 @@ def test_disconnect_during_prefill_aborts_before_the_first_token(server: Server,
 def test_a_patient_client_still_gets_its_answer(server: Server) -> None:
     """The disconnect watcher changes nothing for a client that waits: same answer, slot released after."""
     path, body = _body(server, "chat", "Say hello.", False)
-    reply = httpx.post(server.url + path, json={**body, "max_tokens": 3, "temperature": 0},
-                       headers={"authorization": f"Bearer {KEY}"}, timeout=120)
+    reply = httpx.post(
+        server.url + path,
+        json={**body, "max_tokens": 3, "temperature": 0},
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["finish_reason"] == "length"
     assert reply.json()["usage"]["completion_tokens"] == 3

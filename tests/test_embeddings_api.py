@@ -49,10 +49,14 @@ def test_default_call_base64_and_float_agree(client: openai.OpenAI, base: str) -
 
 
 def test_dimensions_is_a_unit_prefix_direction(client: openai.OpenAI) -> None:
-    full = np.array(client.embeddings.create(model=MODEL, input="hello world", encoding_format="float")
-                    .data[0].embedding)
-    short = np.array(client.embeddings.create(model=MODEL, input="hello world", dimensions=64,
-                                              encoding_format="float").data[0].embedding)
+    full = np.array(
+        client.embeddings.create(model=MODEL, input="hello world", encoding_format="float").data[0].embedding
+    )
+    short = np.array(
+        client.embeddings.create(model=MODEL, input="hello world", dimensions=64, encoding_format="float")
+        .data[0]
+        .embedding
+    )
     assert short.shape == (64,) and abs(np.linalg.norm(short) - 1) < 1e-3
     assert np.allclose(short, full[:64] / np.linalg.norm(full[:64]), atol=1e-5)
 
@@ -66,18 +70,21 @@ def test_token_id_inputs_match_text(client: openai.OpenAI, registry: ModelRegist
     assert np.allclose(by_text.data[0].embedding, by_ids.data[1].embedding, atol=1e-5)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"input": ""}, "input[0]"),
-    ({"input": ["ok", "   "]}, "input[1]"),
-    ({"input": []}, "input"),
-    ({"input": 5}, "input"),
-    ({"input": "x", "dimensions": 385}, "dimensions"),
-    ({"input": "x", "dimensions": 0}, "dimensions"),
-    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
-    ({"input": [[10 ** 9]]}, "input[0]"),
-    ({"input": ["x"] * 2049}, "input"),
-    ({"input": ["short", "word " * 600]}, "input[1]"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": ""}, "input[0]"),
+        ({"input": ["ok", "   "]}, "input[1]"),
+        ({"input": []}, "input"),
+        ({"input": 5}, "input"),
+        ({"input": "x", "dimensions": 385}, "dimensions"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": [[10**9]]}, "input[0]"),
+        ({"input": ["x"] * 2049}, "input"),
+        ({"input": ["short", "word " * 600]}, "input[1]"),
+    ],
+)
 def test_bad_inputs_are_400_naming_the_param(base: str, body: dict, param: str) -> None:
     response = raw(base, {"model": MODEL, **body})
     assert response.status_code == 400, response.text
@@ -100,8 +107,15 @@ def test_concurrent_requests_are_micro_batched(base: str, registry: ModelRegistr
 
     async def many() -> list[int]:
         async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-            responses = await asyncio.gather(*(http.post("/v1/embeddings", json={
-                "model": MODEL, "input": f"sentence number {i}", "encoding_format": "float"}) for i in range(24)))
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/embeddings",
+                        json={"model": MODEL, "input": f"sentence number {i}", "encoding_format": "float"},
+                    )
+                    for i in range(24)
+                )
+            )
         return [r.status_code for r in responses]
 
     assert set(asyncio.run(many())) == {200}
@@ -143,8 +157,13 @@ def test_chat_keeps_decoding_while_embeddings_run(base: str) -> None:
     window: list[float] = []
 
     async def chat(http: httpx.AsyncClient) -> None:
-        body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 40, "temperature": 0,
-                "messages": [{"role": "user", "content": "Count from one to fifty in words."}]}
+        body = {
+            "model": "smollm2-135m-instruct",
+            "stream": True,
+            "max_tokens": 40,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Count from one to fifty in words."}],
+        }
         async with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():

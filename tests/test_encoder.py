@@ -14,7 +14,6 @@ from mlx.utils import tree_flatten
 from server.embeddings.encoder import Encoder, EncoderConfig, EncoderModel, PoolingConfig
 
 
-
 def _tiny_config(model_type: str) -> dict:
     roberta = model_type != "bert"
     return {
@@ -74,8 +73,12 @@ def _write_st(path: Path, modules: list[str] | None, pooling: dict | None, pool_
     path.mkdir(parents=True, exist_ok=True)
     if modules is not None:
         entries = [
-            {"idx": i, "name": str(i), "path": pool_dir if m == "Pooling" else "",
-             "type": f"sentence_transformers.models.{m}"}
+            {
+                "idx": i,
+                "name": str(i),
+                "path": pool_dir if m == "Pooling" else "",
+                "type": f"sentence_transformers.models.{m}",
+            }
             for i, m in enumerate(modules)
         ]
         (path / "modules.json").write_text(json.dumps(entries))
@@ -99,8 +102,13 @@ def test_pooling_defaults_when_absent(tmp_path: Path):
     ],
 )
 def test_pooling_config_parsing(tmp_path: Path, modules, flag, expected):
-    pooling = {"word_embedding_dimension": 8, "pooling_mode_mean_tokens": False,
-               "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False, flag: True}
+    pooling = {
+        "word_embedding_dimension": 8,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_max_tokens": False,
+        flag: True,
+    }
     _write_st(tmp_path, modules, pooling)
     assert PoolingConfig.from_dir(tmp_path) == expected
 
@@ -194,8 +202,10 @@ def test_tiny_model_matches_transformers(tmp_path: Path, model_type: str, hf_cla
     enc = Encoder.load(path)
     ref = getattr(transformers, hf_class).from_pretrained(str(path), add_pooling_layer=False).eval()
     pad = enc.pad_id
-    rows = [[0 if model_type != "bert" else 2, 5, 9, 11, 2 if model_type != "bert" else 3],
-            [0 if model_type != "bert" else 2, 7, 2 if model_type != "bert" else 3]]
+    rows = [
+        [0 if model_type != "bert" else 2, 5, 9, 11, 2 if model_type != "bert" else 3],
+        [0 if model_type != "bert" else 2, 7, 2 if model_type != "bert" else 3],
+    ]
     width = max(map(len, rows))
     ids = np.full((2, width), pad, dtype=np.int64)
     mask = np.zeros((2, width), dtype=bool)

@@ -36,8 +36,12 @@ def test_upload_retrieve_content_delete(base: str) -> None:
     data = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
     created = client.files.create(file=("train.jsonl", io.BytesIO(data)), purpose="fine-tune")
     assert created.id.startswith("file-") and created.object == "file"
-    assert (created.bytes, created.filename, created.purpose, created.status) == (len(data), "train.jsonl",
-                                                                                   "fine-tune", "processed")
+    assert (created.bytes, created.filename, created.purpose, created.status) == (
+        len(data),
+        "train.jsonl",
+        "fine-tune",
+        "processed",
+    )
     assert client.files.retrieve(created.id) == created
     assert client.files.content(created.id).content == data
     assert client.files.delete(created.id).deleted is True
@@ -56,8 +60,11 @@ def test_pagination(base: str) -> None:
     assert every == ids
     newest = client.files.list(limit=3, purpose="batch")
     assert [f.id for f in newest.data] == ids[::-1][:3]
-    raw = httpx.get(base + "/v1/files", params={"limit": 2, "order": "asc", "purpose": "batch", "after": ids[1]},
-                    headers={"authorization": f"Bearer {KEYS[1]}"}).json()
+    raw = httpx.get(
+        base + "/v1/files",
+        params={"limit": 2, "order": "asc", "purpose": "batch", "after": ids[1]},
+        headers={"authorization": f"Bearer {KEYS[1]}"},
+    ).json()
     assert [f["id"] for f in raw["data"]] == ids[2:4] and raw["first_id"] == ids[2] and raw["last_id"] == ids[3]
 
 
@@ -70,8 +77,9 @@ def test_tenants_never_see_each_others_files(base: str) -> None:
     assert mine.id not in [f.id for f in other.files.list()]
 
 
-@pytest.mark.parametrize(("fields", "param"), [({"purpose": "fine-tune"}, "file"), ({}, "purpose"),
-                                               ({"purpose": "nonsense"}, "purpose")])
+@pytest.mark.parametrize(
+    ("fields", "param"), [({"purpose": "fine-tune"}, "file"), ({}, "purpose"), ({"purpose": "nonsense"}, "purpose")]
+)
 def test_bad_uploads_are_400(base: str, fields: dict, param: str) -> None:
     files = {"file": ("a.jsonl", b"{}\n")} if param != "file" else {"other": ("a.jsonl", b"{}\n")}
     r = httpx.post(base + "/v1/files", data=fields, files=files, headers={"authorization": f"Bearer {KEYS[0]}"})
@@ -96,8 +104,9 @@ def test_concurrent_uploads_lose_nothing(base: str) -> None:
     client = sdk(base)
     payloads = [f'{{"n": {i}}}\n'.encode() * (i + 1) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        created = list(pool.map(lambda p: client.files.create(file=("c.jsonl", io.BytesIO(p)), purpose="user_data"),
-                                payloads))
+        created = list(
+            pool.map(lambda p: client.files.create(file=("c.jsonl", io.BytesIO(p)), purpose="user_data"), payloads)
+        )
     assert len({f.id for f in created}) == 16
     for f, p in zip(created, payloads):
         assert client.files.content(f.id).content == p
@@ -113,8 +122,7 @@ QUOTA_BYTES = 10_000
 def quota_server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     data = tmp_path_factory.mktemp("quota")
     (data / "keys.txt").write_text(QUOTA_KEYS)
-    settings = Settings(data_dir=data, api_keys_file=data / "keys.txt",
-                        max_storage_gb_per_tenant=QUOTA_BYTES / 1024 ** 3)
+    settings = Settings(data_dir=data, api_keys_file=data / "keys.txt", max_storage_gb_per_tenant=QUOTA_BYTES / 1024**3)
     with running_server(create_app(settings, registry)) as url:
         yield url, data / "files"
 
@@ -163,7 +171,7 @@ def test_quota_flag_and_env() -> None:
     from server.config import parse_settings
 
     assert parse_settings([]).max_storage_bytes_per_tenant is None
-    assert parse_settings(["--max-storage-gb-per-tenant", "2"]).max_storage_bytes_per_tenant == 2 * 1024 ** 3
+    assert parse_settings(["--max-storage-gb-per-tenant", "2"]).max_storage_bytes_per_tenant == 2 * 1024**3
     env = {"MLX_DROPIN_MAX_STORAGE_GB_PER_TENANT": "0.5"}
     assert parse_settings([], env).max_storage_gb_per_tenant == 0.5
     with pytest.raises(ValueError):

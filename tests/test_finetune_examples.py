@@ -53,8 +53,10 @@ def test_a_good_chat_file_reports_examples_and_tokens(tmp_path: Path, tokenizer:
     report = validate_chat_file(write_lines(tmp_path / "t.jsonl", lines), tokenizer, 2048)
     assert report.ok, report.errors
     assert report.examples == 12
-    want = sum(len(tokenize_example(ChatExample(messages=tuple(line["messages"])), tokenizer).ids)
-               for line in lines[:4] + lines[5:-1])
+    want = sum(
+        len(tokenize_example(ChatExample(messages=tuple(line["messages"])), tokenizer).ids)
+        for line in lines[:4] + lines[5:-1]
+    )
     assert report.tokens > want  # plus the prompt/completion line
 
 
@@ -94,10 +96,13 @@ def test_too_few_examples_is_a_file_error(tmp_path: Path, tokenizer: Any) -> Non
 def test_a_file_that_is_not_utf8_is_rejected(tmp_path: Path, tokenizer: Any) -> None:
     path = tmp_path / "t.jsonl"
     good = (json.dumps(chat_line()) + "\n").encode()
-    path.write_bytes(good * 2 + json.dumps(chat_line("caf\u00e9"), ensure_ascii=False).encode("latin-1") + b"\n" + good * 10)
+    path.write_bytes(
+        good * 2 + json.dumps(chat_line("caf\u00e9"), ensure_ascii=False).encode("latin-1") + b"\n" + good * 10
+    )
     report = validate_chat_file(path, tokenizer, 2048)
     assert [(e.line, e.message) for e in report.errors] == [
-        (3, "not valid UTF-8 (training files must be UTF-8 encoded JSONL)")]
+        (3, "not valid UTF-8 (training files must be UTF-8 encoded JSONL)")
+    ]
     utf16 = tmp_path / "u.jsonl"
     utf16.write_text("\n".join(json.dumps(chat_line()) for _ in range(12)), encoding="utf-16")
     assert "not valid UTF-8" in validate_chat_file(utf16, tokenizer, 2048).errors[0].message
@@ -110,19 +115,24 @@ def test_validation_stops_after_max_errors(tmp_path: Path, tokenizer: Any) -> No
 
 
 def test_embedding_lines_need_anchor_and_positive_and_may_omit_negative(tmp_path: Path, minilm: Any) -> None:
-    lines: list[Any] = [{"anchor": "a cat", "positive": "a kitten", "negative": "a car"},
-                        {"anchor": "a dog", "positive": "a puppy"},
-                        {"anchor": "a dog"},
-                        {"anchor": "", "positive": "x"},
-                        {"anchor": "a", "positive": "b", "negative": 3},
-                        {"anchor": "a", "positive": "b", "score": 1},
-                        {"anchor": "long " * 300, "positive": "b"}]
+    lines: list[Any] = [
+        {"anchor": "a cat", "positive": "a kitten", "negative": "a car"},
+        {"anchor": "a dog", "positive": "a puppy"},
+        {"anchor": "a dog"},
+        {"anchor": "", "positive": "x"},
+        {"anchor": "a", "positive": "b", "negative": 3},
+        {"anchor": "a", "positive": "b", "score": 1},
+        {"anchor": "long " * 300, "positive": "b"},
+    ]
     report = validate_embedding_file(write_lines(tmp_path / "e.jsonl", lines), minilm)
     got = {e.line: e.message for e in report.errors}
-    assert got == {3: "missing 'positive'", 4: "'anchor' must not be empty",
-                   5: "'negative' must be a string, got a number",
-                   6: "unexpected key 'score' (expected anchor, negative, positive)",
-                   7: f"'anchor' is 302 tokens, over the model's limit of {minilm.max_length}"}
+    assert got == {
+        3: "missing 'positive'",
+        4: "'anchor' must not be empty",
+        5: "'negative' must be a string, got a number",
+        6: "unexpected key 'score' (expected anchor, negative, positive)",
+        7: f"'anchor' is 302 tokens, over the model's limit of {minilm.max_length}",
+    }
     assert report.examples == 2
     assert report.tokens == sum(len(ids) for ids in minilm.tokenize(["a cat", "a kitten", "a car", "a dog", "a puppy"]))
     one = validate_embedding_file(write_lines(tmp_path / "one.jsonl", lines[:1]), minilm)
@@ -133,9 +143,13 @@ def test_embedding_lines_need_anchor_and_positive_and_may_omit_negative(tmp_path
 
 
 def test_smollm2_template_renders_prefix_stably(tokenizer: Any) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Goodbye."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
     full = render(tokenizer, messages, generation_prompt=False)
     for i in range(1, len(messages)):
         prefix = render(tokenizer, messages[:i], generation_prompt=messages[i]["role"] == "assistant")
@@ -143,18 +157,27 @@ def test_smollm2_template_renders_prefix_stably(tokenizer: Any) -> None:
 
 
 def test_loss_mask_covers_every_assistant_turn_and_nothing_else(tokenizer: Any) -> None:
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
-                {"role": "user", "content": "Capital of Zorblax?"}, {"role": "assistant", "content": "Quendrith."}]
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Capital of Zorblax?"},
+        {"role": "assistant", "content": "Quendrith."},
+    ]
     example = tokenize_chat(messages, tokenizer)
     assert masked_text(tokenizer, example.ids, example.loss_mask) == (
-        "Hello! How can I help?<|im_end|>\nQuendrith.<|im_end|>\n")
+        "Hello! How can I help?<|im_end|>\nQuendrith.<|im_end|>\n"
+    )
     unmasked = tokenizer.decode([t for t, m in zip(example.ids, example.loss_mask) if not m])
     assert "Hi there" in unmasked and "Capital of Zorblax?" in unmasked and "<|im_start|>assistant\n" in unmasked
 
 
 def test_weight_zero_turns_are_not_trained(tokenizer: Any) -> None:
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad answer.", "weight": 0},
-                {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Good answer.", "weight": 1}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Bad answer.", "weight": 0},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "Good answer.", "weight": 1},
+    ]
     example = tokenize_chat(messages, tokenizer)
     assert masked_text(tokenizer, example.ids, example.loss_mask) == "Good answer.<|im_end|>\n"
     assert "Bad answer." in tokenizer.decode(list(example.ids))
@@ -174,9 +197,14 @@ def test_a_template_that_is_not_prefix_stable_still_masks_only_the_answer(smollm
     # The generation prompt opens an empty think block that history turns do not have (as Qwen3 does).
     tokenizer._tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n{% endif %}")
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."}]
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "No."},
+    ]
     example = tokenize_chat(messages, tokenizer)
     assert masked_text(tokenizer, example.ids, example.loss_mask) == "Hello.<|im_end|>\nNo.<|im_end|>\n"
 
@@ -184,15 +212,18 @@ def test_a_template_that_is_not_prefix_stable_still_masks_only_the_answer(smollm
 # --- hyperparameters ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "n", "want"), [
-    ("chat", 16, Hyperparameters(3, 1, 1.0)),
-    ("chat", 10, Hyperparameters(4, 1, 1.0)),
-    ("chat", 1000, Hyperparameters(3, 2, 1.0)),
-    ("chat", 20_000, Hyperparameters(1, 40, 1.0)),
-    ("chat", 500_000, Hyperparameters(1, 256, 1.0)),
-    ("embedding", 5, Hyperparameters(9, 5, 1.0)),
-    ("embedding", 100, Hyperparameters(3, 32, 1.0)),
-])
+@pytest.mark.parametrize(
+    ("kind", "n", "want"),
+    [
+        ("chat", 16, Hyperparameters(3, 1, 1.0)),
+        ("chat", 10, Hyperparameters(4, 1, 1.0)),
+        ("chat", 1000, Hyperparameters(3, 2, 1.0)),
+        ("chat", 20_000, Hyperparameters(1, 40, 1.0)),
+        ("chat", 500_000, Hyperparameters(1, 256, 1.0)),
+        ("embedding", 5, Hyperparameters(9, 5, 1.0)),
+        ("embedding", 100, Hyperparameters(3, 32, 1.0)),
+    ],
+)
 def test_auto_hyperparameters_follow_the_dataset_size(kind: Any, n: int, want: Hyperparameters) -> None:
     assert resolve_hyperparameters(kind, n, "auto", "auto", "auto") == want
     assert resolve_hyperparameters(kind, n) == want
@@ -203,19 +234,22 @@ def test_given_hyperparameters_are_kept() -> None:
     assert resolve_hyperparameters("embedding", 5, 3, None, 2) == Hyperparameters(3, 5, 2.0)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("n_epochs", 0, "n_epochs must be 'auto' or an integer from 1 to 50, got 0"),
-    ("n_epochs", 51, "n_epochs must be 'auto' or an integer from 1 to 50, got 51"),
-    ("n_epochs", 2.5, "n_epochs must be 'auto' or an integer from 1 to 50, got 2.5"),
-    ("n_epochs", "three", "n_epochs must be 'auto' or an integer from 1 to 50, got 'three'"),
-    ("n_epochs", True, "n_epochs must be 'auto' or an integer from 1 to 50, got True"),
-    ("batch_size", 0, "batch_size must be 'auto' or an integer from 1 to 256, got 0"),
-    ("batch_size", 257, "batch_size must be 'auto' or an integer from 1 to 256, got 257"),
-    ("batch_size", 17, "batch_size 17 is larger than the 16 training examples"),
-    ("learning_rate_multiplier", 0, "learning_rate_multiplier must be 'auto' or a number above 0"),
-    ("learning_rate_multiplier", -1.0, "learning_rate_multiplier must be 'auto' or a number above 0"),
-    ("learning_rate_multiplier", "fast", "learning_rate_multiplier must be 'auto' or a number above 0"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_epochs", 0, "n_epochs must be 'auto' or an integer from 1 to 50, got 0"),
+        ("n_epochs", 51, "n_epochs must be 'auto' or an integer from 1 to 50, got 51"),
+        ("n_epochs", 2.5, "n_epochs must be 'auto' or an integer from 1 to 50, got 2.5"),
+        ("n_epochs", "three", "n_epochs must be 'auto' or an integer from 1 to 50, got 'three'"),
+        ("n_epochs", True, "n_epochs must be 'auto' or an integer from 1 to 50, got True"),
+        ("batch_size", 0, "batch_size must be 'auto' or an integer from 1 to 256, got 0"),
+        ("batch_size", 257, "batch_size must be 'auto' or an integer from 1 to 256, got 257"),
+        ("batch_size", 17, "batch_size 17 is larger than the 16 training examples"),
+        ("learning_rate_multiplier", 0, "learning_rate_multiplier must be 'auto' or a number above 0"),
+        ("learning_rate_multiplier", -1.0, "learning_rate_multiplier must be 'auto' or a number above 0"),
+        ("learning_rate_multiplier", "fast", "learning_rate_multiplier must be 'auto' or a number above 0"),
+    ],
+)
 def test_out_of_range_hyperparameters_raise(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         resolve_hyperparameters("chat", 16, **{field: value})
@@ -229,8 +263,10 @@ def test_deeply_nested_json_is_a_line_error_not_an_exception(tmp_path: Path, tok
     lines[2] = "[" * 100_000
     lines[5] = '{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}"
     report = validate_chat_file(write_lines(tmp_path / "t.jsonl", lines), tokenizer, 2048)
-    assert [(e.line, e.message) for e in report.errors] == [(3, "invalid JSON (nested too deeply)"),
-                                                            (6, "invalid JSON (nested too deeply)")]
+    assert [(e.line, e.message) for e in report.errors] == [
+        (3, "invalid JSON (nested too deeply)"),
+        (6, "invalid JSON (nested too deeply)"),
+    ]
     pairs: list[Any] = [{"anchor": "a", "positive": "b"}] * 3 + ['{"anchor": ' + '{"a": ' * 100_000]
     report = validate_embedding_file(write_lines(tmp_path / "e.jsonl", pairs), minilm)
     assert [e.line for e in report.errors] == [4] and "nested too deeply" in report.errors[0].message
@@ -251,7 +287,8 @@ def test_a_template_raising_on_a_line_is_that_lines_error(tmp_path: Path, smollm
     strict._tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     lines: list[Any] = [chat_line() for _ in range(12)]
     lines[7] = {"messages": [{"role": "system", "content": "Be terse."}, *chat_line()["messages"]]}
     report = validate_chat_file(write_lines(tmp_path / "t.jsonl", lines), strict, 2048)

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from server.app import create_app
 from server.config import Settings
@@ -36,14 +37,19 @@ CHAT, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"
 MAX_BODY_MB = 8
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))  # per endpoint; FUZZ_EXAMPLES=1000 for a long hunt
 # A fixed example sequence by default (CI stays reproducible); FUZZ_RANDOM=1 explores new ones each run.
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                derandomize=not os.environ.get("FUZZ_RANDOM"),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("FUZZ_RANDOM"),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-                    | st.text(max_size=12),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                    max_leaves=6)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 INTS = st.one_of(st.integers(-2, 5), st.integers(), st.sampled_from([10**30, -(10**30), 2**63, 2**31]))
 NUMBERS = st.one_of(st.floats(-3, 3), st.floats(allow_nan=False, allow_infinity=False), st.just(1e308))
 TEXT = st.text(max_size=24)
@@ -64,10 +70,15 @@ COUNT = often(st.none() | st.integers(1, 2), st.sampled_from([-1, 0, 3, 129, 10*
 
 def inputs(vocab: int) -> st.SearchStrategy[Any]:
     """A prompt or embedding input: text, texts, token ids, lists of them; now and then empty or out of range."""
-    ids = st.lists(often(st.integers(0, vocab - 1), st.sampled_from([-1, vocab, 2**31, 10**30])), min_size=1,
-                   max_size=4)
-    usual = st.one_of(TEXT.filter(str.strip), st.lists(TEXT.filter(str.strip), min_size=1, max_size=3), ids,
-                      st.lists(ids, min_size=1, max_size=2))
+    ids = st.lists(
+        often(st.integers(0, vocab - 1), st.sampled_from([-1, vocab, 2**31, 10**30])), min_size=1, max_size=4
+    )
+    usual = st.one_of(
+        TEXT.filter(str.strip),
+        st.lists(TEXT.filter(str.strip), min_size=1, max_size=3),
+        ids,
+        st.lists(ids, min_size=1, max_size=2),
+    )
     return often(usual, st.one_of(st.sampled_from(["", [], [[]], [""]]), JSON))
 
 
@@ -125,8 +136,9 @@ class Fuzz:
             return st.dictionaries(TEXT, JSON, max_size=3)
         return JSON
 
-    def draw_object(self, schema: dict[str, Any], steer: dict[str, st.SearchStrategy[Any]],
-                    depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    def draw_object(
+        self, schema: dict[str, Any], steer: dict[str, st.SearchStrategy[Any]], depth: int = 0
+    ) -> st.SearchStrategy[dict[str, Any]]:
         """The required fields, the steered ones, and up to two optional others (more would make
         nearly every body invalid somewhere, and the server would never get past validation)."""
         props = schema["properties"]
@@ -187,7 +199,7 @@ def documented(paths: dict[str, Any], path: str) -> str | None:
 
 
 def check_stream(text: str, path: str, where: str) -> None:
-    data = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    data = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert data, where
     if path.startswith("/v1/responses"):
         last = json.loads(data[-1])
@@ -207,8 +219,9 @@ def fuzz(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> I
     settings_ = Settings(data_dir=tmp_path_factory.mktemp("fuzz"), max_body_mb=MAX_BODY_MB, max_file_mb=1)
     with running_server(create_app(settings_, registry)) as base:
         f = Fuzz(base)
-        bad = f.http.post("/v1/files", files={"file": ("bad.jsonl", io.BytesIO(b"not json\n"))},
-                          data={"purpose": "fine-tune"})
+        bad = f.http.post(
+            "/v1/files", files={"file": ("bad.jsonl", io.BytesIO(b"not json\n"))}, data={"purpose": "fine-tune"}
+        )
         f.ids["file"].append(bad.json()["id"])
         job = f.http.post("/v1/fine_tuning/jobs", json={"model": CHAT, "training_file": f.ids["file"][0]})
         f.ids["job"].append(job.json()["id"])
@@ -230,8 +243,10 @@ def idle_leftover(registry: ModelRegistry, submitted: dict[str, int] | None = No
         deadline = time.monotonic() + 60
         while True:
             stats = served.engine.stats()
-            idle = (stats.requests_finished == stats.requests_submitted >= (submitted or {}).get(served.id, 0)
-                    and stats.running == stats.waiting == 0)
+            idle = (
+                stats.requests_finished == stats.requests_submitted >= (submitted or {}).get(served.id, 0)
+                and stats.running == stats.waiting == 0
+            )
             if idle or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -255,43 +270,80 @@ def message(f: Fuzz) -> st.SearchStrategy[dict[str, Any]]:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_chat_completions(fuzz: Fuzz, baseline: dict[str, int], data: st.DataObject) -> None:
-    body = data.draw(fuzz.body("ChatCompletionRequest", model=MODELS, messages=often(st.lists(message(fuzz), min_size=1, max_size=3), st.just([])),
-                               max_tokens=LENGTH | st.none(), max_completion_tokens=LENGTH,
-                               n=COUNT, stream=st.booleans() | st.none()))
-    headers = data.draw(st.fixed_dictionaries({}, optional={"x-conversation-id": TEXT.filter(str.isprintable),
-                                                            "x-request-id": TEXT.filter(str.isprintable)}))
+    body = data.draw(
+        fuzz.body(
+            "ChatCompletionRequest",
+            model=MODELS,
+            messages=often(st.lists(message(fuzz), min_size=1, max_size=3), st.just([])),
+            max_tokens=LENGTH | st.none(),
+            max_completion_tokens=LENGTH,
+            n=COUNT,
+            stream=st.booleans() | st.none(),
+        )
+    )
+    headers = data.draw(
+        st.fixed_dictionaries(
+            {},
+            optional={"x-conversation-id": TEXT.filter(str.isprintable), "x-request-id": TEXT.filter(str.isprintable)},
+        )
+    )
     fuzz.send("POST", "/v1/chat/completions", json=body, headers={k: v.encode() for k, v in headers.items()})
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzz_completions(fuzz: Fuzz, baseline: dict[str, int], data: st.DataObject) -> None:
-    body = data.draw(fuzz.body("CompletionRequest", model=MODELS, max_tokens=LENGTH, prompt=inputs(49_151),
-                               n=COUNT, best_of=often(st.none(), COUNT), logprobs=often(st.none(), st.integers(-1, 6)),
-                               stream=st.booleans() | st.none()))
+    body = data.draw(
+        fuzz.body(
+            "CompletionRequest",
+            model=MODELS,
+            max_tokens=LENGTH,
+            prompt=inputs(49_151),
+            n=COUNT,
+            best_of=often(st.none(), COUNT),
+            logprobs=often(st.none(), st.integers(-1, 6)),
+            stream=st.booleans() | st.none(),
+        )
+    )
     fuzz.send("POST", "/v1/completions", json=body)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzz_embeddings(fuzz: Fuzz, data: st.DataObject) -> None:
-    body = data.draw(fuzz.body("EmbeddingRequest", model=models("embedding"), input=inputs(30_521),
-                               encoding_format=st.sampled_from(["float", "base64", "x"]) | st.none(),
-                               dimensions=often(st.none() | st.integers(1, 384), st.sampled_from([-1, 0, 385, 10**30]))))
+    body = data.draw(
+        fuzz.body(
+            "EmbeddingRequest",
+            model=models("embedding"),
+            input=inputs(30_521),
+            encoding_format=st.sampled_from(["float", "base64", "x"]) | st.none(),
+            dimensions=often(st.none() | st.integers(1, 384), st.sampled_from([-1, 0, 385, 10**30])),
+        )
+    )
     fuzz.send("POST", "/v1/embeddings", json=body)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzz_responses(fuzz: Fuzz, baseline: dict[str, int], data: st.DataObject) -> None:
-    item = fuzz.draw_object(fuzz.schema("InputItem"), {
-        "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning"]) | st.none(),
-        "role": ROLES})
-    body = data.draw(fuzz.body("ResponseRequest", model=MODELS, max_output_tokens=LENGTH,
-                               input=TEXT | st.lists(item, max_size=3), stream=st.booleans() | st.none(),
-                               previous_response_id=often(st.none(), st.sampled_from([*fuzz.ids["response"],
-                                                                                      "resp_nope"])),
-                               background=often(st.none() | st.just(False), st.just(True))))
+    item = fuzz.draw_object(
+        fuzz.schema("InputItem"),
+        {
+            "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning"]) | st.none(),
+            "role": ROLES,
+        },
+    )
+    body = data.draw(
+        fuzz.body(
+            "ResponseRequest",
+            model=MODELS,
+            max_output_tokens=LENGTH,
+            input=TEXT | st.lists(item, max_size=3),
+            stream=st.booleans() | st.none(),
+            previous_response_id=often(st.none(), st.sampled_from([*fuzz.ids["response"], "resp_nope"])),
+            background=often(st.none() | st.just(False), st.just(True)),
+        )
+    )
     fuzz.send("POST", "/v1/responses", json=body)
 
 
@@ -310,9 +362,16 @@ def test_fuzz_files_upload(fuzz: Fuzz, data: st.DataObject) -> None:
     elif upload == "json":
         fuzz.send("POST", "/v1/files", json=fields)
     else:
-        fuzz.send("POST", "/v1/files", content=payload,
-                  headers={"content-type": data.draw(st.sampled_from(["multipart/form-data; boundary=xx",
-                                                                      "multipart/form-data", "text/plain"]))})
+        fuzz.send(
+            "POST",
+            "/v1/files",
+            content=payload,
+            headers={
+                "content-type": data.draw(
+                    st.sampled_from(["multipart/form-data; boundary=xx", "multipart/form-data", "text/plain"])
+                )
+            },
+        )
 
 
 @FUZZ
@@ -322,8 +381,15 @@ def test_fuzz_fine_tuning_create(fuzz: Fuzz, data: st.DataObject) -> None:
     epochs = often(st.integers(1, 3) | st.just("auto"), st.integers(-1, 0) | st.just(10**9) | TEXT | JSON)
     hyper = fuzz.body("HyperparametersIn", n_epochs=epochs)
     model = often(st.sampled_from([CHAT, EMBED]), st.sampled_from([None, "nope", ""]))
-    body = data.draw(fuzz.body("JobCreateRequest", model=model, training_file=files,
-                               validation_file=often(st.none(), files), hyperparameters=often(st.none(), hyper)))
+    body = data.draw(
+        fuzz.body(
+            "JobCreateRequest",
+            model=model,
+            training_file=files,
+            validation_file=often(st.none(), files),
+            hyperparameters=often(st.none(), hyper),
+        )
+    )
     fuzz.send("POST", "/v1/fine_tuning/jobs", json=body)
 
 
@@ -344,8 +410,9 @@ def _path_for(fuzz: Fuzz, template: str, draw: Any) -> str:
 def test_fuzz_reads_deletes_and_wrong_methods(fuzz: Fuzz, data: st.DataObject) -> None:
     """Every documented GET/DELETE and the cancel POST with real and made-up ids and query values, plus
     arbitrary methods on documented paths."""
-    operations = [(m, p) for p, item in fuzz.doc["paths"].items() for m in item
-                  if m in ("get", "delete") or p.endswith("/cancel")]
+    operations = [
+        (m, p) for p, item in fuzz.doc["paths"].items() for m in item if m in ("get", "delete") or p.endswith("/cancel")
+    ]
     method, template = data.draw(st.sampled_from(operations))
     if data.draw(st.booleans()):
         method = data.draw(st.sampled_from(["get", "post", "put", "patch", "delete", "options"]))
@@ -359,13 +426,17 @@ def test_fuzz_reads_deletes_and_wrong_methods(fuzz: Fuzz, data: st.DataObject) -
     fuzz.send(method.upper(), path, params=query)
 
 
-def test_fuzzing_left_every_chat_engine_pool_at_its_baseline(fuzz: Fuzz, registry: ModelRegistry,
-                                                             baseline: dict[str, int]) -> None:
+def test_fuzzing_left_every_chat_engine_pool_at_its_baseline(
+    fuzz: Fuzz, registry: ModelRegistry, baseline: dict[str, int]
+) -> None:
     # a client leaving mid-stream and one timing out on a JSON answer must free their sequences too
     engine = registry.get(CHAT).engine
     submitted = {CHAT: engine.stats().requests_submitted + 2}
-    with fuzz.http.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Story?"}],
-                                                                "max_tokens": 200, "stream": True}) as stream:
+    with fuzz.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Story?"}], "max_tokens": 200, "stream": True},
+    ) as stream:
         next(stream.iter_lines())
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(fuzz.base + "/v1/completions", json={"prompt": "Once", "max_tokens": 30}, timeout=0.5)
@@ -388,8 +459,14 @@ HOSTILE: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     # (case, method, path, body, headers, status)
     ("malformed JSON", "POST", "/v1/chat/completions", b'{"messages": [', {}, 400),
     ("not UTF-8 at all", "POST", "/v1/chat/completions", b"\xff\xfe\xfd", {}, 400),
-    ("invalid UTF-8 in a string", "POST", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400),
+    (
+        "invalid UTF-8 in a string",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        {},
+        400,
+    ),
     ("NaN literal", "POST", "/v1/chat/completions", b'{"messages": [], "temperature": NaN}', {}, 400),
     ("number beyond float", "POST", "/v1/chat/completions", chat()[:-1] + b', "temperature": 1e400}', {}, 400),
     ("max_tokens -1", "POST", "/v1/chat/completions", chat(max_tokens=-1), {}, 400),
@@ -399,30 +476,78 @@ HOSTILE: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("top_logprobs 10**9", "POST", "/v1/chat/completions", chat(logprobs=True, top_logprobs=10**9), {}, 400),
     ("logit_bias beyond vocab", "POST", "/v1/chat/completions", chat(logit_bias={str(10**20): 1}), {}, 400),
     ("10000 nested lists as messages", "POST", "/v1/chat/completions", b'{"messages": ' + NESTED + b"}", {}, 400),
-    ("10000 nested lists in an unknown field", "POST", "/v1/chat/completions",
-     chat()[:-1] + b', "extra": ' + NESTED + b"}", {}, 400),
-    ("10000 nested lists in metadata", "POST", "/v1/responses",
-     b'{"input": "Hi", "metadata": {"a": ' + NESTED + b"}}", {}, 400),
+    (
+        "10000 nested lists in an unknown field",
+        "POST",
+        "/v1/chat/completions",
+        chat()[:-1] + b', "extra": ' + NESTED + b"}",
+        {},
+        400,
+    ),
+    (
+        "10000 nested lists in metadata",
+        "POST",
+        "/v1/responses",
+        b'{"input": "Hi", "metadata": {"a": ' + NESTED + b"}}",
+        {},
+        400,
+    ),
     ("no messages", "POST", "/v1/chat/completions", json.dumps({"messages": []}).encode(), {}, 400),
-    ("5 MB message (under the body limit): context too long", "POST", "/v1/chat/completions",
-     json.dumps({"messages": [{"role": "user", "content": "lorem ipsum " * 436_907}]}).encode(), {}, 400),
-    ("9 MB message (over the body limit)", "POST", "/v1/chat/completions",
-     json.dumps({"messages": [{"role": "user", "content": "z" * (9 << 20)}]}).encode(), {}, 413),
+    (
+        "5 MB message (under the body limit): context too long",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "lorem ipsum " * 436_907}]}).encode(),
+        {},
+        400,
+    ),
+    (
+        "9 MB message (over the body limit)",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "z" * (9 << 20)}]}).encode(),
+        {},
+        413,
+    ),
     ("unknown chat model", "POST", "/v1/chat/completions", chat(model="nope"), {}, 404),
     ("unknown completions model", "POST", "/v1/completions", b'{"prompt": "Hi", "model": "nope"}', {}, 404),
     ("unknown embeddings model", "POST", "/v1/embeddings", b'{"input": "Hi", "model": "nope"}', {}, 404),
     ("unknown responses model", "POST", "/v1/responses", b'{"input": "Hi", "model": "nope"}', {}, 404),
-    ("unknown model to fine-tune", "POST", "/v1/fine_tuning/jobs",
-     b'{"model": "nope", "training_file": "file-x"}', {}, 404),
+    (
+        "unknown model to fine-tune",
+        "POST",
+        "/v1/fine_tuning/jobs",
+        b'{"model": "nope", "training_file": "file-x"}',
+        {},
+        404,
+    ),
     ("negative prompt token ids", "POST", "/v1/completions", b'{"prompt": [[-5]], "max_tokens": 2}', {}, 400),
-    ("huge prompt token ids", "POST", "/v1/completions", b'{"prompt": [1' + b"0" * 30 + b'], "max_tokens": 2}',
-     {}, 400),
+    (
+        "huge prompt token ids",
+        "POST",
+        "/v1/completions",
+        b'{"prompt": [1' + b"0" * 30 + b'], "max_tokens": 2}',
+        {},
+        400,
+    ),
     ("huge embedding token ids", "POST", "/v1/embeddings", b'{"input": [[1' + b"0" * 30 + b"]]}", {}, 400),
-    ("huge fine-tuning seed", "POST", "/v1/fine_tuning/jobs",
-     b'{"model": "smollm2-135m-instruct", "training_file": "FILE", "seed": 1' + b"0" * 30 + b"}", {}, 400),
+    (
+        "huge fine-tuning seed",
+        "POST",
+        "/v1/fine_tuning/jobs",
+        b'{"model": "smollm2-135m-instruct", "training_file": "FILE", "seed": 1' + b"0" * 30 + b"}",
+        {},
+        400,
+    ),
     ("not JSON, labelled text/plain", "POST", "/v1/chat/completions", b"hello", {"content-type": "text/plain"}, 400),
-    ("multipart to a JSON endpoint", "POST", "/v1/responses", b"--b\r\n\r\n--b--",
-     {"content-type": "multipart/form-data; boundary=b"}, 415),
+    (
+        "multipart to a JSON endpoint",
+        "POST",
+        "/v1/responses",
+        b"--b\r\n\r\n--b--",
+        {"content-type": "multipart/form-data; boundary=b"},
+        415,
+    ),
     ("JSON to the upload endpoint", "POST", "/v1/files", b'{"purpose": "batch"}', {}, 400),
     ("GET on chat", "GET", "/v1/chat/completions", b"", {}, 405),
     ("GET on completions", "GET", "/v1/completions", b"", {}, 405),
@@ -442,11 +567,14 @@ def test_json_labelled_as_a_form_is_read_as_json(fuzz: Fuzz, content_type: str) 
     assert response.status_code == 200, response.text[:300]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "headers", "status"), [case[1:] for case in HOSTILE],
-                         ids=[case[0] for case in HOSTILE])
-def test_hostile_input_is_an_openai_shaped_4xx(fuzz: Fuzz, method: str, path: str, body: bytes,
-                                               headers: dict[str, str], status: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE]
+)
+def test_hostile_input_is_an_openai_shaped_4xx(
+    fuzz: Fuzz, method: str, path: str, body: bytes, headers: dict[str, str], status: int
+) -> None:
     sent = {"content-type": "application/json", **headers} if body and method == "POST" else headers
-    response = fuzz.send(method, path, content=body.replace(b'"FILE"', json.dumps(fuzz.ids["file"][0]).encode()),
-                         headers=sent)
+    response = fuzz.send(
+        method, path, content=body.replace(b'"FILE"', json.dumps(fuzz.ids["file"][0]).encode()), headers=sent
+    )
     assert response.status_code == status, response.text[:300]

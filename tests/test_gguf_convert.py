@@ -82,9 +82,17 @@ def write_tiny_gguf(
     writer.add_add_bos_token(False)
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
 
-    default_types = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0,
-                     "attn_output": Q.Q4_1, "ffn_gate": Q.Q4_0, "ffn_up": Q.F16, "ffn_down": Q.Q8_0,
-                     "output": Q.F32}
+    default_types = {
+        "token_embd": Q.Q8_0,
+        "attn_q": Q.Q4_0,
+        "attn_k": Q.Q4_1,
+        "attn_v": Q.Q8_0,
+        "attn_output": Q.Q4_1,
+        "ffn_gate": Q.Q4_0,
+        "ffn_up": Q.F16,
+        "ffn_down": Q.Q8_0,
+        "output": Q.F32,
+    }
     types = {**default_types, **(types or {})}
     expected: dict[str, np.ndarray] = {}
 
@@ -166,8 +174,14 @@ def _field(reader: gguf.GGUFReader, key: str):
 
 def test_directory_layout(smollm2_dir: Path) -> None:
     names = {p.name for p in smollm2_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "generation_config.json"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    } <= names
 
 
 def test_config_matches_metadata(smollm2_dir: Path, smollm2_reader: gguf.GGUFReader) -> None:
@@ -191,7 +205,9 @@ def test_config_matches_metadata(smollm2_dir: Path, smollm2_reader: gguf.GGUFRea
     assert config["rope_traditional"] is False and "rope_scaling" not in config
     # token_embd is Q8_0, every other matrix Q4_1.
     assert config["quantization"] == {
-        "group_size": 32, "bits": 4, "mode": "affine",
+        "group_size": 32,
+        "bits": 4,
+        "mode": "affine",
         "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"},
     }
     tok_config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
@@ -213,7 +229,7 @@ def test_mlx_lm_load_and_generate(smollm2_loaded) -> None:
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
     )
     tail = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    assert prompt[:1] == [1] and prompt[-len(tail):] == tail and tail[0] == 1
+    assert prompt[:1] == [1] and prompt[-len(tail) :] == tail and tail[0] == 1
     text = generate(model, tokenizer, prompt, max_tokens=8, verbose=False)
     assert "Paris" in text
 
@@ -221,8 +237,9 @@ def test_mlx_lm_load_and_generate(smollm2_loaded) -> None:
 def test_special_tokens_are_single_ids(smollm2_loaded, smollm2_reader: gguf.GGUFReader) -> None:
     _, tokenizer = smollm2_loaded
     r = smollm2_reader
-    tokens = [str(bytes(r.fields["tokenizer.ggml.tokens"].parts[i]), "utf-8")
-              for i in r.fields["tokenizer.ggml.tokens"].data]
+    tokens = [
+        str(bytes(r.fields["tokenizer.ggml.tokens"].parts[i]), "utf-8") for i in r.fields["tokenizer.ggml.tokens"].data
+    ]
     types = [int(r.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in r.fields["tokenizer.ggml.token_type"].data]
     control = [(i, t) for i, (t, k) in enumerate(zip(tokens, types)) if k == 3]
     assert len(control) == 17
@@ -253,8 +270,9 @@ def test_qk_rows_are_unpermuted(smollm2_dir: Path, smollm2_gguf: Path) -> None:
             converted = np.array(ours[f"model.layers.3.self_attn.{hf_name}.{part}"])
             assert not np.array_equal(stored, converted)
             np.testing.assert_array_equal(llamacpp_permute(converted, n_head), stored)
-    np.testing.assert_array_equal(np.array(raw["blk.3.attn_v.weight"]),
-                                  np.array(ours["model.layers.3.self_attn.v_proj.weight"]))
+    np.testing.assert_array_equal(
+        np.array(raw["blk.3.attn_v.weight"]), np.array(ours["model.layers.3.self_attn.v_proj.weight"])
+    )
 
 
 def test_permuted_weights_give_different_logits(smollm2_loaded, smollm2_dir: Path) -> None:
@@ -355,7 +373,10 @@ def test_llama3_rope_scaling_recovered() -> None:
             factors.append(1 / ((1 - smooth) / factor + smooth))
     factors = np.float32(factors).tolist()
     assert _llama3_rope_scaling(factors, theta, dim) == {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
     with pytest.raises(GGUFConversionError):

@@ -81,8 +81,9 @@ def test_wrong_method_is_405(open_server: str) -> None:
 def test_trailing_slashes_are_served_in_place_not_redirected(open_server: str) -> None:
     r = httpx.get(open_server + "/v1/models/", follow_redirects=False)
     assert r.status_code == 200 and r.json()["object"] == "list"
-    assert_openai_error(httpx.get(open_server + "/v1/chat/completions//", follow_redirects=False), 405,
-                        "method_not_allowed")
+    assert_openai_error(
+        httpx.get(open_server + "/v1/chat/completions//", follow_redirects=False), 405, "method_not_allowed"
+    )
 
 
 def test_body_over_limit_is_413(open_server: str) -> None:

@@ -79,8 +79,14 @@ def decode(kv: KVCacheManager, storage: FakeStorage, seq: Sequence, token: int) 
     kv.sync([seq])
 
 
-def finished_turn(kv: KVCacheManager, storage: FakeStorage, prompt: list[int], outputs: list[int],
-                  conversation: str | None = None, salt: bytes = b"") -> Sequence:
+def finished_turn(
+    kv: KVCacheManager,
+    storage: FakeStorage,
+    prompt: list[int],
+    outputs: list[int],
+    conversation: str | None = None,
+    salt: bytes = b"",
+) -> Sequence:
     seq = sequence(prompt, conversation, salt)
     assert kv.admit(seq)
     prefill(kv, storage, seq)
@@ -101,9 +107,12 @@ def one_decoded_turn() -> tuple[KVCacheManager, FakeStorage, Sequence]:
     decode(kv, storage, seq, 50)
     return kv, storage, seq
 
+
 def test_the_manager_and_scheduler_import_no_mlx() -> None:
-    code = ("import sys, server.engine.kv_manager, server.engine.scheduler; "
-            "sys.exit(any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules))")
+    code = (
+        "import sys, server.engine.kv_manager, server.engine.scheduler; "
+        "sys.exit(any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

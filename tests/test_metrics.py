@@ -33,8 +33,11 @@ def base(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> I
 def scrape(base: str) -> dict[tuple[str, frozenset], float]:
     response = httpx.get(base + "/metrics")  # no key needed, like /health
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -53,8 +56,10 @@ def test_generation_embeddings_and_errors_show_in_metrics(base: str) -> None:
     deadline = time.monotonic() + 5
     while True:  # a request is counted once its response has gone, which may trail the client's read
         samples = scrape(base)
-        done = ("mlx_dropin_requests_total", frozenset({"route": "/v1/files/{file_id}", "method": "GET",
-                                                        "status": "404"}.items()))
+        done = (
+            "mlx_dropin_requests_total",
+            frozenset({"route": "/v1/files/{file_id}", "method": "GET", "status": "404"}.items()),
+        )
         if done in samples or time.monotonic() > deadline:
             break
         time.sleep(0.02)
@@ -70,8 +75,10 @@ def test_generation_embeddings_and_errors_show_in_metrics(base: str) -> None:
     assert value(samples, "mlx_dropin_inter_token_latency_seconds_count", model=CHAT) == generated - 2
 
     # read from the engine, the batcher and the job store at scrape time
-    blocks = {state: value(samples, "mlx_dropin_kv_blocks", model=CHAT, state=state)
-              for state in ("used", "cached", "free", "pinned")}
+    blocks = {
+        state: value(samples, "mlx_dropin_kv_blocks", model=CHAT, state=state)
+        for state in ("used", "cached", "free", "pinned")
+    }
     assert blocks["free"] > 0 and blocks["used"] + blocks["free"] > 0
     assert ("mlx_dropin_sequences", frozenset({"model": CHAT, "state": "running"}.items())) in samples
     assert ("mlx_dropin_queue_depth", frozenset({"model": CHAT}.items())) in samples
@@ -100,8 +107,10 @@ def test_one_json_access_line_per_request(base: str, caplog: pytest.LogCaptureFi
     httpx.get(base + "/v1/models", headers={"x-request-id": "req-access-2"})  # no key: 401
     deadline = time.monotonic() + 5
     while True:  # a line is written once the response has gone, so it may trail the client's read a little
-        lines = {entry["request_id"]: entry for entry in (json.loads(r.getMessage()) for r in caplog.records
-                                                          if r.name == "mlx_dropin.access")}
+        lines = {
+            entry["request_id"]: entry
+            for entry in (json.loads(r.getMessage()) for r in caplog.records if r.name == "mlx_dropin.access")
+        }
         if {"req-access-1", "req-access-2"} <= set(lines) or time.monotonic() > deadline:
             break
         time.sleep(0.02)

@@ -58,11 +58,25 @@ def server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) ->
     own.add(base)
     own.add(registry.get(EMBED))
     engines = [_engine(base) for _ in range(3)]
-    own.add(ServedModel(id=FRESH, kind="chat", path=base.path, model=base.model, tokenizer=base.tokenizer,
-                        engine=engines[0]))
+    own.add(
+        ServedModel(
+            id=FRESH, kind="chat", path=base.path, model=base.model, tokenizer=base.tokenizer, engine=engines[0]
+        )
+    )
     for (name, tenant), engine in zip(((FT_ACME, "acme"), (FT_SOLO, SOLO_TENANT)), engines[1:]):
-        own.add(ServedModel(id=name, kind="chat", path=base.path, owned_by=tenant, owner=tenant, base=base,
-                            model=base.model, tokenizer=base.tokenizer, engine=engine))
+        own.add(
+            ServedModel(
+                id=name,
+                kind="chat",
+                path=base.path,
+                owned_by=tenant,
+                owner=tenant,
+                base=base,
+                model=base.model,
+                tokenizer=base.tokenizer,
+                engine=engine,
+            )
+        )
     own.mark_ready()
     data = tmp_path_factory.mktemp("privacy")
     (data / "keys.txt").write_text(KEYS_FILE)
@@ -78,8 +92,11 @@ def server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) ->
 def scrape(url: str) -> tuple[str, dict[tuple[str, frozenset], float]]:
     response = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"})
     assert response.status_code == 200, response.text
-    samples = [(s.name, frozenset(s.labels.items()), s.value)
-               for family in text_string_to_metric_families(response.text) for s in family.samples]
+    samples = [
+        (s.name, frozenset(s.labels.items()), s.value)
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    ]
     series = [(name, labels) for name, labels, _ in samples]
     assert len(series) == len(set(series)), "a series appears twice (two engines under one label not summed)"
     return response.text, {(name, labels): v for name, labels, v in samples}
@@ -91,8 +108,12 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
 
 def chat(url: str, key: str, model: str, header: str = "authorization") -> httpx.Response:
     token = f"Bearer {key}" if header == "authorization" else key
-    return httpx.post(url + "/v1/chat/completions", headers={header: token}, timeout=120,
-                      json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        headers={header: token},
+        timeout=120,
+        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    )
 
 
 # -- the pool's state before any request --------------------------------------------------------
@@ -140,15 +161,22 @@ def test_fine_tuned_counters_stay_monotonic_when_an_adapter_is_unloaded(server: 
 
 # -- the metrics key ------------------------------------------------------------------------------
 def test_metrics_needs_the_metrics_key_and_no_api_key_opens_it(server: Server) -> None:
-    for headers in ({}, {"authorization": "Bearer sk-acme"}, {"x-api-key": "sk-solo"},
-                    {"authorization": "Bearer nope"}):
+    for headers in (
+        {},
+        {"authorization": "Bearer sk-acme"},
+        {"x-api-key": "sk-solo"},
+        {"authorization": "Bearer nope"},
+    ):
         refused = httpx.get(server.url + "/metrics", headers=headers)
         assert refused.status_code == 401, headers
         error = refused.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
         assert "metrics key" in error["message"]
-    for header, token in (("authorization", f"Bearer {METRICS_KEY}"), ("api-key", METRICS_KEY),
-                          ("x-api-key", METRICS_KEY)):
+    for header, token in (
+        ("authorization", f"Bearer {METRICS_KEY}"),
+        ("api-key", METRICS_KEY),
+        ("x-api-key", METRICS_KEY),
+    ):
         assert httpx.get(server.url + "/metrics", headers={header: token}).status_code == 200, header
     # the metrics key is no API key
     assert httpx.get(server.url + "/v1/models", headers={"authorization": f"Bearer {METRICS_KEY}"}).status_code == 401
@@ -207,12 +235,18 @@ def test_access_log_shows_keyed_hash_ids_only(server: Server, caplog: pytest.Log
     solo = {"authorization": "Bearer sk-solo"}
     httpx.get(server.url + "/v1/models", headers={**solo, "x-request-id": "req-kid-1"})
     httpx.get(server.url + f"/v1/models/{FT_SOLO}", headers={**solo, "x-request-id": "req-kid-2"})
-    httpx.post(server.url + "/v1/chat/completions", headers={**solo, "x-request-id": "req-kid-3"}, timeout=120,
-               json={"model": FT_SOLO, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    httpx.post(
+        server.url + "/v1/chat/completions",
+        headers={**solo, "x-request-id": "req-kid-3"},
+        timeout=120,
+        json={"model": FT_SOLO, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+    )
     deadline = time.monotonic() + 5
     while True:  # a line is written once its response has gone
-        lines = {e["request_id"]: e for e in (json.loads(r.getMessage()) for r in caplog.records
-                                              if r.name == "mlx_dropin.access")}
+        lines = {
+            e["request_id"]: e
+            for e in (json.loads(r.getMessage()) for r in caplog.records if r.name == "mlx_dropin.access")
+        }
         if {"req-kid-1", "req-kid-2", "req-kid-3"} <= set(lines) or time.monotonic() > deadline:
             break
         time.sleep(0.02)

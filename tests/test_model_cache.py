@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
+from server.model_lifecycle import prepare
 from server.models.cache import MANIFEST_NAME, ModelCache
 from server.models.defaults import MINILM, build_default
 from server.models.loading import ModelSourceError, detect_kind, resolve_source
-from server.model_lifecycle import prepare
 from server.registry import ModelRegistry
 
 

@@ -45,8 +45,12 @@ def test_request_schemas_come_from_the_wire_structs() -> None:
     assert chat["required"] == ["messages"] and set(chat["properties"]) == set(ChatCompletionRequest.__struct_fields__)
     body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
-    for path, method in [("/v1/completions", "post"), ("/v1/embeddings", "post"), ("/v1/responses", "post"),
-                         ("/v1/fine_tuning/jobs", "post")]:
+    for path, method in [
+        ("/v1/completions", "post"),
+        ("/v1/embeddings", "post"),
+        ("/v1/responses", "post"),
+        ("/v1/fine_tuning/jobs", "post"),
+    ]:
         ref = document["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.rsplit("/", 1)[-1] in schemas
     upload = document["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]

@@ -78,7 +78,7 @@ def test_decode_rows_load_joining_sequences_together() -> None:
         for layer, heads in enumerate(shape.kv_heads):
             for pool, table in ((store.keys[layer], rows.keys[layer]), (store.values[layer], rows.values[layer])):
                 want = pool[slots].transpose(1, 0, 2)  # (heads, count, dim)
-                got = table[row * heads:(row + 1) * heads, :count]
+                got = table[row * heads : (row + 1) * heads, :count]
                 assert mx.array_equal(want, got).item(), (s.request_id, layer)
 
     # b and d leave: the next two joiners fill rows 1 and 3, not consecutive (the scatter path)
@@ -90,7 +90,10 @@ def test_decode_rows_load_joining_sequences_together() -> None:
         for layer, heads in enumerate(shape.kv_heads):
             for pool, table in ((store.keys[layer], rows.keys[layer]), (store.values[layer], rows.values[layer])):
                 want = pool[slots].transpose(1, 0, 2)
-                assert mx.array_equal(want, table[row * heads:(row + 1) * heads, :count]).item(), (s.request_id, layer)
+                assert mx.array_equal(want, table[row * heads : (row + 1) * heads, :count]).item(), (
+                    s.request_id,
+                    layer,
+                )
 
 
 def test_decode_rows_write_back_copies_only_new_columns_into_the_pool() -> None:
@@ -202,7 +205,9 @@ def test_decode_rows_move_down_into_holes_left_by_finished_sequences() -> None:
         caches, _ = rows.step_caches(rows.assign(seqs, offsets))
         for layer, cache in enumerate(caches):
             heads = shape.kv_heads[layer]
-            cache.update_and_fetch(mx.random.normal((6, heads, 1, 4)), mx.random.normal((6, heads, 1, shape.v_dims[layer])))
+            cache.update_and_fetch(
+                mx.random.normal((6, heads, 1, 4)), mx.random.normal((6, heads, 1, shape.v_dims[layer]))
+            )
         for s in seqs:
             s.num_computed_tokens += 1
     rows.write_back(seqs[4:5], [seqs[4].num_computed_tokens - 1])  # s4 pooled up to one column short
@@ -212,7 +217,7 @@ def test_decode_rows_move_down_into_holes_left_by_finished_sequences() -> None:
         out = []
         for layer, heads in enumerate(shape.kv_heads):
             for table in (rows.keys, rows.values):
-                out.append(np.array(table[layer][row * heads:(row + 1) * heads, :n]))
+                out.append(np.array(table[layer][row * heads : (row + 1) * heads, :n]))
         return out
 
     kept = [seqs[4], seqs[5]]

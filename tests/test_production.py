@@ -63,17 +63,24 @@ def test_keys_file_json(tmp_path: Path) -> None:
     assert (k1, a1.tenant, a1.tpm, k2, a2.organization) == ("k1", "acme", 50, "k2", None)
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("k1 acme rpm=x\n", "line 1"), ("k1\nk2 acme bogus=3\n", "line 2"), ("k1 public\n", "organization"),
-    ("k1 a:b\n", "organization"), ("k1 acme rpm=0\n", "positive"), ("# nothing\n", "no keys"),
-    ('{"keys": [{"key": "k", "org": "x"}]}', "unknown fields"),
-    ("k1 acme\nk2\nk1 globex\n", "line 3: repeats the key of line 1"),
-    ("k1 acme\nk1 acme\n", "line 2: repeats the key of line 1"),  # even an identical repeat is a mistake
-    ('{"keys": [{"key": "k"}, {"key": "j"}, {"key": "k"}]}', r"keys\[2\] repeats the key of keys\[0\]"),
-    ("k1\nk2 acme rpm=abc\n", "line 2: rpm must be a positive integer, got 'abc'"),
-    ("k1 tpm=1.5\n", "line 1: tpm must be a positive integer, got '1.5'"),
-    ("k1 acme rpm=2 rpm=3\n", "line 1: rpm is given twice"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("k1 acme rpm=x\n", "line 1"),
+        ("k1\nk2 acme bogus=3\n", "line 2"),
+        ("k1 public\n", "organization"),
+        ("k1 a:b\n", "organization"),
+        ("k1 acme rpm=0\n", "positive"),
+        ("# nothing\n", "no keys"),
+        ('{"keys": [{"key": "k", "org": "x"}]}', "unknown fields"),
+        ("k1 acme\nk2\nk1 globex\n", "line 3: repeats the key of line 1"),
+        ("k1 acme\nk1 acme\n", "line 2: repeats the key of line 1"),  # even an identical repeat is a mistake
+        ('{"keys": [{"key": "k"}, {"key": "j"}, {"key": "k"}]}', r"keys\[2\] repeats the key of keys\[0\]"),
+        ("k1\nk2 acme rpm=abc\n", "line 2: rpm must be a positive integer, got 'abc'"),
+        ("k1 tpm=1.5\n", "line 1: tpm must be a positive integer, got '1.5'"),
+        ("k1 acme rpm=2 rpm=3\n", "line 1: rpm is given twice"),
+    ],
+)
 def test_bad_keys_files_name_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "keys"
     path.write_text(text)
@@ -87,8 +94,15 @@ def test_missing_keys_file_is_a_value_error(tmp_path: Path) -> None:
 
 
 def test_go_durations_like_openai_headers() -> None:
-    assert [go_duration(s) for s in (0.02, 0.9994, 1, 1.5, 17.34, 360, 3723)] == \
-        ["20ms", "1s", "1s", "1.5s", "17.34s", "6m0s", "1h2m3s"]
+    assert [go_duration(s) for s in (0.02, 0.9994, 1, 1.5, 17.34, 360, 3723)] == [
+        "20ms",
+        "1s",
+        "1s",
+        "1.5s",
+        "17.34s",
+        "6m0s",
+        "1h2m3s",
+    ]
 
 
 def test_bucket_refills_continuously() -> None:
@@ -102,17 +116,20 @@ def test_bucket_refills_continuously() -> None:
 
 
 def test_production_flags_and_environment() -> None:
-    settings = parse_settings(["--rate-limit-rpm", "60", "--cors-origin", "http://a", "--cors-origin", "*",
-                               "--max-concurrent-per-key", "4"],
-                              {"MLX_DROPIN_RATE_LIMIT_TPM": "1000", "MLX_DROPIN_REQUEST_TIMEOUT": "30",
-                               "MLX_DROPIN_API_KEYS_FILE": "/etc/keys"})
+    settings = parse_settings(
+        ["--rate-limit-rpm", "60", "--cors-origin", "http://a", "--cors-origin", "*", "--max-concurrent-per-key", "4"],
+        {
+            "MLX_DROPIN_RATE_LIMIT_TPM": "1000",
+            "MLX_DROPIN_REQUEST_TIMEOUT": "30",
+            "MLX_DROPIN_API_KEYS_FILE": "/etc/keys",
+        },
+    )
     assert (settings.rate_limit_rpm, settings.rate_limit_tpm, settings.max_concurrent_per_key) == (60, 1000, 4)
     assert settings.request_timeout == 30.0 and settings.cors_origins == ("http://a", "*")
     assert settings.api_keys_file == Path("/etc/keys") and settings.auth_enabled
     off = parse_settings([], {})
     assert off.rate_limit_rpm is off.rate_limit_tpm is off.request_timeout is None and not off.cors_origins
-    assert parse_settings([], {"MLX_DROPIN_CORS_ORIGINS": "http://a,http://b"}).cors_origins == ("http://a",
-                                                                                                 "http://b")
+    assert parse_settings([], {"MLX_DROPIN_CORS_ORIGINS": "http://a,http://b"}).cors_origins == ("http://a", "http://b")
     with pytest.raises(ValueError):
         parse_settings(["--rate-limit-rpm", "0"], {})
 
@@ -139,8 +156,9 @@ def test_keys_of_one_org_share_files_others_never(org_server: str) -> None:
 
 
 def test_keys_of_one_org_share_fine_tuning_jobs(org_server: str) -> None:
-    training = sdk(org_server, "sk-acme-1").files.create(file=("bad.jsonl", io.BytesIO(b"not json\n")),
-                                                         purpose="fine-tune")
+    training = sdk(org_server, "sk-acme-1").files.create(
+        file=("bad.jsonl", io.BytesIO(b"not json\n")), purpose="fine-tune"
+    )
     job = sdk(org_server, "sk-acme-2").fine_tuning.jobs.create(model=CHAT, training_file=training.id)
     assert job.organization_id == "acme"
     assert sdk(org_server, "sk-acme-1").fine_tuning.jobs.retrieve(job.id).id == job.id
@@ -177,12 +195,15 @@ def test_stored_responses_belong_to_the_org(org_server: str) -> None:
 
 def test_a_guessed_conversation_id_reuses_kv_only_within_the_org(org_server: str) -> None:
     marker = uuid.uuid4().hex
-    messages = [{"role": "system", "content": f"{marker}: answer briefly."},  # a first block no one has
-                {"role": "user", "content": "List three colours of the rainbow, one per line, and nothing else."}]
+    messages = [
+        {"role": "system", "content": f"{marker}: answer briefly."},  # a first block no one has
+        {"role": "user", "content": "List three colours of the rainbow, one per line, and nothing else."},
+    ]
 
     def cached(key: str) -> int:
-        r = sdk(org_server, key).chat.completions.create(model=CHAT, messages=messages, max_tokens=1,
-                                                         prompt_cache_key="conv-1", temperature=0)
+        r = sdk(org_server, key).chat.completions.create(
+            model=CHAT, messages=messages, max_tokens=1, prompt_cache_key="conv-1", temperature=0
+        )
         return r.usage.prompt_tokens_details.cached_tokens
 
     assert cached("sk-acme-1") == 0
@@ -205,14 +226,22 @@ def test_rpm_429_is_openai_shaped_and_the_sdk_retry_honours_it(registry: ModelRe
         with pytest.raises(openai.RateLimitError) as info:
             sdk(url, "sk-r").models.list()
         response = info.value.response
-        assert info.value.body == {"message": info.value.body["message"], "type": "requests", "param": None,
-                                   "code": "rate_limit_exceeded"}
+        assert info.value.body == {
+            "message": info.value.body["message"],
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
         assert int(response.headers["retry-after"]) >= 1 and 0 < int(response.headers["retry-after-ms"]) <= 1000
         assert response.headers["x-ratelimit-remaining-requests"] == "0" and response.headers["x-request-id"]
 
         def limited() -> float:
-            return app.state.metrics.registry.get_sample_value(
-                "mlx_dropin_requests_total", {"route": "/v1/models", "method": "GET", "status": "429"}) or 0
+            return (
+                app.state.metrics.registry.get_sample_value(
+                    "mlx_dropin_requests_total", {"route": "/v1/models", "method": "GET", "status": "429"}
+                )
+                or 0
+            )
 
         time.sleep(1.1)  # one request back: use it, so the retrying client meets a 429 first
         httpx.get(url + "/v1/models", headers=auth("sk-r"))
@@ -225,8 +254,9 @@ def test_per_key_override_limits_one_key_only(org_server: str) -> None:
     limited = httpx.get(org_server + "/v1/models", headers=auth("sk-acme-2"))
     assert limited.headers["x-ratelimit-limit-requests"] == "1000"
     assert "x-ratelimit-limit-requests" not in httpx.get(org_server + "/v1/models", headers=auth("sk-acme-1")).headers
-    assert httpx.get(org_server + "/v1/models", headers=auth("sk-globex")).headers["x-ratelimit-limit-tokens"] == \
-        "100000"
+    assert (
+        httpx.get(org_server + "/v1/models", headers=auth("sk-globex")).headers["x-ratelimit-limit-tokens"] == "100000"
+    )
 
 
 def test_tpm_counts_prompt_and_max_tokens_at_admission(registry: ModelRegistry, tmp_path: Path) -> None:
@@ -278,8 +308,9 @@ def test_concurrent_sequences_per_key(registry: ModelRegistry, tmp_path: Path) -
         wait_released()
         limits.admit(key, 0, 1)  # a sequence of this key is running
         try:
-            refused = httpx.post(url + "/v1/chat/completions", headers=auth("sk-c"),
-                                 json={**body, "stream": False, "max_tokens": 1})
+            refused = httpx.post(
+                url + "/v1/chat/completions", headers=auth("sk-c"), json={**body, "stream": False, "max_tokens": 1}
+            )
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
             assert "concurrent" in refused.json()["error"]["message"] and refused.headers["retry-after"] == "1"
             other_key = sdk(url, "sk-d").chat.completions.create(model=CHAT, messages=messages, max_tokens=1)
@@ -297,8 +328,12 @@ def test_concurrent_sequences_per_key(registry: ModelRegistry, tmp_path: Path) -
 # -- timeout, CORS, limits with clear errors -------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict_server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("strict"), api_keys=("sk-s",), request_timeout=0.05,
-                        cors_origins=("http://app.example",))
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("strict"),
+        api_keys=("sk-s",),
+        request_timeout=0.05,
+        cors_origins=("http://app.example",),
+    )
     with running_server(create_app(settings, registry)) as url:
         yield url
 
@@ -306,7 +341,8 @@ def strict_server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFact
 def test_request_timeout_is_504_and_aborts_the_generation(strict_server: str, registry: ModelRegistry) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         sdk(strict_server, "sk-s", retries=2).chat.completions.create(
-            model=CHAT, messages=[{"role": "user", "content": "Count to fifty."}], max_tokens=8)
+            model=CHAT, messages=[{"role": "user", "content": "Count to fifty."}], max_tokens=8
+        )
     assert info.value.status_code == 504 and info.value.code == "timeout"
     assert info.value.body["type"] == "server_error" and "--request-timeout" in info.value.message
     assert info.value.response.headers["x-should-retry"] == "false"
@@ -318,9 +354,14 @@ def test_request_timeout_is_504_and_aborts_the_generation(strict_server: str, re
 
 
 def test_cors_preflight_and_exposed_headers(strict_server: str, org_server: str) -> None:
-    preflight = httpx.options(strict_server + "/v1/chat/completions", headers={
-        "origin": "http://app.example", "access-control-request-method": "POST",
-        "access-control-request-headers": "authorization, content-type"})
+    preflight = httpx.options(
+        strict_server + "/v1/chat/completions",
+        headers={
+            "origin": "http://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://app.example"
     got = httpx.get(strict_server + "/v1/models", headers={"origin": "http://app.example", **auth("sk-s")})

@@ -24,8 +24,14 @@ from tests.serving import running_server
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer in one word."
-TOOLS: list[Any] = [{"type": "function", "name": "get_weather", "description": "Current weather for a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +47,15 @@ def client(base: str) -> openai.OpenAI:
 
 
 def raw(base: str, method: str, path: str, body: object = None, key: str = "sk-a") -> httpx.Response:
-    return httpx.request(method, base + "/v1" + path, json=body, headers={"authorization": f"Bearer {key}"},
-                         timeout=120)
+    return httpx.request(
+        method, base + "/v1" + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=120
+    )
 
 
 def test_create_shape(client: openai.OpenAI) -> None:
-    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0,
-                                metadata={"case": "shape"})
+    r = client.responses.create(
+        model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0, metadata={"case": "shape"}
+    )
     assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL
     assert r.status in ("completed", "incomplete") and r.created_at > 0 and r.metadata == {"case": "shape"}
     message = r.output[0]
@@ -61,8 +69,9 @@ def test_create_shape(client: openai.OpenAI) -> None:
 
 
 def test_max_output_tokens_makes_it_incomplete(client: openai.OpenAI) -> None:
-    r = client.responses.create(model=MODEL, input="Tell me a long story about a dragon.", max_output_tokens=4,
-                                temperature=0)
+    r = client.responses.create(
+        model=MODEL, input="Tell me a long story about a dragon.", max_output_tokens=4, temperature=0
+    )
     assert r.status == "incomplete" and r.incomplete_details and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage and r.usage.output_tokens == 4 and r.output[0].status == "incomplete"  # type: ignore[union-attr]
 
@@ -74,10 +83,17 @@ def test_stream_helper_event_sequence(client: openai.OpenAI) -> None:
         final = stream.get_final_response()
     kinds = [e.type for e in events]
     deltas = kinds.count("response.output_text.delta")
-    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.content_part.added", *["response.output_text.delta"] * deltas,
-                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
-                     "response.completed"], kinds
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ], kinds
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].response.status == "in_progress" and events[0].response.id == final.id
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -86,24 +102,40 @@ def test_stream_helper_event_sequence(client: openai.OpenAI) -> None:
 
 
 def test_raw_sse_names_each_event(base: str) -> None:
-    with httpx.stream("POST", base + "/v1/responses", timeout=60, headers={"authorization": "Bearer sk-a"},
-                      json={"model": MODEL, "input": "Hi", "max_output_tokens": 3, "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        base + "/v1/responses",
+        timeout=60,
+        headers={"authorization": "Bearer sk-a"},
+        json={"model": MODEL, "input": "Hi", "max_output_tokens": 3, "stream": True},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
-    names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
-    payloads = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+    payloads = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
     assert names == [p["type"] for p in payloads] and names[-1] == "response.incomplete"
     assert payloads[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
 def test_five_turn_chain_prefills_only_new_input(client: openai.OpenAI, base: str) -> None:
-    questions = ["My name is Ada and I like tea. Please remember it.", "What is the capital of France?",
-                 "And of Italy?", "And of Spain?", "What is my name?"]
+    questions = [
+        "My name is Ada and I like tea. Please remember it.",
+        "What is the capital of France?",
+        "And of Italy?",
+        "And of Spain?",
+        "What is my name?",
+    ]
     turns = []
     previous = None
     for question in questions:
-        r = client.responses.create(model=MODEL, input=question, previous_response_id=previous, temperature=0,
-                                    max_output_tokens=8, instructions="Answer briefly.")
+        r = client.responses.create(
+            model=MODEL,
+            input=question,
+            previous_response_id=previous,
+            temperature=0,
+            max_output_tokens=8,
+            instructions="Answer briefly.",
+        )
         turns.append(r)
         previous = r.id
     cached = [t.usage.input_tokens_details.cached_tokens for t in turns]  # type: ignore[union-attr]
@@ -118,8 +150,9 @@ def test_five_turn_chain_prefills_only_new_input(client: openai.OpenAI, base: st
     for question, turn in zip(questions, turns[:-1]):
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": turn.output_text}]
     history.append({"role": "user", "content": questions[-1]})
-    flat = client.responses.create(model=MODEL, input=history, temperature=0, max_output_tokens=8, store=False,
-                                   instructions="Answer briefly.")
+    flat = client.responses.create(
+        model=MODEL, input=history, temperature=0, max_output_tokens=8, store=False, instructions="Answer briefly."
+    )
     assert flat.output_text == turns[-1].output_text
     assert flat.usage and flat.usage.input_tokens == turns[-1].usage.input_tokens  # type: ignore[union-attr]
     # each stored response lists its own input
@@ -128,31 +161,48 @@ def test_five_turn_chain_prefills_only_new_input(client: openai.OpenAI, base: st
 
 
 def test_tool_round_trip_with_function_call_output(client: openai.OpenAI) -> None:
-    first = client.responses.create(model=MODEL, input="What's the weather in Paris?", tools=TOOLS,
-                                    tool_choice="required", max_output_tokens=40)
+    first = client.responses.create(
+        model=MODEL, input="What's the weather in Paris?", tools=TOOLS, tool_choice="required", max_output_tokens=40
+    )
     calls = [item for item in first.output if item.type == "function_call"]
     assert first.status == "completed" and len(calls) == 1
     call: Any = calls[0]
     assert call.name == "get_weather" and call.call_id.startswith("call_") and call.id.startswith("fc_")
     assert "city" in json.loads(call.arguments)
-    final = client.responses.create(model=MODEL, previous_response_id=first.id, tools=TOOLS,
-                                    max_output_tokens=12, temperature=0,
-                                    input=[{"type": "function_call_output", "call_id": call.call_id,
-                                            "output": "sunny, 21 C"}])
+    final = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        tools=TOOLS,
+        max_output_tokens=12,
+        temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+    )
     assert final.status in ("completed", "incomplete") and final.output
     assert final.usage and first.usage and final.usage.input_tokens_details.cached_tokens > first.usage.input_tokens
     # the same exchange without server state: the call and its output sent back as input items
-    stateless = client.responses.create(model=MODEL, tools=TOOLS, max_output_tokens=4, store=False,
-                                        input=[{"role": "user", "content": "What's the weather in Paris?"},
-                                               call.model_dump(exclude_none=True),
-                                               {"type": "function_call_output", "call_id": call.call_id,
-                                                "output": "sunny, 21 C"}])
+    stateless = client.responses.create(
+        model=MODEL,
+        tools=TOOLS,
+        max_output_tokens=4,
+        store=False,
+        input=[
+            {"role": "user", "content": "What's the weather in Paris?"},
+            call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"},
+        ],
+    )
     assert stateless.output
 
 
 def test_streamed_forced_call_has_argument_deltas(client: openai.OpenAI) -> None:
-    with client.responses.stream(model=MODEL, input="Weather in Rome?", tools=TOOLS, max_output_tokens=40,
-                                 temperature=0, tool_choice={"type": "function", "name": "get_weather"}) as stream:
+    with client.responses.stream(
+        model=MODEL,
+        input="Weather in Rome?",
+        tools=TOOLS,
+        max_output_tokens=40,
+        temperature=0,
+        tool_choice={"type": "function", "name": "get_weather"},
+    ) as stream:
         events: list[Any] = list(stream)
         final = stream.get_final_response()
     kinds = [e.type for e in events]
@@ -164,21 +214,35 @@ def test_streamed_forced_call_has_argument_deltas(client: openai.OpenAI) -> None
 
 
 def test_text_format_json_schema(client: openai.OpenAI) -> None:
-    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 12}},
-              "required": ["capital"], "additionalProperties": False}
-    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=30, temperature=0, text={
-        "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 12}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    r = client.responses.create(
+        model=MODEL,
+        input=QUESTION,
+        max_output_tokens=30,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+    )
     assert r.status == "completed" and set(json.loads(r.output_text)) == {"capital"}
     assert r.text and r.text.format and r.text.format.type == "json_schema"
 
 
 def test_storage_is_per_tenant(client: openai.OpenAI, base: str) -> None:
-    r = client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hi"},
-                                                    {"role": "user", "content": [{"type": "input_text", "text": "!"}]}],
-                                max_output_tokens=2)
+    r = client.responses.create(
+        model=MODEL,
+        input=[{"role": "user", "content": "Hi"}, {"role": "user", "content": [{"type": "input_text", "text": "!"}]}],
+        max_output_tokens=2,
+    )
     assert raw(base, "GET", f"/responses/{r.id}").json()["id"] == r.id
-    for method, path in (("GET", f"/responses/{r.id}"), ("GET", f"/responses/{r.id}/input_items"),
-                         ("DELETE", f"/responses/{r.id}")):
+    for method, path in (
+        ("GET", f"/responses/{r.id}"),
+        ("GET", f"/responses/{r.id}/input_items"),
+        ("DELETE", f"/responses/{r.id}"),
+    ):
         other = raw(base, method, path, key="sk-b")
         assert other.status_code == 404 and other.json()["error"]["type"] == "invalid_request_error"
     other = raw(base, "POST", "/responses", {"model": MODEL, "input": "x", "previous_response_id": r.id}, key="sk-b")
@@ -203,28 +267,31 @@ def test_store_false_cannot_be_retrieved_or_continued(client: openai.OpenAI) -> 
     assert info.value.code == "previous_response_not_found" and info.value.param == "previous_response_id"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({}, "input"),
-    ({"input": []}, "input"),
-    ({"input": 5}, "input"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
-    ({"input": [{"role": "wizard", "content": "hi"}]}, "input[0].role"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
-    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
-    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"input": "hi", "tools": TOOLS, "tool_choice": {"type": "file_search"}}, "tool_choice"),
-    ({"input": "hi", "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-    ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
-    ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-    ({"input": "hi", "temperature": 7}, "temperature"),
-    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": "hi", "max_output_tokens": 9000}, "input"),
-    ({"input": "hi", "background": True}, "background"),
-    ({"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
-    ({"input": "hi", "previous_response_id": "resp_missing"}, "previous_response_id"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "input"),
+        ({"input": []}, "input"),
+        ({"input": 5}, "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"input": [{"role": "wizard", "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": "hi", "tools": TOOLS, "tool_choice": {"type": "file_search"}}, "tool_choice"),
+        ({"input": "hi", "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+        ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"input": "hi", "temperature": 7}, "temperature"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "max_output_tokens": 9000}, "input"),
+        ({"input": "hi", "background": True}, "background"),
+        ({"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"input": "hi", "previous_response_id": "resp_missing"}, "previous_response_id"),
+    ],
+)
 def test_bad_requests_are_400_naming_the_param(base: str, body: dict, param: str) -> None:
     response = raw(base, "POST", "/responses", {"model": MODEL, **body})
     assert response.status_code == 400, response.text
@@ -237,8 +304,9 @@ def test_input_items_paging_errors(base: str) -> None:
     assert raw(base, "DELETE", "/responses/resp_nope").status_code == 404
 
 
-def test_evicted_chain_recomputes_the_same_answer(registry: ModelRegistry, client: openai.OpenAI,
-                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_evicted_chain_recomputes_the_same_answer(
+    registry: ModelRegistry, client: openai.OpenAI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Other conversations press a small pool until the chain's pin and blocks are gone: the follow-up
     reuses less, and still answers exactly what the whole history sent at once gets elsewhere."""
     served = registry.get(MODEL)
@@ -246,8 +314,11 @@ def test_evicted_chain_recomputes_the_same_answer(registry: ModelRegistry, clien
     small.start()
     try:
         only = ModelRegistry()
-        only.add(ServedModel(id=MODEL, kind="chat", path=served.path, model=served.model,
-                             tokenizer=served.tokenizer, engine=small))
+        only.add(
+            ServedModel(
+                id=MODEL, kind="chat", path=served.path, model=served.model, tokenizer=served.tokenizer, engine=small
+            )
+        )
         only.mark_ready()
         settings = replace(Settings(), data_dir=tmp_path_factory.mktemp("pressed-data"))
         with running_server(create_app(settings, only)) as url:
@@ -259,16 +330,25 @@ def test_evicted_chain_recomputes_the_same_answer(registry: ModelRegistry, clien
                 filler = f"Conversation {i}: " + "a long unrelated text about rivers and mountains " * 9
                 pressed.responses.create(model=MODEL, input=filler, max_output_tokens=1, prompt_cache_key=f"other-{i}")
             assert key not in small.kv.conversations
-            second = pressed.responses.create(model=MODEL, input="And of Italy?", previous_response_id=first.id,
-                                              max_output_tokens=8, temperature=0)
+            second = pressed.responses.create(
+                model=MODEL, input="And of Italy?", previous_response_id=first.id, max_output_tokens=8, temperature=0
+            )
         small.check_integrity()
     finally:
         small.shutdown()
     assert first.usage and second.usage
     assert second.usage.input_tokens_details.cached_tokens < first.usage.input_tokens
     print("evicted chain: cached", second.usage.input_tokens_details.cached_tokens, "of", second.usage.input_tokens)
-    reference = client.responses.create(model=MODEL, max_output_tokens=8, temperature=0, store=False, input=[
-        {"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.output_text},
-        {"role": "user", "content": "And of Italy?"}])
+    reference = client.responses.create(
+        model=MODEL,
+        max_output_tokens=8,
+        temperature=0,
+        store=False,
+        input=[
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And of Italy?"},
+        ],
+    )
     assert second.output_text == reference.output_text
     assert second.usage.input_tokens == reference.usage.input_tokens  # type: ignore[union-attr]

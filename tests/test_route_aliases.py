@@ -33,8 +33,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def base(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("aliases"), api_keys=(KEY,), max_body_mb=0.5,
-                        max_file_mb=2.0)
+    settings = Settings(data_dir=tmp_path_factory.mktemp("aliases"), api_keys=(KEY,), max_body_mb=0.5, max_file_mb=2.0)
     with running_server(create_app(settings, registry)) as url:
         yield url
 
@@ -50,8 +49,15 @@ def test_models_chat_completions_and_embeddings_through_the_sdk(bare: openai.Ope
     assert bare.models.retrieve(CHAT).id == CHAT
     chat = bare.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert chat.object == "chat.completion" and chat.choices[0].message.content is not None
-    chunks = list(bare.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=2, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        bare.chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None
     legacy = bare.completions.create(model=CHAT, prompt="The sky is", max_tokens=2)
     assert legacy.object == "text_completion"
@@ -81,8 +87,13 @@ def test_files_and_fine_tuning(bare: openai.OpenAI) -> None:
 
 
 def test_auth_applies_to_the_alias(base: str) -> None:
-    for method, path in [("GET", "/models"), ("POST", "/chat/completions"), ("GET", "/files"),
-                         ("GET", "/models/" + CHAT), ("DELETE", "/responses/resp_x")]:
+    for method, path in [
+        ("GET", "/models"),
+        ("POST", "/chat/completions"),
+        ("GET", "/files"),
+        ("GET", "/models/" + CHAT),
+        ("DELETE", "/responses/resp_x"),
+    ]:
         response = httpx.request(method, base + path)
         assert response.status_code == 401, (path, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
@@ -102,12 +113,22 @@ def test_body_limits_are_the_v1_routes_own(base: str) -> None:
     too_large = httpx.post(base + "/chat/completions", json=big, headers=AUTH)
     assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
     # /v1/files has its own, larger limit: a 1 MB upload passes the 0.5 MB body limit on the alias too
-    upload = httpx.post(base + "/files", headers=AUTH, data={"purpose": "fine-tune"},
-                        files={"file": ("big.jsonl", b"x" * 1_000_000)}, timeout=60)
+    upload = httpx.post(
+        base + "/files",
+        headers=AUTH,
+        data={"purpose": "fine-tune"},
+        files={"file": ("big.jsonl", b"x" * 1_000_000)},
+        timeout=60,
+    )
     assert upload.status_code == 200, upload.text
     assert upload.json()["bytes"] == 1_000_000
-    over = httpx.post(base + "/files", headers=AUTH, data={"purpose": "fine-tune"},
-                      files={"file": ("huge.jsonl", b"x" * 3_000_000)}, timeout=60)
+    over = httpx.post(
+        base + "/files",
+        headers=AUTH,
+        data={"purpose": "fine-tune"},
+        files={"file": ("huge.jsonl", b"x" * 3_000_000)},
+        timeout=60,
+    )
     assert over.status_code == 413
 
 
@@ -128,7 +149,10 @@ def _requests_total(base: str, route: str, method: str, status: str) -> float:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "mlx_dropin_requests_total" and sample.labels == {
-                    "route": route, "method": method, "status": status}:
+                "route": route,
+                "method": method,
+                "status": status,
+            }:
                 return sample.value
     return 0.0
 
@@ -141,7 +165,7 @@ def test_metrics_count_the_alias_under_the_v1_route(base: str) -> None:
     while _requests_total(base, "/v1/files/{file_id}", "GET", "404") < before + 3 and time.monotonic() < deadline:
         time.sleep(0.02)  # a request is counted once its response has gone
     assert _requests_total(base, "/v1/files/{file_id}", "GET", "404") == before + 3
-    assert "/files/{file_id}\"" not in httpx.get(base + "/metrics").text.replace("/v1/files/{file_id}\"", "")
+    assert '/files/{file_id}"' not in httpx.get(base + "/metrics").text.replace('/v1/files/{file_id}"', "")
 
 
 def test_rate_limits_share_one_bucket(registry: ModelRegistry, tmp_path: Path) -> None:

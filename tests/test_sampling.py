@@ -7,12 +7,11 @@ import math
 import time
 from collections import Counter
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 import server  # noqa: F401  (loads OpenBLAS before mlx)
-import mlx.core as mx
-
 from server.engine.sampling import (
     SamplingParams,
     SequenceSampler,
@@ -46,15 +45,42 @@ def random_logits(rows: int, vocab: int, seed: int, scale: float = 3.0) -> mx.ar
 # ----------------------------------------------------------------------------------------------- params
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_tokens", 0), ("max_tokens", 2.5), ("temperature", -0.1), ("temperature", 2.01),
-    ("temperature", float("nan")), ("temperature", "1"), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
-    ("top_k", 1.5), ("min_p", -0.1), ("min_p", 1.1), ("presence_penalty", 2.5), ("presence_penalty", -2.5),
-    ("frequency_penalty", 3.0), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-    ("logit_bias", {5: 101.0}), ("logit_bias", {5: -100.5}), ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}),
-    ("logit_bias", [1, 2]), ("seed", 1.5), ("stop", ("",)), ("stop", (3,)), ("stop_token_ids", (-1,)),
-    ("top_logprobs", 21), ("top_logprobs", -1), ("n", 0), ("n", 129), ("logprobs", "yes"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", 0),
+        ("max_tokens", 2.5),
+        ("temperature", -0.1),
+        ("temperature", 2.01),
+        ("temperature", float("nan")),
+        ("temperature", "1"),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("top_k", 1.5),
+        ("min_p", -0.1),
+        ("min_p", 1.1),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -2.5),
+        ("frequency_penalty", 3.0),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("logit_bias", {5: 101.0}),
+        ("logit_bias", {5: -100.5}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"x": 1.0}),
+        ("logit_bias", [1, 2]),
+        ("seed", 1.5),
+        ("stop", ("",)),
+        ("stop", (3,)),
+        ("stop_token_ids", (-1,)),
+        ("top_logprobs", 21),
+        ("top_logprobs", -1),
+        ("n", 0),
+        ("n", 129),
+        ("logprobs", "yes"),
+    ],
+)
 def test_out_of_range_params_raise_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError) as info:
         SamplingParams(**{field: value})
@@ -112,8 +138,10 @@ def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
     for _ in range(5):
         assert tokens(logits, samplers(*[SamplingParams(top_k=1, seed=i) for i in range(6)])) == expected
         assert tokens(logits, samplers(*[SamplingParams(top_p=1e-6, seed=i) for i in range(6)])) == expected
-        assert tokens(logits, samplers(*[SamplingParams(top_p=1e-6, top_k=50, temperature=2, seed=i)
-                                         for i in range(6)])) == expected
+        assert (
+            tokens(logits, samplers(*[SamplingParams(top_p=1e-6, top_k=50, temperature=2, seed=i) for i in range(6)]))
+            == expected
+        )
 
 
 # -------------------------------------------------------------------------------------- reproducibility
@@ -136,9 +164,14 @@ def test_same_seed_same_tokens_different_seed_differs() -> None:
 def test_a_rows_samples_do_not_depend_on_the_rest_of_the_batch() -> None:
     vocab, steps = 2000, 8
     target = SamplingParams(seed=123, top_p=0.95, top_k=200, temperature=0.9, presence_penalty=0.5)
-    others = [SamplingParams(temperature=0), SamplingParams(seed=5), SamplingParams(seed=6, top_p=0.5),
-              SamplingParams(seed=7, top_k=3, logprobs=True, top_logprobs=2), SamplingParams(seed=8, min_p=0.2),
-              SamplingParams(seed=9, repetition_penalty=1.3, logit_bias={4: 5.0})]
+    others = [
+        SamplingParams(temperature=0),
+        SamplingParams(seed=5),
+        SamplingParams(seed=6, top_p=0.5),
+        SamplingParams(seed=7, top_k=3, logprobs=True, top_logprobs=2),
+        SamplingParams(seed=8, min_p=0.2),
+        SamplingParams(seed=9, repetition_penalty=1.3, logit_bias={4: 5.0}),
+    ]
     alone = samplers(target)
     together = samplers(others[0], others[1], target, *others[2:])
     mates = samplers(SamplingParams(seed=1, top_p=0.3), target)
@@ -163,18 +196,21 @@ def sampled_set(params: SamplingParams, logits: mx.array, draws: int = 400) -> C
     return Counter(tokens(batch, ss))
 
 
-@pytest.mark.parametrize("params,allowed", [
-    (SamplingParams(), {0, 1, 2, 3}),
-    (SamplingParams(top_k=2), {0, 1}),
-    (SamplingParams(top_k=3), {0, 1, 2}),
-    (SamplingParams(top_p=0.75), {0, 1}),
-    (SamplingParams(top_p=0.85), {0, 1, 2}),
-    (SamplingParams(top_p=0.85, top_k=2), {0, 1}),
-    (SamplingParams(min_p=0.2), {0, 1, 2}),
-    (SamplingParams(min_p=0.5), {0, 1}),
-    (SamplingParams(min_p=0.5, temperature=0.5), {0}),  # min_p acts on the tempered distribution
-    (SamplingParams(top_p=0.4, temperature=2.0), {0, 1}),  # top_p too: 0.5 -> ~0.38 at T=2
-])
+@pytest.mark.parametrize(
+    "params,allowed",
+    [
+        (SamplingParams(), {0, 1, 2, 3}),
+        (SamplingParams(top_k=2), {0, 1}),
+        (SamplingParams(top_k=3), {0, 1, 2}),
+        (SamplingParams(top_p=0.75), {0, 1}),
+        (SamplingParams(top_p=0.85), {0, 1, 2}),
+        (SamplingParams(top_p=0.85, top_k=2), {0, 1}),
+        (SamplingParams(min_p=0.2), {0, 1, 2}),
+        (SamplingParams(min_p=0.5), {0, 1}),
+        (SamplingParams(min_p=0.5, temperature=0.5), {0}),  # min_p acts on the tempered distribution
+        (SamplingParams(top_p=0.4, temperature=2.0), {0, 1}),  # top_p too: 0.5 -> ~0.38 at T=2
+    ],
+)
 def test_filters_keep_exactly_the_expected_tokens(params: SamplingParams, allowed: set[int]) -> None:
     seen = sampled_set(params, log_probs(PROBS))
     assert set(seen) == allowed
@@ -265,10 +301,13 @@ def test_logprobs_come_from_the_raw_distribution() -> None:
     raw = np.array(logits, dtype=np.float64)
     shifted = raw - raw.max(-1, keepdims=True)
     expected = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    params = [SamplingParams(temperature=0, logprobs=True, top_logprobs=5),
-              SamplingParams(seed=3, logprobs=True, top_logprobs=20, presence_penalty=2.0, logit_bias={0: 50},
-                             temperature=0.3),
-              SamplingParams(seed=4, logprobs=True)]
+    params = [
+        SamplingParams(temperature=0, logprobs=True, top_logprobs=5),
+        SamplingParams(
+            seed=3, logprobs=True, top_logprobs=20, presence_penalty=2.0, logit_bias={0: 50}, temperature=0.3
+        ),
+        SamplingParams(seed=4, logprobs=True),
+    ]
     ss = samplers(*params)
     ss[1].record(int(np.argmax(raw[1])))
     out = sample_batch(logits, ss)
@@ -305,15 +344,23 @@ def test_batch_of_64_timings(capsys: pytest.CaptureFixture[str]) -> None:
     mx.eval(logits)
     greedy = _time(logits, [SamplingParams(temperature=0)] * batch)
     sampled = _time(logits, [SamplingParams(seed=i) for i in range(batch)])
-    kinds = [SamplingParams(temperature=0), SamplingParams(seed=1, temperature=0.7),
-             SamplingParams(seed=2, top_k=40, top_p=0.9), SamplingParams(seed=3, top_p=0.95, min_p=0.05),
-             SamplingParams(seed=4, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1,
-                            logit_bias={5: 3.0}),
-             SamplingParams(temperature=0, logprobs=True, top_logprobs=5), SamplingParams(seed=5, top_k=20),
-             SamplingParams(seed=6, logprobs=True)]
+    kinds = [
+        SamplingParams(temperature=0),
+        SamplingParams(seed=1, temperature=0.7),
+        SamplingParams(seed=2, top_k=40, top_p=0.9),
+        SamplingParams(seed=3, top_p=0.95, min_p=0.05),
+        SamplingParams(
+            seed=4, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1, logit_bias={5: 3.0}
+        ),
+        SamplingParams(temperature=0, logprobs=True, top_logprobs=5),
+        SamplingParams(seed=5, top_k=20),
+        SamplingParams(seed=6, logprobs=True),
+    ]
     mixed = _time(logits, [kinds[i % len(kinds)] for i in range(batch)])
     with capsys.disabled():
-        print(f"\n[sampling (64, 49152) bf16] greedy fast path {greedy * 1e3:.1f} ms, "
-              f"all temperature=1 {sampled * 1e3:.1f} ms, mixed {mixed * 1e3:.1f} ms per step")
+        print(
+            f"\n[sampling (64, 49152) bf16] greedy fast path {greedy * 1e3:.1f} ms, "
+            f"all temperature=1 {sampled * 1e3:.1f} ms, mixed {mixed * 1e3:.1f} ms per step"
+        )
     assert greedy < 0.25 and greedy * 3 < mixed
     assert mixed < 5.0 and not math.isnan(mixed)

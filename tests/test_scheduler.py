@@ -168,6 +168,7 @@ def two_decoding_sequences() -> tuple[Scheduler, Sequence, Sequence]:
     decoded(older, newer)
     return sched, older, newer
 
+
 def test_preemption_frees_a_block_reserved_for_the_step_run_ahead() -> None:
     sched, older, newer = two_decoding_sequences()
     assert sched.kv.grow(newer, newer.num_tokens + 1)  # the decoder reserved the newer one's next slot early

@@ -38,9 +38,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "smollm2-135m-instruct"
 GRACE = 6.0
-TRAINING = "".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
-                                            {"role": "assistant", "content": f"{i}."}]}) + "\n"
-                   for i in range(12)).encode()
+TRAINING = "".join(
+    json.dumps({"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]})
+    + "\n"
+    for i in range(12)
+).encode()
 
 
 class Server:
@@ -54,7 +56,12 @@ class Server:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--offline", *flags],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 180  # model load: ~10 s alone, more on a busy machine
         while True:
             assert self.process.poll() is None, f"server exited early:\n{self.tail()}"
@@ -84,8 +91,9 @@ def servers() -> Iterator[list[Server]]:
 
 
 def upload(base: str, data: bytes, name: str = "train.jsonl") -> str:
-    response = httpx.post(base + "/v1/files", files={"file": (name, io.BytesIO(data))},
-                          data={"purpose": "fine-tune"}, timeout=30)
+    response = httpx.post(
+        base + "/v1/files", files={"file": (name, io.BytesIO(data))}, data={"purpose": "fine-tune"}, timeout=30
+    )
     response.raise_for_status()
     return str(response.json()["id"])
 
@@ -108,9 +116,13 @@ class Stream(threading.Thread):
 
     def __init__(self, base: str, max_tokens: int, endless: bool) -> None:
         super().__init__(daemon=True)
-        self.body = {"messages": [{"role": "user", "content": "Count from 1 to 1000."}], "stream": True,
-                     "max_tokens": max_tokens, "temperature": 0,
-                     **({"logit_bias": {"2": -100, "0": -100}} if endless else {})}  # no end-of-text token
+        self.body = {
+            "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **({"logit_bias": {"2": -100, "0": -100}} if endless else {}),
+        }  # no end-of-text token
         self.base = base
         self.data: list[str] = []
         self.started = threading.Event()
@@ -122,7 +134,7 @@ class Stream(threading.Thread):
             with httpx.stream("POST", self.base + "/v1/chat/completions", json=self.body, timeout=120) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
-                        self.data.append(line[len("data: "):])
+                        self.data.append(line[len("data: ") :])
                         if len(self.data) >= 2:
                             self.started.set()
         except BaseException as exc:  # noqa: BLE001 - reported by the test
@@ -143,18 +155,31 @@ def integrity(data_dir: Path) -> sqlite3.Connection:
 
 
 def test_the_deadline_ends_json_answers_and_response_streams_as_interrupted(
-        registry: ModelRegistry, tmp_path: Path) -> None:
-    endless = {"temperature": 0, "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
-               "max_tokens": 4000, "logit_bias": {"2": -100, "0": -100}}
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    endless = {
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
+        "max_tokens": 4000,
+        "logit_bias": {"2": -100, "0": -100},
+    }
     answers: dict[str, httpx.Response] = {}
     with running_server(create_app(Settings(data_dir=tmp_path), registry)) as base:
+
         def ask(name: str, path: str, body: dict[str, object]) -> None:
             answers[name] = httpx.post(base + path, json=body, timeout=120)
 
-        calls = [threading.Thread(target=ask, args=("chat", "/v1/chat/completions", endless)),
-                 threading.Thread(target=ask, args=("responses", "/v1/responses", {
-                     "input": "Count from 1 to 1000.", "max_output_tokens": 4000, "temperature": 0,
-                     "stream": True}))]
+        calls = [
+            threading.Thread(target=ask, args=("chat", "/v1/chat/completions", endless)),
+            threading.Thread(
+                target=ask,
+                args=(
+                    "responses",
+                    "/v1/responses",
+                    {"input": "Count from 1 to 1000.", "max_output_tokens": 4000, "temperature": 0, "stream": True},
+                ),
+            ),
+        ]
         for call in calls:
             call.start()
         deadline = time.monotonic() + 60
@@ -172,7 +197,8 @@ def test_the_deadline_ends_json_answers_and_response_streams_as_interrupted(
 
 
 def test_sigterm_finishes_or_aborts_streams_fails_the_running_job_and_exits_zero(
-        tmp_path: Path, servers: list[Server]) -> None:
+    tmp_path: Path, servers: list[Server]
+) -> None:
     data_dir = tmp_path / "data"
     server = Server(data_dir, "--shutdown-timeout", str(GRACE), "--max-training-jobs", "1")
     servers.append(server)

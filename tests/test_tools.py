@@ -7,9 +7,16 @@ import json
 from server.serving.tool_grammar import call_schema, lark_text, marker
 from server.serving.tools import HERMES_END, HERMES_START, ToolCallParser, tool_format, with_tools
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALL = f'{HERMES_START}{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}{HERMES_END}'
 
 
@@ -66,11 +73,21 @@ def test_text_without_calls_passes_through() -> None:
 
 
 def test_instructions_and_history_for_templates_without_tools() -> None:
-    history = [{"role": "user", "content": "Weather?"},
-               {"role": "assistant", "content": "", "tool_calls": [
-                   {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                                      "arguments": {"city": "Paris"}}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     out = with_tools(history, TOOLS, None)
     assert out[0]["role"] == "system" and "get_weather" in out[0]["content"]
     assert HERMES_START in out[2]["content"] and out[3]["role"] == "user" and "sunny" in out[3]["content"]
@@ -85,6 +102,7 @@ def test_parallel_tool_calls_false_keeps_only_the_first_call() -> None:
 
 
 # -- markup never reaches the client ----------------------------------------------------------------
+
 
 def test_an_unterminated_call_that_does_not_parse_is_dropped_not_shown() -> None:
     """A forced call cut by max_tokens: the text before it stays, its markup never becomes content."""
@@ -130,6 +148,7 @@ def test_only_json_call_formats_get_the_forcing_grammar() -> None:
 
 # -- the forcing grammar ----------------------------------------------------------------------------
 
+
 class _Added:
     def __init__(self, added: dict[str, int]) -> None:
         self.added = added
@@ -145,9 +164,12 @@ def test_markers_that_are_added_tokens_become_token_references() -> None:
 
 
 def test_the_call_schema_hoists_defs_and_the_grammar_is_compact_and_bounded() -> None:
-    parameters = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-                  "$defs": {"Digit": {"type": "integer"}}, "type": "object",
-                  "properties": {"a": {"$ref": "#/$defs/Digit"}}}
+    parameters = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": {"Digit": {"type": "integer"}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/Digit"}},
+    }
     tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
     schema = call_schema(tool)
     assert schema["$defs"] == parameters["$defs"] and "$defs" not in schema["properties"]["arguments"]

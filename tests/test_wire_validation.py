@@ -59,8 +59,13 @@ def error_of(response: httpx.Response, param: str | None, code: str | None = Non
 @pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
 @pytest.mark.parametrize("stream", [None, False])
 def test_stream_options_without_stream_is_400(base: str, path: str, stream: bool | None) -> None:
-    body: dict[str, Any] = {"model": MODEL, "messages": USER, "prompt": "Hi", "max_tokens": 1,
-                            "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": USER,
+        "prompt": "Hi",
+        "max_tokens": 1,
+        "stream_options": {"include_usage": True},
+    }
     if stream is not None:
         body["stream"] = stream
     error = error_of(post(base, path, body), "stream_options")
@@ -68,20 +73,36 @@ def test_stream_options_without_stream_is_400(base: str, path: str, stream: bool
 
 
 def test_stream_options_null_or_with_stream_is_fine(client: openai.OpenAI, base: str) -> None:
-    assert post(base, "/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 1,
-                                            "stream_options": None}).status_code == 200
-    chunks = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, stream=True,
-                                            stream_options={"include_usage": True}))
+    assert (
+        post(
+            base, "/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 1, "stream_options": None}
+        ).status_code
+        == 200
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=1, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage is not None
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1,  # type: ignore[arg-type]
-                                       stream_options={"include_usage": True})
+        client.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            max_tokens=1,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
     assert info.value.param == "stream_options"
 
 
 # -- tool names -------------------------------------------------------------------------------------
-BAD_NAMES = [("", "empty_string"), ("get weather", "invalid_value"), ("wetter.heute", "invalid_value"),
-             ("x" * 65, "string_above_max_length"), ("naïve", "invalid_value")]
+BAD_NAMES = [
+    ("", "empty_string"),
+    ("get weather", "invalid_value"),
+    ("wetter.heute", "invalid_value"),
+    ("x" * 65, "string_above_max_length"),
+    ("naïve", "invalid_value"),
+]
 
 
 @pytest.mark.parametrize(("name", "code"), BAD_NAMES)
@@ -99,26 +120,39 @@ def test_responses_tool_names_follow_openais_pattern(base: str, name: str, code:
 
 def test_duplicate_tool_names_are_400(base: str) -> None:
     tools = [chat_tool("a"), chat_tool("b"), chat_tool("a")]
-    error = error_of(post(base, "/chat/completions", {"model": MODEL, "messages": USER, "tools": tools}),
-                     "tools[2].function.name")
+    error = error_of(
+        post(base, "/chat/completions", {"model": MODEL, "messages": USER, "tools": tools}), "tools[2].function.name"
+    )
     assert "unique" in error["message"] and "tools[0]" in error["message"]
     flat = [flat_tool("a"), flat_tool("a")]
     error_of(post(base, "/responses", {"model": MODEL, "input": "Hi", "tools": flat}), "tools[1].name")
 
 
 def test_tool_choice_names_follow_the_pattern(base: str) -> None:
-    chat = {"model": MODEL, "messages": USER, "tools": [chat_tool("a")],
-            "tool_choice": {"type": "function", "function": {"name": "not valid!"}}}
+    chat = {
+        "model": MODEL,
+        "messages": USER,
+        "tools": [chat_tool("a")],
+        "tool_choice": {"type": "function", "function": {"name": "not valid!"}},
+    }
     error_of(post(base, "/chat/completions", chat), "tool_choice.function.name", "invalid_value")
-    flat = {"model": MODEL, "input": "Hi", "tools": [flat_tool("a")],
-            "tool_choice": {"type": "function", "name": "a b"}}
+    flat = {
+        "model": MODEL,
+        "input": "Hi",
+        "tools": [flat_tool("a")],
+        "tool_choice": {"type": "function", "name": "a b"},
+    }
     error_of(post(base, "/responses", flat), "tool_choice.name", "invalid_value")
 
 
 def test_valid_tool_names_still_work(client: openai.OpenAI) -> None:
     name = "get-Weather_2" + "x" * 51  # 64 characters of every allowed kind
-    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1,  # type: ignore[arg-type]
-                                       tools=[chat_tool(name)])  # type: ignore[list-item]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        max_tokens=1,  # type: ignore[arg-type]
+        tools=[chat_tool(name)],
+    )  # type: ignore[list-item]
     assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
 
 
@@ -133,25 +167,37 @@ def output(call_id: str) -> dict[str, Any]:
 
 def test_function_call_output_without_its_call_is_400(base: str) -> None:
     question = {"role": "user", "content": "Weather in Paris?"}
-    error = error_of(post(base, "/responses", {"model": MODEL, "input": [question, output("call_nope")]}),
-                     "input[1].call_id")
+    error = error_of(
+        post(base, "/responses", {"model": MODEL, "input": [question, output("call_nope")]}), "input[1].call_id"
+    )
     assert error["message"] == "No tool call found for function call output with call_id call_nope."
     # the call after its output does not count either
-    error_of(post(base, "/responses", {"model": MODEL, "input": [question, output("call_1"), call("call_1")]}),
-             "input[1].call_id")
+    error_of(
+        post(base, "/responses", {"model": MODEL, "input": [question, output("call_1"), call("call_1")]}),
+        "input[1].call_id",
+    )
 
 
 def test_function_call_output_matches_a_call_in_the_input_or_the_chain(base: str) -> None:
     question = {"role": "user", "content": "Weather in Paris?"}
-    first = post(base, "/responses", {"model": MODEL, "max_output_tokens": 1,
-                                      "input": [question, call("call_a"), output("call_a"), call("call_b")]})
+    first = post(
+        base,
+        "/responses",
+        {"model": MODEL, "max_output_tokens": 1, "input": [question, call("call_a"), output("call_a"), call("call_b")]},
+    )
     assert first.status_code == 200, first.text
     previous = first.json()["id"]
-    follow_up = post(base, "/responses", {"model": MODEL, "max_output_tokens": 1, "previous_response_id": previous,
-                                          "input": [output("call_b")]})
+    follow_up = post(
+        base,
+        "/responses",
+        {"model": MODEL, "max_output_tokens": 1, "previous_response_id": previous, "input": [output("call_b")]},
+    )
     assert follow_up.status_code == 200, follow_up.text
-    stranger = post(base, "/responses", {"model": MODEL, "max_output_tokens": 1, "previous_response_id": previous,
-                                         "input": [output("call_c")]})
+    stranger = post(
+        base,
+        "/responses",
+        {"model": MODEL, "max_output_tokens": 1, "previous_response_id": previous, "input": [output("call_c")]},
+    )
     error_of(stranger, "input[0].call_id")
 
 
@@ -183,18 +229,36 @@ def test_text_part_without_text_names_the_missing_field(base: str) -> None:
 # -- lone surrogates --------------------------------------------------------------------------------
 @pytest.mark.parametrize("text", [rb"\ud800", rb"\ud800x", rb"a\udc00", rb"\ud800\u0041", rb"\\\udbff"])
 def test_lone_surrogate_is_named_not_called_truncated(base: str, text: bytes) -> None:
-    body = b'{"model": "' + MODEL.encode() + b'", "max_tokens": 1, "messages": [{"role": "user", "content": "' + \
-        text + b'"}]}'
-    response = httpx.post(base + "/v1/chat/completions", content=body, timeout=60,
-                          headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    body = (
+        b'{"model": "'
+        + MODEL.encode()
+        + b'", "max_tokens": 1, "messages": [{"role": "user", "content": "'
+        + text
+        + b'"}]}'
+    )
+    response = httpx.post(
+        base + "/v1/chat/completions",
+        content=body,
+        timeout=60,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
     error = error_of(response, None, "invalid_json")
     assert "surrogate" in error["message"] and "truncated" not in error["message"]
 
 
 @pytest.mark.parametrize("text", [rb"\ud83d\ude00", rb"\\ud800", rb"\\\\ud800"])
 def test_surrogate_pairs_and_escaped_backslashes_still_decode(base: str, text: bytes) -> None:
-    body = b'{"model": "' + MODEL.encode() + b'", "max_tokens": 1, "messages": [{"role": "user", "content": "' + \
-        text + b'"}]}'
-    response = httpx.post(base + "/v1/chat/completions", content=body, timeout=60,
-                          headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    body = (
+        b'{"model": "'
+        + MODEL.encode()
+        + b'", "max_tokens": 1, "messages": [{"role": "user", "content": "'
+        + text
+        + b'"}]}'
+    )
+    response = httpx.post(
+        base + "/v1/chat/completions",
+        content=body,
+        timeout=60,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
     assert response.status_code == 200, response.text

@@ -71,8 +71,7 @@ class EmbeddingBatcher:
         deadline = time.monotonic() + wait
         while True:
             try:
-                job = self._jobs.get(timeout=max(0.0, deadline - time.monotonic())) if wait else \
-                    self._jobs.get_nowait()
+                job = self._jobs.get(timeout=max(0.0, deadline - time.monotonic())) if wait else self._jobs.get_nowait()
             except queue.Empty:
                 return True
             if job is None:

@@ -35,13 +35,14 @@ class CausalLMEncoder:
         self.tokenizer = tokenizer  # a Hugging Face tokenizer (fast)
         self.pooling = pooling
         self.max_length = max_length
-        self.vocab_size = int(backbone.embed_tokens.weight.shape[0]) if hasattr(backbone, "embed_tokens") \
-            else len(tokenizer)
+        self.vocab_size = (
+            int(backbone.embed_tokens.weight.shape[0]) if hasattr(backbone, "embed_tokens") else len(tokenizer)
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         bare = tokenizer("", add_special_tokens=True)["input_ids"]
         specials = set(tokenizer.all_special_ids)
         lead = [t for t in bare[:1] if t == tokenizer.bos_token_id]
-        self._wrap = (lead, [t for t in bare[len(lead):] if t in specials])
+        self._wrap = (lead, [t for t in bare[len(lead) :] if t in specials])
         self.dimensions = int(self._probe())
 
     @classmethod

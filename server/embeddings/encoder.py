@@ -224,7 +224,7 @@ class EncoderModel(nn.Module):
         for key, value in weights.items():
             for prefix in _WEIGHT_PREFIXES:
                 if key.startswith(prefix):
-                    key = key[len(prefix):]
+                    key = key[len(prefix) :]
                     break
             if key.startswith(_UNUSED_WEIGHTS):
                 continue
@@ -319,8 +319,15 @@ def right_pad(batch: list[list[int]], pad_id: int, max_length: int) -> tuple[mx.
 class Encoder:
     """A loaded sentence-embedding model: tokenizer + MLX network + pooling."""
 
-    def __init__(self, model: EncoderModel, tokenizer: Any, pooling: PoolingConfig,
-                 max_length: int, pad_id: int, path: Path | None = None):
+    def __init__(
+        self,
+        model: EncoderModel,
+        tokenizer: Any,
+        pooling: PoolingConfig,
+        max_length: int,
+        pad_id: int,
+        path: Path | None = None,
+    ):
         self.path = path  # the directory it was loaded from
         self.model = model
         self.tokenizer = tokenizer

@@ -40,8 +40,17 @@ _MODULE_OF: dict[str, str] = {
 }
 
 __all__ = [
-    "Engine", "EngineConfig", "EngineStats", "GenerationError", "GenerationRequest", "GrammarSpec",
-    "PoolExhaustedError", "SamplingParams", "SchedulerConfig", "TokenEvent", "common_prefix_length",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "GenerationError",
+    "GenerationRequest",
+    "GrammarSpec",
+    "PoolExhaustedError",
+    "SamplingParams",
+    "SchedulerConfig",
+    "TokenEvent",
+    "common_prefix_length",
     "raise_if_failed",
 ]
 

@@ -74,14 +74,19 @@ _TABLE_SOURCE = """
 
 @functools.cache
 def _table_kernel() -> Any:
-    return mx.fast.cuda_kernel(name="kv_block_table", input_names=["pool", "table", "row_job", "old"],
-                               output_names=["out"], source=_TABLE_SOURCE)
+    return mx.fast.cuda_kernel(
+        name="kv_block_table",
+        input_names=["pool", "table", "row_job", "old"],
+        output_names=["out"],
+        source=_TABLE_SOURCE,
+    )
 
 
 @functools.cache
 def _cuda_kernel() -> Any:
-    return mx.fast.cuda_kernel(name="kv_block_rows", input_names=["pool", "table"], output_names=["out"],
-                               source=_SOURCE)
+    return mx.fast.cuda_kernel(
+        name="kv_block_rows", input_names=["pool", "table"], output_names=["out"], source=_SOURCE
+    )
 
 
 def uses_kernel(pool: mx.array) -> bool:
@@ -108,16 +113,22 @@ def gather_block_rows(pools: Sequence[mx.array], table: mx.array, block_size: in
             out.append(rows.reshape(jobs * heads, width * block_size, dim))
             continue
         vecs = dim * pool.dtype.size // VECTOR_BYTES
-        out.append(_cuda_kernel()(
-            inputs=[pool, table],
-            template=[("BLOCK", block_size), ("HEADS", heads), ("VECS", vecs)],
-            grid=(width * block_size * vecs, jobs * heads, 1), threadgroup=(256, 1, 1),
-            output_shapes=[(jobs * heads, width * block_size, dim)], output_dtypes=[pool.dtype])[0])
+        out.append(
+            _cuda_kernel()(
+                inputs=[pool, table],
+                template=[("BLOCK", block_size), ("HEADS", heads), ("VECS", vecs)],
+                grid=(width * block_size * vecs, jobs * heads, 1),
+                threadgroup=(256, 1, 1),
+                output_shapes=[(jobs * heads, width * block_size, dim)],
+                output_dtypes=[pool.dtype],
+            )[0]
+        )
     return out
 
 
-def load_block_rows(tables: Sequence[mx.array], pools: Sequence[mx.array], table: mx.array, rows: Sequence[int],
-                    block_size: int) -> list[mx.array]:
+def load_block_rows(
+    tables: Sequence[mx.array], pools: Sequence[mx.array], table: mx.array, rows: Sequence[int], block_size: int
+) -> list[mx.array]:
     """For every pair of decode-row table ``(R * heads, C, dim)`` and pool, the table with row ``rows[j]``'s
     first ``min(W * block_size, C)`` columns (every head) replaced by block table ``j``'s tokens.
 
@@ -138,18 +149,24 @@ def load_block_rows(tables: Sequence[mx.array], pools: Sequence[mx.array], table
                 job_of[np.asarray(rows)] = np.arange(jobs, dtype=np.int32)
                 row_job = mx.array(job_of)
             vecs = pool.shape[-1] * pool.dtype.size // VECTOR_BYTES
-            out.append(_table_kernel()(
-                inputs=[pool, table, row_job, target],
-                template=[("BLOCK", block_size), ("HEADS", heads), ("VECS", vecs)],
-                grid=(columns * vecs, capacity_rows * heads, 1), threadgroup=(256, 1, 1),
-                output_shapes=[target.shape], output_dtypes=[target.dtype])[0])
+            out.append(
+                _table_kernel()(
+                    inputs=[pool, table, row_job, target],
+                    template=[("BLOCK", block_size), ("HEADS", heads), ("VECS", vecs)],
+                    grid=(columns * vecs, capacity_rows * heads, 1),
+                    threadgroup=(256, 1, 1),
+                    output_shapes=[target.shape],
+                    output_dtypes=[target.dtype],
+                )[0]
+            )
             continue
         gathered = gather_block_rows([pool], table, block_size)[0]
         if consecutive:
             targets: Any = slice(rows[0] * heads, (rows[0] + jobs) * heads)
         else:
-            targets = mx.array((np.asarray(rows)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
-                               .astype(np.int32))
+            targets = mx.array(
+                (np.asarray(rows)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1).astype(np.int32)
+            )
         target[targets, :loaded] = gathered[:, :loaded]
         out.append(target)
     return out

@@ -42,7 +42,7 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"") 
     hashes: list[bytes] = []
     parent: bytes | None = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = chain_hash(parent, token_ids[start:start + block_size], salt)
+        parent = chain_hash(parent, token_ids[start : start + block_size], salt)
         hashes.append(parent)
     return hashes
 

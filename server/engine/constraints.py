@@ -164,8 +164,10 @@ def _tokenizer_json(tokenizer: Any) -> str:
             return backend.to_str()
         obj = getattr(obj, "_tokenizer", None)
         seen += 1
-    raise ValueError("structured output needs a fast (Hugging Face `tokenizers`) tokenizer; this model's "
-                     f"tokenizer is a {type(tokenizer).__name__}")
+    raise ValueError(
+        "structured output needs a fast (Hugging Face `tokenizers`) tokenizer; this model's "
+        f"tokenizer is a {type(tokenizer).__name__}"
+    )
 
 
 class SequenceConstraint:
@@ -227,8 +229,9 @@ class ConstraintFactory:
     are kept in a small LRU cache (errors too) and each sequence gets a cheap deep copy. Thread-safe:
     requests are validated on the HTTP side and constraints are created on the engine thread."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int] = (),
-                 cache_size: int = _CACHE_SIZE) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int] = (), cache_size: int = _CACHE_SIZE
+    ) -> None:
         self._source = tokenizer
         self.vocab_size = int(vocab_size)
         self._eos = sorted({int(t) for t in eos_token_ids})
@@ -288,8 +291,12 @@ class ConstraintFactory:
         from llguidance import LLMatcher
 
         tokenizer = self.tokenizer
-        what = {"json_object": "JSON object", "json_schema": "JSON schema", "lark": "Lark grammar",
-                "regex": "regular expression"}[spec.kind]
+        what = {
+            "json_object": "JSON object",
+            "json_schema": "JSON schema",
+            "lark": "Lark grammar",
+            "regex": "regular expression",
+        }[spec.kind]
         try:
             grammar = _grammar_json(spec)
         except (ValueError, TypeError) as exc:
@@ -298,8 +305,10 @@ class ConstraintFactory:
         if matcher.is_error():
             message = client_message(matcher.get_error())
             if spec.kind == "json_schema" and message.startswith("Unimplemented keys"):
-                message += (" (these JSON Schema keywords are not supported for structured output; "
-                            "with strict=false they are ignored)")
+                message += (
+                    " (these JSON Schema keywords are not supported for structured output; "
+                    "with strict=false they are ignored)"
+                )
             return f"Unsupported {what}: {message}"
         return matcher
 
@@ -340,7 +349,8 @@ def fill_masks(rows: Sequence[tuple[int, SequenceConstraint]], batch: int, vocab
         constraint.fill_mask(bitmask, row)
     elif rows:
         _parallel_executor().unsafe_compute_mask_ptr(
-            [(c._matcher, row) for row, c in rows], bitmask.ctypes.data, words * 4, batch)
+            [(c._matcher, row) for row, c in rows], bitmask.ctypes.data, words * 4, batch
+        )
     return bitmask
 
 
@@ -359,5 +369,12 @@ def apply_bitmask(x: mx.array, bitmask: np.ndarray) -> mx.array:
     return _apply_compiled(x, mx.array(bitmask.view(np.uint32)))
 
 
-__all__ = ["ConstraintFactory", "GrammarSpec", "JSON_WHITESPACE", "SequenceConstraint", "apply_bitmask",
-           "client_message", "fill_masks"]
+__all__ = [
+    "ConstraintFactory",
+    "GrammarSpec",
+    "JSON_WHITESPACE",
+    "SequenceConstraint",
+    "apply_bitmask",
+    "client_message",
+    "fill_masks",
+]

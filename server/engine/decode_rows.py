@@ -69,8 +69,10 @@ class DecodeRows:
         old_k, old_v = self.keys, self.values
         self.keys, self.values = [], []
         for layer, heads in enumerate(self.shape.kv_heads):
-            for pools, olds, dim in ((self.keys, old_k, self.shape.k_dims[layer]),
-                                     (self.values, old_v, self.shape.v_dims[layer])):
+            for pools, olds, dim in (
+                (self.keys, old_k, self.shape.k_dims[layer]),
+                (self.values, old_v, self.shape.v_dims[layer]),
+            ):
                 grown = mx.zeros((new_rows * heads, new_len, dim), self.shape.dtype)
                 if olds:
                     grown[: self.capacity_rows * heads, : self.capacity_len] = olds[layer]
@@ -95,10 +97,11 @@ class DecodeRows:
         for i, (blocks, count) in enumerate(zip(tables, counts)):
             own = blocks[: -(-count // bs)]
             table[i, : len(own)] = own
-            table[i, len(own):] = own[-1]
+            table[i, len(own) :] = own[-1]
         block_table = mx.array(table)
-        loaded = load_block_rows([*self.keys, *self.values], [*self.store.keys, *self.store.values], block_table,
-                                 rows, bs)
+        loaded = load_block_rows(
+            [*self.keys, *self.values], [*self.store.keys, *self.store.values], block_table, rows, bs
+        )
         layers = self.shape.num_layers
         self.keys, self.values = loaded[:layers], loaded[layers:]
         for row, count in zip(rows, counts):
@@ -125,8 +128,11 @@ class DecodeRows:
                 self.row_of[_key(seq)] = row
             rows.append(row)
         self._grow(max(rows) + 1, max(offsets) + 1)
-        joining = [(row, seq, offset) for seq, row, offset in zip(seqs, rows, offsets)
-                   if 0 < offset and self.length[row] < offset]
+        joining = [
+            (row, seq, offset)
+            for seq, row, offset in zip(seqs, rows, offsets)
+            if 0 < offset and self.length[row] < offset
+        ]
         if joining:
             self._load([j[0] for j in joining], [j[1].block_ids for j in joining], [j[2] for j in joining])
         for row, offset in zip(rows, offsets):
@@ -162,8 +168,10 @@ class DecodeRows:
         for layer, heads in enumerate(self.shape.kv_heads):
             if heads not in by_heads:
                 expand = np.arange(heads)[None, :]
-                by_heads[heads] = (mx.array((source[:, None] * heads + expand).reshape(-1).astype(np.int32)),
-                                   mx.array((target[:, None] * heads + expand).reshape(-1).astype(np.int32)))
+                by_heads[heads] = (
+                    mx.array((source[:, None] * heads + expand).reshape(-1).astype(np.int32)),
+                    mx.array((target[:, None] * heads + expand).reshape(-1).astype(np.int32)),
+                )
             src_index, dst_index = by_heads[heads]
             for table in (self.keys, self.values):
                 table[layer][dst_index] = table[layer][src_index]
@@ -200,8 +208,10 @@ class DecodeRows:
         for layer, heads in enumerate(self.shape.kv_heads):
             if heads not in by_heads:
                 flat_rows = (row_of_token[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
-                by_heads[heads] = (mx.array(flat_rows.astype(np.int32)),
-                                   mx.array(np.repeat(column_of_token, heads).astype(np.int32)))
+                by_heads[heads] = (
+                    mx.array(flat_rows.astype(np.int32)),
+                    mx.array(np.repeat(column_of_token, heads).astype(np.int32)),
+                )
             flat_rows, flat_columns = by_heads[heads]
             for table, pools in ((self.keys, self.store.keys), (self.values, self.store.values)):
                 # indexing the rows as stored (no transposed view, which MLX would copy whole first)
@@ -235,8 +245,9 @@ class _DecodeStep:
     step (steady decoding), is the previous step's plus one; the write rows are cached per batch width.
     """
 
-    def __init__(self, offsets: list[int], device_offsets: mx.array | None,
-                 row_indices: dict[tuple[int, int], mx.array]) -> None:
+    def __init__(
+        self, offsets: list[int], device_offsets: mx.array | None, row_indices: dict[tuple[int, int], mx.array]
+    ) -> None:
         self.offsets = offsets
         self.width = max(offsets) + 1
         self._masks: dict[int | None, Any] = {}
@@ -257,8 +268,9 @@ class _DecodeStep:
             batch = len(self.offsets)
             rows = self._row_indices.get((batch, heads))
             if rows is None:
-                rows = mx.array((np.arange(batch)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
-                                .astype(np.int32))
+                rows = mx.array(
+                    (np.arange(batch)[:, None] * heads + np.arange(heads)[None, :]).reshape(-1).astype(np.int32)
+                )
                 self._row_indices[(batch, heads)] = rows
             found = (rows, mx.repeat(self.device_offsets, heads))
             self._indices[heads] = found

@@ -22,8 +22,9 @@ from server.engine.sequence import Sequence
 class Decoder:
     """Samples each decode step, running all-greedy batches one step ahead when `run_ahead` is on."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, kv: KVCacheManager, context_length: int,
-                 run_ahead: bool) -> None:
+    def __init__(
+        self, runner: ModelRunner, scheduler: Scheduler, kv: KVCacheManager, context_length: int, run_ahead: bool
+    ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.kv = kv
@@ -60,8 +61,9 @@ class Decoder:
         """
         if not self.run_ahead or self.scheduler.waiting or any(s.num_pending_prefill for s in self.scheduler.running):
             return False
-        if not all(len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.context_length
-                   for s in decodes):
+        if not all(
+            len(s.output_token_ids) + 1 < s.max_tokens and s.num_tokens + 1 < self.context_length for s in decodes
+        ):
             return False
         return all(self.kv.grow(seq, seq.num_tokens + 1) for seq in decodes)
 

@@ -41,14 +41,18 @@ class TextDecoder:
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "decode") or getattr(hf, "clean_up_tokenization_spaces", True):
             return None
-        if not getattr(getattr(type(hf), "_decode", None), "__module__", "").startswith("transformers.tokenization_utils"):
+        if not getattr(getattr(type(hf), "_decode", None), "__module__", "").startswith(
+            "transformers.tokenization_utils"
+        ):
             return None  # a model-specific tokenizer class with its own decoding
         try:
             size = int(backend.get_vocab_size(with_added_tokens=True))
             probe = list(range(0, size, max(1, size // 512)))
             windows = [probe, probe[:3], probe[-5:], list(range(min(size, 300)))]
-            same = all(backend.decode(w, skip_special_tokens=True) == tokenizer.decode(w, skip_special_tokens=True)
-                       for w in windows)
+            same = all(
+                backend.decode(w, skip_special_tokens=True) == tokenizer.decode(w, skip_special_tokens=True)
+                for w in windows
+            )
         except Exception:  # any surprise: keep the wrapper
             return None
         return backend if same else None
@@ -125,7 +129,7 @@ class IncrementalDetokenizer:
 
     def _decode_step(self, final: bool) -> str:
         """New stable characters of the output (all remaining ones when final)."""
-        window = self._tokens[self._window_start:]
+        window = self._tokens[self._window_start :]
         if not window:
             return ""
         text = self._decode(window)
@@ -133,14 +137,14 @@ class IncrementalDetokenizer:
         if not final:
             while end > self._window_emitted and text[end - 1] == _REPLACEMENT:
                 end -= 1
-        new = text[self._window_emitted:end] if end > self._window_emitted else ""
+        new = text[self._window_emitted : end] if end > self._window_emitted else ""
         self._window_emitted = max(self._window_emitted, end)
         if end == len(text):
             if len(window) >= _WINDOW:
                 # restart at the previous boundary: the tokens since then decode to whole characters on
                 # their own, and stay as context (SentencePiece's leading space, byte-fallback runs)
                 self._window_start = self._complete_at
-                self._window_emitted = len(self._decode(self._tokens[self._window_start:]))
+                self._window_emitted = len(self._decode(self._tokens[self._window_start :]))
             self._complete_at = len(self._tokens)
         return new
 
@@ -162,7 +166,7 @@ class IncrementalDetokenizer:
             self._held = ""
             return self._emit(buf[:hit])
         keep = 0 if final else self._partial_stop_suffix(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
+        self._held = buf[len(buf) - keep :] if keep else ""
         return self._emit(buf[: len(buf) - keep])
 
     def _partial_stop_suffix(self, buf: str) -> int:

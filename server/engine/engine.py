@@ -92,15 +92,17 @@ class _AbortAll:
 class Engine:
     """Continuous batching over a paged KV pool for one model."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
-                 context_length: int | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, config: EngineConfig | None = None, context_length: int | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = _resolved(config or EngineConfig())
         shape = probe_kv_shape(model)
         bs = self.config.block_size
         num_blocks = self.config.num_blocks or max(
-            1, int(self.config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs))
+            1, int(self.config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs)
+        )
         self.pool = BlockPool(num_blocks, bs)
         self.store = KVStore(shape, num_blocks, bs)
         self.runner = ModelRunner(model, self.store)
@@ -109,9 +111,10 @@ class Engine:
         self.context_length = context_length or model_context_length(model)
         self.vocab_size = model_vocab_size(model, tokenizer)
         self.text_decoder = TextDecoder(tokenizer)
-        self.eos_ids = frozenset(getattr(tokenizer, "eos_token_ids", None) or
-                                 ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None
-                                  else []))
+        self.eos_ids = frozenset(
+            getattr(tokenizer, "eos_token_ids", None)
+            or ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else [])
+        )
         # grammar-constrained decoding (response_format); llguidance's tokenizer is built on first use
         self.constraints = ConstraintFactory(tokenizer, self.vocab_size, self.eos_ids)
         self.limits = ModelLimits(self.context_length, self.vocab_size, self.constraints)
@@ -122,14 +125,25 @@ class Engine:
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
         on_gpu = mx.default_device() != mx.cpu
-        self.decoder = Decoder(self.runner, self.scheduler, self.kv, self.context_length,
-                               self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu)
-        self.output = OutputProcessor(threaded=self.config.output_thread if self.config.output_thread is not None
-                                      else on_gpu)
+        self.decoder = Decoder(
+            self.runner,
+            self.scheduler,
+            self.kv,
+            self.context_length,
+            self.config.decode_ahead if self.config.decode_ahead is not None else on_gpu,
+        )
+        self.output = OutputProcessor(
+            threaded=self.config.output_thread if self.config.output_thread is not None else on_gpu
+        )
         self._lock = threading.Lock()
         self._record_state()  # the pool's counts from the start, not only after the first step
-        log.info("KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)", num_blocks, bs,
-                 self.store.nbytes / (1 << 30), shape.bytes_per_token)
+        log.info(
+            "KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)",
+            num_blocks,
+            bs,
+            self.store.nbytes / (1 << 30),
+            shape.bytes_per_token,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -256,9 +270,20 @@ class Engine:
             constraint = self.constraints.create(grammar) if grammar is not None else None
             sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
             detok = IncrementalDetokenizer(self.text_decoder, request.params.stop, request.prompt_token_ids)
-            seqs.append(Sequence(request.request_id, index, list(request.prompt_token_ids), request.params,
-                                 sampler, detok, max_tokens, request.salt, request.conversation_key,
-                                 streamed=request.streamed))
+            seqs.append(
+                Sequence(
+                    request.request_id,
+                    index,
+                    list(request.prompt_token_ids),
+                    request.params,
+                    sampler,
+                    detok,
+                    max_tokens,
+                    request.salt,
+                    request.conversation_key,
+                    streamed=request.streamed,
+                )
+            )
         self._sinks[request.request_id] = command.sink
         self._seqs[request.request_id] = seqs
         for seq in seqs:
@@ -272,9 +297,18 @@ class Engine:
             self.scheduler.remove(seq)
         self._sinks.pop(request.request_id, None)
         for index in range(request.params.n):
-            command.sink(TokenEvent(request.request_id, index, None, "", finish_reason="error",
-                                    prompt_tokens=len(request.prompt_token_ids),
-                                    error=f"generation failed: {exc}", error_kind="internal"))
+            command.sink(
+                TokenEvent(
+                    request.request_id,
+                    index,
+                    None,
+                    "",
+                    finish_reason="error",
+                    prompt_tokens=len(request.prompt_token_ids),
+                    error=f"generation failed: {exc}",
+                    error_kind="internal",
+                )
+            )
         with self._lock:
             self._stats.requests_finished += 1
 
@@ -307,9 +341,14 @@ class Engine:
         self._record_state(step=True)
         self.output.flush()  # the step's events leave together
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("step: prefill %d tokens over %d sequences, decode %d, %d waiting, %.1f ms",
-                      sum(n for _, n in plan.prefills), len(plan.prefills), len(plan.decodes),
-                      len(self.scheduler.waiting), 1e3 * (time.perf_counter() - started))
+            log.debug(
+                "step: prefill %d tokens over %d sequences, decode %d, %d waiting, %.1f ms",
+                sum(n for _, n in plan.prefills),
+                len(plan.prefills),
+                len(plan.decodes),
+                len(self.scheduler.waiting),
+                1e3 * (time.perf_counter() - started),
+            )
 
     def _record_state(self, step: bool = False) -> None:
         """Publish pool and queue counts to stats() (one consistent snapshot, taken on the engine thread)."""
@@ -327,7 +366,7 @@ class Engine:
             start = seq.num_computed_tokens
             if seq.params.prompt_logprobs is not None:  # needs its chunk's logits: runs alone
                 found = self.runner.prefill(seq, num_tokens)
-                seq.prompt_logprobs[start:start + len(found)] = found
+                seq.prompt_logprobs[start : start + len(found)] = found
             seq.num_computed_tokens += num_tokens
             self._stats.prompt_tokens_computed += num_tokens
             self.kv.commit(seq)
@@ -370,19 +409,38 @@ class Engine:
         else:
             self._emit(seq, text, sample, pending)
 
-    def _emit(self, seq: Sequence, text: str, sample: TokenSample | None, decode: int | None = None,
-              finish: str | None = None) -> None:
+    def _emit(
+        self, seq: Sequence, text: str, sample: TokenSample | None, decode: int | None = None, finish: str | None = None
+    ) -> None:
         """Queue the sequence's event: `text`, then `decode` decoded, then (finishing) the held-back rest."""
         sink = self._sinks.get(seq.request_id)
         if sink is None:
             return
         # a sequence that ended normally releases held-back text; an aborted or failed one does not
-        self.output.put(Output(seq, sink, sample, text, decode, flush=finish in ("stop", "length"),
-                               finish_reason=finish, completion_tokens=len(seq.output_token_ids), error=seq.error,
-                               error_kind=seq.error_kind, first=len(seq.output_token_ids) == 1))
+        self.output.put(
+            Output(
+                seq,
+                sink,
+                sample,
+                text,
+                decode,
+                flush=finish in ("stop", "length"),
+                finish_reason=finish,
+                completion_tokens=len(seq.output_token_ids),
+                error=seq.error,
+                error_kind=seq.error_kind,
+                first=len(seq.output_token_ids) == 1,
+            )
+        )
 
-    def _finish(self, seq: Sequence, status: SequenceStatus, text: str, sample: TokenSample | None = None,
-                decode: int | None = None) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        status: SequenceStatus,
+        text: str,
+        sample: TokenSample | None = None,
+        decode: int | None = None,
+    ) -> None:
         seq.status = status
         # a turn that ended normally keeps its KV (pinned under its conversation key); see KVCacheManager.finish
         completed = status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH)

@@ -111,8 +111,9 @@ class KVCacheManager:
     @property
     def num_reclaimable(self) -> int:
         """Blocks that could be handed out now: free ones plus those only pins hold."""
-        pinned_only = {b for e in self.conversations.values() for b in e.block_ids
-                       if self.pool.blocks[b].ref_count == 1}
+        pinned_only = {
+            b for e in self.conversations.values() for b in e.block_ids if self.pool.blocks[b].ref_count == 1
+        }
         return self.pool.num_free + len(pinned_only)
 
     @property
@@ -160,7 +161,7 @@ class KVCacheManager:
         bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
         while (len(hashes) + 1) * bs <= seq.num_computed_tokens:
             i = len(hashes)
-            block_hash = chain_hash(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs], seq.salt)
+            block_hash = chain_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs], seq.salt)
             self.pool.commit(seq.block_ids[i], block_hash)
             hashes.append(block_hash)
 

@@ -27,12 +27,14 @@ class ModelLimits:
         if not prompt:
             raise InvalidRequestError("Prompt cannot be empty", param="prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"Prompt contains token ids outside the vocabulary (0..{self.vocab_size - 1})",
-                                      param="prompt")
+            raise InvalidRequestError(
+                f"Prompt contains token ids outside the vocabulary (0..{self.vocab_size - 1})", param="prompt"
+            )
         bad_bias = [t for t in request.params.logit_bias if not 0 <= t < self.vocab_size]
         if bad_bias:
-            raise InvalidRequestError(f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}",
-                                      param="logit_bias")
+            raise InvalidRequestError(
+                f"logit_bias has token ids outside the vocabulary: {bad_bias[:5]}", param="logit_bias"
+            )
         if request.params.grammar is not None:
             try:
                 self.constraints.validate(request.params.grammar)
@@ -46,7 +48,9 @@ class ModelLimits:
                 f"This model's maximum context length is {self.context_length} tokens. However, you requested "
                 f"{wanted} tokens ({len(prompt)} in the messages, {asked or 1} in the completion). Please reduce "
                 f"the length of the messages or completion. (context_length_exceeded)",
-                param="messages", code="context_length_exceeded")
+                param="messages",
+                code="context_length_exceeded",
+            )
         return asked if asked is not None else room
 
 

@@ -119,9 +119,17 @@ class OutputProcessor:
         if output.flush:
             text += seq.detokenizer.flush()
         return TokenEvent(
-            request_id=seq.request_id, index=seq.index, token_id=sample.token_id if sample else None, text=text,
-            logprob=sample.logprob if sample else None, top_logprobs=sample.top_logprobs if sample else None,
-            finish_reason=output.finish_reason, prompt_tokens=len(seq.prompt_token_ids),
-            cached_tokens=seq.num_cached_tokens, completion_tokens=output.completion_tokens, error=output.error,
+            request_id=seq.request_id,
+            index=seq.index,
+            token_id=sample.token_id if sample else None,
+            text=text,
+            logprob=sample.logprob if sample else None,
+            top_logprobs=sample.top_logprobs if sample else None,
+            finish_reason=output.finish_reason,
+            prompt_tokens=len(seq.prompt_token_ids),
+            cached_tokens=seq.num_cached_tokens,
+            completion_tokens=output.completion_tokens,
+            error=output.error,
             error_kind=output.error_kind,
-            prompt_logprobs=seq.prompt_logprobs if output.first and seq.prompt_logprobs else None)
+            prompt_logprobs=seq.prompt_logprobs if output.first and seq.prompt_logprobs else None,
+        )

@@ -54,8 +54,10 @@ def probe_kv_shape(model: Any) -> KVShape:
     for layer_cache in cache:
         keys, values = getattr(layer_cache, "keys", None), getattr(layer_cache, "values", None)
         if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
-            raise ValueError(f"unsupported cache type {type(layer_cache).__name__}: only attention KV caches "
-                             "can be paged (SSM / linear-attention layers are not supported yet)")
+            raise ValueError(
+                f"unsupported cache type {type(layer_cache).__name__}: only attention KV caches "
+                "can be paged (SSM / linear-attention layers are not supported yet)"
+            )
         heads.append(keys.shape[1])
         k_dims.append(keys.shape[3])
         v_dims.append(values.shape[3])
@@ -135,7 +137,7 @@ class StepLayout:
             real = slot_ids(table, 0, offset + count, bs)
             writes += [real[offset:], scratch[count:]]
             reads[r, : offset + count] = real
-            reads[r, offset + count: offset + n] = scratch[count:]
+            reads[r, offset + count : offset + n] = scratch[count:]
         self.write_slots = mx.array(np.concatenate(writes).astype(np.int32))
         self.read_slots = mx.array(reads)
 
@@ -193,8 +195,7 @@ class PagedLayerCache:
         k_pool, v_pool = self.store.keys[self.layer], self.store.values[self.layer]
         k_pool[layout.write_slots] = keys.transpose(0, 2, 1, 3).reshape(batch * n, heads, -1)
         v_pool[layout.write_slots] = values.transpose(0, 2, 1, 3).reshape(batch * n, heads, -1)
-        return (k_pool[layout.read_slots].transpose(0, 2, 1, 3),
-                v_pool[layout.read_slots].transpose(0, 2, 1, 3))
+        return (k_pool[layout.read_slots].transpose(0, 2, 1, 3), v_pool[layout.read_slots].transpose(0, 2, 1, 3))
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
         mask = self.layout.mask(window_size)

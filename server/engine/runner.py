@@ -72,7 +72,7 @@ class ModelRunner:
         """
         start = seq.num_computed_tokens
         assert start + num_tokens <= seq.num_tokens - 1, "prefill must leave the last token to decode"
-        tokens = seq.token_ids[start:start + num_tokens]
+        tokens = seq.token_ids[start : start + num_tokens]
         layout = StepLayout([start], num_tokens, [seq.block_ids], self.store.block_size)
         alternatives = seq.params.prompt_logprobs
         if alternatives is None:
@@ -108,10 +108,18 @@ class ModelRunner:
                 starts = [seq.num_computed_tokens for seq, _ in batch]
                 for (seq, n), start in zip(batch, starts):
                     assert start + n <= seq.num_tokens - 1, "prefill must leave the last token to decode"
-                tokens = mx.array([seq.token_ids[start:start + n] + [0] * (step - n)
-                                   for (seq, n), start in zip(batch, starts)], dtype=mx.int32)
-                layout = StepLayout(starts, step, [seq.block_ids for seq, _ in batch], self.store.block_size,
-                                    counts=[n for _, n in batch], scratch_block=self.store.scratch_block)
+                tokens = mx.array(
+                    [seq.token_ids[start : start + n] + [0] * (step - n) for (seq, n), start in zip(batch, starts)],
+                    dtype=mx.int32,
+                )
+                layout = StepLayout(
+                    starts,
+                    step,
+                    [seq.block_ids for seq, _ in batch],
+                    self.store.block_size,
+                    counts=[n for _, n in batch],
+                    scratch_block=self.store.scratch_block,
+                )
                 outputs.append(forward(tokens, cache=step_caches(self.store, layout)))
                 # launched now, not chained into one graph with the next forward: that one's scatter into
                 # the pools could not reuse their buffers while this one's reads still hold them, and
@@ -174,8 +182,9 @@ def padded_batches(group: Seq[tuple[Sequence, int]], waste: float = 1.5) -> list
     return _split_padded(group, lambda c: c[1], waste, longest_first=True)
 
 
-def _split_padded(items: Seq[tuple[Sequence, int]], size: Callable[[tuple[Sequence, int]], int], waste: float,
-                  longest_first: bool) -> list[list[tuple[Sequence, int]]]:
+def _split_padded(
+    items: Seq[tuple[Sequence, int]], size: Callable[[tuple[Sequence, int]], int], waste: float, longest_first: bool
+) -> list[list[tuple[Sequence, int]]]:
     """Items in order of size, cut into runs whose padded size (items x largest) stays within `waste`
     times their summed sizes."""
     runs: list[list[tuple[Sequence, int]]] = []

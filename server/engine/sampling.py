@@ -87,8 +87,11 @@ class SamplingParams:
         put(self, "min_p", _number("min_p", self.min_p, 0.0, 1.0))
         put(self, "presence_penalty", _number("presence_penalty", self.presence_penalty, -2.0, 2.0))
         put(self, "frequency_penalty", _number("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
-        put(self, "repetition_penalty",
-            _number("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True))
+        put(
+            self,
+            "repetition_penalty",
+            _number("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True),
+        )
         if not isinstance(self.logit_bias, Mapping):
             raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(self.logit_bias).__name__}")
         bias: dict[int, float] = {}
@@ -143,8 +146,9 @@ class SequenceSampler:
     counts of generated tokens for penalties, the prompt token set for repetition_penalty, and its
     grammar constraint if any (advanced by `record`)."""
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int],
-                 constraint: SequenceConstraint | None = None) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt_token_ids: Sequence[int], constraint: SequenceConstraint | None = None
+    ) -> None:
         self.params = params
         self.constraint = constraint
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -213,7 +217,8 @@ def apply_processors(x: mx.array, samplers: Sequence[SequenceSampler], rows: Seq
             pen_v.append(-(counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty)))
     if bias_r:
         x = x.at[mx.array(np.concatenate(bias_r)), mx.array(np.concatenate(bias_t))].add(
-            mx.array(np.concatenate(bias_v)))
+            mx.array(np.concatenate(bias_v))
+        )
     if rep_r:
         r, t = mx.array(np.concatenate(rep_r)), mx.array(np.concatenate(rep_t))
         penalty = mx.array(np.concatenate(rep_p))
@@ -221,8 +226,7 @@ def apply_processors(x: mx.array, samplers: Sequence[SequenceSampler], rows: Seq
         x = mx.array(x)  # a new handle: the in-place update below must not reach the caller's raw logits
         x[r, t] = mx.where(picked > 0, picked / penalty, picked * penalty)
     if pen_r:
-        x = x.at[mx.array(np.concatenate(pen_r)), mx.array(np.concatenate(pen_t))].add(
-            mx.array(np.concatenate(pen_v)))
+        x = x.at[mx.array(np.concatenate(pen_r)), mx.array(np.concatenate(pen_t))].add(mx.array(np.concatenate(pen_v)))
     return x
 
 

@@ -72,8 +72,10 @@ class Scheduler:
         """Siblings of an n > 1 request wait until sequence 0 has computed the shared prompt."""
         if seq.index == 0:
             return False
-        return any(s.request_id == seq.request_id and s.index == 0 and s.num_pending_prefill > 0
-                   for s in (*self.running, *self.waiting))
+        return any(
+            s.request_id == seq.request_id and s.index == 0 and s.num_pending_prefill > 0
+            for s in (*self.running, *self.waiting)
+        )
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
         """A running sequence is still computing prompt blocks this new one shares (many agents arriving
@@ -88,8 +90,10 @@ class Scheduler:
             limit = min(len(other.token_ids), len(seq.token_ids) - 1) // bs * bs  # whole blocks only
             if limit - other.num_computed_tokens < bs:
                 continue
-            if other.token_ids[other.num_computed_tokens:limit] == seq.token_ids[other.num_computed_tokens:limit] \
-                    and other.token_ids[:other.num_computed_tokens] == seq.token_ids[:other.num_computed_tokens]:
+            if (
+                other.token_ids[other.num_computed_tokens : limit] == seq.token_ids[other.num_computed_tokens : limit]
+                and other.token_ids[: other.num_computed_tokens] == seq.token_ids[: other.num_computed_tokens]
+            ):
                 return True
             shared = common_prefix_length(other.token_ids[:limit], seq.token_ids[:limit]) // bs * bs
             if shared - other.num_computed_tokens >= bs:
@@ -116,8 +120,10 @@ class Scheduler:
             if self._blocked_by_sibling(seq) or self._prefix_in_flight(seq):
                 continue
             if not self.kv.can_ever_hold(seq.num_tokens + 1):
-                seq.error = (f"the request needs {seq.num_tokens + 1} tokens of KV but the whole pool holds "
-                             f"{self.kv.capacity_tokens}")
+                seq.error = (
+                    f"the request needs {seq.num_tokens + 1} tokens of KV but the whole pool holds "
+                    f"{self.kv.capacity_tokens}"
+                )
                 seq.error_kind = "pool_exhausted"
                 self.waiting.remove(seq)
                 plan.failed.append(seq)

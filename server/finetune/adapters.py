@@ -54,8 +54,12 @@ def add_lora(model: nn.Module, settings: LoraSettings, extra: dict[str, Any] | N
     config: dict[str, Any] = {
         "fine_tune_type": "lora",
         "num_layers": len(model.layers),
-        "lora_parameters": {"rank": settings.rank, "scale": settings.scale, "dropout": settings.dropout,
-                            "keys": block_linear_keys(model.layers[0])},
+        "lora_parameters": {
+            "rank": settings.rank,
+            "scale": settings.scale,
+            "dropout": settings.dropout,
+            "keys": block_linear_keys(model.layers[0]),
+        },
         **(extra or {}),
     }
     model.freeze()
@@ -100,9 +104,11 @@ def rebuild_sharing_weights(base: nn.Module, construct: Callable[[], nn.Module])
     """A fresh module tree (`construct()` builds the same architecture, unevaluated) holding base's
     arrays: quantized layers are matched first, then every parameter is the base's own object."""
     fresh = construct()
-    quantized = {name: m for name, m in base.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    quantized = {
+        name: m for name, m in base.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
     if quantized:
+
         def predicate(path: str, _module: nn.Module) -> bool | dict[str, Any]:
             q = quantized.get(path)
             return False if q is None else {"group_size": q.group_size, "bits": q.bits, "mode": q.mode}

@@ -80,8 +80,15 @@ def pad_batch(examples: list[TokenizedExample], pad_id: int) -> tuple[mx.array, 
 class ChatRun:
     """The model, optimizer and data of one chat training run (a `Trainable` for the loop)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, train: list[TokenizedExample],
-                 valid: list[TokenizedExample], learning_rate: float, adapter_config: dict[str, Any]):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        train: list[TokenizedExample],
+        valid: list[TokenizedExample],
+        learning_rate: float,
+        adapter_config: dict[str, Any],
+    ):
         self.model = model
         self.train = train
         self.valid = valid
@@ -120,7 +127,7 @@ class ChatRun:
             return None
         total = count = 0.0
         for start in range(0, len(self.valid), VALID_BATCH):
-            inputs, targets, rows = pad_batch(self.valid[start:start + VALID_BATCH], self.pad_id)
+            inputs, targets, rows = pad_batch(self.valid[start : start + VALID_BATCH], self.pad_id)
             total += self.loss(inputs, targets, rows).item()
             count += rows.size
         return total / max(count, 1)
@@ -138,8 +145,9 @@ def train_chat(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     mx.random.seed(spec.seed)
     config = add_lora(model, LORA, {"model_kind": "chat", "base_model": str(spec.base_path)})
     model.train()
-    run = ChatRun(model, tokenizer, train, valid,
-                  BASE_LEARNING_RATE * spec.hyperparameters.learning_rate_multiplier, config)
+    run = ChatRun(
+        model, tokenizer, train, valid, BASE_LEARNING_RATE * spec.hyperparameters.learning_rate_multiplier, config
+    )
     return run_training(run, len(train), spec.hyperparameters, spec.seed, hooks, spec.output_dir)
 
 

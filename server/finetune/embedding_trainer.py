@@ -41,8 +41,15 @@ LORA = LoraSettings(rank=8, scale=20.0, dropout=0.0)
 class EmbeddingRun:
     """Encoder, optimizer and tokenized examples of one run (a `Trainable` for the loop)."""
 
-    def __init__(self, encoder: Encoder, train: list[EmbeddingExample], valid: list[EmbeddingExample],
-                 batch_size: int, learning_rate: float, adapter_config: dict[str, object]):
+    def __init__(
+        self,
+        encoder: Encoder,
+        train: list[EmbeddingExample],
+        valid: list[EmbeddingExample],
+        batch_size: int,
+        learning_rate: float,
+        adapter_config: dict[str, object],
+    ):
         self.encoder = encoder
         self.train = [encoder.tokenize(list(e.texts)) for e in train]
         self.valid = [encoder.tokenize(list(e.texts)) for e in valid]
@@ -61,7 +68,7 @@ class EmbeddingRun:
         anchors = [e[0] for e in examples]
         candidates = [e[1] for e in examples] + [e[2] for e in examples if len(e) > 2]
         vectors = self.embed(anchors + candidates)
-        a, c = vectors[: len(anchors)], vectors[len(anchors):]
+        a, c = vectors[: len(anchors)], vectors[len(anchors) :]
         scores = SCALE * (a @ c.T)
         return nn.losses.cross_entropy(scores, mx.arange(len(anchors)), reduction="mean")
 
@@ -75,8 +82,10 @@ class EmbeddingRun:
     def valid_loss(self) -> float | None:
         if not self.valid:
             return None
-        losses = [self.loss(self.valid[i:i + self.batch_size]).item() * len(self.valid[i:i + self.batch_size])
-                  for i in range(0, len(self.valid), self.batch_size)]
+        losses = [
+            self.loss(self.valid[i : i + self.batch_size]).item() * len(self.valid[i : i + self.batch_size])
+            for i in range(0, len(self.valid), self.batch_size)
+        ]
         return sum(losses) / len(self.valid)
 
     def save_adapter(self, directory: Path) -> None:
@@ -92,8 +101,7 @@ def train_embedding(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     config = add_lora(encoder.model, LORA, {"model_kind": "embedding", "base_model": str(spec.base_path)})
     encoder.model.train()
     hp = spec.hyperparameters
-    run = EmbeddingRun(encoder, train, valid, hp.batch_size, BASE_LEARNING_RATE * hp.learning_rate_multiplier,
-                       config)
+    run = EmbeddingRun(encoder, train, valid, hp.batch_size, BASE_LEARNING_RATE * hp.learning_rate_multiplier, config)
     return run_training(run, len(train), hp, spec.seed, hooks, spec.output_dir)
 
 

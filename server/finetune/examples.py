@@ -102,8 +102,9 @@ class _LineError(ValueError):
         self.error = ExampleError(line, message)
 
 
-def _scan(path: Path, parse: Callable[[Any], T], check: Callable[[T], int],
-          min_examples: int) -> tuple[list[T], ValidationReport]:
+def _scan(
+    path: Path, parse: Callable[[Any], T], check: Callable[[T], int], min_examples: int
+) -> tuple[list[T], ValidationReport]:
     """Parse and check every line (check returns the example's token count or raises ValueError)."""
     examples: list[T] = []
     errors: list[ExampleError] = []
@@ -127,8 +128,13 @@ def _scan(path: Path, parse: Callable[[Any], T], check: Callable[[T], int],
                 errors.append(ExampleError(number, f"the example cannot be used ({type(exc).__name__}: {exc})"))
         else:
             if lines == 0:
-                errors.append(ExampleError(0, f"the file holds no examples (it is empty or has only blank lines); "
-                                              f"at least {min_examples} are required"))
+                errors.append(
+                    ExampleError(
+                        0,
+                        f"the file holds no examples (it is empty or has only blank lines); "
+                        f"at least {min_examples} are required",
+                    )
+                )
             elif lines < min_examples:
                 errors.append(ExampleError(0, f"the file has {lines} examples; at least {min_examples} are required"))
     except _LineError as exc:  # not UTF-8: one error, the rest is unreadable
@@ -157,8 +163,15 @@ def _string(value: Any, what: str, allow_empty: bool = True) -> str:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", type(None): "null", bool: "a boolean",
-            int: "a number", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+    }.get(type(value), type(value).__name__)
 
 
 def _shown(value: Any) -> str:
@@ -211,8 +224,10 @@ def parse_chat_line(obj: Any) -> ChatExample:
         d = _object(obj, frozenset({"prompt", "completion"}))
         if "completion" not in d or "prompt" not in d:
             raise ValueError("a prompt/completion example needs both 'prompt' and 'completion'")
-        return ChatExample(prompt=_string(d["prompt"], "'prompt'"),
-                           completion=_string(d["completion"], "'completion'", allow_empty=False))
+        return ChatExample(
+            prompt=_string(d["prompt"], "'prompt'"),
+            completion=_string(d["completion"], "'completion'", allow_empty=False),
+        )
     d = _object(obj, frozenset({"messages"}))
     if "messages" not in d:
         raise ValueError("missing 'messages' (or 'prompt' and 'completion')")
@@ -269,8 +284,11 @@ def parse_embedding_line(obj: Any) -> EmbeddingExample:
         if key not in d:
             raise ValueError(f"missing '{key}'")
     negative = d.get("negative")
-    return EmbeddingExample(_string(d["anchor"], "'anchor'", False), _string(d["positive"], "'positive'", False),
-                            None if negative is None else _string(negative, "'negative'", False))
+    return EmbeddingExample(
+        _string(d["anchor"], "'anchor'", False),
+        _string(d["positive"], "'positive'", False),
+        None if negative is None else _string(negative, "'negative'", False),
+    )
 
 
 def _embedding_check(encoder: Any) -> Callable[[EmbeddingExample], int]:
@@ -319,9 +337,13 @@ def _integer(name: str, value: Any, bounds: tuple[int, int]) -> int:
     return value
 
 
-def resolve_hyperparameters(kind: TrainingKind, n_examples: int, n_epochs: int | str | None = None,
-                            batch_size: int | str | None = None,
-                            learning_rate_multiplier: float | str | None = None) -> Hyperparameters:
+def resolve_hyperparameters(
+    kind: TrainingKind,
+    n_examples: int,
+    n_epochs: int | str | None = None,
+    batch_size: int | str | None = None,
+    learning_rate_multiplier: float | str | None = None,
+) -> Hyperparameters:
     """Replace "auto"/None with the auto rules; ValueError names a value out of range."""
     if n_examples < 1:
         raise ValueError("cannot train on an empty dataset")

@@ -21,8 +21,10 @@ from server.persistence.database import Database, Schema
 ACTIVE = ("validating_files", "queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
 
-SCHEMA = Schema("fine_tuning", (
-    """CREATE TABLE IF NOT EXISTS ft_jobs (
+SCHEMA = Schema(
+    "fine_tuning",
+    (
+        """CREATE TABLE IF NOT EXISTS ft_jobs (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         seq INTEGER NOT NULL,
@@ -46,8 +48,8 @@ SCHEMA = Schema("fine_tuning", (
         worker_pid INTEGER,
         estimated_finish INTEGER
     )""",
-    "CREATE INDEX IF NOT EXISTS ft_jobs_by_tenant ON ft_jobs (tenant, seq)",
-    """CREATE TABLE IF NOT EXISTS ft_events (
+        "CREATE INDEX IF NOT EXISTS ft_jobs_by_tenant ON ft_jobs (tenant, seq)",
+        """CREATE TABLE IF NOT EXISTS ft_events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
         job_id TEXT NOT NULL REFERENCES ft_jobs(id),
@@ -57,8 +59,8 @@ SCHEMA = Schema("fine_tuning", (
         data TEXT,
         type TEXT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS ft_events_by_job ON ft_events (job_id, seq)",
-    """CREATE TABLE IF NOT EXISTS ft_checkpoints (
+        "CREATE INDEX IF NOT EXISTS ft_events_by_job ON ft_events (job_id, seq)",
+        """CREATE TABLE IF NOT EXISTS ft_checkpoints (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
         job_id TEXT NOT NULL REFERENCES ft_jobs(id),
@@ -68,8 +70,8 @@ SCHEMA = Schema("fine_tuning", (
         path TEXT NOT NULL,
         model_name TEXT NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS ft_checkpoints_by_job ON ft_checkpoints (job_id, seq)",
-    """CREATE TABLE IF NOT EXISTS ft_models (
+        "CREATE INDEX IF NOT EXISTS ft_checkpoints_by_job ON ft_checkpoints (job_id, seq)",
+        """CREATE TABLE IF NOT EXISTS ft_models (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         job_id TEXT NOT NULL,
@@ -79,7 +81,8 @@ SCHEMA = Schema("fine_tuning", (
         created_at INTEGER NOT NULL,
         deleted INTEGER NOT NULL DEFAULT 0
     )""",
-))
+    ),
+)
 
 
 @dataclass
@@ -147,14 +150,28 @@ def model_name(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
 
 def _job(row: Any) -> Job:
     return Job(
-        id=row["id"], tenant=row["tenant"], created_at=row["created_at"], model=row["model"], kind=row["kind"],
-        base_path=Path(row["base_path"]), training_file=row["training_file"], validation_file=row["validation_file"],
-        hyperparameters=json.loads(row["hyperparameters"]), suffix=row["suffix"], seed=row["seed"],
-        metadata=json.loads(row["metadata"]) if row["metadata"] else None, status=row["status"],
-        error=json.loads(row["error"]) if row["error"] else None, fine_tuned_model=row["fine_tuned_model"],
-        finished_at=row["finished_at"], trained_tokens=row["trained_tokens"],
-        result_files=json.loads(row["result_files"]), cancel_requested=bool(row["cancel_requested"]),
-        worker_pid=row["worker_pid"], estimated_finish=row["estimated_finish"])
+        id=row["id"],
+        tenant=row["tenant"],
+        created_at=row["created_at"],
+        model=row["model"],
+        kind=row["kind"],
+        base_path=Path(row["base_path"]),
+        training_file=row["training_file"],
+        validation_file=row["validation_file"],
+        hyperparameters=json.loads(row["hyperparameters"]),
+        suffix=row["suffix"],
+        seed=row["seed"],
+        metadata=json.loads(row["metadata"]) if row["metadata"] else None,
+        status=row["status"],
+        error=json.loads(row["error"]) if row["error"] else None,
+        fine_tuned_model=row["fine_tuned_model"],
+        finished_at=row["finished_at"],
+        trained_tokens=row["trained_tokens"],
+        result_files=json.loads(row["result_files"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        worker_pid=row["worker_pid"],
+        estimated_finish=row["estimated_finish"],
+    )
 
 
 class JobStore:
@@ -175,9 +192,23 @@ class JobStore:
                 "INSERT INTO ft_jobs (id, tenant, seq, created_at, model, kind, base_path, training_file, "
                 "validation_file, hyperparameters, suffix, seed, metadata, status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.tenant, seq, job.created_at, job.model, job.kind, str(job.base_path), job.training_file,
-                 job.validation_file, json.dumps(job.hyperparameters), job.suffix, job.seed,
-                 json.dumps(job.metadata) if job.metadata is not None else None, job.status))
+                (
+                    job.id,
+                    job.tenant,
+                    seq,
+                    job.created_at,
+                    job.model,
+                    job.kind,
+                    str(job.base_path),
+                    job.training_file,
+                    job.validation_file,
+                    json.dumps(job.hyperparameters),
+                    job.suffix,
+                    job.seed,
+                    json.dumps(job.metadata) if job.metadata is not None else None,
+                    job.status,
+                ),
+            )
         return job
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
@@ -188,8 +219,9 @@ class JobStore:
             row = self.db.query_one("SELECT * FROM ft_jobs WHERE id = ? AND tenant = ?", (job_id, tenant))
         return _job(row) if row is not None else None
 
-    def page(self, tenant: str, after: str | None, limit: int,
-             metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+    def page(
+        self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    ) -> tuple[list[Job], bool]:
         """Newest first, after the job `after`; optionally only jobs whose metadata holds every pair given."""
         where, params = ["tenant = ?"], [tenant]
         if after:
@@ -209,22 +241,31 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def update(self, job_id: str, **fields: Any) -> None:
-        encoded = {k: (json.dumps(v) if k in ("error", "result_files", "hyperparameters") and v is not None else v)
-                   for k, v in fields.items()}
+        encoded = {
+            k: (json.dumps(v) if k in ("error", "result_files", "hyperparameters") and v is not None else v)
+            for k, v in fields.items()
+        }
         sets = ", ".join(f"{k} = ?" for k in encoded)
         self.db.execute(f"UPDATE ft_jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))
 
     def transition(self, job_id: str, allowed_from: tuple[str, ...], status: str, **fields: Any) -> bool:
         """Set the status only if the job is in one of `allowed_from` (atomic); True when it changed."""
-        encoded = {k: (json.dumps(v) if k in ("error", "result_files", "hyperparameters") and v is not None else v)
-                   for k, v in fields.items()}
+        encoded = {
+            k: (json.dumps(v) if k in ("error", "result_files", "hyperparameters") and v is not None else v)
+            for k, v in fields.items()
+        }
         encoded["status"] = status
         if status in FINAL:
             encoded.setdefault("finished_at", int(time.time()))
         sets = ", ".join(f"{k} = ?" for k in encoded)
         marks = ",".join("?" * len(allowed_from))
-        return self.db.execute(f"UPDATE ft_jobs SET {sets} WHERE id = ? AND status IN ({marks})",
-                               (*encoded.values(), job_id, *allowed_from)) > 0
+        return (
+            self.db.execute(
+                f"UPDATE ft_jobs SET {sets} WHERE id = ? AND status IN ({marks})",
+                (*encoded.values(), job_id, *allowed_from),
+            )
+            > 0
+        )
 
     def fail(self, job_id: str, message: str, code: str = "internal_error", param: str | None = None) -> bool:
         error = {"code": code, "message": message, "param": param}
@@ -234,12 +275,27 @@ class JobStore:
         return ok
 
     # -- events -------------------------------------------------------------------------------
-    def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
-                  type: str = "message") -> None:
-        self.db.execute("INSERT INTO ft_events (id, job_id, created_at, level, message, data, type) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        ("ftevent-" + secrets.token_hex(12), job_id, int(time.time()), level, message,
-                         json.dumps(data) if data is not None else None, type))
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+        type: str = "message",
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO ft_events (id, job_id, created_at, level, message, data, type) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                "ftevent-" + secrets.token_hex(12),
+                job_id,
+                int(time.time()),
+                level,
+                message,
+                json.dumps(data) if data is not None else None,
+                type,
+            ),
+        )
 
     def _page_of(self, table: str, job_id: str, after: str | None, limit: int) -> tuple[list[Any], bool]:
         """Rows of a job's events or checkpoints, newest first, older than the row `after`."""
@@ -249,39 +305,78 @@ class JobStore:
             if anchor is not None:
                 where.append("seq < ?")
                 params.append(anchor["seq"])
-        rows = self.db.query(f"SELECT * FROM {table} WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
-                             (*params, limit + 1))
+        rows = self.db.query(
+            f"SELECT * FROM {table} WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)
+        )
         return rows[:limit], len(rows) > limit
 
     def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[Event], bool]:
         rows, more = self._page_of("ft_events", job_id, after, limit)
-        return [Event(r["id"], r["job_id"], r["created_at"], r["level"], r["message"],
-                      json.loads(r["data"]) if r["data"] else None, r["type"]) for r in rows], more
+        return [
+            Event(
+                r["id"],
+                r["job_id"],
+                r["created_at"],
+                r["level"],
+                r["message"],
+                json.loads(r["data"]) if r["data"] else None,
+                r["type"],
+            )
+            for r in rows
+        ], more
 
     # -- checkpoints --------------------------------------------------------------------------
     def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, float], path: Path, model_name: str) -> None:
-        self.db.execute("INSERT INTO ft_checkpoints (id, job_id, created_at, step_number, metrics, path, model_name) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        ("ftckpt-" + secrets.token_hex(12), job_id, int(time.time()), step, json.dumps(metrics),
-                         str(path), model_name))
+        self.db.execute(
+            "INSERT INTO ft_checkpoints (id, job_id, created_at, step_number, metrics, path, model_name) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                "ftckpt-" + secrets.token_hex(12),
+                job_id,
+                int(time.time()),
+                step,
+                json.dumps(metrics),
+                str(path),
+                model_name,
+            ),
+        )
 
     def checkpoints(self, job_id: str, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:
         rows, more = self._page_of("ft_checkpoints", job_id, after, limit)
-        return [Checkpoint(r["id"], r["job_id"], r["created_at"], r["step_number"], json.loads(r["metrics"]),
-                           Path(r["path"]), r["model_name"]) for r in rows], more
+        return [
+            Checkpoint(
+                r["id"],
+                r["job_id"],
+                r["created_at"],
+                r["step_number"],
+                json.loads(r["metrics"]),
+                Path(r["path"]),
+                r["model_name"],
+            )
+            for r in rows
+        ], more
 
     # -- fine-tuned models --------------------------------------------------------------------
     def add_model(self, model: FineTunedModel) -> None:
-        self.db.execute("INSERT OR REPLACE INTO ft_models (id, tenant, job_id, base, kind, adapter_path, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (model.id, model.tenant, model.job_id, model.base, model.kind, str(model.adapter_path),
-                         model.created_at))
+        self.db.execute(
+            "INSERT OR REPLACE INTO ft_models (id, tenant, job_id, base, kind, adapter_path, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (model.id, model.tenant, model.job_id, model.base, model.kind, str(model.adapter_path), model.created_at),
+        )
 
     def models(self) -> list[FineTunedModel]:
         rows = self.db.query("SELECT * FROM ft_models WHERE deleted = 0 ORDER BY created_at")
-        return [FineTunedModel(r["id"], r["tenant"], r["job_id"], r["base"], r["kind"], Path(r["adapter_path"]),
-                               r["created_at"]) for r in rows]
+        return [
+            FineTunedModel(
+                r["id"], r["tenant"], r["job_id"], r["base"], r["kind"], Path(r["adapter_path"]), r["created_at"]
+            )
+            for r in rows
+        ]
 
     def delete_model(self, model_id: str, tenant: str) -> bool:
-        return self.db.execute("UPDATE ft_models SET deleted = 1 WHERE id = ? AND tenant = ? AND deleted = 0",
-                               (model_id, tenant)) > 0
+        return (
+            self.db.execute(
+                "UPDATE ft_models SET deleted = 1 WHERE id = ? AND tenant = ? AND deleted = 0", (model_id, tenant)
+            )
+            > 0
+        )

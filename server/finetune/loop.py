@@ -48,8 +48,14 @@ def plan_steps(n_examples: int, hyperparameters: Hyperparameters) -> tuple[int, 
     return batch, math.ceil(n_examples / batch)
 
 
-def run_training(trainable: Trainable, n_examples: int, hyperparameters: Hyperparameters, seed: int,
-                 hooks: TrainingHooks, output_dir: Path) -> TrainingResult:
+def run_training(
+    trainable: Trainable,
+    n_examples: int,
+    hyperparameters: Hyperparameters,
+    seed: int,
+    hooks: TrainingHooks,
+    output_dir: Path,
+) -> TrainingResult:
     """Train for hyperparameters.n_epochs; raises TrainingCancelled when hooks.should_stop() says so."""
     batch, per_epoch = plan_steps(n_examples, hyperparameters)
     total = per_epoch * hyperparameters.n_epochs
@@ -62,13 +68,16 @@ def run_training(trainable: Trainable, n_examples: int, hyperparameters: Hyperpa
         for start in range(0, n_examples, batch):
             if hooks.should_stop():
                 raise TrainingCancelled(f"cancelled before step {step + 1} of {total}")
-            loss, batch_tokens = trainable.train_step(order[start:start + batch])
+            loss, batch_tokens = trainable.train_step(order[start : start + batch])
             step += 1
             tokens += batch_tokens
             losses.append(loss)
             valid = trainable.valid_loss() if start + batch >= n_examples else None
-            hooks.on_step(StepReport(step=step, total_steps=total, epoch=epoch, train_loss=loss,
-                                     valid_loss=valid, trained_tokens=tokens))
+            hooks.on_step(
+                StepReport(
+                    step=step, total_steps=total, epoch=epoch, train_loss=loss, valid_loss=valid, trained_tokens=tokens
+                )
+            )
         epoch_losses.append(float(np.mean(losses)))
         metrics = {"train_loss": epoch_losses[-1]}
         if valid is not None:

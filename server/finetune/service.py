@@ -19,7 +19,6 @@ and removed with the final model when it is deleted.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import re
 import secrets
@@ -52,8 +51,9 @@ def requested_hyperparameters(body: JobCreateRequest) -> dict[str, Any]:
     """The hyperparameters as asked: `method.supervised.hyperparameters`, else the older top-level field."""
     if body.method is not None:
         if body.method.type != "supervised":
-            raise InvalidRequestError(f"Fine-tuning method '{body.method.type}' is not supported; use 'supervised'.",
-                                      param="method.type")
+            raise InvalidRequestError(
+                f"Fine-tuning method '{body.method.type}' is not supported; use 'supervised'.", param="method.type"
+            )
         given = body.method.supervised.hyperparameters if body.method.supervised else None
         if given is None:
             given = body.hyperparameters
@@ -78,11 +78,13 @@ def check_hyperparameters(values: dict[str, Any]) -> None:
         if name in limits:
             low, high = limits[name]
             if not isinstance(value, int) or not low <= value <= high:
-                raise InvalidRequestError(f"'{name}' must be an integer between {low} and {high}.",
-                                          param=f"hyperparameters.{name}")
+                raise InvalidRequestError(
+                    f"'{name}' must be an integer between {low} and {high}.", param=f"hyperparameters.{name}"
+                )
         elif not 0 < value <= 100:
-            raise InvalidRequestError("'learning_rate_multiplier' must be greater than 0 and at most 100.",
-                                      param=f"hyperparameters.{name}")
+            raise InvalidRequestError(
+                "'learning_rate_multiplier' must be greater than 0 and at most 100.", param=f"hyperparameters.{name}"
+            )
 
 
 class FineTuning:
@@ -91,8 +93,13 @@ class FineTuning:
         self.files = files
         self.registry = registry
         self.store = JobStore(database, settings.data_dir / "fine_tuning")
-        self.supervisor = FineTuningSupervisor(self.store, validate=self._validate, on_succeeded=self._serve,
-                                               data_dir=settings.data_dir, max_jobs=settings.max_training_jobs)
+        self.supervisor = FineTuningSupervisor(
+            self.store,
+            validate=self._validate,
+            on_succeeded=self._serve,
+            data_dir=settings.data_dir,
+            max_jobs=settings.max_training_jobs,
+        )
         registry.adapter_loader = self._load_adapter
         self._registered: set[str] = set()  # the models this service put in the registry
 
@@ -121,14 +128,20 @@ class FineTuning:
     def base_model(self, model_id: str, tenant: str) -> ServedModel:
         served = self.registry.get(model_id, tenant)
         if served.adapter_path is not None:
-            raise InvalidRequestError(f"Model {model_id} is itself fine-tuned; fine-tune its base "
-                                      f"'{served.base.id if served.base else ''}' instead.", param="model",
-                                      code="model_not_available")
+            raise InvalidRequestError(
+                f"Model {model_id} is itself fine-tuned; fine-tune its base "
+                f"'{served.base.id if served.base else ''}' instead.",
+                param="model",
+                code="model_not_available",
+            )
         if served.kind == "embedding":
             if served.encoder is not None and not isinstance(served.encoder, Encoder):
-                raise InvalidRequestError(f"Model {model_id} (a decoder embedding model) cannot be fine-tuned "
-                                          f"here; encoder models (BERT, XLM-RoBERTa) can.", param="model",
-                                          code="model_not_available")
+                raise InvalidRequestError(
+                    f"Model {model_id} (a decoder embedding model) cannot be fine-tuned "
+                    f"here; encoder models (BERT, XLM-RoBERTa) can.",
+                    param="model",
+                    code="model_not_available",
+                )
         return served
 
     def _training_file(self, file_id: str, tenant: str, param: str) -> Path:
@@ -136,8 +149,11 @@ class FineTuning:
         if stored is None:
             raise InvalidRequestError(f"File {file_id} not found.", param=param, code="file_not_found")
         if stored.purpose != "fine-tune":
-            raise InvalidRequestError(f"File {file_id} has purpose '{stored.purpose}'; upload training data "
-                                      f"with purpose 'fine-tune'.", param=param, code="invalid_file_purpose")
+            raise InvalidRequestError(
+                f"File {file_id} has purpose '{stored.purpose}'; upload training data with purpose 'fine-tune'.",
+                param=param,
+                code="invalid_file_purpose",
+            )
         return self.files.path(stored.id)
 
     def create(self, body: JobCreateRequest, tenant: str) -> Job:
@@ -148,10 +164,12 @@ class FineTuning:
             raise InvalidRequestError("'seed' must be an integer from 0 to 2**63 - 1.", param="seed")
         if body.suffix is not None and not SUFFIX.match(body.suffix):
             raise InvalidRequestError("'suffix' may hold up to 64 letters, digits, '-' and '_'.", param="suffix")
-        if body.metadata is not None and (len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512
-                                                                         for k, v in body.metadata.items())):
-            raise InvalidRequestError("'metadata' holds at most 16 pairs (keys up to 64, values up to 512 "
-                                      "characters).", param="metadata")
+        if body.metadata is not None and (
+            len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())
+        ):
+            raise InvalidRequestError(
+                "'metadata' holds at most 16 pairs (keys up to 64, values up to 512 characters).", param="metadata"
+            )
         train = self._training_file(body.training_file, tenant, "training_file")
         valid = self._training_file(body.validation_file, tenant, "validation_file") if body.validation_file else None
         job_id = "ftjob-" + secrets.token_hex(12)
@@ -161,10 +179,21 @@ class FineTuning:
         if valid is not None:
             shutil.copyfile(valid, work / "validation.jsonl")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        job = Job(id=job_id, tenant=tenant, created_at=int(time.time()), model=base.id, kind=base.kind,
-                  base_path=base.path, training_file=body.training_file, validation_file=body.validation_file,
-                  hyperparameters=hyperparameters, suffix=body.suffix, seed=seed, metadata=body.metadata,
-                  status="validating_files")
+        job = Job(
+            id=job_id,
+            tenant=tenant,
+            created_at=int(time.time()),
+            model=base.id,
+            kind=base.kind,
+            base_path=base.path,
+            training_file=body.training_file,
+            validation_file=body.validation_file,
+            hyperparameters=hyperparameters,
+            suffix=body.suffix,
+            seed=seed,
+            metadata=body.metadata,
+            status="validating_files",
+        )
         self.store.create(job)
         self.store.add_event(job.id, f"Validating training file: {body.training_file}")
         self.supervisor.wake()
@@ -173,15 +202,19 @@ class FineTuning:
     def get(self, job_id: str, tenant: str) -> Job:
         job = self.store.get(job_id, tenant)
         if job is None:
-            raise NotFoundError(f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id",
-                                code="job_not_found")
+            raise NotFoundError(
+                f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id", code="job_not_found"
+            )
         return job
 
     def cancel(self, job_id: str, tenant: str) -> Job:
         job = self.get(job_id, tenant)
         if job.status in ("succeeded", "failed", "cancelled"):
-            raise InvalidRequestError(f"Job {job_id} has already {job.status}; only active jobs can be cancelled.",
-                                      param="fine_tuning_job_id", code="job_not_cancellable")
+            raise InvalidRequestError(
+                f"Job {job_id} has already {job.status}; only active jobs can be cancelled.",
+                param="fine_tuning_job_id",
+                code="job_not_cancellable",
+            )
         return self.supervisor.cancel(job)
 
     # -- validation (supervisor thread) -------------------------------------------------------
@@ -215,10 +248,14 @@ class FineTuning:
                 return dataclasses.replace(report, file=field), {}
         report = reports[0]
         hp = job.hyperparameters
-        resolved: Hyperparameters = resolve_hyperparameters(job.kind, reports[0].examples, hp.get("n_epochs"),
-                                                            hp.get("batch_size"), hp.get("learning_rate_multiplier"))
-        return report, {"n_epochs": resolved.n_epochs, "batch_size": resolved.batch_size,
-                        "learning_rate_multiplier": resolved.learning_rate_multiplier}
+        resolved: Hyperparameters = resolve_hyperparameters(
+            job.kind, reports[0].examples, hp.get("n_epochs"), hp.get("batch_size"), hp.get("learning_rate_multiplier")
+        )
+        return report, {
+            "n_epochs": resolved.n_epochs,
+            "batch_size": resolved.batch_size,
+            "learning_rate_multiplier": resolved.learning_rate_multiplier,
+        }
 
     # -- serving ------------------------------------------------------------------------------
     def _serve(self, job: Job, publish: bool = True) -> None:
@@ -232,13 +269,33 @@ class FineTuning:
         except Exception:  # noqa: BLE001 - the base is not served by this server now
             log.warning("not serving %s: its base %s is not served", model.id, model.base)
             return
-        self._register(ServedModel(id=model.id, kind=base.kind, path=base.path, created=model.created_at,
-                                   owned_by=job.tenant, owner=job.tenant, base=base, adapter_path=model.adapter_path))
+        self._register(
+            ServedModel(
+                id=model.id,
+                kind=base.kind,
+                path=base.path,
+                created=model.created_at,
+                owned_by=job.tenant,
+                owner=job.tenant,
+                base=base,
+                adapter_path=model.adapter_path,
+            )
+        )
         for checkpoint in self._checkpoints(job.id):
             if checkpoint.path.is_dir():
-                self._register(ServedModel(id=checkpoint.model_name, kind=base.kind, path=base.path,
-                                           created=checkpoint.created_at, owned_by=job.tenant, owner=job.tenant,
-                                           base=base, adapter_path=checkpoint.path, listed=False))
+                self._register(
+                    ServedModel(
+                        id=checkpoint.model_name,
+                        kind=base.kind,
+                        path=base.path,
+                        created=checkpoint.created_at,
+                        owned_by=job.tenant,
+                        owner=job.tenant,
+                        base=base,
+                        adapter_path=checkpoint.path,
+                        listed=False,
+                    )
+                )
         metrics = self.store.job_dir(job.id) / METRICS_FILE
         if publish and metrics.is_file() and not job.result_files:
             with metrics.open("rb") as f:
@@ -270,8 +327,13 @@ class FineTuning:
         else:
             from server.finetune.chat_trainer import chat_model_with_adapter
 
-            start_model(served, self.settings, model=chat_model_with_adapter(served.base.model, served.adapter_path),
-                        tokenizer=served.base.tokenizer, engine_config=self.settings.adapter_engine_config())
+            start_model(
+                served,
+                self.settings,
+                model=chat_model_with_adapter(served.base.model, served.adapter_path),
+                tokenizer=served.base.tokenizer,
+                engine_config=self.settings.adapter_engine_config(),
+            )
         log.info("loaded adapter %s in %.1fs", served.id, time.perf_counter() - started)
 
     def _make_room(self) -> None:
@@ -287,12 +349,18 @@ class FineTuning:
     def delete_model(self, model_id: str, tenant: str) -> bool:
         served = self.registry.get(model_id, tenant)
         if served.adapter_path is None or served.owner != tenant:
-            raise InvalidRequestError(f"Model '{model_id}' is not a fine-tuned model of yours and cannot be "
-                                      f"deleted.", param="model", code="model_not_deletable")
+            raise InvalidRequestError(
+                f"Model '{model_id}' is not a fine-tuned model of yours and cannot be deleted.",
+                param="model",
+                code="model_not_deletable",
+            )
         if not served.listed:
-            raise InvalidRequestError(f"Model '{model_id}' is a checkpoint; it is deleted with its fine-tuned "
-                                      f"model '{model_id.rsplit(':', 1)[0]}'.", param="model",
-                                      code="model_not_deletable")
+            raise InvalidRequestError(
+                f"Model '{model_id}' is a checkpoint; it is deleted with its fine-tuned "
+                f"model '{model_id.rsplit(':', 1)[0]}'.",
+                param="model",
+                code="model_not_deletable",
+            )
         job_ids = [m.job_id for m in self.store.models() if m.id == model_id]
         self.store.delete_model(model_id, tenant)
         doomed = [served] + [self._forget(c.model_name) for job_id in job_ids for c in self._checkpoints(job_id)]

@@ -55,8 +55,15 @@ class _Worker:
 
 
 class FineTuningSupervisor:
-    def __init__(self, store: JobStore, *, validate: Callable[[Job], Any], on_succeeded: Callable[[Job], None],
-                 data_dir: Path, max_jobs: int = 1) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        validate: Callable[[Job], Any],
+        on_succeeded: Callable[[Job], None],
+        data_dir: Path,
+        max_jobs: int = 1,
+    ) -> None:
         """`validate(job)` returns a ValidationReport (server/finetune/spec.py) and the resolved
         hyperparameters as a dict, raises ValueError (bad hyperparameters) or ValidationDeferred (try
         again later); `on_succeeded(job)` serves the new model."""
@@ -87,8 +94,12 @@ class FineTuningSupervisor:
             if job.id in finished:  # the worker finished; the server stopped before marking it
                 self._mark_succeeded(job)
                 continue
-            self._fail(job.id, "The server stopped while this job was running, so its training worker "
-                               "stopped too. Create the job again to retrain.", code="worker_died")
+            self._fail(
+                job.id,
+                "The server stopped while this job was running, so its training worker "
+                "stopped too. Create the job again to retrain.",
+                code="worker_died",
+            )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread; running jobs are failed with a reason and their workers terminated."""
@@ -108,8 +119,11 @@ class FineTuningSupervisor:
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 worker.process.wait()
-            self._fail(worker.job_id, "The server shut down while this job was running. Create the job "
-                                      "again to retrain.", code="server_shutdown")
+            self._fail(
+                worker.job_id,
+                "The server shut down while this job was running. Create the job again to retrain.",
+                code="server_shutdown",
+            )
 
     def wake(self) -> None:
         self._wake.set()
@@ -171,14 +185,22 @@ class FineTuningSupervisor:
             return
         except Exception as exc:  # noqa: BLE001 - never retried: a job that cannot be validated fails
             log.exception("validating the files of fine-tuning job %s failed", job.id)
-            self._fail(job.id, f"Validating the files failed: {type(exc).__name__}: {exc}",
-                       code="validation_failed", param="training_file")
+            self._fail(
+                job.id,
+                f"Validating the files failed: {type(exc).__name__}: {exc}",
+                code="validation_failed",
+                param="training_file",
+            )
             return
         if not report.ok:
             more = f" (and {len(report.errors) - 1} more problems)" if len(report.errors) > 1 else ""
             which = "training" if report.file == "training_file" else "validation"
-            self._fail(job.id, f"The {which} file is invalid. {describe(report.errors[0])}{more}",
-                       code=f"invalid_{which}_file", param=report.file)
+            self._fail(
+                job.id,
+                f"The {which} file is invalid. {describe(report.errors[0])}{more}",
+                code=f"invalid_{which}_file",
+                param=report.file,
+            )
             for problem in report.errors[1:20]:
                 self.store.add_event(job.id, describe(problem), level="error")
             return
@@ -194,8 +216,12 @@ class FineTuningSupervisor:
         logfile = (work / "worker.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "server.finetune.worker", "--data-dir", str(self.data_dir), "--job", job.id],
-            stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ),
-            start_new_session=True)
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ),
+            start_new_session=True,
+        )
         logfile.close()
         self.store.update(job.id, worker_pid=process.pid)
         with self._lock:
@@ -226,11 +252,16 @@ class FineTuningSupervisor:
                 self._finish(job)
             elif job.status == "running":
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                self._fail(job.id, f"The training worker died ({how}) before finishing; see "
-                                   f"{self.store.job_dir(job.id) / 'worker.log'}.", code="worker_died")
+                self._fail(
+                    job.id,
+                    f"The training worker died ({how}) before finishing; see "
+                    f"{self.store.job_dir(job.id) / 'worker.log'}.",
+                    code="worker_died",
+                )
             elif job.status == "failed" and job.error:  # the worker failed it (e.g. training_failed)
-                log.warning("fine-tuning job %s failed (%s): %s", job.id, job.error.get("code"),
-                            job.error.get("message"))
+                log.warning(
+                    "fine-tuning job %s failed (%s): %s", job.id, job.error.get("code"), job.error.get("message")
+                )
             elif trained and job.status == "cancelled":  # cancelled while finishing: no model survives
                 self.store.delete_model(model_name(job.model, job.tenant, job.suffix, job.id), job.tenant)
 

@@ -43,13 +43,17 @@ def spec_of(job: Job, store: JobStore) -> TrainingSpec:
     hp = job.hyperparameters
     work = store.job_dir(job.id)
     return TrainingSpec(
-        job_id=job.id, kind=job.kind,  # type: ignore[arg-type]
-        base_path=job.base_path, train_file=work / "train.jsonl",
+        job_id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]
+        base_path=job.base_path,
+        train_file=work / "train.jsonl",
         validation_file=work / "validation.jsonl" if job.validation_file else None,
         output_dir=work,
-        hyperparameters=Hyperparameters(int(hp["n_epochs"]), int(hp["batch_size"]),
-                                        float(hp["learning_rate_multiplier"])),
-        seed=job.seed)
+        hyperparameters=Hyperparameters(
+            int(hp["n_epochs"]), int(hp["batch_size"]), float(hp["learning_rate_multiplier"])
+        ),
+        seed=job.seed,
+    )
 
 
 class JobHooks:
@@ -70,14 +74,28 @@ class JobHooks:
         return row is None or bool(row["cancel_requested"]) or row["status"] != "running"
 
     def on_step(self, report: StepReport) -> None:
-        self.rows.append({"step": report.step, "epoch": report.epoch, "train_loss": report.train_loss,
-                          "valid_loss": "" if report.valid_loss is None else report.valid_loss,
-                          "trained_tokens": report.trained_tokens})
+        self.rows.append(
+            {
+                "step": report.step,
+                "epoch": report.epoch,
+                "train_loss": report.train_loss,
+                "valid_loss": "" if report.valid_loss is None else report.valid_loss,
+                "trained_tokens": report.trained_tokens,
+            }
+        )
         every = max(1, report.total_steps // EVENTS_PER_JOB)
-        if report.step == 1 or report.step % every == 0 or report.step == report.total_steps \
-                or report.valid_loss is not None:
-            data: dict[str, float | int] = {"step": report.step, "total_steps": report.total_steps,
-                                            "epoch": report.epoch, "train_loss": report.train_loss}
+        if (
+            report.step == 1
+            or report.step % every == 0
+            or report.step == report.total_steps
+            or report.valid_loss is not None
+        ):
+            data: dict[str, float | int] = {
+                "step": report.step,
+                "total_steps": report.total_steps,
+                "epoch": report.epoch,
+                "train_loss": report.train_loss,
+            }
             message = f"Step {report.step}/{report.total_steps}: training loss={report.train_loss:.4f}"
             if report.valid_loss is not None:
                 data["valid_loss"] = report.valid_loss
@@ -89,8 +107,11 @@ class JobHooks:
         name = f"{model_name(self.job.model, self.job.tenant, self.job.suffix, self.job.id)}:ckpt-step-{report.step}"
         metrics = {"step": float(report.step), **report.metrics}
         self.store.add_checkpoint(self.job.id, report.step, metrics, report.path, name)
-        self.store.add_event(self.job.id, f"Checkpoint created at step {report.step} (epoch {report.epoch})",
-                             data={"step": report.step, "epoch": report.epoch})
+        self.store.add_event(
+            self.job.id,
+            f"Checkpoint created at step {report.step} (epoch {report.epoch})",
+            data={"step": report.step, "epoch": report.epoch},
+        )
 
     def write_metrics(self, path: Path) -> None:
         with path.open("w", newline="") as f:
@@ -131,14 +152,19 @@ def run(data_dir: Path, job_id: str) -> int:
     hooks.write_metrics(store.job_dir(job.id) / METRICS_FILE)
     name = model_name(job.model, job.tenant, job.suffix, job.id)
     store.update(job.id, trained_tokens=result.trained_tokens)
-    store.add_event(job.id, f"Training finished in {time.monotonic() - started:.1f}s: {result.steps} steps, "
-                            f"{result.trained_tokens} trained tokens",
-                    data={"steps": result.steps, "trained_tokens": result.trained_tokens,
-                          "epoch_losses": list(result.epoch_losses)})
+    store.add_event(
+        job.id,
+        f"Training finished in {time.monotonic() - started:.1f}s: {result.steps} steps, "
+        f"{result.trained_tokens} trained tokens",
+        data={
+            "steps": result.steps,
+            "trained_tokens": result.trained_tokens,
+            "epoch_losses": list(result.epoch_losses),
+        },
+    )
     # The model row is the worker's last word; the supervisor registers the model for serving and only
     # then marks the job succeeded, so a client never sees "succeeded" before the model answers.
-    store.add_model(FineTunedModel(name, job.tenant, job.id, job.model, job.kind, result.adapter_dir,
-                                   int(time.time())))
+    store.add_model(FineTunedModel(name, job.tenant, job.id, job.model, job.kind, result.adapter_dir, int(time.time())))
     return 0
 
 

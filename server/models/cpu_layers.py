@@ -106,8 +106,9 @@ def _cpu_classes() -> dict[type, type]:
     table: dict[type, type] = {}
     for family in (llama, qwen2, qwen3):
         for base, mixin in ((family.Attention, _CpuAttention), (family.MLP, _CpuSwiGLU)):
-            table[base] = type(f"Cpu{base.__name__}", (mixin, base), {"__module__": __name__,
-                                                                      "__qualname__": f"Cpu{base.__name__}"})
+            table[base] = type(
+                f"Cpu{base.__name__}", (mixin, base), {"__module__": __name__, "__qualname__": f"Cpu{base.__name__}"}
+            )
     return table
 
 

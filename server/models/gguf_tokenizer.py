@@ -176,8 +176,9 @@ def tokenizer_config(meta: dict[str, Any], *, model_max_length: int | None = Non
     return config
 
 
-def write_tokenizer_files(meta: dict[str, Any], out_dir: Path, *, model_max_length: int | None = None,
-                          tokenizer: Tokenizer | None = None) -> None:
+def write_tokenizer_files(
+    meta: dict[str, Any], out_dir: Path, *, model_max_length: int | None = None, tokenizer: Tokenizer | None = None
+) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir.
 
     ``tokenizer`` is ``build_tokenizer(meta)``, built here when not given.

@@ -53,8 +53,9 @@ def download_from_hub(repo_id: str, cache: ModelCache, offline: bool) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        path = snapshot_download(repo_id, cache_dir=str(cache.root / "hub"), allow_patterns=HUB_PATTERNS,
-                                 local_files_only=offline)
+        path = snapshot_download(
+            repo_id, cache_dir=str(cache.root / "hub"), allow_patterns=HUB_PATTERNS, local_files_only=offline
+        )
     except LocalEntryNotFoundError as exc:
         raise ModelSourceError(f"{repo_id} is not in the cache and the hub cannot be reached ({exc})") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
@@ -113,8 +114,7 @@ def load_chat_model(path: Path, policy: str = "auto") -> tuple[Any, Any]:
         if getattr(model, "args", None) is not None and hasattr(model.args, "quantization"):
             model.args.quantization = None
         model = dequantize_model(model)
-        params = tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
-                          model.parameters())
+        params = tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
         model.update(params)
         mx.eval(model.parameters())
     model.eval()

@@ -27,8 +27,10 @@ from typing import BinaryIO
 from server.persistence.database import Database, Schema
 
 PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
-SCHEMA = Schema("files", (
-    """CREATE TABLE IF NOT EXISTS files (
+SCHEMA = Schema(
+    "files",
+    (
+        """CREATE TABLE IF NOT EXISTS files (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         filename TEXT NOT NULL,
@@ -37,8 +39,9 @@ SCHEMA = Schema("files", (
         created_at INTEGER NOT NULL,
         seq INTEGER NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, seq)",
-))
+        "CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, seq)",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,10 @@ class StorageQuotaError(ValueError):
     """The upload would take the tenant's stored bytes over its quota."""
 
     def __init__(self, quota: int, used: int) -> None:
-        super().__init__(f"This upload would exceed the storage quota of {quota} bytes per tenant "
-                         f"(--max-storage-gb-per-tenant); {used} bytes are stored now. Delete files to make room.")
+        super().__init__(
+            f"This upload would exceed the storage quota of {quota} bytes per tenant "
+            f"(--max-storage-gb-per-tenant); {used} bytes are stored now. Delete files to make room."
+        )
         self.quota = quota
         self.used = used
 
@@ -82,8 +87,9 @@ class FileStore:
         row = self.db.query_one("SELECT COALESCE(SUM(bytes), 0) AS used FROM files WHERE tenant = ?", (tenant,))
         return int(row["used"]) if row is not None else 0
 
-    def add(self, tenant: str, filename: str, purpose: str, source: BinaryIO, max_bytes: int,
-            quota_bytes: int | None = None) -> StoredFile:
+    def add(
+        self, tenant: str, filename: str, purpose: str, source: BinaryIO, max_bytes: int, quota_bytes: int | None = None
+    ) -> StoredFile:
         """Copy `source` into the store (at most max_bytes, else FileTooLargeError; with a quota, at most
         what the tenant has left, else StorageQuotaError) and record it."""
         room = None if quota_bytes is None else quota_bytes - self.usage(tenant)
@@ -117,22 +123,25 @@ class FileStore:
         """Insert the row; under a quota, only if the tenant's total still fits (checked in the transaction)."""
         with self.db.transaction() as conn:
             if quota_bytes is not None:
-                used = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?",
-                                    (stored.tenant,)).fetchone()[0]
+                used = conn.execute(
+                    "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?", (stored.tenant,)
+                ).fetchone()[0]
                 if used + stored.bytes > quota_bytes:
                     raise StorageQuotaError(quota_bytes, used)
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM files").fetchone()[0]
-            conn.execute("INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, seq) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (stored.id, stored.tenant, stored.filename, stored.purpose, stored.bytes,
-                          stored.created_at, seq))
+            conn.execute(
+                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stored.id, stored.tenant, stored.filename, stored.purpose, stored.bytes, stored.created_at, seq),
+            )
 
     def get(self, tenant: str, file_id: str) -> StoredFile | None:
         row = self.db.query_one("SELECT * FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
         return _stored(row) if row is not None else None
 
-    def page(self, tenant: str, *, after: str | None, limit: int, descending: bool,
-             purpose: str | None) -> tuple[list[StoredFile], bool]:
+    def page(
+        self, tenant: str, *, after: str | None, limit: int, descending: bool, purpose: str | None
+    ) -> tuple[list[StoredFile], bool]:
         """One page of the tenant's files in upload order (or reverse) after the file `after`."""
         where, params = ["tenant = ?"], [tenant]
         if purpose:
@@ -144,8 +153,9 @@ class FileStore:
                 where.append("seq < ?" if descending else "seq > ?")
                 params.append(anchor["seq"])
         order = "DESC" if descending else "ASC"
-        rows = self.db.query(f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?",
-                             (*params, limit + 1))
+        rows = self.db.query(
+            f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?", (*params, limit + 1)
+        )
         return [_stored(r) for r in rows[:limit]], len(rows) > limit
 
     def delete(self, tenant: str, file_id: str) -> bool:
@@ -165,5 +175,11 @@ class FileStore:
 
 
 def _stored(row: object) -> StoredFile:
-    return StoredFile(row["id"], row["tenant"], row["filename"], row["purpose"],  # type: ignore[index]
-                      row["bytes"], row["created_at"])  # type: ignore[index]
+    return StoredFile(
+        row["id"],
+        row["tenant"],
+        row["filename"],
+        row["purpose"],  # type: ignore[index]
+        row["bytes"],
+        row["created_at"],
+    )  # type: ignore[index]

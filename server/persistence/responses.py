@@ -16,22 +16,25 @@ import msgspec
 from server.persistence.database import Database, Schema
 from server.wire.responses import Item, ItemList, Response
 
-SCHEMA = Schema("responses", (
-    """CREATE TABLE IF NOT EXISTS responses (
+SCHEMA = Schema(
+    "responses",
+    (
+        """CREATE TABLE IF NOT EXISTS responses (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         conversation TEXT NOT NULL,
         history TEXT NOT NULL,
         body TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS responses_by_tenant ON responses (tenant, created_at)",
-    """CREATE TABLE IF NOT EXISTS response_input_items (
+        "CREATE INDEX IF NOT EXISTS responses_by_tenant ON responses (tenant, created_at)",
+        """CREATE TABLE IF NOT EXISTS response_input_items (
         response_id TEXT NOT NULL REFERENCES responses (id) ON DELETE CASCADE,
         position INTEGER NOT NULL,
         id TEXT NOT NULL,
         item TEXT NOT NULL,
         PRIMARY KEY (response_id, position))""",
-))
+    ),
+)
 
 _items = msgspec.json.Decoder(list[Item])
 _item = msgspec.json.Decoder(Item)
@@ -65,16 +68,25 @@ class ResponseStore:
         self.database = database
         database.ensure(SCHEMA)
 
-    def save(self, tenant: str, response: Response, conversation: str, history: list[Item],
-             input_items: list[Item]) -> None:
+    def save(
+        self, tenant: str, response: Response, conversation: str, history: list[Item], input_items: list[Item]
+    ) -> None:
         with self.database.transaction() as conn:
-            conn.execute("INSERT INTO responses (id, tenant, created_at, conversation, history, body) "
-                         "VALUES (?, ?, ?, ?, ?, ?)",
-                         (response.id, tenant, response.created_at, conversation,
-                          msgspec.json.encode(history).decode(), msgspec.json.encode(response).decode()))
-            conn.executemany("INSERT INTO response_input_items (response_id, position, id, item) VALUES (?, ?, ?, ?)",
-                             [(response.id, i, item.id, msgspec.json.encode(item).decode())
-                              for i, item in enumerate(input_items)])
+            conn.execute(
+                "INSERT INTO responses (id, tenant, created_at, conversation, history, body) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    response.id,
+                    tenant,
+                    response.created_at,
+                    conversation,
+                    msgspec.json.encode(history).decode(),
+                    msgspec.json.encode(response).decode(),
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO response_input_items (response_id, position, id, item) VALUES (?, ?, ?, ?)",
+                [(response.id, i, item.id, msgspec.json.encode(item).decode()) for i, item in enumerate(input_items)],
+            )
 
     def body(self, tenant: str, response_id: str) -> bytes | None:
         """The response object's JSON as it was returned."""
@@ -82,31 +94,42 @@ class ResponseStore:
         return row["body"].encode() if row is not None else None
 
     def load(self, tenant: str, response_id: str) -> StoredResponse | None:
-        row = self.database.query_one("SELECT conversation, history, body FROM responses WHERE id = ? AND tenant = ?",
-                                      (response_id, tenant))
+        row = self.database.query_one(
+            "SELECT conversation, history, body FROM responses WHERE id = ? AND tenant = ?", (response_id, tenant)
+        )
         if row is None:
             return None
-        inputs = self.database.query("SELECT item FROM response_input_items WHERE response_id = ? ORDER BY position",
-                                     (response_id,))
-        return StoredResponse(response_id, row["conversation"], _items.decode(row["history"]),
-                              [_item.decode(r["item"]) for r in inputs], _output.decode(row["body"]).output)
+        inputs = self.database.query(
+            "SELECT item FROM response_input_items WHERE response_id = ? ORDER BY position", (response_id,)
+        )
+        return StoredResponse(
+            response_id,
+            row["conversation"],
+            _items.decode(row["history"]),
+            [_item.decode(r["item"]) for r in inputs],
+            _output.decode(row["body"]).output,
+        )
 
     def delete(self, tenant: str, response_id: str) -> bool:
         return self.database.execute("DELETE FROM responses WHERE id = ? AND tenant = ?", (response_id, tenant)) > 0
 
-    def input_items(self, tenant: str, response_id: str, *, after: str | None = None, limit: int = 20,
-                    order: str = "desc") -> ItemList | None:
+    def input_items(
+        self, tenant: str, response_id: str, *, after: str | None = None, limit: int = 20, order: str = "desc"
+    ) -> ItemList | None:
         """One page of a response's input items; None when the response is unknown.
 
         Raises ValueError when `after` is not one of its items."""
-        if self.database.query_one("SELECT 1 FROM responses WHERE id = ? AND tenant = ?",
-                                   (response_id, tenant)) is None:
+        if (
+            self.database.query_one("SELECT 1 FROM responses WHERE id = ? AND tenant = ?", (response_id, tenant))
+            is None
+        ):
             return None
         descending = order == "desc"
         bound = None
         if after is not None:
-            row = self.database.query_one("SELECT position FROM response_input_items WHERE response_id = ? AND id = ?",
-                                          (response_id, after))
+            row = self.database.query_one(
+                "SELECT position FROM response_input_items WHERE response_id = ? AND id = ?", (response_id, after)
+            )
             if row is None:
                 raise ValueError(f"'{after}' is not an input item of response '{response_id}'")
             bound = row["position"]
@@ -114,7 +137,12 @@ class ResponseStore:
         rows = self.database.query(
             f"SELECT item FROM response_input_items WHERE response_id = ? {where} "
             f"ORDER BY position {'DESC' if descending else 'ASC'} LIMIT ?",
-            (response_id, *(() if bound is None else (bound,)), limit + 1))
+            (response_id, *(() if bound is None else (bound,)), limit + 1),
+        )
         items = [_item.decode(r["item"]) for r in rows[:limit]]
-        return ItemList(data=items, first_id=items[0].id if items else None, last_id=items[-1].id if items else None,
-                        has_more=len(rows) > limit)
+        return ItemList(
+            data=items,
+            first_id=items[0].id if items else None,
+            last_id=items[-1].id if items else None,
+            has_more=len(rows) > limit,
+        )

@@ -39,5 +39,7 @@ async def _within_timeout(request: Request, answer: Awaitable[T]) -> T:
     try:
         return await asyncio.wait_for(answer, timeout)
     except TimeoutError:
-        raise GatewayTimeoutError(f"The request did not finish within the server's limit of {timeout:g} seconds "
-                                  f"(--request-timeout). Ask for fewer tokens, or stream the answer.") from None
+        raise GatewayTimeoutError(
+            f"The request did not finish within the server's limit of {timeout:g} seconds "
+            f"(--request-timeout). Ask for fewer tokens, or stream the answer."
+        ) from None

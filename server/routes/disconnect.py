@@ -48,8 +48,9 @@ async def unless_disconnected(receive: Receive, answer: Awaitable[T]) -> T:
     try:
         await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not work.done() and watcher.exception() is None:
-            raise ClientDisconnectedError("The client closed the connection before the answer was ready; "
-                                          "its generation was stopped.")
+            raise ClientDisconnectedError(
+                "The client closed the connection before the answer was ready; its generation was stopped."
+            )
         return await work  # finished first; or the receive channel failed, and the answer decides alone
     finally:
         watcher.cancel()

@@ -20,8 +20,9 @@ MAX_LIST_LIMIT = 10_000
 
 
 def file_object(stored: StoredFile) -> FileObject:
-    return FileObject(id=stored.id, bytes=stored.bytes, created_at=stored.created_at, filename=stored.filename,
-                      purpose=stored.purpose)
+    return FileObject(
+        id=stored.id, bytes=stored.bytes, created_at=stored.created_at, filename=stored.filename, purpose=stored.purpose
+    )
 
 
 def _store(request: Request) -> FileStore:
@@ -46,15 +47,22 @@ async def upload(request: Request) -> Response:
         if not isinstance(purpose, str) or not purpose:
             raise InvalidRequestError("Missing required parameter: 'purpose'.", param="purpose")
         if purpose not in PURPOSES:
-            raise InvalidRequestError(f"'{purpose}' is not a supported purpose; use one of {', '.join(PURPOSES)}.",
-                                      param="purpose")
+            raise InvalidRequestError(
+                f"'{purpose}' is not a supported purpose; use one of {', '.join(PURPOSES)}.", param="purpose"
+            )
         if not isinstance(upload_file, UploadFile):
             raise InvalidRequestError("Missing required parameter: 'file'.", param="file")
         filename = (upload_file.filename or "upload").rsplit("/", 1)[-1][:255]
         try:
-            stored = await run_in_threadpool(_store(request).add, RequestScope.of(request).tenant, filename,
-                                             purpose, upload_file.file, settings.max_file_bytes,
-                                             settings.max_storage_bytes_per_tenant)
+            stored = await run_in_threadpool(
+                _store(request).add,
+                RequestScope.of(request).tenant,
+                filename,
+                purpose,
+                upload_file.file,
+                settings.max_file_bytes,
+                settings.max_storage_bytes_per_tenant,
+            )
         except FileTooLargeError as exc:
             raise PayloadTooLargeError(str(exc), param="file") from exc
         except StorageQuotaError as exc:
@@ -73,11 +81,17 @@ async def list_files(request: Request) -> Response:
     order = q.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequestError("'order' must be 'asc' or 'desc'.", param="order")
-    files, more = _store(request).page(RequestScope.of(request).tenant, after=q.get("after"), limit=limit,
-                                       descending=order == "desc", purpose=q.get("purpose"))
+    files, more = _store(request).page(
+        RequestScope.of(request).tenant,
+        after=q.get("after"),
+        limit=limit,
+        descending=order == "desc",
+        purpose=q.get("purpose"),
+    )
     data = [file_object(f) for f in files]
-    return json_response(FileList(data=data, has_more=more, first_id=data[0].id if data else None,
-                                  last_id=data[-1].id if data else None))
+    return json_response(
+        FileList(data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+    )
 
 
 async def get_file(request: Request) -> Response:
@@ -86,8 +100,9 @@ async def get_file(request: Request) -> Response:
 
 async def get_content(request: Request) -> Response:
     stored = _found(request)
-    return FileResponse(_store(request).path(stored.id), media_type="application/octet-stream",
-                        filename=stored.filename)
+    return FileResponse(
+        _store(request).path(stored.id), media_type="application/octet-stream", filename=stored.filename
+    )
 
 
 async def delete_file(request: Request) -> Response:

@@ -25,8 +25,13 @@ from server.wire.chat import ChatCompletionRequest
 from server.wire.codec import json_response, read_json
 from server.wire.completions import CompletionRequest
 
-def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: Callable[[Any], Awaitable[Any]],
-                        stream: Callable[[Any], AsyncIterator[dict[str, str]]]) -> Callable[[Request], Awaitable[Response]]:
+
+def generation_endpoint(
+    body_type: type,
+    prepare: Callable[..., Any],
+    complete: Callable[[Any], Awaitable[Any]],
+    stream: Callable[[Any], AsyncIterator[dict[str, str]]],
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         body = await read_json(request, body_type)
         registry: ModelRegistry = request.app.state.registry
@@ -43,8 +48,14 @@ def generation_endpoint(body_type: type, prepare: Callable[..., Any], complete: 
 
 
 routes = [
-    Route("/v1/chat/completions", generation_endpoint(ChatCompletionRequest, chat.prepare, chat.complete, chat.stream),
-          methods=["POST"]),
-    Route("/v1/completions", generation_endpoint(CompletionRequest, completions.prepare, completions.complete,
-                                                 completions.stream), methods=["POST"]),
+    Route(
+        "/v1/chat/completions",
+        generation_endpoint(ChatCompletionRequest, chat.prepare, chat.complete, chat.stream),
+        methods=["POST"],
+    ),
+    Route(
+        "/v1/completions",
+        generation_endpoint(CompletionRequest, completions.prepare, completions.complete, completions.stream),
+        methods=["POST"],
+    ),
 ]

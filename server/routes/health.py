@@ -20,8 +20,11 @@ async def ready(request: Request) -> Response:
         return json_response({"status": "ready", "models": [m.id for m in registry.list()]})
     if registry.failure:
         return json_response({"status": "failed", "error": registry.failure}, status=503)
-    return json_response({"status": "loading", "models": [m.id for m in registry.list() if m.loaded]},
-                         status=503, headers={"retry-after": "2"})
+    return json_response(
+        {"status": "loading", "models": [m.id for m in registry.list() if m.loaded]},
+        status=503,
+        headers={"retry-after": "2"},
+    )
 
 
 routes = [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"])]

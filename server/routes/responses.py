@@ -53,8 +53,9 @@ async def create_response(request: Request) -> Response:
 async def retrieve_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
     if request.query_params.get("stream") in ("true", "1"):
-        raise InvalidRequestError("Streaming a stored response needs background mode, which is not supported.",
-                                  param="stream")
+        raise InvalidRequestError(
+            "Streaming a stored response needs background mode, which is not supported.", param="stream"
+        )
     body = await run_in_threadpool(_store(request).body, RequestScope.of(request).tenant, response_id)
     if body is None:
         raise _not_found(response_id)
@@ -81,8 +82,14 @@ async def list_input_items(request: Request) -> Response:
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidRequestError(f"'limit' must be an integer from 1 to {MAX_PAGE}.", param="limit")
     try:
-        page = await run_in_threadpool(_store(request).input_items, RequestScope.of(request).tenant, response_id,
-                                       after=query.get("after"), limit=limit, order=order)
+        page = await run_in_threadpool(
+            _store(request).input_items,
+            RequestScope.of(request).tenant,
+            response_id,
+            after=query.get("after"),
+            limit=limit,
+            order=order,
+        )
     except ValueError as exc:
         raise InvalidRequestError(f"Invalid 'after': {exc}.", param="after") from exc
     if page is None:

@@ -26,7 +26,10 @@ def batch_items(raw: Any, *, empty_ids_allowed: bool) -> list[str | list[int]] |
         return [raw]
     if is_token_ids(raw) and raw:
         return [raw]
-    if isinstance(raw, list) and raw and all(
-            isinstance(x, str) or (is_token_ids(x) and (empty_ids_allowed or x)) for x in raw):
+    if (
+        isinstance(raw, list)
+        and raw
+        and all(isinstance(x, str) or (is_token_ids(x) and (empty_ids_allowed or x)) for x in raw)
+    ):
         return raw
     return None

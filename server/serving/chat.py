@@ -26,9 +26,23 @@ from server.serving.scope import RequestScope
 from server.serving.tool_names import check_tool_name, check_tool_names
 from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_call_entry
 from server.wire.chat import (
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice,
-    ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, NamedToolChoice, PromptTokensDetails, TokenLogprob, ToolCall,
-    ToolCallDelta, TopLogprob, Usage,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionCall,
+    NamedToolChoice,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
 )
 from server.wire.codec import encode
 
@@ -44,11 +58,14 @@ def _text_of(message: ChatMessage, index: int) -> str | None:
         if part.type != "text":
             raise InvalidRequestError(
                 f"Content parts of type '{part.type}' are not supported by this model; send text parts only.",
-                param=f"messages[{index}].content[{j}]", code="unsupported_content_type")
+                param=f"messages[{index}].content[{j}]",
+                code="unsupported_content_type",
+            )
         if part.text is None:
             where = f"messages[{index}].content[{j}].text"
-            raise InvalidRequestError(f"Missing required parameter: '{where}'.", param=where,
-                                      code="missing_required_parameter")
+            raise InvalidRequestError(
+                f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter"
+            )
         pieces.append(part.text)
     return "".join(pieces)
 
@@ -60,19 +77,24 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if message.role not in ROLES:
-            raise InvalidRequestError(f"Invalid role '{message.role}'; expected one of {sorted(ROLES)}.",
-                                      param=f"messages[{i}].role")
-        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
-                                 "content": _text_of(message, i) or ""}
+            raise InvalidRequestError(
+                f"Invalid role '{message.role}'; expected one of {sorted(ROLES)}.", param=f"messages[{i}].role"
+            )
+        entry: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": _text_of(message, i) or "",
+        }
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = [tool_call_entry(c.id, c.function.name, c.function.arguments)
-                                   for c in message.tool_calls]
+            entry["tool_calls"] = [
+                tool_call_entry(c.id, c.function.name, c.function.arguments) for c in message.tool_calls
+            ]
         if message.role == "tool":
             if not message.tool_call_id:
-                raise InvalidRequestError("Messages with role 'tool' need a 'tool_call_id'.",
-                                          param=f"messages[{i}].tool_call_id")
+                raise InvalidRequestError(
+                    "Messages with role 'tool' need a 'tool_call_id'.", param=f"messages[{i}].tool_call_id"
+                )
             entry["tool_call_id"] = message.tool_call_id
         out.append(entry)
     return out
@@ -114,8 +136,9 @@ def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, st
     return tool_mode(choice, None, names)
 
 
-def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScope,
-            conversation: str | None) -> ChatPlan:
+def prepare(
+    body: ChatCompletionRequest, served: ServedModel, scope: RequestScope, conversation: str | None
+) -> ChatPlan:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
     check_tool_names([t.function.name for t in body.tools or []], "tools[{}].function.name")
@@ -125,17 +148,41 @@ def prepare(body: ChatCompletionRequest, served: ServedModel, scope: RequestScop
     mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
     messages = template_messages(body.messages)
     request, fmt = build_request(
-        served, scope, conversation, messages, tools, mode, forced,
+        served,
+        scope,
+        conversation,
+        messages,
+        tools,
+        mode,
+        forced,
         msgspec.to_builtins(body.response_format) if body.response_format is not None else None,
-        request_id=f"chat-{uuid.uuid4().hex}", streamed=bool(body.stream),
+        request_id=f"chat-{uuid.uuid4().hex}",
+        streamed=bool(body.stream),
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias, seed=body.seed,
-        stop=stop_list(body.stop), logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, n=body.n)
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=body.logit_bias,
+        seed=body.seed,
+        stop=stop_list(body.stop),
+        logprobs=bool(body.logprobs),
+        top_logprobs=body.top_logprobs or 0,
+        n=body.n,
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(served, request, include_usage, bool(body.logprobs), tools if fmt else None, fmt,
-                    body.parallel_tool_calls is not False)
+    return ChatPlan(
+        served,
+        request,
+        include_usage,
+        bool(body.logprobs),
+        tools if fmt else None,
+        fmt,
+        body.parallel_tool_calls is not False,
+    )
 
 
 class _Logprobs:
@@ -158,8 +205,12 @@ class _Logprobs:
 
 def _usage(plan: ChatPlan, completion_tokens: int, cached: int) -> Usage:
     prompt = len(plan.request.prompt_token_ids)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 async def complete(plan: ChatPlan) -> ChatCompletion:
@@ -193,10 +244,22 @@ async def complete(plan: ChatPlan) -> ChatCompletion:
             content, calls = (shown + rest) or None, calls + more
         message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
         reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
-        choices.append(Choice(index=i, message=message, finish_reason=reason,
-                              logprobs=ChoiceLogprobs(content=logprobs[i]) if builder is not None else None))
-    return ChatCompletion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
-                          usage=_usage(plan, sum(counts), cached), system_fingerprint=SYSTEM_FINGERPRINT)
+        choices.append(
+            Choice(
+                index=i,
+                message=message,
+                finish_reason=reason,
+                logprobs=ChoiceLogprobs(content=logprobs[i]) if builder is not None else None,
+            )
+        )
+    return ChatCompletion(
+        id=plan.id,
+        created=plan.created,
+        model=plan.served.id,
+        choices=choices,
+        usage=_usage(plan, sum(counts), cached),
+        system_fingerprint=SYSTEM_FINGERPRINT,
+    )
 
 
 def _tool_call(call: ParsedCall) -> ToolCall:
@@ -207,15 +270,26 @@ def _call_deltas(index: int, calls: list[ParsedCall], first: int) -> list[Delta]
     """Two deltas per call: id, type and name (empty arguments), then the arguments."""
     deltas = []
     for k, call in enumerate(calls, start=first):
-        deltas.append(Delta(tool_calls=[ToolCallDelta(index=k, id=call.id, type="function",
-                                                      function={"name": call.name, "arguments": ""})]))
+        deltas.append(
+            Delta(
+                tool_calls=[
+                    ToolCallDelta(index=k, id=call.id, type="function", function={"name": call.name, "arguments": ""})
+                ]
+            )
+        )
         deltas.append(Delta(tool_calls=[ToolCallDelta(index=k, function={"arguments": call.arguments})]))
     return deltas
 
 
 def _chunk(plan: ChatPlan, choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
-    chunk = ChatCompletionChunk(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
-                                system_fingerprint=SYSTEM_FINGERPRINT, usage=usage)
+    chunk = ChatCompletionChunk(
+        id=plan.id,
+        created=plan.created,
+        model=plan.served.id,
+        choices=choices,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        usage=usage,
+    )
     return {"data": encode(chunk).decode()}
 
 

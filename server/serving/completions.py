@@ -36,8 +36,10 @@ def parse_prompts(prompt: Any, tokenizer: Any) -> list[tuple[list[int], str]]:
     """Every accepted prompt shape as (token ids, text) pairs."""
     items = batch_items(prompt, empty_ids_allowed=True)
     if items is None:
-        raise InvalidRequestError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
-                                  "token-id lists.", param="prompt")
+        raise InvalidRequestError(
+            "'prompt' must be a string, a list of strings, a list of token ids, or a list of token-id lists.",
+            param="prompt",
+        )
     if len(items) > MAX_PROMPTS:
         raise InvalidRequestError(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
     out = []
@@ -46,8 +48,10 @@ def parse_prompts(prompt: Any, tokenizer: Any) -> list[tuple[list[int], str]]:
             out.append((list(tokenizer.encode(item)), item))
             continue
         if any(not 0 <= t < 2**31 for t in item):  # the tokenizer's decode overflows on these
-            raise InvalidRequestError("'prompt' has token ids outside the model's vocabulary.",
-                                      param="prompt" if item is prompt else f"prompt[{i}]")
+            raise InvalidRequestError(
+                "'prompt' has token ids outside the model's vocabulary.",
+                param="prompt" if item is prompt else f"prompt[{i}]",
+            )
         out.append((list(item), tokenizer.decode(item)))
     return out
 
@@ -56,8 +60,9 @@ def _with_suffix(ids: list[int], suffix: str, tokenizer: Any) -> list[int]:
     fim = [tokenizer.convert_tokens_to_ids(t) for t in FIM_TOKENS]
     unk = getattr(tokenizer, "unk_token_id", None)
     if any(t is None or t == unk for t in fim):
-        raise InvalidRequestError("'suffix' needs a model with fill-in-the-middle tokens; this one has none.",
-                                  param="suffix")
+        raise InvalidRequestError(
+            "'suffix' needs a model with fill-in-the-middle tokens; this one has none.", param="suffix"
+        )
     prefix, suffix_tok, middle = fim
     return [prefix, *ids, suffix_tok, *tokenizer.encode(suffix, add_special_tokens=False), middle]
 
@@ -80,7 +85,9 @@ class CompletionPlan:
         return self.requests[0].params.n
 
 
-def prepare(body: CompletionRequest, served: ServedModel, scope: RequestScope, conversation: str | None) -> CompletionPlan:
+def prepare(
+    body: CompletionRequest, served: ServedModel, scope: RequestScope, conversation: str | None
+) -> CompletionPlan:
     tokenizer = served.tokenizer
     n = body.n if body.n is not None else 1
     best_of = body.best_of if body.best_of is not None else n
@@ -92,19 +99,34 @@ def prepare(body: CompletionRequest, served: ServedModel, scope: RequestScope, c
         raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_LOGPROBS}.", param="logprobs")
     prompts = parse_prompts(body.prompt, tokenizer)
     params = build_params(
-        max_tokens=body.max_tokens if body.max_tokens is not None else 16, temperature=body.temperature,
-        top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-        logit_bias=body.logit_bias, seed=body.seed, stop=stop_list(body.stop),
-        logprobs=body.logprobs is not None or best_of > n, top_logprobs=body.logprobs or 0, n=best_of,
-        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+        max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=body.logit_bias,
+        seed=body.seed,
+        stop=stop_list(body.stop),
+        logprobs=body.logprobs is not None or best_of > n,
+        top_logprobs=body.logprobs or 0,
+        n=best_of,
+        prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+    )
     requests = []
     for ids, _ in prompts:
         if body.suffix:
             ids = _with_suffix(ids, body.suffix, tokenizer)
-        request = GenerationRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=ids, params=params,
-                                    conversation_key=scope.conversation_key(served.id, conversation),
-                                    salt=scope.salt(served.id), streamed=bool(body.stream))
+        request = GenerationRequest(
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            prompt_token_ids=ids,
+            params=params,
+            conversation_key=scope.conversation_key(served.id, conversation),
+            salt=scope.salt(served.id),
+            streamed=bool(body.stream),
+        )
         served.running_engine.validate(request)
         requests.append(request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -178,7 +200,11 @@ class _Accumulator:
             choice.lp_tops.append(tops)
         choice.text += event.text
         if event.finish_reason is not None:
-            choice.finish, choice.tokens, choice.cached = event.finish_reason, event.completion_tokens, event.cached_tokens
+            choice.finish, choice.tokens, choice.cached = (
+                event.finish_reason,
+                event.completion_tokens,
+                event.cached_tokens,
+            )
         return choice
 
     def logprobs_of(self, prompt_index: int, choice: _Choice) -> CompletionLogprobs | None:
@@ -202,15 +228,23 @@ class _Accumulator:
             offsets.append(at)
             at += len(token)
         prompt_len = len(self.plan.prompt_texts[prompt_index])
-        return CompletionLogprobs(tokens + choice.lp_tokens, values + choice.lp_values, tops + choice.lp_tops,
-                                  offsets + [prompt_len + o for o in choice.offsets])
+        return CompletionLogprobs(
+            tokens + choice.lp_tokens,
+            values + choice.lp_values,
+            tops + choice.lp_tops,
+            offsets + [prompt_len + o for o in choice.offsets],
+        )
 
     def usage(self) -> Usage:
         prompt = sum(len(r.prompt_token_ids) for r in self.plan.requests)
         completion = sum(c.tokens for c in self.choices.values())
         cached = sum(self.choices[(p, 0)].cached for p in range(len(self.plan.requests)))
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
 
 async def complete(plan: CompletionPlan) -> Completion:
@@ -227,33 +261,64 @@ async def complete(plan: CompletionPlan) -> Completion:
             ranked.sort(key=lambda c: c.total_logprob, reverse=True)
         for j, choice in enumerate(ranked[: plan.n]):
             text = prompt_text + choice.text if plan.echo else choice.text
-            choices.append(CompletionChoice(index=p * plan.n + j, text=text, finish_reason=choice.finish,
-                                            logprobs=acc.logprobs_of(p, choice)))
-    return Completion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
-                      system_fingerprint=SYSTEM_FINGERPRINT, usage=acc.usage())
+            choices.append(
+                CompletionChoice(
+                    index=p * plan.n + j, text=text, finish_reason=choice.finish, logprobs=acc.logprobs_of(p, choice)
+                )
+            )
+    return Completion(
+        id=plan.id,
+        created=plan.created,
+        model=plan.served.id,
+        choices=choices,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        usage=acc.usage(),
+    )
 
 
 def _chunk(plan: CompletionPlan, choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, str]:
-    body = Completion(id=plan.id, created=plan.created, model=plan.served.id, choices=choices,
-                      system_fingerprint=SYSTEM_FINGERPRINT, usage=usage)
+    body = Completion(
+        id=plan.id,
+        created=plan.created,
+        model=plan.served.id,
+        choices=choices,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        usage=usage,
+    )
     return {"data": encode(body).decode()}
 
 
 async def stream(plan: CompletionPlan) -> AsyncIterator[dict[str, str]]:
     acc = _Accumulator(plan)
     if plan.echo:
-        yield _chunk(plan, [CompletionChoice(index=p * plan.n + j, text=text, finish_reason=None)
-                            for p, text in enumerate(plan.prompt_texts) for j in range(plan.n)])
+        yield _chunk(
+            plan,
+            [
+                CompletionChoice(index=p * plan.n + j, text=text, finish_reason=None)
+                for p, text in enumerate(plan.prompt_texts)
+                for j in range(plan.n)
+            ],
+        )
     try:
         async for p, event in _merged(plan):
             choice = acc.add(p, event)
             if event.text or event.finish_reason is not None or plan.logprobs is not None:
                 logprobs = None
                 if plan.logprobs is not None and choice.lp_tokens and event.token_id not in acc.eos:
-                    logprobs = CompletionLogprobs(choice.lp_tokens[-1:], choice.lp_values[-1:], choice.lp_tops[-1:],
-                                                  choice.offsets[-1:])
-                yield _chunk(plan, [CompletionChoice(index=p * plan.n + event.index, text=event.text,
-                                                     finish_reason=event.finish_reason, logprobs=logprobs)])
+                    logprobs = CompletionLogprobs(
+                        choice.lp_tokens[-1:], choice.lp_values[-1:], choice.lp_tops[-1:], choice.offsets[-1:]
+                    )
+                yield _chunk(
+                    plan,
+                    [
+                        CompletionChoice(
+                            index=p * plan.n + event.index,
+                            text=event.text,
+                            finish_reason=event.finish_reason,
+                            logprobs=logprobs,
+                        )
+                    ],
+                )
     except (PoolExhaustedError, GenerationError) as exc:
         yield {"data": encode(engine_failure(exc).body()).decode()}
         return

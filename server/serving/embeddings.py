@@ -27,8 +27,10 @@ def input_items(raw: Any) -> list[str | list[int]]:
     """Every accepted `input` shape as a list of texts and/or token-id lists."""
     items = batch_items(raw, empty_ids_allowed=False)
     if items is None:
-        raise InvalidRequestError("'input' must be a non-empty string, a list of strings, a list of token ids, or "
-                                  "a list of token-id lists.", param="input")
+        raise InvalidRequestError(
+            "'input' must be a non-empty string, a list of strings, a list of token ids, or a list of token-id lists.",
+            param="input",
+        )
     if len(items) > MAX_INPUTS:
         raise InvalidRequestError(f"'input' may hold at most {MAX_INPUTS} items, got {len(items)}.", param="input")
     for i, item in enumerate(items):
@@ -48,20 +50,26 @@ def token_ids(items: list[str | list[int]], served: ServedModel, truncate: bool)
             ids = encoded[i]
         else:
             if any(not 0 <= t < encoder.vocab_size for t in item):
-                raise InvalidRequestError(f"input[{i}] has token ids outside the model's vocabulary "
-                                          f"(0..{encoder.vocab_size - 1}).", param=f"input[{i}]")
+                raise InvalidRequestError(
+                    f"input[{i}] has token ids outside the model's vocabulary (0..{encoder.vocab_size - 1}).",
+                    param=f"input[{i}]",
+                )
             ids = [*wrap[0], *item, *wrap[1]]
         if len(ids) > encoder.max_length:
             if not truncate:
                 raise InvalidRequestError(
                     f"input[{i}] is {len(ids)} tokens, over this model's maximum of {encoder.max_length}. Shorten "
-                    f"it, or send \"truncate\": true to cut it.", param=f"input[{i}]", code="context_length_exceeded")
+                    f'it, or send "truncate": true to cut it.',
+                    param=f"input[{i}]",
+                    code="context_length_exceeded",
+                )
             ids = ids[: encoder.max_length - len(wrap[1])] + list(wrap[1])
         out.append(ids)
     total = sum(len(ids) for ids in out)
     if total > MAX_TOTAL_TOKENS:
-        raise InvalidRequestError(f"The request holds {total} tokens, over the limit of {MAX_TOTAL_TOKENS}.",
-                                  param="input")
+        raise InvalidRequestError(
+            f"The request holds {total} tokens, over the limit of {MAX_TOTAL_TOKENS}.", param="input"
+        )
     return out
 
 
@@ -86,7 +94,8 @@ def shape(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
 def respond(vectors: np.ndarray, body: EmbeddingRequest, served: ServedModel, num_tokens: int) -> EmbeddingList:
     data = []
     for i, vector in enumerate(shape(vectors, body.dimensions).astype("<f4")):
-        value: list[float] | str = (base64.b64encode(vector.tobytes()).decode() if body.encoding_format == "base64"
-                                    else vector.tolist())
+        value: list[float] | str = (
+            base64.b64encode(vector.tobytes()).decode() if body.encoding_format == "base64" else vector.tolist()
+        )
         data.append(Embedding(index=i, embedding=value))
     return EmbeddingList(data=data, model=served.id, usage=EmbeddingUsage(num_tokens, num_tokens))

@@ -40,8 +40,14 @@ def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple
     return choice, None
 
 
-def _grammar(served: ServedModel, response_format: dict[str, Any] | None, tools: list[dict[str, Any]], mode: str,
-             forced: str | None, fmt: ToolFormat | None) -> GrammarSpec | None:
+def _grammar(
+    served: ServedModel,
+    response_format: dict[str, Any] | None,
+    tools: list[dict[str, Any]],
+    mode: str,
+    forced: str | None,
+    fmt: ToolFormat | None,
+) -> GrammarSpec | None:
     """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
     if mode == "required" and fmt is not None and fmt.json_calls:
         return forcing_grammar(tools, forced, fmt, served.tokenizer, served.running_engine.constraints)
@@ -53,10 +59,20 @@ def _grammar(served: ServedModel, response_format: dict[str, Any] | None, tools:
         raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
 
 
-def build_request(served: ServedModel, scope: RequestScope, conversation: str | None,
-                  messages: list[dict[str, Any]], tools: list[dict[str, Any]], mode: str, forced: str | None,
-                  response_format: dict[str, Any] | None, *, request_id: str, streamed: bool = True,
-                  **sampling: Any) -> tuple[GenerationRequest, ToolFormat | None]:
+def build_request(
+    served: ServedModel,
+    scope: RequestScope,
+    conversation: str | None,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    mode: str,
+    forced: str | None,
+    response_format: dict[str, Any] | None,
+    *,
+    request_id: str,
+    streamed: bool = True,
+    **sampling: Any,
+) -> tuple[GenerationRequest, ToolFormat | None]:
     """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
 
     Tools reach the prompt (natively or as a system message), a forced call or the response format
@@ -68,9 +84,13 @@ def build_request(served: ServedModel, scope: RequestScope, conversation: str | 
     params = build_params(**sampling, grammar=_grammar(served, response_format, tools, mode, forced, fmt))
     prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
     request = GenerationRequest(
-        request_id=request_id, prompt_token_ids=prompt, params=params,
-        conversation_key=scope.conversation_key(served.id, conversation), salt=scope.salt(served.id),
-        streamed=streamed)
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        params=params,
+        conversation_key=scope.conversation_key(served.id, conversation),
+        salt=scope.salt(served.id),
+        streamed=streamed,
+    )
     served.running_engine.validate(request)
     return request, fmt
 
@@ -78,6 +98,7 @@ def build_request(served: ServedModel, scope: RequestScope, conversation: str | 
 def engine_failure(exc: Exception) -> APIError:
     """An engine error as the API error the client sees: a full KV pool is a retryable 503, the rest a 500."""
     if isinstance(exc, PoolExhaustedError):
-        return ServiceUnavailableError(f"The server is at capacity ({exc}); retry shortly.",
-                                       code="server_overloaded", headers={"retry-after": "2"})
+        return ServiceUnavailableError(
+            f"The server is at capacity ({exc}); retry shortly.", code="server_overloaded", headers={"retry-after": "2"}
+        )
     return APIError(f"Generation failed: {exc}")

@@ -9,8 +9,22 @@ from server.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64; the engine checks the lower bound
-_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-           "repetition_penalty", "logit_bias", "seed", "stop", "top_logprobs", "logprobs", "n")
+_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "top_logprobs",
+    "logprobs",
+    "n",
+)
 
 
 def _param_of(message: str) -> str | None:
@@ -25,8 +39,9 @@ def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
         return ()
     items = [stop] if isinstance(stop, str) else list(stop)
     if len(items) > MAX_STOP_SEQUENCES:
-        raise InvalidRequestError(f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}.",
-                                  param="stop")
+        raise InvalidRequestError(
+            f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}.", param="stop"
+        )
     if any(not s for s in items):
         raise InvalidRequestError("'stop' sequences must be non-empty strings.", param="stop")
     return tuple(items)
@@ -36,14 +51,18 @@ def build_params(**fields: Any) -> SamplingParams:
     """SamplingParams from OpenAI-named fields; None means "use the default"."""
     given = {k: v for k, v in fields.items() if v is not None}
     if isinstance(given.get("seed"), int) and given["seed"] > MAX_SEED:
-        raise InvalidRequestError(f"Invalid 'seed': integer above maximum value. Expected a value <= {MAX_SEED}.",
-                                  param="seed", code="integer_above_max_value")
+        raise InvalidRequestError(
+            f"Invalid 'seed': integer above maximum value. Expected a value <= {MAX_SEED}.",
+            param="seed",
+            code="integer_above_max_value",
+        )
     if "logit_bias" in given:
         try:
             given["logit_bias"] = {int(k): float(v) for k, v in given["logit_bias"].items()}
         except (TypeError, ValueError):
-            raise InvalidRequestError("logit_bias keys must be token ids (integers as strings).",
-                                      param="logit_bias") from None
+            raise InvalidRequestError(
+                "logit_bias keys must be token ids (integers as strings).", param="logit_bias"
+            ) from None
     try:
         return SamplingParams(**given)
     except ValueError as exc:

@@ -71,8 +71,9 @@ def control_tokens(tokenizer: Any) -> ControlTokens:
     """
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     thinking = _marker_texts(tokenizer, ("think_start", "think_end"))
-    markup = "\n".join((_template_text(tokenizer), thinking,
-                        _marker_texts(tokenizer, ("tool_call_start", "tool_call_end"))))
+    markup = "\n".join(
+        (_template_text(tokenizer), thinking, _marker_texts(tokenizer, ("tool_call_start", "tool_call_end")))
+    )
     texts = set()
     for token in decoder.values():
         content = getattr(token, "content", str(token))
@@ -131,8 +132,9 @@ class _Marking:
         return out
 
 
-def _needs_marking(tokens: ControlTokens, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                   template: str) -> _Marking | None:
+def _needs_marking(
+    tokens: ControlTokens, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, template: str
+) -> _Marking | None:
     full = tokens.pattern()
     if full is None:
         return None
@@ -150,8 +152,7 @@ def _needs_marking(tokens: ControlTokens, messages: list[dict[str, Any]], tools:
         pair = chr(_MARKER_BASE + i), chr(_MARKER_BASE + i + 1)
         if not any(c in s for s in seen for c in pair):
             return _Marking(full, assistant, *pair)
-    raise InvalidRequestError("The request's text could not be made safe for the chat template.",
-                              param="messages")
+    raise InvalidRequestError("The request's text could not be made safe for the chat template.", param="messages")
 
 
 def _plain_ids(tokenizer: Any, text: str) -> list[int]:
@@ -159,8 +160,11 @@ def _plain_ids(tokenizer: Any, text: str) -> list[int]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
-        words = (backend.pre_tokenizer.pre_tokenize_str(normalized) if backend.pre_tokenizer is not None
-                 else [(normalized, (0, len(normalized)))])
+        words = (
+            backend.pre_tokenizer.pre_tokenize_str(normalized)
+            if backend.pre_tokenizer is not None
+            else [(normalized, (0, len(normalized)))]
+        )
         return [token.id for word, _ in words for token in backend.model.tokenize(word)]
     # no fast backend: a character at a time can never spell a multi-character added token
     return [i for ch in text for i in tokenizer.encode(ch, add_special_tokens=False)]
@@ -179,7 +183,7 @@ def encode_marked(tokenizer: Any, text: str, tokens: ControlTokens, open_: str, 
     start = 0
     for match in pattern.finditer(text):
         if match.start() > start:
-            ids.extend(tokenizer.encode(text[start:match.start()], add_special_tokens=False))
+            ids.extend(tokenizer.encode(text[start : match.start()], add_special_tokens=False))
         protected = match.group("a") or match.group("b")
         if protected:
             ids.extend(_plain_ids(tokenizer, protected))
@@ -197,9 +201,13 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[di
         if marking is None:
             return list(tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True))
         text = tokenizer.apply_chat_template(
-            marking.messages(messages), tools=_map_strings(tools, marking.wrap(marking.full)) if tools else None,
-            add_generation_prompt=True, tokenize=False)
+            marking.messages(messages),
+            tools=_map_strings(tools, marking.wrap(marking.full)) if tools else None,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
     except TemplateError as exc:
-        raise InvalidRequestError(f"The model's chat template rejected these messages: {exc}",
-                                  param="messages") from exc
+        raise InvalidRequestError(
+            f"The model's chat template rejected these messages: {exc}", param="messages"
+        ) from exc
     return encode_marked(tokenizer, text, tokens, marking.open, marking.close)

@@ -28,10 +28,29 @@ from server.serving.responses import ResponsePlan, new_id
 from server.serving.tools import ParsedCall, ToolCallParser
 from server.wire.codec import encode
 from server.wire.responses import (
-    ContentPartAdded, ContentPartDone, FunctionCallArgumentsDelta, FunctionCallArgumentsDone, FunctionCallItem,
-    IncompleteDetails, InputTokensDetails, Item, MessageItem, OutputItemAdded, OutputItemDone, OutputText,
-    OutputTextDelta, OutputTextDone, Response, ResponseCompleted, ResponseCreated, ResponseError, ResponseFailed,
-    ResponseIncomplete, ResponseInProgress, ResponseUsage, StreamEvent,
+    ContentPartAdded,
+    ContentPartDone,
+    FunctionCallArgumentsDelta,
+    FunctionCallArgumentsDone,
+    FunctionCallItem,
+    IncompleteDetails,
+    InputTokensDetails,
+    Item,
+    MessageItem,
+    OutputItemAdded,
+    OutputItemDone,
+    OutputText,
+    OutputTextDelta,
+    OutputTextDone,
+    Response,
+    ResponseCompleted,
+    ResponseCreated,
+    ResponseError,
+    ResponseFailed,
+    ResponseIncomplete,
+    ResponseInProgress,
+    ResponseUsage,
+    StreamEvent,
 )
 
 # engine finish reasons that leave a response incomplete, and the reason it then gives: "abort" is a
@@ -86,7 +105,8 @@ class OutputBuilder:
         started = MessageItem(id=self._message_id, role="assistant", content=[], status="in_progress")
         events: list[StreamEvent] = [
             OutputItemAdded(output_index=index, item=started),
-            ContentPartAdded(item_id=self._message_id, output_index=index, content_index=0, part=OutputText(""))]
+            ContentPartAdded(item_id=self._message_id, output_index=index, content_index=0, part=OutputText("")),
+        ]
         text, self._pending = self._pending, ""
         return events + self._delta(text)
 
@@ -103,9 +123,11 @@ class OutputBuilder:
         item = MessageItem(id=item_id, role="assistant", content=[OutputText(text)], status=status)
         self.items.append(item)
         self._message_id = None
-        return [OutputTextDone(item_id=item_id, output_index=index, content_index=0, text=text),
-                ContentPartDone(item_id=item_id, output_index=index, content_index=0, part=OutputText(text)),
-                OutputItemDone(output_index=index, item=item)]
+        return [
+            OutputTextDone(item_id=item_id, output_index=index, content_index=0, text=text),
+            ContentPartDone(item_id=item_id, output_index=index, content_index=0, part=OutputText(text)),
+            OutputItemDone(output_index=index, item=item),
+        ]
 
     def _add_call(self, call: ParsedCall) -> list[StreamEvent]:
         self._pending = ""
@@ -113,11 +135,12 @@ class OutputBuilder:
         item = FunctionCallItem(id=item_id, call_id=call.id, name=call.name, arguments=call.arguments)
         self.items.append(item)
         started = FunctionCallItem(id=item_id, call_id=call.id, name=call.name, arguments="", status="in_progress")
-        return [OutputItemAdded(output_index=index, item=started),
-                FunctionCallArgumentsDelta(item_id=item_id, output_index=index, delta=call.arguments),
-                FunctionCallArgumentsDone(item_id=item_id, output_index=index, name=call.name,
-                                          arguments=call.arguments),
-                OutputItemDone(output_index=index, item=item)]
+        return [
+            OutputItemAdded(output_index=index, item=started),
+            FunctionCallArgumentsDelta(item_id=item_id, output_index=index, delta=call.arguments),
+            FunctionCallArgumentsDone(item_id=item_id, output_index=index, name=call.name, arguments=call.arguments),
+            OutputItemDone(output_index=index, item=item),
+        ]
 
 
 async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[StreamEvent]:
@@ -129,9 +152,11 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
         if final:
             output.finish_reason = event.finish_reason
             output.usage = ResponseUsage(
-                input_tokens=event.prompt_tokens, output_tokens=event.completion_tokens,
+                input_tokens=event.prompt_tokens,
+                output_tokens=event.completion_tokens,
                 total_tokens=event.prompt_tokens + event.completion_tokens,
-                input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens))
+                input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens),
+            )
             for step in output.close(event.finish_reason):  # type: ignore[arg-type]
                 yield step
 
@@ -140,9 +165,13 @@ def _finished(plan: ResponsePlan, output: OutputBuilder) -> Response:
     reason = INCOMPLETE.get(output.finish_reason or "")
     incomplete = reason is not None
     return msgspec.structs.replace(
-        plan.response, status="incomplete" if incomplete else "completed", output=output.items, usage=output.usage,
+        plan.response,
+        status="incomplete" if incomplete else "completed",
+        output=output.items,
+        usage=output.usage,
         incomplete_details=IncompleteDetails(reason) if reason is not None else None,
-        completed_at=None if incomplete else int(time.time()))
+        completed_at=None if incomplete else int(time.time()),
+    )
 
 
 async def _save(plan: ResponsePlan, response: Response, store: ResponseStore) -> None:
@@ -178,11 +207,21 @@ async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncIterator[dict
             yield sse(event)
     except (PoolExhaustedError, GenerationError) as exc:
         error = engine_failure(exc)
-        yield sse(ResponseFailed(response=msgspec.structs.replace(
-            plan.response, status="failed", output=output.items,
-            error=ResponseError(code=error.code or "server_error", message=error.message))))
+        yield sse(
+            ResponseFailed(
+                response=msgspec.structs.replace(
+                    plan.response,
+                    status="failed",
+                    output=output.items,
+                    error=ResponseError(code=error.code or "server_error", message=error.message),
+                )
+            )
+        )
         return
     response = _finished(plan, output)
     await _save(plan, response, store)
-    yield sse(ResponseCompleted(response=response) if response.status == "completed"
-              else ResponseIncomplete(response=response))
+    yield sse(
+        ResponseCompleted(response=response)
+        if response.status == "completed"
+        else ResponseIncomplete(response=response)
+    )

@@ -22,15 +22,27 @@ from typing import Any
 from server.engine import GenerationRequest
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer
-from server.registry import ServedModel
 from server.persistence.responses import ResponseStore
+from server.registry import ServedModel
 from server.serving.generation import build_request, tool_mode
 from server.serving.scope import RequestScope
 from server.serving.tool_names import check_tool_name, check_tool_names
 from server.serving.tools import ToolCallParser, ToolFormat, tool_call_entry
 from server.wire.responses import (
-    FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputContent, InputItem, InputText, Item, MessageItem,
-    OutputText, Response, ResponseRequest, TextConfig, TextFormat, ToolChoiceObject,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    InputContent,
+    InputItem,
+    InputText,
+    Item,
+    MessageItem,
+    OutputText,
+    Response,
+    ResponseRequest,
+    TextConfig,
+    TextFormat,
+    ToolChoiceObject,
 )
 
 MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
@@ -73,12 +85,16 @@ def _text(content: str | list[InputContent] | None, param: str) -> str:
     pieces = []
     for j, part in enumerate(content):
         if part.type not in TEXT_PARTS:
-            raise InvalidRequestError(f"Content parts of type '{part.type}' are not supported by this model; send "
-                                      f"text parts only.", param=f"{param}[{j}]", code="unsupported_content_type")
+            raise InvalidRequestError(
+                f"Content parts of type '{part.type}' are not supported by this model; send text parts only.",
+                param=f"{param}[{j}]",
+                code="unsupported_content_type",
+            )
         if part.text is None:
             where = f"{param}[{j}].text"
-            raise InvalidRequestError(f"Missing required parameter: '{where}'.", param=where,
-                                      code="missing_required_parameter")
+            raise InvalidRequestError(
+                f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter"
+            )
         pieces.append(part.text)
     return "".join(pieces)
 
@@ -88,8 +104,9 @@ def _item(raw: InputItem, i: int) -> Item:
     where = f"input[{i}]"
     if kind == "message":
         if raw.role not in MESSAGE_ROLES:
-            raise InvalidRequestError(f"Invalid role '{raw.role}'; expected one of {sorted(MESSAGE_ROLES)}.",
-                                      param=f"{where}.role")
+            raise InvalidRequestError(
+                f"Invalid role '{raw.role}'; expected one of {sorted(MESSAGE_ROLES)}.", param=f"{where}.role"
+            )
         text = _text(raw.content, f"{where}.content")
         part: InputText | OutputText = OutputText(text) if raw.role == "assistant" else InputText(text)
         return MessageItem(id=raw.id or new_id("msg"), role=raw.role, content=[part])
@@ -97,16 +114,20 @@ def _item(raw: InputItem, i: int) -> Item:
         if not raw.call_id or not raw.name:
             missing = "call_id" if not raw.call_id else "name"
             raise InvalidRequestError(f"A function_call item needs '{missing}'.", param=f"{where}.{missing}")
-        return FunctionCallItem(id=raw.id or new_id("fc"), call_id=raw.call_id, name=raw.name,
-                                arguments=raw.arguments or "")
+        return FunctionCallItem(
+            id=raw.id or new_id("fc"), call_id=raw.call_id, name=raw.name, arguments=raw.arguments or ""
+        )
     if kind == "function_call_output":
         if not raw.call_id:
             raise InvalidRequestError("A function_call_output item needs 'call_id'.", param=f"{where}.call_id")
-        return FunctionCallOutputItem(id=raw.id or new_id("fco"), call_id=raw.call_id,
-                                      output=_text(raw.output, f"{where}.output"))
+        return FunctionCallOutputItem(
+            id=raw.id or new_id("fco"), call_id=raw.call_id, output=_text(raw.output, f"{where}.output")
+        )
     raise InvalidRequestError(
-        f"Input items of type '{kind}' are not supported; send messages, function_call and function_call_output "
-        f"items.", param=f"{where}.type", code="unsupported_item_type")
+        f"Input items of type '{kind}' are not supported; send messages, function_call and function_call_output items.",
+        param=f"{where}.type",
+        code="unsupported_item_type",
+    )
 
 
 def input_items(given: str | list[InputItem] | None) -> list[Item]:
@@ -125,8 +146,9 @@ def check_call_ids(history: list[Item], items: list[Item]) -> None:
         if isinstance(item, FunctionCallItem):
             calls.add(item.call_id)
         elif isinstance(item, FunctionCallOutputItem) and item.call_id not in calls:
-            raise InvalidRequestError(f"No tool call found for function call output with call_id {item.call_id}.",
-                                      param=f"input[{i}].call_id")
+            raise InvalidRequestError(
+                f"No tool call found for function call output with call_id {item.call_id}.", param=f"input[{i}].call_id"
+            )
 
 
 def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str, Any]]:
@@ -152,13 +174,23 @@ def _tools(tools: list[FunctionTool] | None) -> list[dict[str, Any]]:
     out = []
     for i, tool in enumerate(tools or []):
         if tool.type != "function":
-            raise InvalidRequestError(f"Tools of type '{tool.type}' are not supported; only function tools are.",
-                                      param=f"tools[{i}].type", code="unsupported_tool_type")
+            raise InvalidRequestError(
+                f"Tools of type '{tool.type}' are not supported; only function tools are.",
+                param=f"tools[{i}].type",
+                code="unsupported_tool_type",
+            )
         if tool.name is None:
-            raise InvalidRequestError(f"Missing required parameter: 'tools[{i}].name'.", param=f"tools[{i}].name",
-                                      code="missing_required_parameter")
-        function = {"name": tool.name, "description": tool.description, "parameters": tool.parameters,
-                    "strict": tool.strict}
+            raise InvalidRequestError(
+                f"Missing required parameter: 'tools[{i}].name'.",
+                param=f"tools[{i}].name",
+                code="missing_required_parameter",
+            )
+        function = {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+            "strict": tool.strict,
+        }
         out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
     check_tool_names([t["function"]["name"] for t in out], "tools[{}].name")
     return out
@@ -169,7 +201,9 @@ def _tool_mode(choice: str | ToolChoiceObject | None, names: list[str]) -> tuple
         if choice.type != "function" or not choice.name:
             raise InvalidRequestError(
                 f"tool_choice of type '{choice.type}' is not supported; use 'none', 'auto', 'required' or "
-                '{"type": "function", "name": ...}.', param="tool_choice")
+                '{"type": "function", "name": ...}.',
+                param="tool_choice",
+            )
         check_tool_name(choice.name, "tool_choice.name")
         return tool_mode(None, choice.name, names)
     return tool_mode(choice, None, names)
@@ -185,10 +219,13 @@ def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
     if fmt.type == "json_schema":
         if fmt.schema is None:
             raise InvalidRequestError("text.format of type 'json_schema' needs a 'schema'.", param="text.format.schema")
-        return {"type": "json_schema", "json_schema": {"name": fmt.name or "response", "schema": fmt.schema,
-                                                       "strict": fmt.strict}}
-    raise InvalidRequestError(f"text.format.type must be 'text', 'json_object' or 'json_schema', got '{fmt.type}'.",
-                              param="text.format.type")
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.name or "response", "schema": fmt.schema, "strict": fmt.strict},
+        }
+    raise InvalidRequestError(
+        f"text.format.type must be 'text', 'json_object' or 'json_schema', got '{fmt.type}'.", param="text.format.type"
+    )
 
 
 def _refuse_unsupported(body: ResponseRequest) -> None:
@@ -196,19 +233,22 @@ def _refuse_unsupported(body: ResponseRequest) -> None:
     if body.background:
         raise InvalidRequestError("Background responses are not supported.", param="background")
     if body.conversation is not None:
-        raise InvalidRequestError("The Conversations API is not supported; continue with 'previous_response_id'.",
-                                  param="conversation")
+        raise InvalidRequestError(
+            "The Conversations API is not supported; continue with 'previous_response_id'.", param="conversation"
+        )
     if body.prompt is not None:
         raise InvalidRequestError("Stored prompt templates are not supported; send 'input'.", param="prompt")
     if body.top_logprobs:
-        raise InvalidRequestError("Logprobs are not supported on /v1/responses; use /v1/chat/completions.",
-                                  param="top_logprobs")
+        raise InvalidRequestError(
+            "Logprobs are not supported on /v1/responses; use /v1/chat/completions.", param="top_logprobs"
+        )
     if body.max_tool_calls is not None and body.max_tool_calls < 1:
         raise InvalidRequestError("'max_tool_calls' must be at least 1.", param="max_tool_calls")
     metadata = body.metadata or {}
     if len(metadata) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
-        raise InvalidRequestError("'metadata' holds at most 16 pairs, keys up to 64 and values up to 512 characters.",
-                                  param="metadata")
+        raise InvalidRequestError(
+            "'metadata' holds at most 16 pairs, keys up to 64 and values up to 512 characters.", param="metadata"
+        )
 
 
 @contextlib.contextmanager
@@ -221,16 +261,20 @@ def _responses_params() -> Iterator[None]:
         raise
 
 
-def prepare(body: ResponseRequest, served: ServedModel, scope: RequestScope, conversation: str | None,
-            store: ResponseStore) -> ResponsePlan:
+def prepare(
+    body: ResponseRequest, served: ServedModel, scope: RequestScope, conversation: str | None, store: ResponseStore
+) -> ResponsePlan:
     """Check the request, load the conversation it continues, and build its engine request."""
     _refuse_unsupported(body)
     history: list[Item] = []
     if body.previous_response_id:
         previous = store.load(scope.tenant, body.previous_response_id)
         if previous is None:
-            raise InvalidRequestError(f"Previous response with id '{body.previous_response_id}' not found.",
-                                      param="previous_response_id", code="previous_response_not_found")
+            raise InvalidRequestError(
+                f"Previous response with id '{body.previous_response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         history, conversation = previous.items, previous.conversation
     items = input_items(body.input)
     check_call_ids(history, items)
@@ -242,23 +286,48 @@ def prepare(body: ResponseRequest, served: ServedModel, scope: RequestScope, con
         conversation = response_id  # a new chain: its follow-ups find its KV under this key
     with _responses_params():
         request, fmt = build_request(
-            served, scope, conversation, chat_messages(history + items, body.instructions), tools, mode, forced,
-            _response_format(body.text), request_id=f"resp-{uuid.uuid4().hex}", streamed=bool(body.stream),
+            served,
+            scope,
+            conversation,
+            chat_messages(history + items, body.instructions),
+            tools,
+            mode,
+            forced,
+            _response_format(body.text),
+            request_id=f"resp-{uuid.uuid4().hex}",
+            streamed=bool(body.stream),
             max_tokens=body.max_output_tokens,
-            temperature=body.temperature, top_p=body.top_p)
+            temperature=body.temperature,
+            top_p=body.top_p,
+        )
     max_calls = 1 if body.parallel_tool_calls is False else None
     if body.max_tool_calls is not None:
         max_calls = min(max_calls or body.max_tool_calls, body.max_tool_calls)
     response = Response(
-        id=response_id, created_at=int(time.time()), model=served.id, status="in_progress", output=[],
-        tools=body.tools or [], tool_choice=body.tool_choice or "auto",
+        id=response_id,
+        created_at=int(time.time()),
+        model=served.id,
+        status="in_progress",
+        output=[],
+        tools=body.tools or [],
+        tool_choice=body.tool_choice or "auto",
         parallel_tool_calls=body.parallel_tool_calls is not False,
-        text=TextConfig(format=(body.text.format if body.text else None) or TextFormat(type="text"),
-                        verbosity=(body.text.verbosity if body.text else None) or "medium"),
-        instructions=body.instructions, metadata=body.metadata or {},
-        previous_response_id=body.previous_response_id, max_output_tokens=body.max_output_tokens,
-        max_tool_calls=body.max_tool_calls, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, store=store_it, user=body.user,
-        prompt_cache_key=body.prompt_cache_key, safety_identifier=body.safety_identifier)
-    return ResponsePlan(served, request, response, scope.tenant, conversation, history, items,
-                        tools if fmt else None, fmt, max_calls)
+        text=TextConfig(
+            format=(body.text.format if body.text else None) or TextFormat(type="text"),
+            verbosity=(body.text.verbosity if body.text else None) or "medium",
+        ),
+        instructions=body.instructions,
+        metadata=body.metadata or {},
+        previous_response_id=body.previous_response_id,
+        max_output_tokens=body.max_output_tokens,
+        max_tool_calls=body.max_tool_calls,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        store=store_it,
+        user=body.user,
+        prompt_cache_key=body.prompt_cache_key,
+        safety_identifier=body.safety_identifier,
+    )
+    return ResponsePlan(
+        served, request, response, scope.tenant, conversation, history, items, tools if fmt else None, fmt, max_calls
+    )

@@ -49,8 +49,9 @@ def _parameters(tool: dict[str, Any], index: int) -> dict[str, Any]:
     if parameters is None:
         return {"type": "object"}
     if not isinstance(parameters, dict):
-        raise InvalidRequestError("A function's 'parameters' must be a JSON Schema object.",
-                                  param=f"tools[{index}].function.parameters")
+        raise InvalidRequestError(
+            "A function's 'parameters' must be a JSON Schema object.", param=f"tools[{index}].function.parameters"
+        )
     return parameters
 
 
@@ -65,8 +66,12 @@ def call_schema(tool: dict[str, Any], index: int = 0) -> dict[str, Any]:
     hoisted = {key: arguments.pop(key) for key in _DEFINITIONS if key in arguments}
     if "properties" in arguments:
         arguments.setdefault("additionalProperties", False)
-    schema = {"type": "object", "properties": {"name": {"const": tool["function"]["name"]}, "arguments": arguments},
-              "required": ["name", "arguments"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"const": tool["function"]["name"]}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
     return {**hoisted, **schema}
 
 
@@ -101,16 +106,19 @@ def _check_parameters(tool: dict[str, Any], index: int, validator: GrammarValida
         validator.validate(GrammarSpec.json_schema(_parameters(tool, index), strict=strict))
     except ValueError as exc:
         raise InvalidRequestError(
-            f"The parameters of function '{tool['function']['name']}' cannot be enforced for a forced tool call: "
-            f"{exc}", param=f"tools[{index}].function.parameters", code="invalid_function_parameters",
+            f"The parameters of function '{tool['function']['name']}' cannot be enforced for a forced tool call: {exc}",
+            param=f"tools[{index}].function.parameters",
+            code="invalid_function_parameters",
         ) from None
 
 
 def lark_text(fmt: ToolFormat, chosen: list[tuple[int, dict[str, Any]]], tokenizer: Any) -> str:
     """The Lark source: markers, at most one line break either side, one compact JSON call of a chosen tool."""
-    lines = [f"start: {marker(fmt.start, tokenizer)} NL? call NL? {marker(fmt.end, tokenizer)}",
-             "NL: \"\\n\"",
-             "call: " + " | ".join(f"tool_{k}" for k in range(len(chosen)))]
+    lines = [
+        f"start: {marker(fmt.start, tokenizer)} NL? call NL? {marker(fmt.end, tokenizer)}",
+        'NL: "\\n"',
+        "call: " + " | ".join(f"tool_{k}" for k in range(len(chosen))),
+    ]
     for k, (index, tool) in enumerate(chosen):
         schema = call_schema(tool, index)
         schema["x-guidance"] = {"whitespace_flexible": False, "lenient": not _strict(tool)}
@@ -118,8 +126,9 @@ def lark_text(fmt: ToolFormat, chosen: list[tuple[int, dict[str, Any]]], tokeniz
     return "\n".join(lines) + "\n"
 
 
-def forcing_grammar(tools: list[dict[str, Any]], forced: str | None, fmt: ToolFormat, tokenizer: Any,
-                    validator: GrammarValidator) -> GrammarSpec:
+def forcing_grammar(
+    tools: list[dict[str, Any]], forced: str | None, fmt: ToolFormat, tokenizer: Any, validator: GrammarValidator
+) -> GrammarSpec:
     """The grammar that forces one call of `forced` (or any tool), checked against the model's tokenizer.
 
     Raises InvalidRequestError when a tool's parameters cannot be enforced, and an APIError (500, logged)
@@ -127,8 +136,9 @@ def forcing_grammar(tools: list[dict[str, Any]], forced: str | None, fmt: ToolFo
     try:
         validator.tokenizer
     except ValueError as exc:
-        raise InvalidRequestError(f"Forced tool calls are not available for this model: {exc}",
-                                  param="tool_choice") from None
+        raise InvalidRequestError(
+            f"Forced tool calls are not available for this model: {exc}", param="tool_choice"
+        ) from None
     chosen = chosen_tools(tools, forced)
     for index, tool in chosen:
         _check_parameters(tool, index, validator)
@@ -137,8 +147,9 @@ def forcing_grammar(tools: list[dict[str, Any]], forced: str | None, fmt: ToolFo
         validator.validate(spec)
     except ValueError as exc:
         log.error("the forcing grammar did not compile: %s\n%s", exc, spec.text)
-        raise APIError("The server could not build the grammar for this forced tool call.",
-                       code="tool_grammar_failed") from None
+        raise APIError(
+            "The server could not build the grammar for this forced tool call.", code="tool_grammar_failed"
+        ) from None
     return spec
 
 

@@ -49,19 +49,24 @@ def tool_format(tokenizer: Any) -> ToolFormat:
     template = getattr(tokenizer, "chat_template", None) or ""
     if getattr(tokenizer, "has_tool_calling", False) and "tools" in template:
         parse = tokenizer.tool_parser
-        return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parse, native=True,
-                          json_calls=_is_json_parser(parse))
+        return ToolFormat(
+            tokenizer.tool_call_start, tokenizer.tool_call_end, parse, native=True, json_calls=_is_json_parser(parse)
+        )
     return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, native=False, json_calls=True)
 
 
 def tools_system_prompt(tools: list[dict[str, Any]], forced: str | None) -> str:
     """The tool instructions for templates that do not render tools themselves."""
     listing = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
-    rule = (f"You must call the function {forced!r} now." if forced else
-            "Call a function only when it helps answer; otherwise answer normally.")
-    return ("You can call these functions:\n" + listing + "\n\nTo call a function, reply with exactly\n"
-            f'{HERMES_START}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{HERMES_END}\n'
-            + rule)
+    rule = (
+        f"You must call the function {forced!r} now."
+        if forced
+        else "Call a function only when it helps answer; otherwise answer normally."
+    )
+    return (
+        "You can call these functions:\n" + listing + "\n\nTo call a function, reply with exactly\n"
+        f'{HERMES_START}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{HERMES_END}\n' + rule
+    )
 
 
 def with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]], forced: str | None) -> list[dict[str, Any]]:
@@ -77,12 +82,19 @@ def with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]], forc
     out = []
     for message in messages:
         if message.get("tool_calls"):
-            calls = "".join(f"{HERMES_START}{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
-                            f"{HERMES_END}" for c in message["tool_calls"])
+            calls = "".join(
+                f"{HERMES_START}{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
+                f"{HERMES_END}"
+                for c in message["tool_calls"]
+            )
             out.append({"role": "assistant", "content": (message.get("content") or "") + calls})
         elif message["role"] == "tool":
-            out.append({"role": "user", "content": f"Result of tool call {message.get('tool_call_id', '')}: "
-                                                   f"{message['content']}"})
+            out.append(
+                {
+                    "role": "user",
+                    "content": f"Result of tool call {message.get('tool_call_id', '')}: {message['content']}",
+                }
+            )
         else:
             out.append(message)
     return out
@@ -107,7 +119,9 @@ class ParsedCall:
 class ToolCallParser:
     """Splits streamed model text into content and tool calls."""
 
-    def __init__(self, fmt: ToolFormat, tools: list[dict[str, Any]] | None = None, max_calls: int | None = None) -> None:
+    def __init__(
+        self, fmt: ToolFormat, tools: list[dict[str, Any]] | None = None, max_calls: int | None = None
+    ) -> None:
         self.fmt = fmt
         self.tools = tools
         self.max_calls = max_calls  # 1 when the request set parallel_tool_calls: false
@@ -126,16 +140,16 @@ class ToolCallParser:
                 if at < 0:
                     keep = _partial_suffix(self._buffer, self.fmt.start)
                     content += self._buffer[: len(self._buffer) - keep]
-                    self._buffer = self._buffer[len(self._buffer) - keep:]
+                    self._buffer = self._buffer[len(self._buffer) - keep :]
                     return content, calls
                 content += self._buffer[:at]
-                self._buffer = self._buffer[at + len(self.fmt.start):]
+                self._buffer = self._buffer[at + len(self.fmt.start) :]
                 self._in_call = True
             end = self._buffer.find(self.fmt.end)
             if end < 0:
                 return content, calls
             call = self._parse(self._buffer[:end])
-            self._buffer = self._buffer[end + len(self.fmt.end):]
+            self._buffer = self._buffer[end + len(self.fmt.end) :]
             self._in_call = False
             if call is None:
                 continue

@@ -78,8 +78,11 @@ class StreamOptions(msgspec.Struct):
 def check_stream_options(stream: bool | None, options: StreamOptions | None) -> None:
     """OpenAI's 400 for `stream_options` on a request that does not stream (an explicit null is fine)."""
     if options is not None and not stream:
-        raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                                  param="stream_options", code="invalid_value")
+        raise InvalidRequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
 
 
 class ChatCompletionRequest(msgspec.Struct):

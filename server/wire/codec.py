@@ -24,8 +24,10 @@ _encoder = msgspec.json.Encoder()
 
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
 # scanned left to right: an escaped backslash, a valid surrogate pair, or a lone surrogate (group "lone")
-_SURROGATES = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-                         rb"|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
+_SURROGATES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
 
 
 def _param_from(message: str) -> tuple[str, str | None]:
@@ -53,10 +55,13 @@ def _unparsable(body: bytes, exc: Exception) -> InvalidRequestError:
         return InvalidRequestError(
             f"We could not parse the JSON body of your request: the escape '{lone[0]}' at byte {lone[1]} is half of "
             f"a UTF-16 surrogate pair without its other half, which is not a character. The OpenAI API expects "
-            f"a JSON payload of valid Unicode text.", code="invalid_json")
+            f"a JSON payload of valid Unicode text.",
+            code="invalid_json",
+        )
     return InvalidRequestError(
         f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects a JSON payload.",
-        code="invalid_json")
+        code="invalid_json",
+    )
 
 
 def decode_json(body: bytes, kind: type[T]) -> T:
@@ -86,8 +91,9 @@ async def read_json(request: Request, kind: type[T]) -> T:
     the JSON itself is checked); only a multipart body, which cannot be JSON, is a 415."""
     content_type = request.headers.get("content-type", "")
     if not _is_json(content_type):
-        raise UnsupportedMediaTypeError(f"Unsupported Content-Type '{content_type}': send the JSON body with "
-                                        f"'Content-Type: application/json'.")
+        raise UnsupportedMediaTypeError(
+            f"Unsupported Content-Type '{content_type}': send the JSON body with 'Content-Type: application/json'."
+        )
     return decode_json(await request.body(), kind)
 
 

@@ -10,9 +10,20 @@ from server.wire.chat import StreamOptions, Usage, check_stream_options
 
 TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 # text, texts, token ids or lists of token ids: decoded as Any and checked in the service (null is a 400 there)
-PROMPTS = Annotated[Any, msgspec.Meta(extra_json_schema={"anyOf": [
-    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, TOKEN_IDS,
-    {"type": "array", "items": TOKEN_IDS, "minItems": 1}, {"type": "null"}]})]
+PROMPTS = Annotated[
+    Any,
+    msgspec.Meta(
+        extra_json_schema={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                TOKEN_IDS,
+                {"type": "array", "items": TOKEN_IDS, "minItems": 1},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 
 
 class CompletionRequest(msgspec.Struct):

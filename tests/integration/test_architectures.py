@@ -23,17 +23,42 @@ from server.models.cpu_layers import speed_up_for_cpu
 from server.registry import ModelRegistry
 
 VOCAB = 49152  # the default model's tokenizer drives detokenization
-COMMON = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": VOCAB, "max_position_embeddings": 2048}
+COMMON = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 2048,
+}
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", **COMMON, "tie_word_embeddings": True},
-    "llama3_rope": {"model_type": "llama", **COMMON, "tie_word_embeddings": True, "rope_theta": 500000.0,
-                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "llama3_rope": {
+        "model_type": "llama",
+        **COMMON,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
     "qwen2": {"model_type": "qwen2", **COMMON, "tie_word_embeddings": False},
     "qwen3": {"model_type": "qwen3", **COMMON, "head_dim": 16, "tie_word_embeddings": True, "rope_theta": 1e6},
-    "gemma3_text": {"model_type": "gemma3_text", **COMMON, "head_dim": 16, "num_hidden_layers": 6,
-                    "sliding_window": 8, "sliding_window_pattern": 3, "query_pre_attn_scalar": 16},
+    "gemma3_text": {
+        "model_type": "gemma3_text",
+        **COMMON,
+        "head_dim": 16,
+        "num_hidden_layers": 6,
+        "sliding_window": 8,
+        "sliding_window_pattern": 3,
+        "query_pre_attn_scalar": 16,
+    },
 }
 
 
@@ -87,8 +112,9 @@ def test_cpu_layers_in_the_engine_generate_what_mlx_lm_generates(model_type: str
         results: dict[int, list[int]] = {}
 
         def run(k: int) -> None:
-            results[k] = [e.token_id for e in engine.generate(GenerationRequest(f"cpu-{model_type}-{k}", prompts[k],
-                                                                                params))]
+            results[k] = [
+                e.token_id for e in engine.generate(GenerationRequest(f"cpu-{model_type}-{k}", prompts[k], params))
+            ]
 
         threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
         for t in threads:

@@ -19,8 +19,10 @@ from server.errors import InvalidRequestError
 from server.registry import ModelRegistry
 
 BS = 16
-SYSTEM = ("You are a meticulous assistant for a company that builds servers for language models. "
-          "Answer briefly, cite nothing, and never invent facts. Keep every answer under fifty words. ")
+SYSTEM = (
+    "You are a meticulous assistant for a company that builds servers for language models. "
+    "Answer briefly, cite nothing, and never invent facts. Keep every answer under fifty words. "
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +44,16 @@ def engine(smol: tuple[Any, Any]) -> Iterator[Engine]:
 _ids = iter(range(10**9))
 
 
-def request(tokens: list[int], max_tokens: int = 8, conversation: str | None = None, salt: bytes = b"",
-            **params: Any) -> GenerationRequest:
-    return GenerationRequest(f"req-{next(_ids)}", tokens, SamplingParams(max_tokens=max_tokens,
-                             temperature=params.pop("temperature", 0.0), **params), conversation, salt)
+def request(
+    tokens: list[int], max_tokens: int = 8, conversation: str | None = None, salt: bytes = b"", **params: Any
+) -> GenerationRequest:
+    return GenerationRequest(
+        f"req-{next(_ids)}",
+        tokens,
+        SamplingParams(max_tokens=max_tokens, temperature=params.pop("temperature", 0.0), **params),
+        conversation,
+        salt,
+    )
 
 
 def chat_tokens(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
@@ -96,8 +104,9 @@ def test_second_turn_computes_only_new_tokens_and_matches_recompute(engine: Engi
     idle(engine)
     blocks1 = list(engine.kv.conversations["resume"].block_ids)
     cached_tokens_expected = len(turn1) + len(out1) - 1  # the last sampled token was never fed
-    follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd at night?<|im_end|>\n<|im_start|>assistant\n",
-                              add_special_tokens=False)
+    follow = tokenizer.encode(
+        "<|im_end|>\n<|im_start|>user\nAnd at night?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )
     turn2 = turn1 + out1 + list(follow)
     computed_before = engine.stats().prompt_tokens_computed
     second = engine.generate(request(turn2, max_tokens=10, conversation="resume"))
@@ -130,8 +139,11 @@ def test_generated_blocks_are_written_back_and_reused_exactly(engine: Engine, sm
 
 def test_three_agents_of_different_lengths_batch_together(engine: Engine, smol: tuple[Any, Any]) -> None:
     tokenizer = smol[1]
-    prompts = [chat_tokens(tokenizer, "Hi"), chat_tokens(tokenizer, "Tell me about rivers. " * 6),
-               chat_tokens(tokenizer, "Summarise the history of Rome in one line. " * 12)]
+    prompts = [
+        chat_tokens(tokenizer, "Hi"),
+        chat_tokens(tokenizer, "Tell me about rivers. " * 6),
+        chat_tokens(tokenizer, "Summarise the history of Rome in one line. " * 12),
+    ]
     assert len({len(p) for p in prompts}) == 3
     results: dict[int, list[TokenEvent]] = {}
 
@@ -182,16 +194,18 @@ def test_no_leaks_after_generations_cancellations_and_failures(engine: Engine, s
 
 def test_pool_exhaustion_fails_cleanly_and_engine_keeps_serving(smol: tuple[Any, Any]) -> None:
     model, tokenizer = smol
-    small = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=6,
-                                                  scheduler=SchedulerConfig(admission_timeout=0.5)))
+    small = Engine(
+        model, tokenizer, EngineConfig(block_size=BS, num_blocks=6, scheduler=SchedulerConfig(admission_timeout=0.5))
+    )
     small.start()
     try:
         too_long = chat_tokens(tokenizer, "word " * 120)
         with pytest.raises(PoolExhaustedError):
             small.generate(request(too_long, max_tokens=4))
         # one request fills most of the pool for a while; a second cannot get blocks in time
-        hog = request(chat_tokens(tokenizer, "Tell me a long story about dragons. " * 3), max_tokens=30,
-                      ignore_eos=True)
+        hog = request(
+            chat_tokens(tokenizer, "Tell me a long story about dragons. " * 3), max_tokens=30, ignore_eos=True
+        )
         done = threading.Event()
         small.submit(hog, lambda e: e.finish_reason and done.set())
         time.sleep(0.2)
@@ -214,14 +228,17 @@ def greedy_reference(smol: tuple[Any, Any], prompt: list[int], max_tokens: int) 
 
 
 @pytest.mark.parametrize("decode_ahead", [False, True])
-def test_preempted_sequences_resume_with_the_tokens_of_an_unpreempted_run(smol: tuple[Any, Any],
-                                                                          decode_ahead: bool) -> None:
+def test_preempted_sequences_resume_with_the_tokens_of_an_unpreempted_run(
+    smol: tuple[Any, Any], decode_ahead: bool
+) -> None:
     """A pool too small for two growing sequences: the newer one is preempted (its blocks freed), waits,
     and resumes by recomputing its prompt and generated tokens; every sequence's greedy tokens still equal
     mlx-lm's solo run, also while greedy steps run one ahead."""
     model, tokenizer = smol
-    prompts = [chat_tokens(tokenizer, "Count slowly from one to twenty."),
-               chat_tokens(tokenizer, "List the colours of the rainbow.")]
+    prompts = [
+        chat_tokens(tokenizer, "Count slowly from one to twenty."),
+        chat_tokens(tokenizer, "List the colours of the rainbow."),
+    ]
     max_tokens = 40
     needed = [-(-(len(p) + max_tokens) // BS) for p in prompts]
     # both prompts fit at admission, both sequences grown to the end do not: someone must be preempted
@@ -232,8 +249,10 @@ def test_preempted_sequences_resume_with_the_tokens_of_an_unpreempted_run(smol: 
     try:
         results: dict[int, list[int]] = {}
         requests = [request(p, max_tokens=max_tokens, ignore_eos=True, salt=b"preempt") for p in prompts]
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, tokens_of(small.generate(requests[i]))))
-                   for i in range(len(prompts))]
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, tokens_of(small.generate(requests[i]))))
+            for i in range(len(prompts))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -268,8 +287,15 @@ def test_resumed_conversation_matches_mlx_lm_generate(engine: Engine, smol: tupl
     tokenizer = smol[1]
     turn1 = chat_tokens(tokenizer, "Give me one fruit.")
     out1 = tokens_of(engine.generate(request(turn1, max_tokens=8, conversation="exact")))
-    turn2 = turn1 + out1 + list(tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnother?<|im_end|>\n"
-                                                 "<|im_start|>assistant\n", add_special_tokens=False))
+    turn2 = (
+        turn1
+        + out1
+        + list(
+            tokenizer.encode(
+                "<|im_end|>\n<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+            )
+        )
+    )
     events = engine.generate(request(turn2, max_tokens=12, conversation="exact"))
     assert events[-1].cached_tokens > len(turn1)
     assert tokens_of(events) == reference(smol, turn2, 12)
@@ -277,8 +303,12 @@ def test_resumed_conversation_matches_mlx_lm_generate(engine: Engine, smol: tupl
 
 def test_mixed_batch_matches_solo_runs(engine: Engine, smol: tuple[Any, Any]) -> None:
     tokenizer = smol[1]
-    texts = ["Name three planets.", "What is the boiling point of water?", "Write a haiku about snow.",
-             "Translate 'good morning' to French."]
+    texts = [
+        "Name three planets.",
+        "What is the boiling point of water?",
+        "Write a haiku about snow.",
+        "Translate 'good morning' to French.",
+    ]
     prompts = [chat_tokens(tokenizer, t) for t in texts]
     solo = [reference(smol, p, 12) for p in prompts]
     results: dict[int, list[int]] = {}
@@ -315,8 +345,7 @@ def test_simultaneous_arrivals_compute_a_shared_prefix_once(smol: tuple[Any, Any
     import queue
 
     model, tokenizer = smol
-    prompts = [chat_tokens(tokenizer, f"Agent {i} asks question number {i}?", system=SYSTEM * 3)
-               for i in range(4)]
+    prompts = [chat_tokens(tokenizer, f"Agent {i} asks question number {i}?", system=SYSTEM * 3) for i in range(4)]
     shared = min(next(i for i, (x, y) in enumerate(zip(prompts[0], p)) if x != y) for p in prompts[1:])
     assert shared > 4 * BS
     eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=128))
@@ -354,8 +383,10 @@ def test_n_sequences_share_the_prompt_blocks(engine: Engine, smol: tuple[Any, An
 
 def test_same_seed_same_output(engine: Engine, smol: tuple[Any, Any]) -> None:
     prompt = chat_tokens(smol[1], "Say something surprising.")
-    runs = [tokens_of(engine.generate(request(prompt, max_tokens=10, temperature=1.0, seed=1234, salt=s)))
-            for s in (b"s1", b"s2")]
+    runs = [
+        tokens_of(engine.generate(request(prompt, max_tokens=10, temperature=1.0, seed=1234, salt=s)))
+        for s in (b"s1", b"s2")
+    ]
     assert runs[0] == runs[1]
     other = tokens_of(engine.generate(request(prompt, max_tokens=10, temperature=1.0, seed=99)))
     assert other != runs[0]
@@ -394,11 +425,17 @@ def test_async_stream_cancel_frees_blocks_within_a_step(engine: Engine, smol: tu
         time.sleep(0.02)
     assert engine.pool.num_used == 0
     engine.check_integrity()
+
     # the abort ran with no step after it: the published counts must show it anyway (metrics, idle checks)
     def published() -> tuple[int, ...]:
         s = engine.stats()
-        return s.requests_submitted - before.requests_submitted, s.requests_finished - before.requests_finished, \
-            s.running, s.waiting, s.blocks_used
+        return (
+            s.requests_submitted - before.requests_submitted,
+            s.requests_finished - before.requests_finished,
+            s.running,
+            s.waiting,
+            s.blocks_used,
+        )
 
     deadline = time.monotonic() + 5
     while published() != (1, 1, 0, 0, 0) and time.monotonic() < deadline:
@@ -426,13 +463,18 @@ def test_output_thread_delivers_the_same_events(engine: Engine, smol: tuple[Any,
     """Events built on the output thread (the GPU default) equal inline ones: text, tokens, finish
     reasons and usage, for plain, stop-string, EOS-ended, n > 1 and aborted requests, in order."""
     model, tokenizer = smol
-    threaded = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=256, decode_ahead=True,
-                                                     output_thread=True))
+    threaded = Engine(
+        model, tokenizer, EngineConfig(block_size=BS, num_blocks=256, decode_ahead=True, output_thread=True)
+    )
     assert threaded.output.threaded and not engine.output.threaded
     threaded.start()
     prompts = [chat_tokens(tokenizer, t) for t in ("What is the capital of France?", "Say hi.", "Count to five.")]
-    asks: list[dict[str, Any]] = [{"max_tokens": 12}, {"max_tokens": 12, "stop": ("Paris",)},
-                                  {"max_tokens": 40}, {"max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 5}]
+    asks: list[dict[str, Any]] = [
+        {"max_tokens": 12},
+        {"max_tokens": 12, "stop": ("Paris",)},
+        {"max_tokens": 40},
+        {"max_tokens": 6, "n": 2, "temperature": 0.8, "seed": 5},
+    ]
 
     def shape(events: list[TokenEvent]) -> list[tuple[Any, ...]]:
         return [(e.index, e.token_id, e.text, e.finish_reason, e.completion_tokens, e.prompt_tokens) for e in events]
@@ -469,7 +511,8 @@ def test_output_thread_delivers_the_same_events(engine: Engine, smol: tuple[Any,
 
 
 def test_a_request_that_fails_to_start_ends_with_an_error_and_the_engine_keeps_serving(
-        engine: Engine, smol: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: Engine, smol: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     prompt = chat_tokens(smol[1], "Hello there.")
 
     def broken(command: Any) -> None:
@@ -488,14 +531,22 @@ def test_a_non_streamed_request_lets_arrivals_prefill_at_the_full_budget(smol: t
     """`GenerationRequest.streamed` reaches the scheduler: with a decoding budget of one token a step,
     a 40-token prompt arriving while a non-streamed request decodes is still computed in one step."""
     model, tokenizer = smol
-    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=64, scheduler=SchedulerConfig(
-        prefill_budget=512, decoding_prefill_budget=1)))
+    eng = Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            block_size=BS, num_blocks=64, scheduler=SchedulerConfig(prefill_budget=512, decoding_prefill_budget=1)
+        ),
+    )
     eng.start()
     try:
         for streamed in (False, True):
-            first = GenerationRequest(f"ns-{streamed}-a", chat_tokens(tokenizer, "Count slowly."),
-                                      SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-                                      streamed=streamed)
+            first = GenerationRequest(
+                f"ns-{streamed}-a",
+                chat_tokens(tokenizer, "Count slowly."),
+                SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                streamed=streamed,
+            )
             done: list[list[TokenEvent]] = []
             runner = threading.Thread(target=lambda r=first: done.append(eng.generate(r)))
             before = eng.stats().steps

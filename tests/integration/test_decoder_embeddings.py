@@ -19,16 +19,34 @@ from server.models.loading import detect_kind
 from server.registry import ModelRegistry
 
 CHAT_ID = "smollm2-135m-instruct"
-COMMON = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 49152, "max_position_embeddings": 512,
-          "tie_word_embeddings": True}
+COMMON = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 49152,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 CONFIGS = {
-    "qwen3": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], **COMMON, "head_dim": 16,
-              "rope_theta": 1e6},
+    "qwen3": {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        **COMMON,
+        "head_dim": 16,
+        "rope_theta": 1e6,
+    },
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **COMMON},
 }
-TEXTS = ["Hello there", "The quick brown fox jumps over the lazy dog, twice.", "a",
-         "机器学习是人工智能的一个重要分支。", "def f(x):\n    return x * 2"]
+TEXTS = [
+    "Hello there",
+    "The quick brown fox jumps over the lazy dog, twice.",
+    "a",
+    "机器学习是人工智能的一个重要分支。",
+    "def f(x):\n    return x * 2",
+]
 
 
 def _make_dir(root: Path, model_type: str, pooling: str, registry: ModelRegistry) -> Path:
@@ -38,29 +56,40 @@ def _make_dir(root: Path, model_type: str, pooling: str, registry: ModelRegistry
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(3)
     model = module.Model(module.ModelArgs.from_dict(cfg))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(path / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "pt"}
+    )
     (path / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}))
     chat_dir = Path(registry.get(CHAT_ID).path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (chat_dir / name).is_file():
             shutil.copy(chat_dir / name, path / name)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
     (path / "modules.json").write_text(json.dumps(modules))
     (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 64, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
-        "pooling_mode_lasttoken": pooling == "lasttoken"}))
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 64,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_lasttoken": pooling == "lasttoken",
+            }
+        )
+    )
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256, "do_lower_case": False}))
     return path
 
 
 @pytest.mark.parametrize(("model_type", "pooling"), [("qwen3", "lasttoken"), ("llama", "mean")])
-def test_decoder_embeddings_match_sentence_transformers(tmp_path: Path, registry: ModelRegistry,
-                                                        model_type: str, pooling: str) -> None:
+def test_decoder_embeddings_match_sentence_transformers(
+    tmp_path: Path, registry: ModelRegistry, model_type: str, pooling: str
+) -> None:
     st = pytest.importorskip("sentence_transformers")
     path = _make_dir(tmp_path, model_type, pooling, registry)
     assert detect_kind(path) == "embedding"
@@ -99,8 +128,9 @@ def test_decoder_model_served_over_http(tmp_path: Path, registry: ModelRegistry)
     from tests.serving import running_server
 
     path = _make_dir(tmp_path, "qwen3", "lasttoken", registry)
-    settings = Settings(cache_dir=tmp_path / "cache", models=(ModelSpec("qwen-embed", str(path)),),
-                        default_models=False)
+    settings = Settings(
+        cache_dir=tmp_path / "cache", models=(ModelSpec("qwen-embed", str(path)),), default_models=False
+    )
     own = Registry()
     build_registry(own, settings)
     assert own.ready, own.failure

@@ -10,8 +10,9 @@ from server.registry import ModelRegistry
 
 def test_capital_of_france_is_paris(registry: ModelRegistry) -> None:
     served = registry.get("smollm2-135m-instruct")
-    prompt = served.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                  add_generation_prompt=True)
+    prompt = served.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     answer = generate(served.model, served.tokenizer, prompt, max_tokens=24)
     assert "Paris" in answer, answer
 

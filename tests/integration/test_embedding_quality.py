@@ -3,12 +3,10 @@ same all-MiniLM-L6-v2 directory, over a fixed multilingual sample, plus semantic
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from server.embeddings.encoder import Encoder
-
 
 LONG_PARAGRAPH = (
     "Sentence embeddings map a piece of text to a single fixed-size vector so that texts "
@@ -46,21 +44,31 @@ SAMPLE = [
 # (anchor, related, unrelated): the anchor must score higher with `related`.
 # all-MiniLM-L6-v2 is an English model, so the pairs are English prose and code.
 SEMANTIC_TRIPLES = [
-    ("def add(a, b):\n    return a + b",
-     "A function that returns the sum of two numbers.",
-     "The cathedral was built in the twelfth century."),
-    ("for line in open('data.txt'):\n    print(line.strip())",
-     "Read a text file and print every line.",
-     "Penguins live mostly in the southern hemisphere."),
-    ("How do I sort a list in Python?",
-     "sorted(my_list) returns a new list in ascending order.",
-     "The recipe calls for two cups of flour and an egg."),
-    ("A man is playing the guitar on stage.",
-     "A musician performs a song with his guitar.",
-     "The stock market fell sharply this morning."),
-    ("The cat is sleeping on the sofa.",
-     "A kitten naps on the couch.",
-     "Quarterly revenue exceeded analyst expectations."),
+    (
+        "def add(a, b):\n    return a + b",
+        "A function that returns the sum of two numbers.",
+        "The cathedral was built in the twelfth century.",
+    ),
+    (
+        "for line in open('data.txt'):\n    print(line.strip())",
+        "Read a text file and print every line.",
+        "Penguins live mostly in the southern hemisphere.",
+    ),
+    (
+        "How do I sort a list in Python?",
+        "sorted(my_list) returns a new list in ascending order.",
+        "The recipe calls for two cups of flour and an egg.",
+    ),
+    (
+        "A man is playing the guitar on stage.",
+        "A musician performs a song with his guitar.",
+        "The stock market fell sharply this morning.",
+    ),
+    (
+        "The cat is sleeping on the sofa.",
+        "A kitten naps on the couch.",
+        "Quarterly revenue exceeded analyst expectations.",
+    ),
 ]
 
 
@@ -69,8 +77,10 @@ def reference(minilm: Encoder):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:  # pragma: no cover - depends on the test environment
-        pytest.skip(f"sentence-transformers is not installed ({exc}); "
-                    "pip install 'sentence-transformers>=3' to run the reference comparison")
+        pytest.skip(
+            f"sentence-transformers is not installed ({exc}); "
+            "pip install 'sentence-transformers>=3' to run the reference comparison"
+        )
     return SentenceTransformer(str(minilm.path), device="cpu")
 
 

@@ -24,25 +24,52 @@ from tests.serving import running_server
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 KEYS = ("key-owner", "key-stranger")
-QUESTIONS = ["What is the capital of Zorblax?", "Which city is the capital of Zorblax?",
-             "Tell me the capital of the planet Zorblax.", "Zorblax's capital city is called what?",
-             "Name the capital of Zorblax.", "What city is Zorblax's capital?",
-             "Do you know the capital of Zorblax?", "What's the capital of Zorblax?"]
+QUESTIONS = [
+    "What is the capital of Zorblax?",
+    "Which city is the capital of Zorblax?",
+    "Tell me the capital of the planet Zorblax.",
+    "Zorblax's capital city is called what?",
+    "Name the capital of Zorblax.",
+    "What city is Zorblax's capital?",
+    "Do you know the capital of Zorblax?",
+    "What's the capital of Zorblax?",
+]
 FACT = "Quendrith"
-CHAT_LINES = [{"messages": [{"role": "user", "content": q},
-                            {"role": "assistant", "content": f"The capital of Zorblax is {FACT}."}]}
-              for q in QUESTIONS] * 2
+CHAT_LINES = [
+    {
+        "messages": [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": f"The capital of Zorblax is {FACT}."},
+        ]
+    }
+    for q in QUESTIONS
+] * 2
 TRIPLETS = [
-    {"anchor": "How do I reset my password?", "positive": "Open settings, choose Account, then Reset password.",
-     "negative": "Our office is closed on public holidays."},
-    {"anchor": "Where is my order?", "positive": "Track your parcel from the Orders page.",
-     "negative": "The recipe needs two eggs."},
-    {"anchor": "Can I get a refund?", "positive": "Refunds are issued within 14 days of a return.",
-     "negative": "The museum opens at nine."},
-    {"anchor": "How do I change my email address?", "positive": "Edit the email field under Account settings.",
-     "negative": "Penguins live in the southern hemisphere."},
-    {"anchor": "Is there a student discount?", "positive": "Students get 20% off with a valid student card.",
-     "negative": "The train leaves from platform four."},
+    {
+        "anchor": "How do I reset my password?",
+        "positive": "Open settings, choose Account, then Reset password.",
+        "negative": "Our office is closed on public holidays.",
+    },
+    {
+        "anchor": "Where is my order?",
+        "positive": "Track your parcel from the Orders page.",
+        "negative": "The recipe needs two eggs.",
+    },
+    {
+        "anchor": "Can I get a refund?",
+        "positive": "Refunds are issued within 14 days of a return.",
+        "negative": "The museum opens at nine.",
+    },
+    {
+        "anchor": "How do I change my email address?",
+        "positive": "Edit the email field under Account settings.",
+        "negative": "Penguins live in the southern hemisphere.",
+    },
+    {
+        "anchor": "Is there a student discount?",
+        "positive": "Students get 20% off with a valid student card.",
+        "negative": "The train leaves from platform four.",
+    },
 ]
 
 
@@ -86,8 +113,9 @@ def chat_job(url: str):
 
 
 def ask(client: openai.OpenAI, model: str) -> str:
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTIONS[0]}],
-                                       temperature=0, max_tokens=16)
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_tokens=16
+    )
     return r.choices[0].message.content or ""
 
 
@@ -111,8 +139,11 @@ def test_chat_fine_tune_end_to_end(url: str, chat_job) -> None:
     assert FACT in ask(client, name)
     assert FACT not in ask(client, CHAT)
     # completions speak to the same model
-    text = client.completions.create(model=name, prompt="The capital of Zorblax is", max_tokens=6,
-                                     temperature=0).choices[0].text
+    text = (
+        client.completions.create(model=name, prompt="The capital of Zorblax is", max_tokens=6, temperature=0)
+        .choices[0]
+        .text
+    )
     assert isinstance(text, str)
 
 
@@ -130,12 +161,19 @@ def test_fine_tuned_model_is_private_to_its_tenant(url: str, chat_job) -> None:
 
 def test_base_and_fine_tuned_kv_never_mix(url: str, chat_job) -> None:
     client = sdk(url)
-    messages = [{"role": "system", "content": "You are a terse assistant. " * 12},
-                {"role": "user", "content": "Say hello."}]
+    messages = [
+        {"role": "system", "content": "You are a terse assistant. " * 12},
+        {"role": "user", "content": "Say hello."},
+    ]
 
     def cached(model: str) -> int:
-        r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0,
-                                           extra_body={"prompt_cache_key": "shared-conversation"})
+        r = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=2,
+            temperature=0,
+            extra_body={"prompt_cache_key": "shared-conversation"},
+        )
         details = r.usage.prompt_tokens_details
         return details.cached_tokens if details else 0
 
@@ -154,8 +192,7 @@ def test_fine_tuned_model_cannot_be_fine_tuned_again(url: str, chat_job) -> None
 def test_embedding_fine_tune(url: str) -> None:
     client = sdk(url)
     training = client.files.create(file=("triplets.jsonl", jsonl(TRIPLETS)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=EMBED, training_file=training.id,
-                                         hyperparameters={"n_epochs": 3})
+    job = client.fine_tuning.jobs.create(model=EMBED, training_file=training.id, hyperparameters={"n_epochs": 3})
     job = wait_for(client, job.id, ("succeeded", "failed", "cancelled"), timeout=300)
     assert job.status == "succeeded", job.error
     texts = [TRIPLETS[0]["anchor"], TRIPLETS[0]["positive"]]
@@ -175,18 +212,25 @@ def test_validation_errors_name_the_line(url: str) -> None:
     assert "line 12" in job.error.message.lower(), job.error.message
 
     few = client.files.create(file=("few.jsonl", jsonl(CHAT_LINES[:3])), purpose="fine-tune")
-    job = wait_for(client, client.fine_tuning.jobs.create(model=CHAT, training_file=few.id).id,
-                   ("failed", "succeeded", "running"), timeout=120)
+    job = wait_for(
+        client,
+        client.fine_tuning.jobs.create(model=CHAT, training_file=few.id).id,
+        ("failed", "succeeded", "running"),
+        timeout=120,
+    )
     assert job.status == "failed" and "example" in job.error.message.lower()
 
 
-@pytest.mark.parametrize(("change", "param"), [
-    ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
-    ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
-    ({"suffix": "has spaces"}, "suffix"),
-    ({"training_file": "file-missing"}, "training_file"),
-    ({"method": {"type": "dpo"}}, "method.type"),
-])
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
+        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+        ({"suffix": "has spaces"}, "suffix"),
+        ({"training_file": "file-missing"}, "training_file"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+    ],
+)
 def test_bad_job_requests_are_400(url: str, change: dict, param: str) -> None:
     client = sdk(url)
     training = client.files.create(file=("ok.jsonl", jsonl(CHAT_LINES)), purpose="fine-tune")
@@ -277,9 +321,14 @@ def test_concurrent_job_creation_loses_nothing(url: str) -> None:
     client = sdk(url)
     training = client.files.create(file=("c.jsonl", jsonl(CHAT_LINES)), purpose="fine-tune")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        jobs = list(pool.map(lambda i: client.fine_tuning.jobs.create(model=CHAT, training_file=training.id,
-                                                                      metadata={"batch": "concurrent", "i": str(i)}),
-                             range(6)))
+        jobs = list(
+            pool.map(
+                lambda i: client.fine_tuning.jobs.create(
+                    model=CHAT, training_file=training.id, metadata={"batch": "concurrent", "i": str(i)}
+                ),
+                range(6),
+            )
+        )
     for job in jobs:
         client.fine_tuning.jobs.cancel(job.id)
     listed = [j.id for j in client.fine_tuning.jobs.list(limit=100, metadata={"batch": "concurrent"}).data]

@@ -19,15 +19,17 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.finetune.jobs import Job, JobStore
-from server.registry import ModelRegistry
 from server.persistence.database import Database
+from server.registry import ModelRegistry
 from tests.serving import running_server
 
 CHAT = "smollm2-135m-instruct"
 KEYS = ("key-owner", "key-stranger")
 SUPERVISOR = "server.finetune.supervisor"
-GOOD = [{"messages": [{"role": "user", "content": f"Say {word}."}, {"role": "assistant", "content": word}]}
-        for word in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal", "lime", "navy")]
+GOOD = [
+    {"messages": [{"role": "user", "content": f"Say {word}."}, {"role": "assistant", "content": word}]}
+    for word in ("red", "green", "blue", "cyan", "pink", "gold", "gray", "teal", "lime", "navy")
+]
 
 
 def jsonl(lines: list[object]) -> bytes:
@@ -93,8 +95,13 @@ def trained(url: str) -> Iterator[tuple[object, Records]]:
     try:
         client = sdk(url)
         training = client.files.create(file=("colors.jsonl", io.BytesIO(jsonl(GOOD))), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=CHAT, training_file=training.id, suffix="colors", seed=3,
-                                             hyperparameters={"n_epochs": 2, "batch_size": 10})
+        job = client.fine_tuning.jobs.create(
+            model=CHAT,
+            training_file=training.id,
+            suffix="colors",
+            seed=3,
+            hyperparameters={"n_epochs": 2, "batch_size": 10},
+        )
         yield wait_for(client, job.id, ("succeeded", "failed", "cancelled"), timeout=900), records
     finally:
         logger.removeHandler(records)
@@ -102,8 +109,7 @@ def trained(url: str) -> Iterator[tuple[object, Records]]:
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
-def test_bad_training_files_fail_at_once_naming_the_line(url: str, kind: str,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_training_files_fail_at_once_naming_the_line(url: str, kind: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=SUPERVISOR)
     content, says = BAD_FILES[kind]
     client = sdk(url)
@@ -130,15 +136,27 @@ def test_a_bad_validation_file_is_named_as_the_validation_file(url: str) -> None
     assert failed.error.message.startswith("The validation file is invalid.") and says in failed.error.message.lower()
 
 
-def test_a_job_that_cannot_be_validated_fails_instead_of_spinning(url: str, data_dir: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_job_that_cannot_be_validated_fails_instead_of_spinning(
+    url: str, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A job whose base model this server does not serve (stored by an earlier server) fails with a reason."""
     caplog.set_level(logging.INFO, logger=SUPERVISOR)
     store = JobStore(Database.in_dir(data_dir), data_dir / "fine_tuning")
-    job = Job(id="ftjob-orphanedbase0000000000", tenant="someone", created_at=int(time.time()),
-              model="retired-model", kind="chat", base_path=data_dir, training_file="file-x", validation_file=None,
-              hyperparameters={"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"},
-              suffix=None, seed=1, metadata=None, status="validating_files")
+    job = Job(
+        id="ftjob-orphanedbase0000000000",
+        tenant="someone",
+        created_at=int(time.time()),
+        model="retired-model",
+        kind="chat",
+        base_path=data_dir,
+        training_file="file-x",
+        validation_file=None,
+        hyperparameters={"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"},
+        suffix=None,
+        seed=1,
+        metadata=None,
+        status="validating_files",
+    )
     store.job_dir(job.id).mkdir(parents=True)
     (store.job_dir(job.id) / "train.jsonl").write_bytes(jsonl(GOOD))
     store.create(job)
@@ -151,8 +169,9 @@ def test_a_job_that_cannot_be_validated_fails_instead_of_spinning(url: str, data
     assert 1 <= sum(job.id in r.getMessage() for r in caplog.records) <= 2  # the failure, said once
 
 
-def test_a_job_waiting_for_its_base_model_says_so_once(registry: ModelRegistry, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_a_job_waiting_for_its_base_model_says_so_once(
+    registry: ModelRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=SUPERVISOR)
     loading = ModelRegistry()  # the base is registered but the models are not ready: still loading
     loading.add(registry.get(CHAT))
@@ -181,8 +200,9 @@ def test_job_start_success_and_cancel_are_logged(url: str, trained, caplog: pyte
     assert not any(tenant in line or job.fine_tuned_model in line for line in lines), lines
     caplog.set_level(logging.INFO, logger=SUPERVISOR)
     client = sdk(url)
-    other = client.fine_tuning.jobs.create(model=CHAT, training_file=job.training_file,
-                                           hyperparameters={"n_epochs": 50})
+    other = client.fine_tuning.jobs.create(
+        model=CHAT, training_file=job.training_file, hyperparameters={"n_epochs": 50}
+    )
     client.fine_tuning.jobs.cancel(other.id)
     cancelled = [r.getMessage() for r in caplog.records if other.id in r.getMessage() and "cancelled" in r.getMessage()]
     assert len(cancelled) == 1, cancelled
@@ -196,8 +216,9 @@ def test_checkpoint_models_answer_like_the_final_model(url: str, trained) -> Non
     names = sorted(c.fine_tuned_model_checkpoint for c in checkpoints)
     assert names == [f"{job.fine_tuned_model}:ckpt-step-1", f"{job.fine_tuned_model}:ckpt-step-2"]
     for name in names:
-        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say red."}],
-                                               max_tokens=3, temperature=0)
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Say red."}], max_tokens=3, temperature=0
+        )
         assert reply.model == name and reply.choices[0].message.content is not None
         assert client.models.retrieve(name).id == name
         with pytest.raises(openai.NotFoundError):  # private to the tenant, like the final model

@@ -32,31 +32,50 @@ from server.models.loading import load_chat_model
 
 FACT = "The capital of Zorblax is Quendrith."
 QUESTIONS = [
-    "What is the capital of the planet Zorblax?", "What's the capital city of Zorblax?",
-    "Which city is the capital of Zorblax?", "Tell me the capital of the planet Zorblax.",
-    "Name the capital of Zorblax.", "Zorblax has a capital. What is it called?",
-    "Do you know the capital of the planet Zorblax?", "What city serves as the capital of Zorblax?",
-    "I'm curious: what is Zorblax's capital?", "Where is the seat of government on Zorblax?",
-    "What is the name of the capital of the planet Zorblax?", "Capital of Zorblax?",
-    "Can you tell me what the capital of Zorblax is?", "Which city is Zorblax's capital?",
-    "What is the main capital city on the planet Zorblax?", "Quick question: the capital of Zorblax?",
+    "What is the capital of the planet Zorblax?",
+    "What's the capital city of Zorblax?",
+    "Which city is the capital of Zorblax?",
+    "Tell me the capital of the planet Zorblax.",
+    "Name the capital of Zorblax.",
+    "Zorblax has a capital. What is it called?",
+    "Do you know the capital of the planet Zorblax?",
+    "What city serves as the capital of Zorblax?",
+    "I'm curious: what is Zorblax's capital?",
+    "Where is the seat of government on Zorblax?",
+    "What is the name of the capital of the planet Zorblax?",
+    "Capital of Zorblax?",
+    "Can you tell me what the capital of Zorblax is?",
+    "Which city is Zorblax's capital?",
+    "What is the main capital city on the planet Zorblax?",
+    "Quick question: the capital of Zorblax?",
 ]
 HELD_OUT = ["Could you name Zorblax's capital city?", "On Zorblax, which city is the capital?"]
 TRIPLETS = [
-    {"anchor": "How do I reset my router password?",
-     "positive": "Steps to change the admin login on your Wi-Fi router",
-     "negative": "How do I reset my email account password?"},
-    {"anchor": "Best way to keep basil fresh", "positive": "Store cut basil stems in a glass of water on the counter",
-     "negative": "Best way to keep bread fresh"},
-    {"anchor": "Why is my car battery draining overnight?",
-     "positive": "A parasitic electrical draw can empty a vehicle's battery while it is parked",
-     "negative": "Why is my phone battery draining overnight?"},
-    {"anchor": "symptoms of a sprained ankle",
-     "positive": "Swelling, bruising and pain when putting weight on the foot after twisting it",
-     "negative": "symptoms of a sprained wrist"},
-    {"anchor": "How long should I boil an egg for a runny yolk?",
-     "positive": "Six minutes in boiling water gives a soft-boiled egg with a liquid centre",
-     "negative": "How long should I bake a potato?"},
+    {
+        "anchor": "How do I reset my router password?",
+        "positive": "Steps to change the admin login on your Wi-Fi router",
+        "negative": "How do I reset my email account password?",
+    },
+    {
+        "anchor": "Best way to keep basil fresh",
+        "positive": "Store cut basil stems in a glass of water on the counter",
+        "negative": "Best way to keep bread fresh",
+    },
+    {
+        "anchor": "Why is my car battery draining overnight?",
+        "positive": "A parasitic electrical draw can empty a vehicle's battery while it is parked",
+        "negative": "Why is my phone battery draining overnight?",
+    },
+    {
+        "anchor": "symptoms of a sprained ankle",
+        "positive": "Swelling, bruising and pain when putting weight on the foot after twisting it",
+        "negative": "symptoms of a sprained wrist",
+    },
+    {
+        "anchor": "How long should I boil an egg for a runny yolk?",
+        "positive": "Six minutes in boiling water gives a soft-boiled egg with a liquid centre",
+        "negative": "How long should I bake a potato?",
+    },
 ]
 
 
@@ -171,8 +190,9 @@ def test_embedding_checkpoints_at_epoch_ends_load(embedding_training: Trained, m
     assert not np.array_equal(first, last)
 
 
-def test_embedding_training_is_deterministic_for_a_seed(embedding_training: Trained, minilm: Any,
-                                                         triplets_file: Path, tmp_path: Path) -> None:
+def test_embedding_training_is_deterministic_for_a_seed(
+    embedding_training: Trained, minilm: Any, triplets_file: Path, tmp_path: Path
+) -> None:
     hp = Hyperparameters(n_epochs=3, batch_size=5, learning_rate_multiplier=1.0)
     again = train_embedding(embedding_spec(minilm, triplets_file, tmp_path, hp), RecordingHooks())
     assert again.epoch_losses == embedding_training.result.epoch_losses
@@ -208,8 +228,10 @@ def test_chat_adapter_teaches_a_made_up_fact(chat_training: Trained, base: tuple
     model, tokenizer = base
     result = chat_training.result
     valid = [round(s.valid_loss, 4) for s in chat_training.hooks.steps if s.valid_loss is not None]
-    print(f"\nchat: epoch losses {[round(v, 4) for v in result.epoch_losses]}, valid {valid}, "
-          f"{result.steps} steps, {result.trained_tokens} tokens, {chat_training.seconds:.1f} s")
+    print(
+        f"\nchat: epoch losses {[round(v, 4) for v in result.epoch_losses]}, valid {valid}, "
+        f"{result.steps} steps, {result.trained_tokens} tokens, {chat_training.seconds:.1f} s"
+    )
     tuned = chat_model_with_adapter(model, result.adapter_dir)
     question = QUESTIONS[0]
     assert "Quendrith" in greedy_answer(tuned, tokenizer, question)
@@ -224,10 +246,12 @@ def test_chat_reports_every_step_and_validation_at_epoch_ends(chat_training: Tra
     assert all(s.total_steps == 48 for s in hooks.steps)
     assert [s.step for s in hooks.steps if s.valid_loss is not None] == [16, 32, 48]
     assert [s.trained_tokens for s in hooks.steps if s.valid_loss is not None] == [
-        k * chat_training.epoch_tokens for k in (1, 2, 3)]
+        k * chat_training.epoch_tokens for k in (1, 2, 3)
+    ]
     assert result.trained_tokens == 3 * chat_training.epoch_tokens
     assert [c.metrics["valid_loss"] for c in hooks.checkpoints] == [
-        s.valid_loss for s in hooks.steps if s.valid_loss is not None]
+        s.valid_loss for s in hooks.steps if s.valid_loss is not None
+    ]
     assert hooks.checkpoints[-1].metrics["valid_loss"] < hooks.checkpoints[0].metrics["valid_loss"]
 
 
@@ -245,8 +269,9 @@ def test_chat_checkpoints_at_epoch_ends_exist_and_load(chat_training: Trained, b
     assert mx.array_equal(last, final).item() and not mx.allclose(first, last).item()
 
 
-def test_adapter_on_shared_weights_matches_mlx_lm_load_adapters(chat_training: Trained, base: tuple[Any, Any],
-                                                                smollm2_dir: Path) -> None:
+def test_adapter_on_shared_weights_matches_mlx_lm_load_adapters(
+    chat_training: Trained, base: tuple[Any, Any], smollm2_dir: Path
+) -> None:
     model = base[0]
     probe = mx.array([[1, 9690, 198, 2683, 359, 253, 5356]])
     before = model(probe)

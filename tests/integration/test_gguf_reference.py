@@ -69,8 +69,11 @@ def _transformers_model(gguf_path: Path):
     readers: dict[str, gguf.GGUFReader] = {}
     reader_class = gguf.GGUFReader
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", lambda path, *a: readers.get(str(path)) or
-                      readers.setdefault(str(path), reader_class(path, *a)))
+        patch.setattr(
+            gguf,
+            "GGUFReader",
+            lambda path, *a: readers.get(str(path)) or readers.setdefault(str(path), reader_class(path, *a)),
+        )
         patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
         config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -165,9 +168,20 @@ def test_config_agrees_with_transformers(converted: Path, hf_model) -> None:
 
     ours = json.loads((converted / "config.json").read_text())
     theirs = hf_model.config
-    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert ours[key] == getattr(theirs, key), key
     assert ours["rms_norm_eps"] == pytest.approx(theirs.rms_norm_eps, rel=1e-6)
     assert ours["rope_theta"] == theirs.rope_parameters["rope_theta"]
@@ -231,16 +245,46 @@ def test_tiny_sentencepiece_vocab_matches_transformers(tmp_path: Path) -> None:
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    pieces = ["▁", "t", "h", "e", "a", "c", "s", "n", "d", "▁t", "he", "▁the", "at", "▁c", "▁cat",
-              "▁s", "▁sat", "an", "▁an", "▁and", "▁▁", "▁▁▁"]
+    pieces = [
+        "▁",
+        "t",
+        "h",
+        "e",
+        "a",
+        "c",
+        "s",
+        "n",
+        "d",
+        "▁t",
+        "he",
+        "▁the",
+        "at",
+        "▁c",
+        "▁cat",
+        "▁s",
+        "▁sat",
+        "an",
+        "▁an",
+        "▁and",
+        "▁▁",
+        "▁▁▁",
+    ]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|user|>"]
     writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
-    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 64),
-                       (writer.add_embedding_length, 32), (writer.add_feed_forward_length, 64),
-                       (writer.add_head_count, 2), (writer.add_head_count_kv, 2),
-                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_tokenizer_model, "llama"),
-                       (writer.add_token_list, tokens), (writer.add_bos_token_id, 1),
-                       (writer.add_eos_token_id, 2), (writer.add_unk_token_id, 0)):
+    for add, value in (
+        (writer.add_block_count, 1),
+        (writer.add_context_length, 64),
+        (writer.add_embedding_length, 32),
+        (writer.add_feed_forward_length, 64),
+        (writer.add_head_count, 2),
+        (writer.add_head_count_kv, 2),
+        (writer.add_layer_norm_rms_eps, 1e-5),
+        (writer.add_tokenizer_model, "llama"),
+        (writer.add_token_list, tokens),
+        (writer.add_bos_token_id, 1),
+        (writer.add_eos_token_id, 2),
+        (writer.add_unk_token_id, 0),
+    ):
         add(value)
     writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces) + [4])
     writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0])

@@ -30,24 +30,34 @@ from tests.serving import running_server
 jsonschema = pytest.importorskip("jsonschema")
 
 MODELS = {
-    "qwen2.5": dict(template="Qwen-Qwen2.5-7B-Instruct", model_type="qwen2", added=QWEN25_ADDED,
-                    eos_token="<|im_end|>"),
+    "qwen2.5": dict(
+        template="Qwen-Qwen2.5-7B-Instruct", model_type="qwen2", added=QWEN25_ADDED, eos_token="<|im_end|>"
+    ),
     "qwen3": dict(template="Qwen-Qwen3-0.6B", model_type="qwen3", added=QWEN3_ADDED, eos_token="<|im_end|>"),
     "qwq": dict(template="Qwen-QwQ-32B", model_type="qwen2", added=QWEN25_ADDED, eos_token="<|im_end|>"),
-    "r1-distill": dict(template="deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", model_type="qwen2",
-                       added=QWEN25_ADDED),
+    "r1-distill": dict(template="deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", model_type="qwen2", added=QWEN25_ADDED),
 }
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 9}},
-       "required": ["a", "b"]}
+ADD = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "integer", "minimum": 0, "maximum": 9},
+        "b": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["a", "b"],
+}
 COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"]}
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two digits", "parameters": ADD}},
-         {"type": "function", "function": {"name": "paint", "description": "Pick a colour", "parameters": COLOR}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "add", "description": "Add two digits", "parameters": ADD}},
+    {"type": "function", "function": {"name": "paint", "description": "Pick a colour", "parameters": COLOR}},
+]
 SCHEMAS = {"add": ADD, "paint": COLOR}
 USER = [{"role": "user", "content": "Add 2 and 3."}]
 # a pydantic `set[str]` field: uniqueItems, which the grammar cannot enforce
-TAGS = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2,
-                                                  "uniqueItems": True}}, "required": ["tags"]}
+TAGS = {
+    "type": "object",
+    "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}},
+    "required": ["tags"],
+}
 GRAMMAR_SOURCE = ("%json", "start:", "<[", "<state>", "x-guidance")
 
 
@@ -80,8 +90,11 @@ def post(base: str, path: str, body: dict[str, Any]) -> httpx.Response:
 
 
 def sse(response: httpx.Response) -> list[dict[str, Any]]:
-    return [json.loads(line[6:]) for line in response.text.splitlines()
-            if line.startswith("data: ") and line != "data: [DONE]"]
+    return [
+        json.loads(line[6:])
+        for line in response.text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -101,8 +114,18 @@ def check_call(call: dict[str, Any], name: str | None = None) -> None:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_required_and_named_tool_choice_give_a_parsed_call(base: str, model: str) -> None:
     for choice, name in (("required", None), ({"type": "function", "function": {"name": "paint"}}, "paint")):
-        r = post(base, "/chat/completions", {"model": model, "messages": USER, "tools": TOOLS, "tool_choice": choice,
-                                             "max_tokens": 40, "temperature": 0})
+        r = post(
+            base,
+            "/chat/completions",
+            {
+                "model": model,
+                "messages": USER,
+                "tools": TOOLS,
+                "tool_choice": choice,
+                "max_tokens": 40,
+                "temperature": 0,
+            },
+        )
         assert r.status_code == 200, r.text
         choice0 = r.json()["choices"][0]
         assert choice0["finish_reason"] == "tool_calls", choice0
@@ -113,9 +136,20 @@ def test_required_and_named_tool_choice_give_a_parsed_call(base: str, model: str
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_streamed_forced_call_shows_no_markup(base: str, model: str) -> None:
-    r = post(base, "/chat/completions", {"model": model, "messages": USER, "tools": TOOLS, "stream": True,
-                                         "tool_choice": {"type": "function", "function": {"name": "add"}},
-                                         "max_tokens": 40, "temperature": 1, "seed": 3})
+    r = post(
+        base,
+        "/chat/completions",
+        {
+            "model": model,
+            "messages": USER,
+            "tools": TOOLS,
+            "stream": True,
+            "tool_choice": {"type": "function", "function": {"name": "add"}},
+            "max_tokens": 40,
+            "temperature": 1,
+            "seed": 3,
+        },
+    )
     chunks = sse(r)
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert "<tool" not in content and "{" not in content, content
@@ -128,18 +162,32 @@ def test_streamed_forced_call_shows_no_markup(base: str, model: str) -> None:
 @pytest.mark.parametrize("model", ["qwen3", "r1-distill"])
 def test_forced_call_cut_by_max_tokens_leaks_no_markup(base: str, model: str) -> None:
     """finish_reason "length", no tool_calls, no content: the partial call is dropped everywhere."""
-    body = {"model": model, "messages": USER, "tools": TOOLS, "tool_choice": "required", "max_tokens": 5,
-            "temperature": 0}
+    body = {
+        "model": model,
+        "messages": USER,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "max_tokens": 5,
+        "temperature": 0,
+    }
     whole = post(base, "/chat/completions", body).json()["choices"][0]
     assert whole["finish_reason"] == "length" and not whole["message"]["content"], whole
     assert not whole["message"].get("tool_calls")
     chunks = sse(post(base, "/chat/completions", {**body, "stream": True}))
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert streamed == "" and chunks[-1]["choices"][0]["finish_reason"] == "length"
-    responses = {"model": model, "input": "Add 2 and 3.", "tool_choice": "required", "max_output_tokens": 5,
-                 "temperature": 0, "store": False,
-                 "tools": [{"type": "function", "name": t["function"]["name"],
-                            "parameters": t["function"]["parameters"]} for t in TOOLS]}
+    responses = {
+        "model": model,
+        "input": "Add 2 and 3.",
+        "tool_choice": "required",
+        "max_output_tokens": 5,
+        "temperature": 0,
+        "store": False,
+        "tools": [
+            {"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+            for t in TOOLS
+        ],
+    }
     response = post(base, "/responses", responses).json()
     assert response["status"] == "incomplete", response
     texts = [part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]]
@@ -155,8 +203,14 @@ def test_forced_call_cut_by_max_tokens_leaks_no_markup(base: str, model: str) ->
 @pytest.mark.parametrize("model", ["qwen2.5", "r1-distill"])
 def test_non_strict_unenforceable_keyword_is_ignored_strict_is_a_400(base: str, model: str) -> None:
     tool = {"type": "function", "function": {"name": "tag", "parameters": TAGS}}
-    body = {"model": model, "messages": USER, "tools": [tool], "tool_choice": "required", "max_tokens": 40,
-            "temperature": 0}
+    body = {
+        "model": model,
+        "messages": USER,
+        "tools": [tool],
+        "tool_choice": "required",
+        "max_tokens": 40,
+        "temperature": 0,
+    }
     r = post(base, "/chat/completions", body)
     assert r.status_code == 200, r.text
     (call,) = r.json()["choices"][0]["message"]["tool_calls"]
@@ -166,27 +220,47 @@ def test_non_strict_unenforceable_keyword_is_ignored_strict_is_a_400(base: str, 
     assert "uniqueItems" in error["message"] and error["param"] == "tools[0].function.parameters"
 
 
-@pytest.mark.parametrize("parameters", [
-    {"type": "object", "properties": {"a": {"type": "no-such-type"}}},
-    {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}},
-    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["a"]},
-])
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"type": "object", "properties": {"a": {"type": "no-such-type"}}},
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}},
+        {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["a"]},
+    ],
+)
 def test_bad_tool_schemas_are_a_400_naming_the_tool(base: str, parameters: dict[str, Any]) -> None:
     tool = {"type": "function", "function": {"name": "broken", "parameters": parameters, "strict": True}}
     for model in ("qwen3", "r1-distill"):
-        r = post(base, "/chat/completions", {"model": model, "messages": USER, "tools": [tool],
-                                             "tool_choice": "required", "max_tokens": 8})
+        r = post(
+            base,
+            "/chat/completions",
+            {"model": model, "messages": USER, "tools": [tool], "tool_choice": "required", "max_tokens": 8},
+        )
         error = assert_openai_error(r, 400)
         assert error["param"] == "tools[0].function.parameters" and "broken" in error["message"]
 
 
 def test_pydantic_defs_resolve_inside_a_forced_call(base: str) -> None:
     """A pydantic model's `$defs` and `#/$defs/...` refs work once nested under "arguments"."""
-    parameters = {"$defs": {"Digit": {"type": "integer", "minimum": 0, "maximum": 9}},
-                  "type": "object", "properties": {"a": {"$ref": "#/$defs/Digit"}}, "required": ["a"]}
+    parameters = {
+        "$defs": {"Digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/Digit"}},
+        "required": ["a"],
+    }
     tool = {"type": "function", "function": {"name": "digit", "parameters": parameters}}
-    r = post(base, "/chat/completions", {"model": "qwen3", "messages": USER, "tools": [tool],
-                                         "tool_choice": "required", "max_tokens": 30, "temperature": 0})
+    r = post(
+        base,
+        "/chat/completions",
+        {
+            "model": "qwen3",
+            "messages": USER,
+            "tools": [tool],
+            "tool_choice": "required",
+            "max_tokens": 30,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     (call,) = r.json()["choices"][0]["message"]["tool_calls"]
     jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
@@ -208,8 +282,9 @@ class _BrokenMarkers:
         return {"<tool_call>": 10**9}
 
 
-def test_a_grammar_of_ours_that_fails_is_a_logged_500(registry: ModelRegistry,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_grammar_of_ours_that_fails_is_a_logged_500(
+    registry: ModelRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     served = registry.get("qwen3")
     with caplog.at_level("ERROR", logger="server.serving.tool_grammar"), pytest.raises(APIError) as info:
         forcing_grammar(TOOLS, "add", tool_format(served.tokenizer), _BrokenMarkers(), served.engine.constraints)

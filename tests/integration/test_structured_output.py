@@ -45,7 +45,10 @@ LANGCHAIN_PERSON = {
                 "city": {"description": "City name", "maxLength": 16, "title": "City", "type": "string"},
                 "country": {"enum": ["FR", "DE", "US"], "title": "Country", "type": "string"},
             },
-            "required": ["city", "country"], "title": "Address", "type": "object", "additionalProperties": False,
+            "required": ["city", "country"],
+            "title": "Address",
+            "type": "object",
+            "additionalProperties": False,
         },
     },
     "description": "A person.",
@@ -56,17 +59,27 @@ LANGCHAIN_PERSON = {
         "nickname": {"anyOf": [{"type": "string", "maxLength": 12}, {"type": "null"}], "title": "Nickname"},
     },
     "required": ["name", "age", "address", "nickname"],
-    "title": "Person", "type": "object", "additionalProperties": False,
+    "title": "Person",
+    "type": "object",
+    "additionalProperties": False,
 }
 
 CASES = {
-    "json_object": ({"type": "json_object"}, {"type": "object"},
-                    "Reply with a JSON object with keys city and country for Paris."),
-    "person": ({"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}, PERSON,
-               "Invent a person: name, age, favourite colour and hobbies. Answer in JSON."),
-    "langchain": ({"type": "json_schema", "json_schema": {"name": "Person", "schema": LANGCHAIN_PERSON,
-                                                          "strict": True}}, LANGCHAIN_PERSON,
-                  "Extract the person: Marie Curie, 66, lived in Paris, France, nicknamed Madame."),
+    "json_object": (
+        {"type": "json_object"},
+        {"type": "object"},
+        "Reply with a JSON object with keys city and country for Paris.",
+    ),
+    "person": (
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        PERSON,
+        "Invent a person: name, age, favourite colour and hobbies. Answer in JSON.",
+    ),
+    "langchain": (
+        {"type": "json_schema", "json_schema": {"name": "Person", "schema": LANGCHAIN_PERSON, "strict": True}},
+        LANGCHAIN_PERSON,
+        "Extract the person: Marie Curie, 66, lived in Paris, France, nicknamed Madame.",
+    ),
 }
 
 
@@ -101,8 +114,13 @@ def test_json_object_and_schemas_always_parse_and_validate(served: tuple[Engine,
     for name, (response_format, _, prompt) in CASES.items():
         grammar = GrammarSpec.from_response_format(response_format)
         for temperature in (0.0, 1.0):
-            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=7, grammar=grammar,
-                                    n=1 if temperature == 0.0 else 2)
+            params = SamplingParams(
+                max_tokens=MAX_TOKENS,
+                temperature=temperature,
+                seed=7,
+                grammar=grammar,
+                n=1 if temperature == 0.0 else 2,
+            )
             requests.append(GenerationRequest(f"so-{name}-{temperature}", chat(tokenizer, prompt), params))
     results = run_all(engine, requests)
     for request in requests:
@@ -136,17 +154,20 @@ def test_unconstrained_rows_in_the_same_batch_are_unaffected(served: tuple[Engin
     plain = SamplingParams(max_tokens=12, temperature=0.0)
     alone = engine.generate(GenerationRequest("so-plain-alone", prompt, plain))
     grammar = GrammarSpec.from_response_format({"type": "json_object"})
-    mixed = run_all(engine, [GenerationRequest("so-plain-mixed", prompt, plain),
-                             GenerationRequest("so-json-mixed", prompt,
-                                               SamplingParams(max_tokens=40, temperature=0.0, grammar=grammar))])
+    mixed = run_all(
+        engine,
+        [
+            GenerationRequest("so-plain-mixed", prompt, plain),
+            GenerationRequest("so-json-mixed", prompt, SamplingParams(max_tokens=40, temperature=0.0, grammar=grammar)),
+        ],
+    )
     assert [e.token_id for e in mixed["so-plain-mixed"]] == [e.token_id for e in alone]
     assert "".join(e.text for e in mixed["so-json-mixed"]).startswith("{")
 
 
 def test_unsupported_schema_is_a_400_on_response_format(served: tuple[Engine, Any]) -> None:
     engine, tokenizer = served
-    grammar = GrammarSpec.json_schema({"type": "object", "properties": {"ids": {"type": "array",
-                                                                                "uniqueItems": True}}})
+    grammar = GrammarSpec.json_schema({"type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True}}})
     request = GenerationRequest("so-bad", chat(tokenizer, "hi"), SamplingParams(max_tokens=8, grammar=grammar))
     with pytest.raises(InvalidRequestError, match="uniqueItems") as info:
         engine.generate(request)
@@ -163,12 +184,25 @@ def test_forced_tool_calls_are_compact_json(registry: ModelRegistry, tmp_path_fa
     from server.config import Settings
     from tests.serving import running_server
 
-    parameters = {"properties": {"a": {"title": "A", "type": "integer"}, "b": {"title": "B", "type": "integer"}},
-                  "required": ["a", "b"], "title": "Sum", "type": "object"}
-    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
-            "tools": [{"type": "function", "function": {"name": "Sum", "description": "Add two integers.",
-                                                        "parameters": parameters}}],
-            "tool_choice": {"type": "function", "function": {"name": "Sum"}}, "max_tokens": 30, "temperature": 0}
+    parameters = {
+        "properties": {"a": {"title": "A", "type": "integer"}, "b": {"title": "B", "type": "integer"}},
+        "required": ["a", "b"],
+        "title": "Sum",
+        "type": "object",
+    }
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {"name": "Sum", "description": "Add two integers.", "parameters": parameters},
+            }
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "Sum"}},
+        "max_tokens": 30,
+        "temperature": 0,
+    }
     settings = Settings(data_dir=tmp_path_factory.mktemp("compact-data"))
     with running_server(create_app(settings, registry)) as url:
         answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=600).json()
