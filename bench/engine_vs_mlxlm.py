@@ -64,7 +64,7 @@ from server.engine import (  # noqa: E402
     SchedulerConfig,
     TokenEvent,
 )
-from server.engine.detokenizer import TextDecoder  # noqa: E402
+from server.engine.detokenizer import IdsToText  # noqa: E402
 
 LLAMA_1B = {  # Llama-3.2-1B's config (weights random)
     "model_type": "llama",
@@ -96,7 +96,7 @@ class FoldedTokenizer:
 
     def __init__(self, inner: Any, size: int) -> None:
         self.inner, self.size = inner, size
-        self.text = TextDecoder(inner)  # the engine's own fast path, kept under the folding
+        self.text = IdsToText(inner)  # the engine's own fast path, kept under the folding
         self.eos_token_ids = set(getattr(inner, "eos_token_ids", ()) or ())
         self.eos_token_id = getattr(inner, "eos_token_id", None)
 
@@ -678,18 +678,18 @@ def main() -> int:
             output_thread=args.output_thread,
             scheduler=SchedulerConfig(
                 max_num_seqs=max_seqs,
-                prefill_budget=args.prefill_budget,
-                decoding_prefill_budget=args.decoding_prefill_budget,
+                prefill_chunk=args.prefill_chunk,
+                decoding_prefill_chunk=args.decoding_prefill_chunk,
             ),
         ),
     )
     engine.start()
-    args.prefill_budget = engine.config.scheduler.prefill_budget
-    args.decoding_prefill_budget = engine.config.scheduler.decoding_prefill_budget
+    args.prefill_chunk = engine.config.scheduler.prefill_chunk
+    args.decoding_prefill_chunk = engine.config.scheduler.decoding_prefill_chunk
     print(f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}")
     print(
-        f"ours: {layers}, block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_budget "
-        f"{args.prefill_budget} ({args.decoding_prefill_budget} while decoding), output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
+        f"ours: {layers}, block_size {bs}, {num_blocks} blocks, max_num_seqs {max_seqs}, prefill_chunk "
+        f"{args.prefill_chunk} ({args.decoding_prefill_chunk} while decoding), output thread {engine.output.threaded}; mlx-lm: prefill_batch_size {args.prefill_batch}, completion_batch_size "
         f"max({args.completion_batch}, batch); mlx-lm detokenizes: {args.mlxlm_detok}"
     )
     print(

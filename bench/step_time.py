@@ -110,7 +110,7 @@ def main() -> int:
     )
     print(
         f"mlx {mx.__version__}  device {mx.default_device()}  model {desc}; ours: {layers}; output thread "
-        f"{engine.output.threaded}, decode ahead {engine.decoder.run_ahead}"
+        f"{engine.output.threaded}, decode ahead {engine.stepper.run_ahead}"
     )
     print(f"prompt {args.prompt_len}, {args.warmup} warm-up + {args.steps} timed steps, best of {args.repeat}\n")
     header = f"{'batch':>5} | {'ours ms/step':>11} {'mlx-lm':>8} | {'ours tok/s':>10} {'mlx-lm':>8} | {'ours/mlx':>8}"

@@ -143,9 +143,9 @@ class Settings:
             kv_cache_gb=self.kv_cache_gb,
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
-                prefill_budget=self.prefill_chunk,
-                decoding_prefill_budget=self.decoding_prefill_chunk,
-                admission_timeout=self.queue_timeout,
+                prefill_chunk=self.prefill_chunk,
+                decoding_prefill_chunk=self.decoding_prefill_chunk,
+                queue_timeout=self.queue_timeout,
             ),
         )
 

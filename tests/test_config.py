@@ -54,8 +54,8 @@ def test_cache_dir_expands_user(tmp_path: Path) -> None:
 def test_prefill_chunks_reach_the_scheduler() -> None:
     settings = parse_settings(["--prefill-chunk", "256"], {"MLX_DROPIN_DECODING_PREFILL_CHUNK": "48"})
     scheduler = settings.engine_config().scheduler
-    assert (scheduler.prefill_budget, scheduler.decoding_prefill_budget) == (256, 48)
-    assert parse_settings([], {}).engine_config().scheduler.decoding_prefill_budget is None  # the device's default
+    assert (scheduler.prefill_chunk, scheduler.decoding_prefill_chunk) == (256, 48)
+    assert parse_settings([], {}).engine_config().scheduler.decoding_prefill_chunk is None  # the device's default
     with pytest.raises(ValueError):
         parse_settings(["--decoding-prefill-chunk", "0"], {})
 

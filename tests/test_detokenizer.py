@@ -207,13 +207,13 @@ def test_cost_is_linear_in_the_output_length(tok: Any) -> None:
     assert elapsed < 1.0, elapsed
 
 
-def test_text_decoder_goes_straight_to_the_rust_backend_and_decodes_the_same(tok: Any, spm_tok: Any) -> None:
+def test_ids_to_text_goes_straight_to_the_rust_backend_and_decodes_the_same(tok: Any, spm_tok: Any) -> None:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-    from server.engine.detokenizer import TextDecoder
+    from server.engine.detokenizer import IdsToText
 
     for tokenizer in (tok, TokenizerWrapper(tok), spm_tok):
-        decoder = TextDecoder(tokenizer)
+        decoder = IdsToText(tokenizer)
         assert decoder.direct
         for text in TEXTS:
             ids = encode(tok if tokenizer is not spm_tok else spm_tok, text)
@@ -222,19 +222,19 @@ def test_text_decoder_goes_straight_to_the_rust_backend_and_decodes_the_same(tok
             assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_text_decoder_keeps_the_wrapper_when_it_would_change_the_text(spm_tok: Any) -> None:
+def test_ids_to_text_keeps_the_wrapper_when_it_would_change_the_text(spm_tok: Any) -> None:
     from copy import deepcopy
 
-    from server.engine.detokenizer import TextDecoder
+    from server.engine.detokenizer import IdsToText
 
     cleaning = deepcopy(spm_tok)
     cleaning.clean_up_tokenization_spaces = True  # the wrapper post-processes: no shortcut
-    assert not TextDecoder(cleaning).direct
+    assert not IdsToText(cleaning).direct
 
     class Lowering:  # any tokenizer-like object without a Rust backend is used as it is
         def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
             return spm_tok.decode(ids, skip_special_tokens=skip_special_tokens).lower()
 
-    decoder = TextDecoder(Lowering())
+    decoder = IdsToText(Lowering())
     assert not decoder.direct
     assert decoder.decode(encode(spm_tok, "Hello World")) == "hello world"

@@ -52,7 +52,7 @@ def one_decoding_one_waiting(sched: Scheduler) -> tuple[Sequence, Sequence]:
 
 
 def test_prompts_take_the_full_budget_until_something_decodes_then_the_decoding_budget() -> None:
-    sched = scheduler(SchedulerConfig(prefill_budget=100, decoding_prefill_budget=20))
+    sched = scheduler(SchedulerConfig(prefill_chunk=100, decoding_prefill_chunk=20))
     first = sequence("a", 90, 1000)
     sched.add(first)
     plan = sched.schedule()
@@ -73,7 +73,7 @@ def test_prompts_take_the_full_budget_until_something_decodes_then_the_decoding_
 
 
 def test_the_full_budget_returns_when_the_last_decoder_finishes() -> None:
-    sched = scheduler(SchedulerConfig(prefill_budget=100, decoding_prefill_budget=20))
+    sched = scheduler(SchedulerConfig(prefill_chunk=100, decoding_prefill_chunk=20))
     decoder, waiting = one_decoding_one_waiting(sched)
     assert sched.schedule().prefills == [(waiting, 20)]
     waiting.num_computed_tokens += 20
@@ -85,29 +85,29 @@ def test_the_decoding_budget_defaults_and_validation() -> None:
     import mlx.core as mx  # the engine's device-dependent defaults; the scheduler itself needs no MLX
 
     from server.engine.config import (
-        DEFAULT_DECODING_PREFILL_BUDGET,
-        DEFAULT_PREFILL_BUDGET,
+        DEFAULT_DECODING_PREFILL_CHUNK,
+        DEFAULT_PREFILL_CHUNK,
         EngineConfig,
     )
     from server.engine.engine import _resolved
 
     with pytest.raises(ValueError):
-        SchedulerConfig(decoding_prefill_budget=0)
+        SchedulerConfig(decoding_prefill_chunk=0)
     sched = scheduler(SchedulerConfig())  # unset budgets: the CPU defaults
     long = sequence("a", 600, 1)
     sched.add(long)
     assert sched.schedule().prefills == [(long, 512)]
     # the engine fills in the device's defaults, never letting the decoding budget exceed the other
-    resolved = _resolved(EngineConfig(scheduler=SchedulerConfig(prefill_budget=32))).scheduler
-    assert (resolved.prefill_budget, resolved.decoding_prefill_budget) == (32, 32)
+    resolved = _resolved(EngineConfig(scheduler=SchedulerConfig(prefill_chunk=32))).scheduler
+    assert (resolved.prefill_chunk, resolved.decoding_prefill_chunk) == (32, 32)
     resolved = _resolved(EngineConfig()).scheduler
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-    assert resolved.prefill_budget == DEFAULT_PREFILL_BUDGET[device]
-    assert resolved.decoding_prefill_budget == DEFAULT_DECODING_PREFILL_BUDGET[device]
+    assert resolved.prefill_chunk == DEFAULT_PREFILL_CHUNK[device]
+    assert resolved.decoding_prefill_chunk == DEFAULT_DECODING_PREFILL_CHUNK[device]
 
 
 def test_the_decoding_budget_never_exceeds_the_full_one_even_unresolved() -> None:
-    sched = scheduler(SchedulerConfig(prefill_budget=16))  # the decoding budget left to the CPU default (64)
+    sched = scheduler(SchedulerConfig(prefill_chunk=16))  # the decoding budget left to the CPU default (64)
     decoder, waiting = one_decoding_one_waiting(sched)
     assert sched.schedule().prefills == [(waiting, 16)]
 
@@ -116,7 +116,7 @@ def test_only_streamed_decoders_hold_prompts_to_the_decoding_budget() -> None:
     """A non-streamed request shows nothing until it ends: while only such requests decode, waiting
     prompts get the full budget (a batch job's burst starts together); one streamed decoder brings the
     decoding budget back."""
-    sched = scheduler(SchedulerConfig(prefill_budget=100, decoding_prefill_budget=20))
+    sched = scheduler(SchedulerConfig(prefill_chunk=100, decoding_prefill_chunk=20))
     decoder, waiting = one_decoding_one_waiting(sched)
     decoder.streamed = False
     plan = sched.schedule()
@@ -138,7 +138,7 @@ def decoded(*seqs: Sequence) -> None:
 
 
 def test_a_decode_needing_a_block_preempts_the_newest_sequence_which_resumes_first() -> None:
-    sched = scheduler(SchedulerConfig(prefill_budget=100), num_blocks=2)
+    sched = scheduler(SchedulerConfig(prefill_chunk=100), num_blocks=2)
     older, newer, late = sequence("a", 16, 1000), sequence("b", 16, 2000), sequence("c", 4, 3000)
     sched.add(older)
     sched.add(newer)
@@ -160,7 +160,7 @@ def test_a_decode_needing_a_block_preempts_the_newest_sequence_which_resumes_fir
 
 def two_decoding_sequences() -> tuple[Scheduler, Sequence, Sequence]:
     """Two 16-token prompts admitted and prefilled into a 3-block pool: one block left for both to grow into."""
-    sched = scheduler(SchedulerConfig(prefill_budget=100), num_blocks=3)
+    sched = scheduler(SchedulerConfig(prefill_chunk=100), num_blocks=3)
     older, newer = sequence("a", 16, 1000), sequence("b", 16, 2000)
     sched.add(older)
     sched.add(newer)
@@ -180,7 +180,7 @@ def test_preemption_frees_a_block_reserved_for_the_step_run_ahead() -> None:
 
 
 def test_a_sequence_that_cannot_fit_even_alone_fails_instead_of_waiting() -> None:
-    sched = scheduler(SchedulerConfig(prefill_budget=100), num_blocks=1)
+    sched = scheduler(SchedulerConfig(prefill_chunk=100), num_blocks=1)
     alone = sequence("a", 15, 1000)
     sched.add(alone)
     sched.schedule()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from server.engine.constraints import GrammarSpec
     from server.engine.engine import Engine, EngineStats, GenerationError, raise_if_failed
     from server.engine.kv_manager import common_prefix_length
-    from server.engine.request import GenerationRequest, TokenEvent
+    from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
     from server.engine.sampling import SamplingParams
 
 _MODULE_OF: dict[str, str] = {
@@ -36,6 +36,7 @@ _MODULE_OF: dict[str, str] = {
     "common_prefix_length": "server.engine.kv_manager",
     "GenerationRequest": "server.engine.request",
     "TokenEvent": "server.engine.request",
+    "ValidRequest": "server.engine.request",
     "SamplingParams": "server.engine.sampling",
 }
 
@@ -52,6 +53,7 @@ __all__ = [
     "TokenEvent",
     "common_prefix_length",
     "raise_if_failed",
+    "ValidRequest",
 ]
 
 

@@ -7,28 +7,28 @@ from dataclasses import dataclass, field
 # A step's prompt tokens when none are configured, when no sequence is decoding (nobody waits on the
 # step but the prompts in it). On a GPU 512 tokens cost little more than one decode step, and admitting
 # 128 requests 4 at a time left most of them waiting a second.
-DEFAULT_PREFILL_BUDGET = {"cpu": 512, "gpu": 2048}
+DEFAULT_PREFILL_CHUNK = {"cpu": 512, "gpu": 2048}
 # The same while streamed sequences are decoding: each one's next token waits for the step. On a CPU a
 # prompt token costs about 10 ms (SmolLM2-135M, ~500 tokens of context, server/models/cpu_layers.py;
 # 12-16 ms with mlx-lm's own modules), so 64 keep a step (with its decode rows) under a second, and
 # requests arriving while others decode get their first token a step or two later instead of after one
 # multi-second step (agents benchmark, README).
-DEFAULT_DECODING_PREFILL_BUDGET = {"cpu": 64, "gpu": 2048}
+DEFAULT_DECODING_PREFILL_CHUNK = {"cpu": 64, "gpu": 2048}
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences decoding together
-    # prompt tokens computed per step, across sequences; None: DEFAULT_PREFILL_BUDGET for the device
-    prefill_budget: int | None = None
-    # the same while some streamed sequence is decoding; None: DEFAULT_DECODING_PREFILL_BUDGET for the device
-    decoding_prefill_budget: int | None = None
-    admission_timeout: float = 30.0  # seconds a request may wait for blocks before PoolExhaustedError
+    # prompt tokens computed per step, across sequences; None: DEFAULT_PREFILL_CHUNK for the device
+    prefill_chunk: int | None = None
+    # the same while some streamed sequence is decoding; None: DEFAULT_DECODING_PREFILL_CHUNK for the device
+    decoding_prefill_chunk: int | None = None
+    queue_timeout: float = 30.0  # seconds a request may wait for blocks before PoolExhaustedError
 
     def __post_init__(self) -> None:
-        budgets = (self.prefill_budget, self.decoding_prefill_budget)
-        if self.max_num_seqs < 1 or any(b is not None and b < 1 for b in budgets) or self.admission_timeout < 0:
-            raise ValueError("max_num_seqs and prefill budgets must be >= 1, admission_timeout >= 0")
+        budgets = (self.prefill_chunk, self.decoding_prefill_chunk)
+        if self.max_num_seqs < 1 or any(b is not None and b < 1 for b in budgets) or self.queue_timeout < 0:
+            raise ValueError("max_num_seqs and prefill budgets must be >= 1, queue_timeout >= 0")
 
 
 @dataclass(frozen=True)

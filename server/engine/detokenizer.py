@@ -20,7 +20,7 @@ _REPLACEMENT = "\ufffd"
 _WINDOW = 8  # a complete window of at least this many tokens restarts at its last token
 
 
-class TextDecoder:
+class IdsToText:
     """`tokenizer.decode(ids, skip_special_tokens=True)`, through the Rust `tokenizers` backend directly
     where the Python wrappers (mlx-lm's, then transformers') would return the same text.
 

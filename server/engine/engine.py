@@ -2,15 +2,15 @@
 
     HTTP (asyncio)                         engine thread
     submit(request, sink) --inbox-->  drain -> Scheduler.schedule()
-                                            -> ModelRunner.prefill, Decoder.step (decode
-                                               + sampling, see decoder.py)
+                                            -> ModelRunner.prefill, DecodeStepper.step (decode
+                                               + sampling, see decode_step.py)
                                             -> accept tokens, finish sequences; KVCacheManager.sync
                                                writes rows back, hashes blocks, pins finished turns
     sink(TokenEvent) <--call_soon_threadsafe-- OutputProcessor: detokenize, one event per token
                                                per sequence (its own thread on a GPU, see output.py)
 
-Requests are validated in `submit` (on the caller's thread), so a bad one
-fails fast with InvalidRequestError and never reaches the engine thread.
+Requests are validated once, on the caller's thread (`validate`, or `submit` for a request nobody
+checked), so a bad one fails fast with InvalidRequestError and never reaches the engine thread.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import mlx.core as mx
 
 from server.engine.block_pool import BlockPool, PoolExhaustedError
 from server.engine.config import (
-    DEFAULT_DECODING_PREFILL_BUDGET,
-    DEFAULT_PREFILL_BUDGET,
+    DEFAULT_DECODING_PREFILL_CHUNK,
+    DEFAULT_PREFILL_CHUNK,
     EngineConfig,
 )
 from server.engine.constraints import ConstraintFactory
-from server.engine.decoder import Decoder
-from server.engine.detokenizer import IncrementalDetokenizer, TextDecoder
+from server.engine.decode_step import DecodeStepper
+from server.engine.detokenizer import IdsToText, IncrementalDetokenizer
 from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
 from server.engine.model_limits import (
     ModelLimits,
@@ -43,7 +43,7 @@ from server.engine.model_limits import (
 )
 from server.engine.output import Output, OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
-from server.engine.request import GenerationRequest, TokenEvent
+from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SequenceSampler, TokenSample
 from server.engine.scheduler import Scheduler, StepPlan
@@ -76,7 +76,7 @@ class EngineStats:
 
 @dataclass
 class _Add:
-    request: GenerationRequest
+    request: ValidRequest
     sink: Sink
 
 
@@ -110,7 +110,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, self.config.scheduler)
         self.context_length = context_length or model_context_length(model)
         self.vocab_size = model_vocab_size(model, tokenizer)
-        self.text_decoder = TextDecoder(tokenizer)
+        self.ids_to_text = IdsToText(tokenizer)
         self.eos_ids = frozenset(
             getattr(tokenizer, "eos_token_ids", None)
             or ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else [])
@@ -125,7 +125,7 @@ class Engine:
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
         on_gpu = mx.default_device() != mx.cpu
-        self.decoder = Decoder(
+        self.stepper = DecodeStepper(
             self.runner,
             self.scheduler,
             self.kv,
@@ -159,16 +159,20 @@ class Engine:
         self.output.close(timeout)
 
     # -- the public interface -----------------------------------------------------------------
-    def validate(self, request: GenerationRequest) -> int:
-        """Check a request against the model's limits; return its max_tokens."""
+    def validate(self, request: GenerationRequest) -> ValidRequest:
+        """Check a request against the model's limits (InvalidRequestError if it does not fit); the checked request
+        is what `submit` trusts without checking again."""
+        if isinstance(request, ValidRequest):
+            return request
         return self.limits.check(request)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        """Queue a request; `sink` receives its TokenEvents in order, on the engine's thread or its output thread."""
-        self.validate(request)
+        """Queue a request (checked here unless `validate` made it); `sink` receives its TokenEvents in order, on
+        the engine's thread or its output thread."""
+        valid = self.validate(request)
         with self._lock:
             self._stats.requests_submitted += 1
-        self._inbox.put(_Add(request, sink))
+        self._inbox.put(_Add(valid, sink))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at the next step."""
@@ -212,7 +216,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             stats = EngineStats(**vars(self._stats))
-        stats.decode_steps_ahead = self.decoder.steps_ahead
+        stats.decode_steps_ahead = self.stepper.steps_ahead
         now = time.monotonic()
         window = [(t, n) for t, n in self._decode_window if now - t < 10]
         if window:
@@ -260,7 +264,7 @@ class Engine:
 
     def _add(self, command: _Add) -> None:
         request = command.request
-        max_tokens = self.validate(request)
+        max_tokens = request.max_new_tokens
         seqs = []
         grammar = request.params.grammar
         for index in range(request.params.n):
@@ -269,7 +273,7 @@ class Engine:
                 params = _with_seed(params, params.seed + index)
             constraint = self.constraints.create(grammar) if grammar is not None else None
             sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
-            detok = IncrementalDetokenizer(self.text_decoder, request.params.stop, request.prompt_token_ids)
+            detok = IncrementalDetokenizer(self.ids_to_text, request.params.stop, request.prompt_token_ids)
             seqs.append(
                 Sequence(
                     request.request_id,
@@ -331,7 +335,7 @@ class Engine:
             self._run(plan)
         except Exception as exc:  # a failing forward must not take the engine down
             log.exception("engine step failed")
-            self.decoder.drop()
+            self.stepper.drop()
             self.kv.abandon_unwritten()  # finished sequences whose KV may be incomplete: freed, not pinned
             for seq in [s for s, _ in plan.prefills] + plan.decodes:
                 if not seq.finished:
@@ -375,7 +379,7 @@ class Engine:
         fresh = [s for s in plan.decodes if not s.output_token_ids]
         self._stats.prompt_tokens_computed += len(fresh)  # a prompt's last token is fed by its first decode
         self._stats.prompt_tokens_reused += sum(s.num_cached_tokens for s in fresh)
-        samples = self.decoder.step(plan.decodes)
+        samples = self.stepper.step(plan.decodes)
         self._decode_window.append((time.monotonic(), len(plan.decodes)))
         self._stats.max_decode_batch = max(self._stats.max_decode_batch, len(plan.decodes))
         if len(self._decode_window) > 512:
@@ -472,9 +476,9 @@ def _resolved(config: EngineConfig) -> EngineConfig:
 
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
     scheduler = config.scheduler
-    budget = scheduler.prefill_budget or DEFAULT_PREFILL_BUDGET[device]
-    decoding = min(budget, scheduler.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET[device])
-    return replace(config, scheduler=replace(scheduler, prefill_budget=budget, decoding_prefill_budget=decoding))
+    budget = scheduler.prefill_chunk or DEFAULT_PREFILL_CHUNK[device]
+    decoding = min(budget, scheduler.decoding_prefill_chunk or DEFAULT_DECODING_PREFILL_CHUNK[device])
+    return replace(config, scheduler=replace(scheduler, prefill_chunk=budget, decoding_prefill_chunk=decoding))
 
 
 def _with_seed(params: Any, seed: int) -> Any:

@@ -1,15 +1,17 @@
 """What a request must fit in one model: its vocabulary, its context length, the grammars it can follow.
 
-Checked in `Engine.submit` on the caller's thread (so a bad request fails fast with an OpenAI-shaped
-400 and never reaches the engine thread) and again when the engine thread admits it.
+Checked once, on the caller's thread, by `Engine.validate` (the serving layer calls it while building a
+request, so a bad one fails fast with an OpenAI-shaped 400 before any response starts; `Engine.submit`
+checks a request nobody checked). The check returns a `ValidRequest`, which the engine thread trusts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from server.engine.constraints import ConstraintFactory
-from server.engine.request import GenerationRequest
+from server.engine.request import GenerationRequest, ValidRequest
 from server.errors import InvalidRequestError
 
 
@@ -21,8 +23,9 @@ class ModelLimits:
         self.vocab_size = vocab_size
         self.constraints = constraints
 
-    def check(self, request: GenerationRequest) -> int:
-        """Raise InvalidRequestError unless the request fits; return its max_tokens (asked, or all the room left)."""
+    def check(self, request: GenerationRequest) -> ValidRequest:
+        """Raise InvalidRequestError unless the request fits; return it checked, with its max_tokens (asked, or all
+        the room left)."""
         prompt = request.prompt_token_ids
         if not prompt:
             raise InvalidRequestError("Prompt cannot be empty", param="prompt")
@@ -51,7 +54,8 @@ class ModelLimits:
                 param="messages",
                 code="context_length_exceeded",
             )
-        return asked if asked is not None else room
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(GenerationRequest)}
+        return ValidRequest(**fields, max_new_tokens=asked if asked is not None else room)
 
 
 def model_context_length(model: Any) -> int:

@@ -1,4 +1,5 @@
-"""What the HTTP layer hands the engine (GenerationRequest) and what comes back (TokenEvent)."""
+"""What the HTTP layer hands the engine (GenerationRequest; ValidRequest once checked) and what comes back
+(TokenEvent)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ class GenerationRequest:
     conversation_key: str | None = None
     salt: bytes = b""
     streamed: bool = True
+
+
+@dataclass(frozen=True)
+class ValidRequest(GenerationRequest):
+    """A request `Engine.validate` checked against its model's limits, with the number of tokens it may generate
+    (asked, or all the context left). Only `ModelLimits.check` makes one; the engine never checks it again."""
+
+    max_new_tokens: int = 0
 
 
 @dataclass

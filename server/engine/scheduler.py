@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.config import (
-    DEFAULT_DECODING_PREFILL_BUDGET,
-    DEFAULT_PREFILL_BUDGET,
+    DEFAULT_DECODING_PREFILL_CHUNK,
+    DEFAULT_PREFILL_CHUNK,
     SchedulerConfig,
 )
 from server.engine.kv_manager import KVCacheManager, common_prefix_length
@@ -131,8 +131,8 @@ class Scheduler:
             if self._admit(seq):
                 self.waiting.remove(seq)
                 continue
-            if now - seq.arrival > self.config.admission_timeout:
-                seq.error = f"no KV blocks freed up within {self.config.admission_timeout:.0f}s"
+            if now - seq.arrival > self.config.queue_timeout:
+                seq.error = f"no KV blocks freed up within {self.config.queue_timeout:.0f}s"
                 seq.error_kind = "pool_exhausted"
                 self.waiting.remove(seq)
                 plan.failed.append(seq)
@@ -171,9 +171,9 @@ class Scheduler:
         # that wait. Non-streamed sequences show nothing until they end: for them (a batch job's burst of
         # requests) the full budget admits everyone sooner and the batch finishes together.
         config = self.config
-        budget = config.prefill_budget or DEFAULT_PREFILL_BUDGET["cpu"]
+        budget = config.prefill_chunk or DEFAULT_PREFILL_CHUNK["cpu"]
         if any(seq.streamed and not seq.num_pending_prefill for seq in self.running):
-            budget = min(budget, config.decoding_prefill_budget or DEFAULT_DECODING_PREFILL_BUDGET["cpu"])
+            budget = min(budget, config.decoding_prefill_chunk or DEFAULT_DECODING_PREFILL_CHUNK["cpu"])
         chunked: dict[int, int] = {}
         for seq in self.running:
             pending = seq.num_pending_prefill

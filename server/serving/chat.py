@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from server.engine import Engine, GenerationError, GenerationRequest, PoolExhaustedError, TokenEvent
+from server.engine import Engine, GenerationError, PoolExhaustedError, TokenEvent, ValidRequest
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
 from server.registry import ServedModel
@@ -105,7 +105,7 @@ class ChatPlan:
     """Everything needed to run one chat request and shape its answer."""
 
     served: ServedModel
-    request: GenerationRequest
+    request: ValidRequest
     include_usage: bool
     want_logprobs: bool
     tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
@@ -120,7 +120,7 @@ class ChatPlan:
         return self.served.running_engine
 
     @property
-    def requests(self) -> list[GenerationRequest]:
+    def requests(self) -> list[ValidRequest]:
         return [self.request]  # as CompletionPlan.requests
 
     def tool_parser(self) -> ToolCallParser | None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine import GenerationError, GenerationRequest, PoolExhaustedError, TokenEvent
+from server.engine import GenerationError, GenerationRequest, PoolExhaustedError, TokenEvent, ValidRequest
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
 from server.registry import ServedModel
@@ -70,7 +70,7 @@ def _with_suffix(ids: list[int], suffix: str, tokenizer: Any) -> list[int]:
 @dataclass
 class CompletionPlan:
     served: ServedModel
-    requests: list[GenerationRequest]
+    requests: list[ValidRequest]
     prompt_texts: list[str]
     n: int
     echo: bool
@@ -127,8 +127,7 @@ def prepare(
             salt=scope.salt(served.id),
             streamed=bool(body.stream),
         )
-        served.running_engine.validate(request)
-        requests.append(request)
+        requests.append(served.running_engine.validate(request))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return CompletionPlan(served, requests, [t for _, t in prompts], n, bool(body.echo), body.logprobs, include_usage)
 
@@ -137,7 +136,7 @@ async def _merged(plan: CompletionPlan) -> AsyncIterator[tuple[int, TokenEvent]]
     """Events of every prompt's request, as (prompt index, event), as they come."""
     queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, request: GenerationRequest) -> None:
+    async def pump(i: int, request: ValidRequest) -> None:
         try:
             async for event in timed(plan.timer, plan.served.running_engine.stream(request)):
                 await queue.put((i, event))

@@ -1,7 +1,7 @@
 """What the generation endpoints share: an engine request built from messages, engine failures as API errors.
 
 Chat completions and the Responses API turn templated messages and tools into
-one validated `GenerationRequest` with `build_request` (tools reach the prompt,
+one validated request (`ValidRequest`) with `build_request` (tools reach the prompt,
 a forced call or the response format becomes the grammar, the KV is salted by
 tenant and model); completions, chat and responses map a full pool or a failed
 generation to the same API error with `engine_failure` and stamp their objects
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from server import __version__
-from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError
+from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError, ValidRequest
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from server.registry import ServedModel
 from server.serving.params import build_params
@@ -72,7 +72,7 @@ def build_request(
     request_id: str,
     streamed: bool = True,
     **sampling: Any,
-) -> tuple[GenerationRequest, ToolFormat | None]:
+) -> tuple[ValidRequest, ToolFormat | None]:
     """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
 
     Tools reach the prompt (natively or as a system message), a forced call or the response format
@@ -91,8 +91,7 @@ def build_request(
         salt=scope.salt(served.id),
         streamed=streamed,
     )
-    served.running_engine.validate(request)
-    return request, fmt
+    return served.running_engine.validate(request), fmt
 
 
 def engine_failure(exc: Exception) -> APIError:

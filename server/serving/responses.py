@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine import GenerationRequest
+from server.engine import ValidRequest
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer
 from server.persistence.responses import ResponseStore
@@ -61,7 +61,7 @@ class ResponsePlan:
     """One response to generate: the engine request, the response as created, and what storing it needs."""
 
     served: ServedModel
-    request: GenerationRequest
+    request: ValidRequest
     response: Response  # status "in_progress", no output yet
     tenant: str
     conversation: str | None  # the chain's conversation key (stored with the response)

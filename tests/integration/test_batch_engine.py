@@ -195,7 +195,7 @@ def test_no_leaks_after_generations_cancellations_and_failures(engine: Engine, s
 def test_pool_exhaustion_fails_cleanly_and_engine_keeps_serving(smol: tuple[Any, Any]) -> None:
     model, tokenizer = smol
     small = Engine(
-        model, tokenizer, EngineConfig(block_size=BS, num_blocks=6, scheduler=SchedulerConfig(admission_timeout=0.5))
+        model, tokenizer, EngineConfig(block_size=BS, num_blocks=6, scheduler=SchedulerConfig(queue_timeout=0.5))
     )
     small.start()
     try:
@@ -269,6 +269,32 @@ def test_preempted_sequences_resume_with_the_tokens_of_an_unpreempted_run(
 def test_empty_prompt_is_rejected(engine: Engine) -> None:
     with pytest.raises(InvalidRequestError, match="Prompt cannot be empty"):
         engine.submit(request([]), lambda e: None)
+
+
+class _CountingLimits:
+    """The engine's own limits, counting how often a request is checked."""
+
+    def __init__(self, limits: Any) -> None:
+        self.limits, self.checks = limits, 0
+
+    def check(self, request: GenerationRequest) -> Any:
+        self.checks += 1
+        return self.limits.check(request)
+
+
+def test_a_request_is_checked_once(engine: Engine, smol: tuple[Any, Any]) -> None:
+    tokens = chat_tokens(smol[1], "Hi")
+    counting = _CountingLimits(engine.limits)
+    engine.limits = counting  # type: ignore[assignment]
+    try:
+        valid = engine.validate(request(tokens, max_tokens=3))
+        assert valid.max_new_tokens == 3 and engine.validate(valid) is valid
+        events = engine.generate(valid)
+        assert counting.checks == 1 and events[-1].completion_tokens == 3
+        engine.generate(request(tokens, max_tokens=2))  # unchecked: submit checks it, the engine thread trusts it
+        assert counting.checks == 2
+    finally:
+        engine.limits = counting.limits
 
 
 @pytest.mark.parametrize("kind", ["short", "multi-block"])
@@ -535,7 +561,7 @@ def test_a_non_streamed_request_lets_arrivals_prefill_at_the_full_budget(smol: t
         model,
         tokenizer,
         EngineConfig(
-            block_size=BS, num_blocks=64, scheduler=SchedulerConfig(prefill_budget=512, decoding_prefill_budget=1)
+            block_size=BS, num_blocks=64, scheduler=SchedulerConfig(prefill_chunk=512, decoding_prefill_chunk=1)
         ),
     )
     eng.start()

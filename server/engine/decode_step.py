@@ -19,7 +19,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 
 
-class Decoder:
+class DecodeStepper:
     """Samples each decode step, running all-greedy batches one step ahead when `run_ahead` is on."""
 
     def __init__(

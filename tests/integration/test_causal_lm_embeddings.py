@@ -1,4 +1,4 @@
-"""Decoder (LLM-based) embedding models: a tiny random-weight qwen3 / llama saved as a
+"""Causal-LM (decoder-only) embedding models: a tiny random-weight qwen3 / llama saved as a
 sentence-transformers directory, embedded by `CausalLMEncoder` and by sentence-transformers
 (transformers' own Qwen3Model / LlamaModel) on the same files."""
 
