@@ -6,8 +6,10 @@ import time
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
-from server.engine.paged_cache import KVShape, KVStore, attention_mask, slot_ids
+from server.engine.attention_mask import attention_mask, row_mask
+from server.engine.paged_cache import KVShape, KVStore, slot_ids
 
 
 def test_copy_slots_copies_exactly_and_in_place() -> None:
@@ -37,6 +39,22 @@ def test_slots_and_masks() -> None:
     assert mask.shape == (2, 1, 1, 4) and mask[0, 0, 0].tolist() == [True, True, False, False]
     windowed = attention_mask([5], 1, 2)
     assert windowed[0, 0, 0].tolist() == [False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_every_mask_is_the_causal_window_rule(window: int | None) -> None:
+    """Prefill chunks over blocks, decode rows and mlx-lm's array masks all follow one rule: the query at
+    position p sees keys j <= p (and j > p - window)."""
+    offsets, n = [2, 5, 0], 3
+    width = max(offsets) + n
+    mask = np.array(attention_mask(offsets, n, window))
+    for r, start in enumerate(offsets):
+        for i in range(n):
+            p = start + i
+            expected = [j <= p and (window is None or j > p - window) for j in range(width)]
+            assert mask[r, 0, i].tolist() == expected
+    decode = np.array(row_mask(mx.array(offsets), 1, width, window))
+    assert decode.shape == (3, 1, 1, width) and (decode[:, 0, 0] == mask[:, 0, 0]).all()
 
 
 def random_store(shape: KVShape, num_blocks: int, block_size: int, seed: int) -> KVStore:

@@ -30,8 +30,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from server.engine.attention_mask import attention_mask, row_mask
 from server.engine.block_gather import load_block_rows
-from server.engine.paged_cache import KVStore, attention_mask
+from server.engine.paged_cache import KVStore
 from server.engine.sequence import Sequence
 
 ROW_GROWTH = 8
@@ -280,13 +281,8 @@ class _DecodeStep:
         if window_size not in self._masks:
             if len(self.offsets) == 1:  # mlx-lm's own masks for one row (see attention_mask)
                 self._masks[window_size] = attention_mask(self.offsets, 1, window_size)
-            else:  # (B, 1, 1, width): key j visible to row r's query at offsets[r]
-                keys = mx.arange(self.width, dtype=mx.int32)[None, :]
-                query = self.device_offsets[:, None]
-                visible = keys <= query
-                if window_size is not None:
-                    visible = mx.logical_and(visible, keys > query - window_size)
-                self._masks[window_size] = visible[:, None, None, :]
+            else:  # (B, 1, 1, width): key j visible to row r's query at offsets[r], computed on the device
+                self._masks[window_size] = row_mask(self.device_offsets, 1, self.width, window_size)
         return self._masks[window_size]
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from server.engine.attention_mask import attention_mask, row_mask
+
 
 @dataclass(frozen=True)
 class KVShape:
@@ -158,25 +160,6 @@ class StepLayout:
         return attention_mask(self.offsets, self.num_new, window_size)
 
 
-def attention_mask(offsets: Sequence[int], num_new: int, window_size: int | None) -> Any:
-    """The mask for rows that already hold `offsets[r]` tokens and feed `num_new` more, keys left-aligned.
-
-    A single row uses mlx-lm's own masks ("causal" for a chunk, None for one token), which keeps
-    greedy output identical to mlx_lm.generate; several rows get a boolean (B, 1, n, S) mask.
-    """
-    n = num_new
-    width = max(offsets) + n
-    if len(offsets) == 1 and (window_size is None or width <= window_size):
-        return "causal" if n > 1 else None
-    starts = np.asarray(offsets)[:, None, None]  # (B, 1, 1)
-    query_pos = starts + np.arange(n)[None, :, None]  # (B, n, 1)
-    key_pos = np.arange(width)[None, None, :]  # (1, 1, S)
-    visible = key_pos <= query_pos
-    if window_size is not None:
-        visible &= key_pos > query_pos - window_size
-    return mx.array(visible[:, None, :, :])
-
-
 class PagedLayerCache:
     """One layer's view of a step: mlx-lm's cache protocol over the slot pools."""
 
@@ -205,12 +188,7 @@ class PagedLayerCache:
 
     def _array_mask(self, window_size: int | None) -> mx.array:
         offset, n = self.layout.offsets[0], self.layout.num_new
-        query_pos = offset + np.arange(n)[:, None]
-        key_pos = np.arange(offset + n)[None, :]
-        visible = key_pos <= query_pos
-        if window_size is not None:
-            visible &= key_pos > query_pos - window_size
-        return mx.array(visible)
+        return row_mask(mx.array([offset], dtype=mx.int32), n, offset + n, window_size)[0, 0]
 
     # mlx-lm checks these on some code paths; a paged cache is neither trimmable nor quantized
     def is_trimmable(self) -> bool:
