@@ -21,6 +21,8 @@ from server.models.gguf import GGUFConversionError, _llama3_rope_scaling, conver
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he"]
 TINY = {"hidden": 64, "heads": 4, "kv_heads": 2, "layers": 2, "ffn": 128}
+# Gemma 3: six layers (five sliding-window, one global) and a window shorter than the test prompts.
+GEMMA3_LAYERS, GEMMA3_WINDOW = 6, 4
 Q = gguf.GGMLQuantizationType
 
 
@@ -57,12 +59,14 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     h, heads, kv, ffn = TINY["hidden"], TINY["heads"], TINY["kv_heads"], TINY["ffn"]
     head_dim = h // heads
+    gemma = arch == "gemma3"
+    layers = GEMMA3_LAYERS if gemma else TINY["layers"]
     tokens = byte_level_alphabet() + SPECIALS + [m.replace(" ", "") for m in MERGES]
     ttypes = [1] * 256 + [3] * len(SPECIALS) + [1] * len(MERGES)
     vocab = len(tokens)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny test model")
-    writer.add_block_count(TINY["layers"])
+    writer.add_block_count(layers)
     writer.add_context_length(256)
     writer.add_embedding_length(h)
     writer.add_feed_forward_length(ffn)
@@ -71,6 +75,11 @@ def write_tiny_gguf(
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_dimension_count(head_dim)
+    if arch in ("qwen3", "gemma3"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if gemma:
+        writer.add_sliding_window(GEMMA3_WINDOW)
     writer.add_vocab_size(vocab)
     writer.add_tokenizer_model(tokenizer_model)
     writer.add_tokenizer_pre("default")
@@ -98,6 +107,8 @@ def write_tiny_gguf(
 
     def add(gguf_name: str, hf_name: str, w: np.ndarray, kind: Q = Q.F32, n_head: int | None = None) -> None:
         stored = llamacpp_permute(w, n_head) if n_head and arch == "llama" else w
+        if gemma and gguf_name.endswith("norm.weight"):  # llama.cpp folds Gemma's (1 + w) into the weight
+            stored = w + 1
         if kind == Q.F32:
             writer.add_tensor(gguf_name, stored.astype(np.float32))
             expected[hf_name] = w.astype(np.float32)
@@ -112,10 +123,19 @@ def write_tiny_gguf(
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     add("token_embd.weight", "model.embed_tokens.weight", rand(vocab, h, scale=1.0), types["token_embd"])
-    for i in range(TINY["layers"]):
+    norm = (lambda n: rand(n, scale=0.1)) if gemma else (lambda n: 1 + rand(n, scale=0.1))
+    for i in range(layers):
         b, p = f"blk.{i}.", f"model.layers.{i}."
-        add(b + "attn_norm.weight", p + "input_layernorm.weight", 1 + rand(h, scale=0.1))
-        add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", 1 + rand(h, scale=0.1))
+        add(b + "attn_norm.weight", p + "input_layernorm.weight", norm(h))
+        if gemma:
+            add(b + "post_attention_norm.weight", p + "post_attention_layernorm.weight", norm(h))
+            add(b + "ffn_norm.weight", p + "pre_feedforward_layernorm.weight", norm(h))
+            add(b + "post_ffw_norm.weight", p + "post_feedforward_layernorm.weight", norm(h))
+        else:
+            add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", norm(h))
+        if arch in ("qwen3", "gemma3"):
+            add(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", norm(head_dim))
+            add(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", norm(head_dim))
         add(b + "attn_q.weight", p + "self_attn.q_proj.weight", rand(heads * head_dim, h), types["attn_q"], heads)
         add(b + "attn_k.weight", p + "self_attn.k_proj.weight", rand(kv * head_dim, h), types["attn_k"], kv)
         add(b + "attn_v.weight", p + "self_attn.v_proj.weight", rand(kv * head_dim, h), types["attn_v"])
@@ -127,7 +147,7 @@ def write_tiny_gguf(
             add(b + "attn_q.bias", p + "self_attn.q_proj.bias", rand(heads * head_dim))
             add(b + "attn_k.bias", p + "self_attn.k_proj.bias", rand(kv * head_dim))
             add(b + "attn_v.bias", p + "self_attn.v_proj.bias", rand(kv * head_dim))
-    add("output_norm.weight", "model.norm.weight", 1 + rand(h, scale=0.1))
+    add("output_norm.weight", "model.norm.weight", norm(h))
     if with_output:
         add("output.weight", "lm_head.weight", rand(vocab, h), types["output"])
     writer.write_header_to_file()
@@ -299,10 +319,11 @@ def test_permuted_weights_give_different_logits(smollm2_loaded, smollm2_dir: Pat
 # ---------------------------------------------------------------- tiny crafted GGUFs
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_tiny_model_weights_roundtrip(arch: str, tmp_path: Path) -> None:
     """Q4_0 / Q4_1 / Q8_0 / F16 / F32 tensors come out as the gguf package dequantizes them,
-    in HF row order, with the right bits per module; qwen2 keeps its q/k/v biases."""
+    in HF row order, with the right bits per module; qwen2 keeps its q/k/v biases, qwen3 and
+    gemma3 their q/k norms, gemma3 its four block norms without llama.cpp's +1."""
     from mlx_lm import load
 
     expected = write_tiny_gguf(tmp_path / "tiny.gguf", arch, with_output=True)
@@ -310,7 +331,8 @@ def test_tiny_model_weights_roundtrip(arch: str, tmp_path: Path) -> None:
     out.mkdir()
     convert_gguf(tmp_path / "tiny.gguf", out)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == arch and config["tie_word_embeddings"] is False
+    assert config["model_type"] == {"gemma3": "gemma3_text"}.get(arch, arch)
+    assert config["tie_word_embeddings"] is False
     quant = config["quantization"]
     assert quant["bits"] == 4
     assert quant["model.embed_tokens"]["bits"] == 8 and quant["model.layers.1.mlp.down_proj"]["bits"] == 8
@@ -324,6 +346,19 @@ def test_tiny_model_weights_roundtrip(arch: str, tmp_path: Path) -> None:
         np.testing.assert_allclose(np.array(params[name]), want, rtol=1e-5, atol=1e-6, err_msg=name)
     assert tokenizer.encode("<|im_end|> the", add_special_tokens=False)[:1] == [258]
     assert 258 in tokenizer.eos_token_ids
+
+
+def test_gemma3_config(tmp_path: Path) -> None:
+    """The Gemma 3 keys llama.cpp does not store are derived as llama.cpp derives them."""
+    write_tiny_gguf(tmp_path / "g.gguf", "gemma3")
+    (tmp_path / "out").mkdir()
+    convert_gguf(tmp_path / "g.gguf", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["num_hidden_layers"] == GEMMA3_LAYERS
+    assert config["head_dim"] == 16 and config["query_pre_attn_scalar"] == 16  # the head dim (27B: hidden/heads)
+    assert (config["sliding_window"], config["sliding_window_pattern"]) == (GEMMA3_WINDOW, 6)
+    assert config["rope_local_base_freq"] == 10000.0 and config["rope_theta"] == 10000.0
+    assert config["tie_word_embeddings"] is True
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:

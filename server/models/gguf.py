@@ -2,7 +2,8 @@
 
 This module owns reading a llama.cpp GGUF file with MLX's own loader, checking its tensor types,
 renaming its tensors to the Hugging Face / mlx-lm layout, undoing llama.cpp's RoPE row permutation
-of llama Q/K weights, building config.json (with a per-module ``quantization`` section) from the
+of llama Q/K weights and its +1 on Gemma norm weights (what differs per architecture -- llama,
+qwen2, qwen3, gemma3 -- is in :mod:`server.models.gguf_arch`), building config.json (with a per-module ``quantization`` section) from the
 GGUF metadata, and writing a directory that ``mlx_lm.load`` accepts as is.  The tokenizer half
 (``tokenizer.json`` and friends from ``tokenizer.ggml.*``) lives in
 :mod:`server.models.gguf_tokenizer`.
@@ -29,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from server.models import gguf_tokenizer
+from server.models.gguf_arch import architecture, hf_tensor_name
 from server.models.gguf_metadata import GGUFConversionError, meta_value
 
 log = logging.getLogger(__name__)
@@ -64,28 +66,6 @@ _OTHER_TYPES = {
     29: "IQ1_M",
 }
 
-# general.architecture -> (model_type, HF architecture class, Q/K rows permuted by llama.cpp).
-# llama.cpp's convert_hf_to_gguf.py permutes Q/K only in LlamaModel (llama, mistral, ...);
-# Qwen2Model writes them unchanged (transformers' GGUF loader reverse-permutes only "llama" too).
-_ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-}
-
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-# "bias" is a layer's own bias; "scales"/"biases" are the halves of MLX's quantization.
-_TENSOR_RE = re.compile(r"^(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|bias|scales|biases)$")
 _GROUP_SIZE = 32  # every GGML block type MLX keeps quantized has 32 weights per block
 
 
@@ -140,15 +120,6 @@ def _check_tensor_types(path: Path) -> dict[str, int]:
             f"supported: {', '.join(_SUPPORTED_TYPES.values())}"
         )
     return types
-
-
-def _hf_name(gguf_name: str) -> str:
-    match = _TENSOR_RE.match(gguf_name)
-    base = match and (_BLOCK_NAMES if match[1] is not None else _GLOBAL_NAMES).get(match[2])
-    if not base:
-        raise GGUFConversionError(f"unsupported GGUF tensor {gguf_name!r}")
-    prefix = f"model.layers.{match[1]}." if match[1] is not None else ""
-    return f"{prefix}{base}.{match[3]}"
 
 
 def _unpermute_rows(n_rows: int, n_head: int) -> mx.array:
@@ -220,7 +191,8 @@ def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
 
 def _build_config(meta: dict[str, Any], weights: dict[str, mx.array], rope_freqs: mx.array | None) -> dict[str, Any]:
     arch = meta_value(meta, "general.architecture")
-    model_type, hf_class, _ = _ARCHITECTURES[arch]
+    spec = architecture(arch)
+    model_type, hf_class = spec.model_type, spec.hf_class
     name = str(meta_value(meta, "general.name") or "")
     if arch == "llama" and "mistral" in name.lower():
         model_type, hf_class = "mistral", "MistralForCausalLM"  # llama.cpp writes Mistral as llama
@@ -258,6 +230,7 @@ def _build_config(meta: dict[str, Any], weights: dict[str, mx.array], rope_freqs
     }
     if (scaling := _rope_scaling(meta, arch, rope_freqs, theta, head_dim)) is not None:
         config["rope_scaling"] = scaling
+    config.update(spec.extra_config(meta, config))
     for key, gguf_key in (("bos", "bos"), ("pad", "padding")):
         if (token_id := meta_value(meta, f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
             config[f"{key}_token_id"] = token_id
@@ -307,23 +280,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     raw, meta, types = _load(gguf_path)
     arch = meta_value(meta, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise GGUFConversionError(
-            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(_ARCHITECTURES))}"
-        )
-    _, _, permuted = _ARCHITECTURES[arch]
+    spec = architecture(arch)
     heads = _scalar(meta, f"{arch}.attention.head_count")
     kv_heads = _scalar(meta, f"{arch}.attention.head_count_kv", heads)
 
     rope_freqs = raw.pop("rope_freqs.weight", None)
     weights: dict[str, mx.array] = {}
     for gguf_name, array in raw.items():
-        name = _hf_name(gguf_name)
-        if permuted and re.search(r"\.attn_[qk]\.", gguf_name):
+        name = hf_tensor_name(gguf_name, spec)
+        if spec.permuted_qk and re.search(r"\.attn_[qk]\.", gguf_name):
             n_head = heads if ".attn_q." in gguf_name else kv_heads
             array = array[_unpermute_rows(array.shape[0], n_head)]
         if types.get(gguf_name) == 30 and not mx.all(mx.isfinite(array)).item():  # BF16 -> float16
             raise GGUFConversionError(f"{gguf_name} (BF16) has values outside the float16 range")
+        if spec.norm_shift and gguf_name.endswith("norm.weight"):  # llama.cpp stored w + shift
+            array = (array.astype(mx.float32) - spec.norm_shift).astype(array.dtype)
         weights[name] = array
     if "model.embed_tokens.weight" not in weights:
         raise GGUFConversionError(f"{gguf_path.name} has no token_embd tensor")

@@ -4,12 +4,15 @@ This module owns rebuilding a ``tokenizers`` library tokenizer from a GGUF file'
 ``tokenizer.ggml.*`` metadata, the way the model's original Hugging Face ``tokenizer.json``
 (and llama.cpp's llama-vocab.cpp) tokenize:
 
-* ``gpt2``: byte-level BPE from the stored tokens and merges.  The pre-tokenizer is picked by
-  ``tokenizer.ggml.pre`` (``smollm``/``starcoder``/``refact``: single digits then GPT-2 byte-level;
-  ``llama-bpe``: the Llama 3 split; ``qwen2``: the Qwen2 split with NFC; ``gpt-2``/``default``:
-  GPT-2).  Unknown names fall back to GPT-2 with a warning.
+* ``gpt2``: byte-level BPE from the stored tokens and merges.  The pre-tokenizer (text split,
+  normalizer, merge rule) is picked by ``tokenizer.ggml.pre`` from the table in
+  :mod:`server.models.gguf_pretokenizers`; a name not in it is refused, never guessed.
 * ``llama``: SentencePiece-style BPE with byte fallback (merges from the file, or derived from the
   token scores), the legacy ``"▁"`` prefix normalizer llama.cpp also uses.
+* ``gemma4``: the same BPE over raw UTF-8 with ``"▁"`` for spaces, from the stored merges, without
+  a space prefix (Gemma 4).
+
+Any other ``tokenizer.ggml.model`` (``bert`` WordPiece, ``t5`` Unigram, ...) is refused.
 
 Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added tokens,
 so that chat markers like ``<|im_start|>`` encode as one id.  It is called by
@@ -23,9 +26,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from server.models.gguf_metadata import GGUFConversionError, meta_value
+from server.models.gguf_pretokenizers import LLAMA3_NAMES, byte_level_split
 
 log = logging.getLogger(__name__)
 
@@ -33,38 +37,7 @@ __all__ = ["build_tokenizer", "tokenizer_config", "write_tokenizer_files"]
 
 # llama-vocab.cpp token types.
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_KINDS = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2"), "gpt2"),
-    **dict.fromkeys(("smollm", "starcoder", "refact"), "digits"),
-    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3"), "llama3"),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), "qwen2"),
-}
-
-
-def _byte_level_pre_tokenizer(pre: str) -> tuple[Any, normalizers.Normalizer | None, bool]:
-    """(pre-tokenizer, normalizer, ignore_merges) for a ``tokenizer.ggml.pre`` name."""
-    kind = _PRE_KINDS.get(pre)
-    if kind is None:
-        log.warning("unknown GGUF pre-tokenizer %r; falling back to GPT-2 byte-level splitting", pre)
-        kind = "gpt2"
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt2", "digits"))
-    if kind == "gpt2":
-        return byte_level, None, False
-    if kind == "digits":  # Hugging Face SmolLM2 / StarCoder: Digits(individual) then ByteLevel
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), None, False
-    split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if kind == "llama3" else _QWEN2_SPLIT), behavior="isolated")
-    if kind == "llama3":
-        return pre_tokenizers.Sequence([split, byte_level]), None, True
-    return pre_tokenizers.Sequence([split, byte_level]), normalizers.NFC(), False
+_MODELS = ("gpt2", "llama", "gemma4")  # tokenizer.ggml.model values built here
 
 
 def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -86,49 +59,85 @@ def _flag(meta: dict[str, Any], key: str, default: bool) -> bool:
 
 def _add_bos(meta: dict[str, Any]) -> bool:
     """The file's flag, else llama.cpp's default: on for SentencePiece and the Llama 3 BPE vocabulary."""
-    pre = _PRE_KINDS.get(meta_value(meta, "tokenizer.ggml.pre") or "default")
-    default = meta_value(meta, "tokenizer.ggml.model") == "llama" or pre == "llama3"
+    pre = meta_value(meta, "tokenizer.ggml.pre") or "default"
+    default = meta_value(meta, "tokenizer.ggml.model") in ("llama", "gemma4") or pre in LLAMA3_NAMES
     return _flag(meta, "tokenizer.ggml.add_bos_token", default)
 
 
-def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
-    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary (see the module docstring)."""
-    kind = meta_value(meta, "tokenizer.ggml.model")
-    tokens: list[str] | None = meta_value(meta, "tokenizer.ggml.tokens")
-    if kind not in ("gpt2", "llama") or not tokens:
-        raise GGUFConversionError(f"unsupported GGUF tokenizer model {kind!r}; supported: gpt2, llama")
-    types = meta_value(meta, "tokenizer.ggml.token_type") or [1] * len(tokens)
+def _vocab(tokens: list[str]) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
         if vocab.setdefault(token, index) != index:
             log.warning("GGUF vocabulary repeats token %r (ids %d, %d); keeping the first", token, vocab[token], index)
+    return vocab
+
+
+def _merges(meta: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """The stored merges; llama.cpp splits each at the first space after its first byte."""
     stored = meta_value(meta, "tokenizer.ggml.merges")
-    merges = [tuple(m.split(" ", 1)) for m in stored] if stored else None
+    if not stored:
+        return None
+    pairs = []
+    for merge in stored:
+        cut = merge.find(" ", 1)
+        pairs.append((merge[:cut], merge[cut + 1 :]) if cut > 0 else (merge, ""))
+    return pairs
 
-    if kind == "gpt2":
-        pre_tokenizer, normalizer, ignore_merges = _byte_level_pre_tokenizer(
-            meta_value(meta, "tokenizer.ggml.pre") or "default"
-        )
-        tokenizer = Tokenizer(models.BPE(vocab, merges or [], ignore_merges=ignore_merges))
-        tokenizer.normalizer = normalizer
-        tokenizer.pre_tokenizer = pre_tokenizer
-        tokenizer.decoder = decoders.ByteLevel()
+
+def _byte_level_bpe(meta: dict[str, Any], vocab: dict[str, int]) -> Tokenizer:
+    """``gpt2``: byte-level BPE split the way ``tokenizer.ggml.pre`` names."""
+    pre_tokenizer, normalizer, ignore_merges = byte_level_split(meta_value(meta, "tokenizer.ggml.pre") or "default")
+    tokenizer = Tokenizer(models.BPE(vocab, _merges(meta) or [], ignore_merges=ignore_merges))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], vocab: dict[str, int], kind: str) -> Tokenizer:
+    """``llama`` and ``gemma4``: BPE over raw UTF-8 with ``"▁"`` for spaces and byte fallback.
+
+    ``llama`` files (SentencePiece) may carry no merges: they are derived from the scores.
+    ``gemma4`` files carry merges and no space prefix; llama.cpp's only pre-split (at newlines)
+    changes nothing, as no merge joins a newline to anything else.
+    """
+    merges = _merges(meta)
+    if merges is None:
+        if kind == "gemma4":
+            raise GGUFConversionError("GGUF tokenizer model 'gemma4' without tokenizer.ggml.merges")
+        scores = meta_value(meta, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        merges = _spm_merges(tokens, scores)
+    unk_id = meta_value(meta, "tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None else None
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    steps: list[Any] = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    replace = normalizers.Replace(" ", "▁")
+    if _flag(meta, "tokenizer.ggml.add_space_prefix", kind == "llama"):
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace])
+        steps.append(decoders.Strip(" ", 1, 0))
     else:
-        if merges is None:
-            scores = meta_value(meta, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-            merges = _spm_merges(tokens, scores)
-        unk_id = meta_value(meta, "tokenizer.ggml.unknown_token_id")
-        unk = tokens[unk_id] if unk_id is not None else None
-        tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-        steps: list[Any] = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        replace = normalizers.Replace(" ", "▁")
-        if _flag(meta, "tokenizer.ggml.add_space_prefix", True):
-            tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace])
-            steps.append(decoders.Strip(" ", 1, 0))
-        else:
-            tokenizer.normalizer = replace
-        tokenizer.decoder = decoders.Sequence(steps)
+        tokenizer.normalizer = replace
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
 
+
+def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's vocabulary (see the module docstring).
+
+    Raises GGUFConversionError for a tokenizer model or pre-tokenizer it cannot reproduce exactly.
+    """
+    kind = meta_value(meta, "tokenizer.ggml.model")
+    tokens: list[str] | None = meta_value(meta, "tokenizer.ggml.tokens")
+    if kind not in _MODELS or not tokens:
+        raise GGUFConversionError(
+            f"unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model); supported: {', '.join(_MODELS)}"
+        )
+    types = meta_value(meta, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = _vocab(tokens)
+    if kind == "gpt2":
+        tokenizer = _byte_level_bpe(meta, vocab)
+    else:
+        tokenizer = _sentencepiece_bpe(meta, tokens, vocab, kind)
     special = [t for t, k in zip(tokens, types) if k in (_UNKNOWN, _CONTROL)]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED]

@@ -18,6 +18,7 @@ not a dependency of this project; the model is built the way it does for a llama
 from __future__ import annotations
 
 import functools
+import json
 import unicodedata
 from pathlib import Path
 
@@ -57,7 +58,7 @@ TEXTS = [
 NUMERAL_TEXTS = ["٣٤٥ ١٢٣ ๑๒๓ ²³", "value: ٧٨ and ½ cup"]
 
 
-def _transformers_model(gguf_path: Path):
+def _transformers_model(gguf_path: Path, overrides: dict | None = None):
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -76,6 +77,8 @@ def _transformers_model(gguf_path: Path):
         )
         patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
         config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        for key, value in (overrides or {}).items():
+            setattr(config, key, value)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -304,3 +307,45 @@ def test_tiny_sentencepiece_vocab_matches_transformers(tmp_path: Path) -> None:
     assert ours.encode(" the", add_special_tokens=False).tokens == ["▁", "▁the"]
     assert ours.encode("<s>the", add_special_tokens=False).tokens == ["<s>", "▁the"]
     assert ours.encode("<|user|>the", add_special_tokens=False).tokens == ["<|user|>", "▁the"]
+
+
+# ---------------------------------------------------------------- tiny qwen3 / gemma3 GGUFs
+
+TINY_PROMPT_IDS = [[5, 17, 260, 99, 3, 42, 7, 7, 200, 1, 64, 33], [258, 100, 101, 102, 103, 104, 105, 106, 107]]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_tiny_architecture_matches_transformers(arch: str, tmp_path: Path) -> None:
+    """Random tiny qwen3 / gemma3 GGUFs (quantized and float tensors, an untied output), converted and
+    loaded by mlx-lm, against transformers loading the same file: same config, logits at every
+    position, greedy tokens.  gemma3 has six layers (one global) and a window of 4 < prompt length."""
+    from mlx_lm import load
+
+    path = tmp_path / f"{arch}.gguf"
+    write_tiny_gguf(path, arch, with_output=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    convert_gguf(path, out)
+    model, _ = load(str(out))
+    model = dequantized_float32(model)
+    ours_config = json.loads((out / "config.json").read_text())
+    # transformers' GGUF config reading leaves two keys at its defaults, right for the released
+    # models only: qwen3's head_dim (it ignores attention.key_length; every Qwen3 has 128) and
+    # gemma3's query_pre_attn_scalar (256: Gemma 3 1B/4B/12B's head dim).  The tiny models have
+    # head_dim 16, so the reference is given the values llama.cpp derives (as the converter does).
+    overrides = {"head_dim": 16} if arch == "qwen3" else {"query_pre_attn_scalar": 16}
+    reference = _transformers_model(path, overrides)
+    theirs = reference.config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        assert ours_config[key] == getattr(theirs, key), key
+    if arch == "gemma3":
+        assert ours_config["sliding_window"] == theirs.sliding_window == 4
+        assert ours_config["query_pre_attn_scalar"] == theirs.query_pre_attn_scalar
+        assert theirs.layer_types.count("full_attention") == 1
+    worst = 0.0
+    for ids in TINY_PROMPT_IDS:
+        ours, ref = _mlx_logits(model, ids), _torch_logits(reference, ids)
+        assert ours.shape == ref.shape
+        worst = max(worst, float(np.abs(ours - ref).max()))
+        assert (ours.argmax(-1) == ref.argmax(-1)).all(), (arch, ids)
+    assert 0.0 < worst < 1e-4, worst
