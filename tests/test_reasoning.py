@@ -235,3 +235,18 @@ def test_compat_kit_reasoning_checks(base: str) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
     assert "5 passed" in result.stdout
+
+
+def test_reasoning_items_sent_back_join_the_next_assistant_turn() -> None:
+    from server.serving.responses import chat_messages, input_items
+    from server.wire.responses import InputContent, InputItem
+
+    thought = [InputContent(type="reasoning_text", text="2+3 is 5.")]
+    items = input_items(
+        [
+            InputItem(role="user", content="What is 2+3?"),
+            InputItem(type="reasoning", content=thought),
+            InputItem(role="assistant", content="5"),
+        ]
+    )
+    assert chat_messages(items, None)[1] == {"role": "assistant", "content": "5", "reasoning_content": "2+3 is 5."}
