@@ -15,6 +15,9 @@ def main() -> int:
     parser.add_argument("--base-url", help="an OpenAI-compatible base URL ending in /v1; default: start this server")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", default=None, help="chat model id to use (default: the server's first)")
+    parser.add_argument(
+        "--thinking-model", default=None, help="a model that reasons, for the reasoning checks (skipped without one)"
+    )
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     if args.base_url:
@@ -23,6 +26,8 @@ def main() -> int:
         os.environ["COMPAT_API_KEY"] = args.api_key
     if args.model:
         os.environ["COMPAT_MODEL"] = args.model
+    if args.thinking_model:
+        os.environ["COMPAT_THINKING_MODEL"] = args.thinking_model
     here = Path(__file__).parent
     return int(pytest.main([str(here), "-q", "-p", "no:cacheprovider", *args.pytest_args]))
 
