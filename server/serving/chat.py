@@ -29,6 +29,7 @@ from server.serving.model_output import ChoiceOutput, OutputDelta, output_parser
 from server.serving.params import stop_list
 from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
+from server.serving.template_inputs import past_reasoning, template_kwargs
 from server.serving.tool_names import check_tool_name, check_tool_names
 from server.serving.tools import ParsedCall, ToolFormat, tool_call_entry
 from server.wire.chat import (
@@ -97,6 +98,14 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_calls"] = [
                 tool_call_entry(c.id, c.function.name, c.function.arguments) for c in message.tool_calls
             ]
+        past = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+        if past is not None:
+            if message.role != "assistant":
+                field = "reasoning_content" if message.reasoning_content is not None else "reasoning"
+                raise InvalidRequestError(
+                    f"'{field}' is only allowed on assistant messages.", param=f"messages[{i}].{field}"
+                )
+            entry.update(past_reasoning(past))
         if message.role == "tool":
             if not message.tool_call_id:
                 raise InvalidRequestError(
@@ -157,6 +166,7 @@ def prepare(
     tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
     mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
     messages = template_messages(body.messages)
+    kwargs = template_kwargs(served.tokenizer, body.chat_template_kwargs, body.reasoning_effort)
     built = build_request(
         served,
         scope,
@@ -168,6 +178,7 @@ def prepare(
         msgspec.to_builtins(body.response_format) if body.response_format is not None else None,
         request_id=f"chat-{uuid.uuid4().hex}",
         streamed=bool(body.stream),
+        template_kwargs=kwargs,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,

@@ -18,9 +18,10 @@ from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError, Va
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from server.registry import ServedModel
 from server.serving.params import build_params
-from server.serving.prompt import render_prompt
+from server.serving.prompt import render_prompt, template_text
 from server.serving.reasoning import ReasoningMode, reasoning_mode
 from server.serving.scope import RequestScope
+from server.serving.template_inputs import fit_tool_call_ids
 from server.serving.tool_grammar import forcing_grammar
 from server.serving.tools import ToolFormat, tool_format, with_tools
 
@@ -77,6 +78,26 @@ def _after_reasoning(grammar: GrammarSpec | None, mode: ReasoningMode | None) ->
     return replace(grammar, after=mode.markers.end_ids)
 
 
+def build_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    mode: str,
+    forced: str | None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[int], ToolFormat | None]:
+    """Template messages + tools -> prompt ids, and the tool format to parse the output with (None: no tools).
+
+    Templates that render `tools` get them natively; the others get them as a system message.
+    """
+    fmt = tool_format(tokenizer) if mode != "none" else None
+    if fmt is not None and not fmt.native:
+        messages = with_tools(messages, tools, forced)
+    native = tools if fmt is not None and fmt.native else None
+    messages = fit_tool_call_ids(messages, template_text(tokenizer))
+    return render_prompt(tokenizer, messages, native, template_kwargs), fmt
+
+
 def build_request(
     served: ServedModel,
     scope: RequestScope,
@@ -89,6 +110,7 @@ def build_request(
     *,
     request_id: str,
     streamed: bool = True,
+    template_kwargs: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> BuiltRequest:
     """Template messages + tools -> a validated engine request, the tool format to parse its output with,
@@ -96,12 +118,10 @@ def build_request(
 
     Tools reach the prompt (natively or as a system message), a forced call or the response format
     becomes the grammar (after the think block, when the prompt opened one), and the KV is salted by
-    tenant and model and keyed by the conversation.
+    tenant and model and keyed by the conversation. `template_kwargs` are extra chat template variables
+    (`template_inputs.template_kwargs`).
     """
-    fmt = tool_format(served.tokenizer) if mode != "none" else None
-    if fmt is not None and not fmt.native:
-        messages = with_tools(messages, tools, forced)
-    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
+    prompt, fmt = build_prompt(served.tokenizer, messages, tools, mode, forced, template_kwargs)
     reasoning = reasoning_mode(served.tokenizer, prompt)
     grammar = _after_reasoning(_grammar(served, response_format, tools, mode, forced, fmt), reasoning)
     params = build_params(**sampling, grammar=grammar)

@@ -44,7 +44,8 @@ class ControlTokens:
         return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
-def _template_text(tokenizer: Any) -> str:
+def template_text(tokenizer: Any) -> str:
+    """The tokenizer's chat template text (a dict of named templates joined)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         return "\n".join(str(t) for t in template.values())
@@ -72,7 +73,7 @@ def control_tokens(tokenizer: Any) -> ControlTokens:
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     thinking = _marker_texts(tokenizer, ("think_start", "think_end"))
     markup = "\n".join(
-        (_template_text(tokenizer), thinking, _marker_texts(tokenizer, ("tool_call_start", "tool_call_end")))
+        (template_text(tokenizer), thinking, _marker_texts(tokenizer, ("tool_call_start", "tool_call_end")))
     )
     texts = set()
     for token in decoder.values():
@@ -133,13 +134,17 @@ class _Marking:
 
 
 def _needs_marking(
-    tokens: ControlTokens, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, template: str
+    tokens: ControlTokens,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    kwargs: dict[str, Any],
+    template: str,
 ) -> _Marking | None:
     full = tokens.pattern()
     if full is None:
         return None
     assistant = tokens.pattern(tokens.reasoning)
-    hit = any(full.search(s) for s in _strings(tools))
+    hit = any(full.search(s) for s in (*_strings(tools), *_strings(kwargs)))
     for message in messages:
         rest = {k: v for k, v in message.items() if k != "content"}
         content = assistant if message.get("role") == "assistant" else full
@@ -147,7 +152,7 @@ def _needs_marking(
         hit = hit or (content is not None and any(content.search(s) for s in _strings(message.get("content"))))
     if not hit:
         return None
-    seen = [*_strings(messages), *_strings(tools), template]
+    seen = [*_strings(messages), *_strings(tools), *_strings(kwargs), template]
     for i in range(0, _MARKER_TRIES, 2):
         pair = chr(_MARKER_BASE + i), chr(_MARKER_BASE + i + 1)
         if not any(c in s for s in seen for c in pair):
@@ -193,21 +198,88 @@ def encode_marked(tokenizer: Any, text: str, tokens: ControlTokens, open_: str, 
     return ids
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-    """Template messages (and tools, for templates that render them) -> prompt ids, request text kept as text."""
+# what a template can raise on a conversation it does not accept (`raise_exception`, a filter
+# given the wrong type, a missing key); none of them is the server's fault
+TEMPLATE_ERRORS = (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+
+def _render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    kwargs: dict[str, Any],
+    tokenize: bool,
+) -> Any:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=True, tokenize=tokenize, **kwargs
+    )
+
+
+def _failing_message(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    kwargs: dict[str, Any],
+    error: str,
+) -> int | None:
+    """The message where the template raises `error`: the last of the shortest prefix that fails with it.
+
+    None when a one-line conversation fails the same way (the tools or the kwargs are at fault).
+    """
+
+    def fails(conversation: list[dict[str, Any]]) -> bool:
+        try:
+            _render(tokenizer, conversation, tools, kwargs, tokenize=False)
+        except TEMPLATE_ERRORS as exc:
+            return str(exc) == error
+        return False
+
+    if fails([{"role": "user", "content": "Hello."}]):
+        return None
+    return next((end - 1 for end in range(1, len(messages) + 1) if fails(messages[:end])), None)
+
+
+def _rejected(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    kwargs: dict[str, Any],
+    exc: Exception,
+) -> InvalidRequestError:
+    error = str(exc) or type(exc).__name__
+    index = _failing_message(tokenizer, messages, tools, kwargs, str(exc))
+    if index is None:
+        return InvalidRequestError(
+            f"The model's chat template cannot render this request: {error}", param="messages", code="invalid_messages"
+        )
+    where = f"messages[{index}]"
+    return InvalidRequestError(
+        f"The model's chat template cannot render {where}: {error}", param=where, code="invalid_messages"
+    )
+
+
+def render_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Template messages (and tools, for templates that render them) -> prompt ids, request text kept as text.
+
+    `template_kwargs` are extra template variables (`chat_template_kwargs`); their strings are
+    request text too. A conversation the template refuses is a 400 naming the message where the
+    template raised, when a shorter conversation shows which one it is.
+    """
+    kwargs = template_kwargs or {}
     tokens = control_tokens(tokenizer)
-    marking = _needs_marking(tokens, messages, tools or None, _template_text(tokenizer))
+    marking = _needs_marking(tokens, messages, tools or None, kwargs, template_text(tokenizer))
     try:
         if marking is None:
-            return list(tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True))
-        text = tokenizer.apply_chat_template(
-            marking.messages(messages),
-            tools=_map_strings(tools, marking.wrap(marking.full)) if tools else None,
-            add_generation_prompt=True,
-            tokenize=False,
+            return list(_render(tokenizer, messages, tools, kwargs, tokenize=True))
+        wrap = marking.wrap(marking.full)
+        text = _render(
+            tokenizer, marking.messages(messages), _map_strings(tools, wrap), _map_strings(kwargs, wrap), tokenize=False
         )
-    except TemplateError as exc:
-        raise InvalidRequestError(
-            f"The model's chat template rejected these messages: {exc}", param="messages"
-        ) from exc
+    except TEMPLATE_ERRORS as exc:
+        raise _rejected(tokenizer, messages, tools, kwargs, exc) from exc
     return encode_marked(tokenizer, text, tokens, marking.open, marking.close)

@@ -28,6 +28,7 @@ from server.serving.generation import build_request, tool_mode
 from server.serving.model_output import ChoiceOutput, output_parser
 from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
+from server.serving.template_inputs import template_kwargs
 from server.serving.tool_names import check_tool_name, check_tool_names
 from server.serving.tools import ToolFormat, tool_call_entry
 from server.wire.responses import (
@@ -40,6 +41,7 @@ from server.wire.responses import (
     Item,
     MessageItem,
     OutputText,
+    Reasoning,
     ReasoningItem,
     ReasoningText,
     Response,
@@ -253,6 +255,14 @@ def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
     )
 
 
+def _effort(reasoning: dict[str, Any] | None) -> str | None:
+    """`reasoning.effort`, the one field of `reasoning` that reaches the prompt."""
+    effort = (reasoning or {}).get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise InvalidRequestError("'reasoning.effort' must be a string.", param="reasoning.effort")
+    return effort
+
+
 def _refuse_unsupported(body: ResponseRequest) -> None:
     """Fields this server knows but cannot honour are a 400, never silently dropped."""
     if body.background:
@@ -282,7 +292,8 @@ def _responses_params() -> Iterator[None]:
     try:
         yield
     except InvalidRequestError as exc:
-        exc.param = _PARAMS.get(exc.param or "", exc.param)
+        param = "messages" if (exc.param or "").startswith("messages[") else exc.param  # messages are not input items
+        exc.param = _PARAMS.get(param or "", param)
         raise
 
 
@@ -309,7 +320,9 @@ def prepare(
     store_it = body.store is not False
     if conversation is None and store_it:
         conversation = response_id  # a new chain: its follow-ups find its KV under this key
+    effort = _effort(body.reasoning)
     with _responses_params():
+        kwargs = template_kwargs(served.tokenizer, body.chat_template_kwargs, effort, effort_param="reasoning.effort")
         built = build_request(
             served,
             scope,
@@ -321,6 +334,7 @@ def prepare(
             _response_format(body.text),
             request_id=f"resp-{uuid.uuid4().hex}",
             streamed=bool(body.stream),
+            template_kwargs=kwargs,
             max_tokens=body.max_output_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
@@ -352,6 +366,7 @@ def prepare(
         user=body.user,
         prompt_cache_key=body.prompt_cache_key,
         safety_identifier=body.safety_identifier,
+        reasoning=Reasoning(effort=effort),
     )
     fmt = built.tool_format
     return ResponsePlan(

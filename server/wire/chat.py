@@ -36,6 +36,9 @@ class ChatMessage(msgspec.Struct):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # past reasoning sent back on assistant messages: DeepSeek's and vLLM's name, and mlx_lm.server's
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class FunctionDef(msgspec.Struct, omit_defaults=True):
@@ -113,6 +116,8 @@ class ChatCompletionRequest(msgspec.Struct):
     response_format: ResponseFormat | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
+    reasoning_effort: str | None = None  # mapped onto the chat template's switch (serving/template_inputs.py)
+    chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): extra chat template variables
 
     def __post_init__(self) -> None:  # runs while decoding: an InvalidRequestError leaves msgspec as is
         check_stream_options(self.stream, self.stream_options)

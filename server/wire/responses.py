@@ -82,12 +82,13 @@ class ResponseRequest(msgspec.Struct):
     user: str | None = None
     prompt_cache_key: str | None = None
     top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): extra chat template variables
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
-    # accepted and ignored: what a model without reasoning or hosted tools has nothing to do with
+    reasoning: dict[str, Any] | None = None  # `effort` maps onto the chat template's switch
+    # accepted and ignored: what a model without hosted tools has nothing to do with
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
     truncation: str | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
