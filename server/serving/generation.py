@@ -48,8 +48,9 @@ def _grammar(
     forced: str | None,
     fmt: ToolFormat | None,
 ) -> GrammarSpec | None:
-    """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
-    if mode == "required" and fmt is not None and fmt.json_calls:
+    """The decoding constraint: a forced tool call (in the model's own format where we can force it), else the
+    response_format."""
+    if mode == "required" and fmt is not None and fmt.forceable:
         return forcing_grammar(tools, forced, fmt, served.tokenizer, served.running_engine.constraints)
     if response_format is None:
         return None
@@ -80,7 +81,7 @@ def build_request(
     """
     fmt = tool_format(served.tokenizer) if mode != "none" else None
     if fmt is not None and not fmt.native:
-        messages = with_tools(messages, tools, forced)
+        messages = with_tools(messages, tools, forced, fmt)
     params = build_params(**sampling, grammar=_grammar(served, response_format, tools, mode, forced, fmt))
     prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
     request = GenerationRequest(
