@@ -5,7 +5,8 @@ lacks them.
 Where the sdist has the family's vocabulary (Qwen: qwen2/qwen35, Llama 3.x: llama-bpe) it is used as is,
 with Qwen's added tokens at their real ids. Where it has none (Mistral's tekken, GLM, Kimi, MiniMax,
 DeepSeek-V3), a byte-level vocabulary stands in and the family's markers are added at new ids (Qwen's
-placeholder ids for qwen2, appended for llama-bpe): `control` tokens are special (skipped when decoding),
+placeholder ids for qwen2, appended for llama-bpe; never a token the
+vocabulary already has, which llguidance refuses): `control` tokens are special (skipped when decoding),
 `marks` are user-defined (decoded as text, as the families' tool markers are).
 """
 
@@ -137,7 +138,6 @@ FAMILIES: dict[str, Family] = {
             "<|user|>",
             "<|assistant|>",
             "<|observation|>",
-            "<|endoftext|>",
             "<tool_call>",
             "</tool_call>",
             "<arg_key>",
@@ -162,7 +162,6 @@ FAMILIES: dict[str, Family] = {
             "<|user|>",
             "<|assistant|>",
             "<|observation|>",
-            "<|endoftext|>",
             "<tool_call>",
             "</tool_call>",
             "<arg_key>",
@@ -185,7 +184,6 @@ FAMILIES: dict[str, Family] = {
             "<|im_user|>",
             "<|im_assistant|>",
             "<|im_middle|>",
-            "<|im_end|>",
             "<|tool_calls_section_begin|>",
             "<|tool_calls_section_end|>",
             "<|tool_call_begin|>",

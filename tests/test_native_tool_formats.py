@@ -199,3 +199,21 @@ def test_streamed_forced_call_has_a_stable_index_and_id(base: str, model: str) -
     assert len({tc["id"] for tc in calls if tc.get("id")}) == 1
     assert not "".join(d.get("content") or "" for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["qwen3.5", "devstral"])
+def test_the_compat_kit_s_native_tool_checks_pass_on_a_tiny_native_model(base: str, model: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COMPAT_BASE_URL": base + "/v1", "COMPAT_TOOL_MODEL": model, "COMPAT_MODEL": model}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "compat/test_native_tools.py"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "4 passed" in result.stdout, result.stdout[-3000:]
