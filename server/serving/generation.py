@@ -51,8 +51,9 @@ def _grammar(
     forced: str | None,
     fmt: ToolFormat | None,
 ) -> GrammarSpec | None:
-    """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
-    if mode == "required" and fmt is not None and fmt.json_calls:
+    """The decoding constraint: a forced tool call (in the model's own format where we can force it), else the
+    response_format."""
+    if mode == "required" and fmt is not None and fmt.forceable:
         return forcing_grammar(tools, forced, fmt, served.tokenizer, served.running_engine.constraints)
     if response_format is None:
         return None
@@ -92,7 +93,7 @@ def build_prompt(
     """
     fmt = tool_format(tokenizer) if mode != "none" else None
     if fmt is not None and not fmt.native:
-        messages = with_tools(messages, tools, forced)
+        messages = with_tools(messages, tools, forced, fmt)
     native = tools if fmt is not None and fmt.native else None
     messages = fit_tool_call_ids(messages, template_text(tokenizer))
     return render_prompt(tokenizer, messages, native, template_kwargs), fmt

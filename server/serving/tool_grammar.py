@@ -1,6 +1,6 @@
 """The forcing grammar: `tool_choice` "required" or a named function as a llguidance Lark grammar.
 
-A forced call is the start marker, at most one line break, one compact JSON object
+A forced Hermes-format call is the start marker, at most one line break, one compact JSON object
 `{"name":<one of the chosen tools>,"arguments":<its parameters>}`, at most one line
 break, the end marker; then only EOS. Compact JSON (no whitespace between JSON tokens)
 keeps a small model from spending `max_tokens` on pretty-printing. A marker that is one
@@ -9,7 +9,9 @@ written as a token reference, `<[151657]>`: llguidance holds added tokens apart 
 text, so the quoted text `"<tool_call>"` would force the token and then reject it.
 
 Each tool's `parameters` are checked on their own first, so a schema the grammar cannot
-enforce is a 400 naming the tool and the keyword (never the grammar's source). As for
+enforce is a 400 naming the tool and the keyword (never the grammar's source). Native formats
+(Llama 3.x, Mistral, Qwen3-Coder, DeepSeek, GLM, Kimi-K2, MiniMax, Gemma 4, ...) are forced in their own
+markup by the grammars of `tool_format_grammars`. As for
 `response_format`, a non-strict tool (`strict` absent or false) has the keywords
 llguidance does not implement (`uniqueItems`, ...) ignored; a strict one is refused.
 """
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 from server.engine import GrammarSpec
 from server.errors import APIError, InvalidRequestError
+from server.serving.tool_format_grammars import format_lark
 from server.serving.tools import ToolFormat
 
 log = logging.getLogger(__name__)
@@ -112,8 +115,18 @@ def _check_parameters(tool: dict[str, Any], index: int, validator: GrammarValida
         ) from None
 
 
+def arguments_schema(tool: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """The JSON schema of a call's arguments alone, its `$defs` kept at its root (native formats)."""
+    schema = call_schema(tool, index)
+    arguments = dict(schema["properties"]["arguments"])
+    return {**{key: schema[key] for key in _DEFINITIONS if key in schema}, **arguments}
+
+
 def lark_text(fmt: ToolFormat, chosen: list[tuple[int, dict[str, Any]]], tokenizer: Any) -> str:
-    """The Lark source: markers, at most one line break either side, one compact JSON call of a chosen tool."""
+    """The Lark source: markers, at most one line break either side, one compact JSON call of a chosen tool
+    (Hermes); a native format's own grammar (`tool_format_grammars`) for the others."""
+    if not fmt.json_calls:
+        return format_lark(fmt.name, chosen, lambda text: marker(text, tokenizer), arguments_schema)
     lines = [
         f"start: {marker(fmt.start, tokenizer)} NL? call NL? {marker(fmt.end, tokenizer)}",
         'NL: "\\n"',
@@ -153,4 +166,4 @@ def forcing_grammar(
     return spec
 
 
-__all__ = ["call_schema", "chosen_tools", "forcing_grammar", "lark_text", "marker"]
+__all__ = ["arguments_schema", "call_schema", "chosen_tools", "forcing_grammar", "lark_text", "marker"]

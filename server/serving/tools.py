@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.serving.tool_formats import FORMATS, call_example, detect_format
+
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 
 
@@ -33,11 +35,18 @@ def _hermes_parse(text: str, tools: Any = None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ToolFormat:
-    start: str
-    end: str
-    parse: Callable[[str, Any], dict[str, Any]]
+    start: str  # "": a call is the whole message (see `leads`)
+    end: str  # "": a call runs to the next start marker or the end of the generation
+    parse: Callable[[str, Any], Any]  # one call {"name", "arguments"} or a list of them
     native: bool  # the chat template renders `tools` itself
     json_calls: bool = False  # a call is {"name", "arguments"} JSON between the markers (a forced call's grammar)
+    name: str = ""  # the format's name in `tool_formats.FORMATS` ("" for one only mlx-lm knows)
+    leads: tuple[str, ...] = ()  # start == "": what a whole-message call begins with
+
+    @property
+    def forceable(self) -> bool:
+        """Whether `tool_grammar` can force a call in this format."""
+        return self.json_calls or self.name in FORMATS
 
 
 def _is_json_parser(parse: Any) -> bool:
@@ -46,17 +55,34 @@ def _is_json_parser(parse: Any) -> bool:
 
 
 def tool_format(tokenizer: Any) -> ToolFormat:
+    """The format this model's template writes tool calls in (`tool_formats.detect_format`), else the one
+    mlx-lm inferred, else Hermes described in a system message. A template that writes calls in a known
+    format but does not render `tools` (DeepSeek-V3.1) gets the tools in a system message in that format."""
     template = getattr(tokenizer, "chat_template", None) or ""
-    if getattr(tokenizer, "has_tool_calling", False) and "tools" in template:
+    renders_tools = "tools" in template
+    name = detect_format(template) if isinstance(template, str) else None
+    if name is not None and (renders_tools or name != "hermes"):
+        spec = FORMATS[name]
+        return ToolFormat(
+            spec.start,
+            spec.end,
+            spec.parse,
+            native=renders_tools,
+            json_calls=name == "hermes",
+            name=name,
+            leads=spec.leads,
+        )
+    if getattr(tokenizer, "has_tool_calling", False) and renders_tools:
         parse = tokenizer.tool_parser
         return ToolFormat(
             tokenizer.tool_call_start, tokenizer.tool_call_end, parse, native=True, json_calls=_is_json_parser(parse)
         )
-    return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, native=False, json_calls=True)
+    return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, native=False, json_calls=True, name="hermes")
 
 
-def tools_system_prompt(tools: list[dict[str, Any]], forced: str | None) -> str:
-    """The tool instructions for templates that do not render tools themselves."""
+def tools_system_prompt(tools: list[dict[str, Any]], forced: str | None, fmt: ToolFormat | None = None) -> str:
+    """The tool instructions for templates that do not render tools themselves (in the template's own call
+    format when it has one, DeepSeek-V3.1's; else Hermes)."""
     listing = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
     rule = (
         f"You must call the function {forced!r} now."
@@ -65,19 +91,24 @@ def tools_system_prompt(tools: list[dict[str, Any]], forced: str | None) -> str:
     )
     return (
         "You can call these functions:\n" + listing + "\n\nTo call a function, reply with exactly\n"
-        f'{HERMES_START}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{HERMES_END}\n' + rule
+        f"{call_example(fmt.name if fmt is not None else 'hermes')}\n" + rule
     )
 
 
-def with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]], forced: str | None) -> list[dict[str, Any]]:
-    """Prepend (or extend) the system message with tool instructions (non-native templates)."""
-    text = tools_system_prompt(tools, forced)
+def with_tools(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], forced: str | None, fmt: ToolFormat | None = None
+) -> list[dict[str, Any]]:
+    """Prepend (or extend) the system message with tool instructions (non-native templates). A template
+    that writes calls in its own format renders past calls and results itself; the others get them as text."""
+    text = tools_system_prompt(tools, forced, fmt)
     if messages and messages[0]["role"] == "system":
         first = dict(messages[0])
         first["content"] = f"{first['content']}\n\n{text}"
         messages = [first, *messages[1:]]
     else:
         messages = [{"role": "system", "content": text}, *messages]
+    if fmt is not None and fmt.name not in ("", "hermes"):
+        return messages
     # tool results and past calls as plain text, which every template can render
     out = []
     for message in messages:
@@ -127,12 +158,15 @@ class ToolCallParser:
         self.max_calls = max_calls  # 1 when the request set parallel_tool_calls: false
         self._buffer = ""
         self._in_call = False
+        self._plain = False  # a whole-message format whose message turned out not to be a call
         self.calls: list[ParsedCall] = []
         self.dropped_unfinished = False  # finish() dropped a call cut short (its markup is never content)
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         """Consume text; return the content that is safe to show and any calls completed."""
         self._buffer += text
+        if not self.fmt.start:
+            return self._feed_whole(), []
         content, calls = "", []
         while True:
             if not self._in_call:
@@ -145,15 +179,32 @@ class ToolCallParser:
                 content += self._buffer[:at]
                 self._buffer = self._buffer[at + len(self.fmt.start) :]
                 self._in_call = True
-            end = self._buffer.find(self.fmt.end)
-            if end < 0:
+            end = self._buffer.find(self.fmt.end or self.fmt.start)
+            if end < 0 or (not self.fmt.end and end == 0):
                 return content, calls
-            call = self._parse(self._buffer[:end])
-            self._buffer = self._buffer[end + len(self.fmt.end) :]
-            self._in_call = False
-            if call is None:
-                continue
-            calls.append(call)
+            calls += self._parse(self._buffer[:end])
+            if self.fmt.end:
+                self._buffer = self._buffer[end + len(self.fmt.end) :]
+                self._in_call = False
+            else:  # no end marker: the next start marker ends this call and begins the next
+                self._buffer = self._buffer[end + len(self.fmt.start) :]
+
+    def _feed_whole(self) -> str:
+        """A format whose call is the whole message: hold text until it shows whether it starts a call."""
+        if self._plain:
+            content, self._buffer = self._buffer, ""
+            return content
+        if self._in_call:
+            return ""
+        head = self._buffer.lstrip()
+        if any(head.startswith(lead) for lead in self.fmt.leads):
+            self._in_call = True
+            return ""
+        if not head or any(lead.startswith(head) for lead in self.fmt.leads):
+            return ""
+        self._plain = True
+        content, self._buffer = self._buffer, ""
+        return content
 
     def finish(self, cut: bool = False) -> tuple[str, list[ParsedCall]]:
         """End of generation: an unterminated call is parsed if it can be, else dropped (never shown as
@@ -162,30 +213,35 @@ class ToolCallParser:
         rest, self._buffer = self._buffer, ""
         if self._in_call:
             self._in_call = False
-            call = self._parse(rest)
-            if call is not None:
-                return "", [call]
+            calls = self._parse(rest)
+            if calls:
+                return "", calls
             self.dropped_unfinished = True
             return "", []
-        if cut and rest:
+        if cut and rest and not (not self.fmt.start and not rest.strip()):
             self.dropped_unfinished = True
             return "", []
         return rest, []
 
-    def _parse(self, text: str) -> ParsedCall | None:
+    def _parse(self, text: str) -> list[ParsedCall]:
         try:
             value = self.fmt.parse(text, self.tools)
-        except (ValueError, KeyError, TypeError, SyntaxError):
-            return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return None
-        if self.max_calls is not None and len(self.calls) >= self.max_calls:
-            return None  # calls beyond the allowed number are dropped, not shown as text
-        arguments = value.get("arguments", {})
-        encoded = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        call = ParsedCall(value["name"], encoded)
-        self.calls.append(call)
-        return call
+        except (ValueError, KeyError, TypeError, SyntaxError, AttributeError, IndexError):
+            return []
+        parsed = []
+        for one in value if isinstance(value, list) else [value]:
+            if not isinstance(one, dict) or not isinstance(one.get("name"), str):
+                continue
+            if self.max_calls is not None and len(self.calls) >= self.max_calls:
+                break  # calls beyond the allowed number are dropped, not shown as text
+            arguments = one.get("arguments", {})
+            encoded = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            call = ParsedCall(one["name"], encoded)
+            if self.fmt.name == "mistral":  # Mistral's templates accept only 9-character alphanumeric call ids
+                call.id = uuid.uuid4().hex[:9]
+            self.calls.append(call)
+            parsed.append(call)
+        return parsed
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -1,0 +1,220 @@
+"""Forcing grammars in each native format: one call of a chosen tool, written the way the model writes it.
+
+`format_lark(name, chosen, marker, arguments)` returns the Lark source for format `name` (see
+`tool_formats.FORMATS`): `marker(text)` gives a marker's terminal (a token reference when it is one added
+token), `arguments(tool, index)` the JSON schema of a tool's arguments. JSON-argument formats (Llama 3.x,
+Mistral, DeepSeek-V3.1, Kimi-K2, Functionary) embed that schema with `%json`; XML-argument formats
+(Qwen3-Coder, GLM, MiniMax, DeepSeek-V3.2 DSML, Gemma 4) write one element per property, in the order the
+schema declares them (required ones always, optional ones at most once), a string value as raw text (one of
+its `enum` values when it has one) and any other value as compact JSON for its sub-schema.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+Marker = Callable[[str], str]
+Arguments = Callable[[dict[str, Any], int], dict[str, Any]]
+Chosen = list[tuple[int, dict[str, Any]]]
+_DEFS = ("$defs", "definitions")
+
+
+def _q(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _json_rule(rule: str, schema: dict[str, Any], lenient: bool) -> str:
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False, "lenient": lenient}}
+    return f"{rule}: %json {json.dumps(schema, ensure_ascii=False)}"
+
+
+def _lenient(tool: dict[str, Any]) -> bool:
+    return tool["function"].get("strict") is not True
+
+
+def _alternatives(chosen: Chosen) -> str:
+    return "call: " + " | ".join(f"tool_{k}" for k in range(len(chosen)))
+
+
+def _json_args_format(
+    head: str, tail: str, call: Callable[[str, str], str], chosen: Chosen, arguments: Arguments
+) -> list[str]:
+    """start: head call tail; tool_k: call(quoted name, args rule)."""
+    lines = [f"start: {head} call {tail}".strip(), _alternatives(chosen)]
+    for k, (index, tool) in enumerate(chosen):
+        lines.append(f"tool_{k}: {call(tool['function']['name'], f'args_{k}')}")
+        lines.append(_json_rule(f"args_{k}", arguments(tool, index), _lenient(tool)))
+    return lines
+
+
+def _llama3(chosen: Chosen, marker: Marker, arguments: Arguments) -> list[str]:
+    lines = ["start: call", _alternatives(chosen)]
+    for k, (index, tool) in enumerate(chosen):
+        args = arguments(tool, index)
+        hoisted = {key: args.pop(key) for key in _DEFS if key in args}
+        schema = {
+            **hoisted,
+            "type": "object",
+            "properties": {"name": {"const": tool["function"]["name"]}, "parameters": args},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        lines.append(_json_rule(f"tool_{k}", schema, _lenient(tool)))
+    return lines
+
+
+def _string_value(schema: dict[str, Any]) -> str | None:
+    """A Lark expression for a raw string value, or None when the value is not a string."""
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        return "(" + " | ".join(_q(v) for v in enum) + ")"
+    if "const" in schema and isinstance(schema["const"], str):
+        return _q(schema["const"])
+    if schema.get("type") == "string" and not enum:
+        limit = schema.get("maxLength")
+        return f"/[^<]{{0,{int(limit)}}}/" if isinstance(limit, int) else "/[^<]*/"
+    return None
+
+
+def _xml_params(
+    k: int,
+    args: dict[str, Any],
+    lenient: bool,
+    element: Callable[[str, str, bool], str],
+    separator: str = "",
+) -> tuple[str, list[str]]:
+    """The parameters' sequence for tool k, and the rules it needs. element(key, value, is_string)."""
+    hoisted = {key: args[key] for key in _DEFS if key in args}
+    required = set(args.get("required") or [])
+    parts, rules = [], []
+    for p, (key, schema) in enumerate((args.get("properties") or {}).items()):
+        schema = schema if isinstance(schema, dict) else {}
+        value = _string_value(schema)
+        if value is None:
+            rules.append(_json_rule(f"v_{k}_{p}", {**hoisted, **schema}, lenient))
+            value = f"v_{k}_{p}"
+        rules.append(f"p_{k}_{p}: {element(key, value, _string_value(schema) is not None)}")
+        parts.append(f"p_{k}_{p}" if key in required else f"p_{k}_{p}?")
+    if separator and parts:  # Gemma 4: comma-separated; the optional ones make exact commas hard, so all required
+        return f" {separator} ".join(p.rstrip("?") for p in parts), rules
+    return " ".join(parts), rules
+
+
+def _xml_format(
+    head: str,
+    tail: str,
+    open_call: Callable[[str], str],
+    close_call: str,
+    element: Callable[[str, str, bool], str],
+    chosen: Chosen,
+    arguments: Arguments,
+    separator: str = "",
+) -> list[str]:
+    lines = [f"start: {head} call {tail}", _alternatives(chosen)]
+    for k, (index, tool) in enumerate(chosen):
+        params, rules = _xml_params(k, arguments(tool, index), _lenient(tool), element, separator)
+        lines.append(f"tool_{k}: {open_call(tool['function']['name'])} {params} {close_call}")
+        lines.extend(rules)
+    return lines
+
+
+def format_lark(name: str, chosen: Chosen, marker: Marker, arguments: Arguments) -> str:
+    """The Lark source forcing one call in format `name`."""
+    m = marker
+    if name == "llama3":
+        lines = _llama3(chosen, m, arguments)
+    elif name == "mistral":
+        lines = _json_args_format(m("[TOOL_CALLS]"), "", lambda n, a: f"{_q(n)} {m('[ARGS]')} {a}", chosen, arguments)
+    elif name == "deepseek_v31":
+        begin, sep, end = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+        lines = _json_args_format(
+            m("<｜tool▁calls▁begin｜>"),
+            m("<｜tool▁calls▁end｜>"),
+            lambda n, a: f"{m(begin)} {_q(n)} {m(sep)} {a} {m(end)}",
+            chosen,
+            arguments,
+        )
+    elif name == "kimi_k2":
+        lines = _json_args_format(
+            m("<|tool_calls_section_begin|>"),
+            m("<|tool_calls_section_end|>"),
+            lambda n, a: (
+                f"{m('<|tool_call_begin|>')} {_q(f'functions.{n}:0')} "
+                f"{m('<|tool_call_argument_begin|>')} {a} {m('<|tool_call_end|>')}"
+            ),
+            chosen,
+            arguments,
+        )
+    elif name == "functionary31":
+        lines = _json_args_format(
+            m("<function="), m("</function>"), lambda n, a: f"{_q(n + '>')} {a}", chosen, arguments
+        )
+    elif name == "qwen3_coder":
+        lines = _xml_format(
+            m("<tool_call>"),
+            m("</tool_call>"),
+            lambda n: _q(f"\n<function={n}>\n"),
+            _q("</function>\n"),
+            lambda key, value, s: _q("<parameter=" + key + ">\n") + f" {value} " + _q("\n</parameter>\n"),
+            chosen,
+            arguments,
+        )
+        lines[0] = f"start: {m('<tool_call>')} call {m('</tool_call>')}"
+    elif name == "glm47":
+        lines = _xml_format(
+            m("<tool_call>"),
+            m("</tool_call>"),
+            lambda n: _q(n),
+            "",
+            lambda key, value, s: (
+                f"{m('<arg_key>')} {_q(key)} {m('</arg_key>')} {m('<arg_value>')} {value} {m('</arg_value>')}"
+            ),
+            chosen,
+            arguments,
+        )
+    elif name == "minimax_m2":
+        lines = _xml_format(
+            m("<minimax:tool_call>"),
+            m("</minimax:tool_call>"),
+            lambda n: _q(f'\n<invoke name="{n}">\n'),
+            _q("</invoke>\n"),
+            lambda key, value, s: _q('<parameter name="' + key + '">') + f" {value} " + _q("</parameter>\n"),
+            chosen,
+            arguments,
+        )
+    elif name == "dsml":
+        d = "｜DSML｜"
+        lines = _xml_format(
+            m(f"<{d}function_calls>"),
+            m(f"</{d}function_calls>"),
+            lambda n: _q(f'\n<{d}invoke name="{n}">\n'),
+            _q(f"</{d}invoke>\n"),
+            lambda key, value, s: (
+                _q(f'<{d}parameter name="{key}" string="{str(s).lower()}">')
+                + f" {value} "
+                + _q(f"</{d}parameter>")
+                + ' "\\n"'
+            ),
+            chosen,
+            arguments,
+        )
+    elif name == "gemma4":
+        quote = m('<|"|>')
+        lines = _xml_format(
+            m("<|tool_call>"),
+            m("<tool_call|>"),
+            lambda n: _q(f"call:{n}{{"),
+            _q("}"),
+            lambda key, value, s: f"{_q(key + ':')} {f'{quote} {value} {quote}' if s else value}",
+            chosen,
+            arguments,
+            separator='","',
+        )
+    else:
+        raise ValueError(f"no forcing grammar for the tool-call format {name!r}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["format_lark"]

@@ -1,0 +1,215 @@
+"""The native tool-call formats: which one a chat template speaks, its markers, and how its call text parses.
+
+`detect_format(template)` names the format from markers the template writes (the facts mlx-lm's
+`_infer_tool_parser` and the models' own docs record), plus formats mlx-lm has no parser for: Llama 3.x
+JSON (`{"name": ..., "parameters": ...}`, bare or after `<|python_tag|>`), DeepSeek-V3.1
+(`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), DeepSeek-V3.2 DSML and
+Functionary v3.1 (`<function=NAME>{args}</function>`). `FORMATS` holds each format's markers and parse
+function; a parse function gets the text between the start and end markers and returns one call
+`{"name", "arguments"}` or a list of them, raising ValueError (or KeyError, TypeError, SyntaxError) when
+the text is not a call. An empty `end` means the call runs to the next start marker or the end of the
+generation (Mistral); an empty `start` means a call is the whole message (Llama 3.x).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Call = dict[str, Any]
+Parse = Callable[[str, Any], "Call | list[Call]"]
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str
+    start: str
+    end: str
+    parse: Parse
+    leads: tuple[str, ...] = ()  # for start == "": what a whole-message call begins with
+
+
+def _json_value(text: str) -> Any:
+    return json.loads(text.strip())
+
+
+def _named(name: Any, arguments: Any) -> Call:
+    if not isinstance(name, str) or not name:
+        raise ValueError("a tool call needs a name")
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments) if arguments.strip() else {}
+    if not isinstance(arguments, dict):
+        raise ValueError("a tool call's arguments are an object")
+    return {"name": name, "arguments": arguments}
+
+
+def parse_hermes(text: str, tools: Any = None) -> Call:
+    """`{"name": ..., "arguments": {...}}` (Hermes, Qwen2.5/Qwen3/QwQ, SmolLM3 fallback)."""
+    value = _json_value(text)
+    if not isinstance(value, dict):
+        raise ValueError("a tool call is a JSON object")
+    return _named(value.get("name"), value.get("arguments", {}))
+
+
+def _json_objects(text: str) -> list[Any]:
+    """Consecutive JSON values separated by whitespace, `;` or `,`."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n;,":
+            at += 1
+        if at >= len(text):
+            return values
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+
+
+def parse_llama3(text: str, tools: Any = None) -> list[Call]:
+    """Llama 3.1/3.2/3.3: `{"name": ..., "parameters": {...}}` (one or more), maybe after `<|python_tag|>`."""
+    text = text.strip().removeprefix("<|python_tag|>")
+    values = _json_objects(text)
+    if not values:
+        raise ValueError("no call")
+    calls = []
+    for value in values:
+        if not isinstance(value, dict):
+            raise ValueError("a tool call is a JSON object")
+        calls.append(_named(value.get("name"), value.get("parameters", value.get("arguments", {}))))
+    return calls
+
+
+_MISTRAL_HEADER = re.compile(r"\s*([\w.-]+)\s*(?:\[CALL_ID\]\s*[\w-]*\s*)?\[ARGS\]\s*")
+
+
+def parse_mistral(text: str, tools: Any = None) -> list[Call]:
+    """After `[TOOL_CALLS]`: `NAME[ARGS]{...}` (Mistral Small 3.2 may put `[CALL_ID]id` before `[ARGS]`;
+    Devstral, Ministral), or a JSON list `[{"name", "arguments"}]` (older Mistral templates)."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        value = json.loads(stripped)
+        if not isinstance(value, list) or not value:
+            raise ValueError("no call")
+        return [_named(v.get("name"), v.get("arguments", {})) for v in value]
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(text) and text[at:].strip():
+        match = _MISTRAL_HEADER.match(text, at)
+        if match is None:
+            raise ValueError("not a Mistral call")
+        arguments, at = decoder.raw_decode(text, match.end())
+        calls.append(_named(match.group(1), arguments))
+    if not calls:
+        raise ValueError("no call")
+    return calls
+
+
+DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL_BEGIN, DS_SEP, DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+
+
+def parse_deepseek_v31(text: str, tools: Any = None) -> list[Call]:
+    """DeepSeek-V3.1: `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`, repeated."""
+    calls = []
+    for piece in text.split(DS_CALL_BEGIN)[1:]:
+        body = piece.split(DS_CALL_END, 1)[0]
+        name, sep, arguments = body.partition(DS_SEP)
+        if not sep:
+            raise ValueError("no separator")
+        calls.append(_named(name.strip(), json.loads(arguments)))
+    if not calls:
+        raise ValueError("no call")
+    return calls
+
+
+DSML = "｜DSML｜"
+_DSML_INVOKE = re.compile(rf'<{DSML}invoke name="([^"]+)">(.*?)</{DSML}invoke>', re.DOTALL)
+_DSML_PARAM = re.compile(rf'<{DSML}parameter name="([^"]+)" string="(true|false)">(.*?)</{DSML}parameter>', re.DOTALL)
+
+
+def parse_dsml(text: str, tools: Any = None) -> list[Call]:
+    """DeepSeek-V3.2: `<｜DSML｜invoke name="N"><｜DSML｜parameter name="K" string="true|false">V</...>`."""
+    calls = []
+    for name, body in _DSML_INVOKE.findall(text):
+        arguments = {
+            key: value if is_string == "true" else json.loads(value)
+            for key, is_string, value in _DSML_PARAM.findall(body)
+        }
+        calls.append(_named(name, arguments))
+    if not calls:
+        raise ValueError("no call")
+    return calls
+
+
+def parse_functionary31(text: str, tools: Any = None) -> Call:
+    """Functionary v3.1: between `<function=` and `</function>`: `NAME>{args}`."""
+    name, sep, arguments = text.partition(">")
+    if not sep:
+        raise ValueError("no name")
+    return _named(name.strip(), json.loads(arguments) if arguments.strip() else {})
+
+
+def _mlx_lm_parser(module: str) -> Parse:
+    """mlx-lm's parser for a format it ships (its output normalized to our call shape)."""
+
+    def parse(text: str, tools: Any = None) -> Call | list[Call]:
+        import importlib
+
+        value = importlib.import_module(f"mlx_lm.tool_parsers.{module}").parse_tool_call(text, tools)
+        values = value if isinstance(value, list) else [value]
+        return [_named(v.get("name"), v.get("arguments", {})) for v in values]
+
+    return parse
+
+
+FORMATS: dict[str, FormatSpec] = {
+    spec.name: spec
+    for spec in (
+        FormatSpec("hermes", "<tool_call>", "</tool_call>", parse_hermes),
+        FormatSpec("qwen3_coder", "<tool_call>", "</tool_call>", _mlx_lm_parser("qwen3_coder")),
+        FormatSpec("glm47", "<tool_call>", "</tool_call>", _mlx_lm_parser("glm47")),
+        FormatSpec("mistral", "[TOOL_CALLS]", "", parse_mistral),
+        FormatSpec("llama3", "", "", parse_llama3, leads=("{", "<|python_tag|>")),
+        FormatSpec("deepseek_v31", DS_CALLS_BEGIN, DS_CALLS_END, parse_deepseek_v31),
+        FormatSpec("dsml", f"<{DSML}function_calls>", f"</{DSML}function_calls>", parse_dsml),
+        FormatSpec("functionary31", "<function=", "</function>", parse_functionary31),
+        FormatSpec("kimi_k2", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", _mlx_lm_parser("kimi_k2")),
+        FormatSpec("minimax_m2", "<minimax:tool_call>", "</minimax:tool_call>", _mlx_lm_parser("minimax_m2")),
+        FormatSpec("gemma4", "<|tool_call>", "<tool_call|>", _mlx_lm_parser("gemma4")),
+    )
+}
+
+
+_EXAMPLES = {
+    "hermes": '<tool_call>{"name": "<function name>", "arguments": {<arguments as JSON>}}</tool_call>',
+    "deepseek_v31": f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}<function name>{DS_SEP}{{<arguments as JSON>}}{DS_CALL_END}{DS_CALLS_END}",
+}
+
+
+def call_example(name: str) -> str:
+    """How a call is written in format `name`, for tool instructions in a system message."""
+    return _EXAMPLES.get(name, _EXAMPLES["hermes"])
+
+
+def detect_format(template: str) -> str | None:
+    """The native format a chat template writes its assistant tool calls in, or None."""
+    checks: tuple[tuple[str, Callable[[str], bool]], ...] = (
+        ("minimax_m2", lambda t: "<minimax:tool_call>" in t),
+        ("gemma4", lambda t: "<|tool_call>" in t and "<tool_call|>" in t),
+        ("dsml", lambda t: DSML in t),
+        ("glm47", lambda t: "<arg_key>" in t),
+        ("qwen3_coder", lambda t: "<tool_call>\\n<function=" in t or "<tool_call>\n<function=" in t),
+        ("kimi_k2", lambda t: "<|tool_calls_section_begin|>" in t),
+        ("mistral", lambda t: "[TOOL_CALLS]" in t),
+        ("deepseek_v31", lambda t: f"{DS_CALL_BEGIN}'+ tool['function']['name']" in t.replace("' + tool", "'+ tool")),
+        ("functionary31", lambda t: "<function=" in t and "<|python_tag|>" in t),
+        ("hermes", lambda t: "<tool_call>" in t and "tool_call" in t.replace("<tool_call>", "")),
+        ("llama3", lambda t: '"parameters": dictionary of argument name' in t),
+    )
+    for name, matches in checks:
+        if matches(template):
+            return name
+    return None
+
+
+__all__ = ["FORMATS", "FormatSpec", "call_example", "detect_format"]
