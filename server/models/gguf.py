@@ -145,7 +145,7 @@ def _check_tensor_types(path: Path) -> dict[str, int]:
 def _hf_name(gguf_name: str) -> str:
     match = _TENSOR_RE.match(gguf_name)
     base = match and (_BLOCK_NAMES if match[1] is not None else _GLOBAL_NAMES).get(match[2])
-    if not base:
+    if match is None or not base:
         raise GGUFConversionError(f"unsupported GGUF tensor {gguf_name!r}")
     prefix = f"model.layers.{match[1]}." if match[1] is not None else ""
     return f"{prefix}{base}.{match[3]}"

@@ -306,7 +306,8 @@ async def stream(plan: ChatPlan) -> AsyncIterator[dict[str, str]]:
         async for event in timed(plan.timer, plan.engine.stream(plan.request)):
             i = event.index
             entry = builder.entry(event) if builder is not None else None
-            text, calls = event.text, []
+            text = event.text
+            calls: list[ParsedCall] = []
             parser = parsers[i]
             if parser is not None:
                 text, calls = parser.feed(event.text)

@@ -157,6 +157,7 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
                 total_tokens=event.prompt_tokens + event.completion_tokens,
                 input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens),
             )
+            # not None here (`final`), which mypy does not follow through the flag
             for step in output.close(event.finish_reason):  # type: ignore[arg-type]
                 yield step
 
@@ -197,6 +198,7 @@ async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncIterator[dict
 
     def sse(event: StreamEvent) -> dict[str, str]:
         event.sequence_number = next(numbers)
+        # msgspec types a tag as str | int | None; every StreamEvent's tag is its type string
         return {"event": type(event).__struct_config__.tag, "data": encode(event).decode()}  # type: ignore[dict-item]
 
     yield sse(ResponseCreated(response=plan.response))

@@ -133,7 +133,8 @@ class ToolCallParser:
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         """Consume text; return the content that is safe to show and any calls completed."""
         self._buffer += text
-        content, calls = "", []
+        content = ""
+        calls: list[ParsedCall] = []
         while True:
             if not self._in_call:
                 at = self._buffer.find(self.fmt.start)
