@@ -37,6 +37,7 @@ test: test-deps
 lint: test-deps
 	$(BIN)/ruff check server tests bench compat examples
 	$(BIN)/ruff format --check server tests bench compat examples
+	$(BIN)/mypy server
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -25,6 +25,7 @@ from server.shutdown import GracefulShutdown
 
 if TYPE_CHECKING:
     from hypercorn.config import Config
+    from starlette.datastructures import State
 
 log = logging.getLogger("mlx_dropin")
 
@@ -57,9 +58,9 @@ def format_model_table(models: Sequence[ServedModel]) -> str:
 
 
 def _announce_when_ready(
-    app_state: object, settings: Settings, stop: asyncio.Event, loop: asyncio.AbstractEventLoop, failed: list[str]
+    app_state: State, settings: Settings, stop: asyncio.Event, loop: asyncio.AbstractEventLoop, failed: list[str]
 ) -> None:
-    registry = app_state.registry  # type: ignore[attr-defined]
+    registry = app_state.registry
     while not registry.wait_ready(0.5):
         if registry.failure:
             failed.append(registry.failure)
@@ -132,6 +133,8 @@ def serve(settings: Settings) -> int:
             target=_announce_when_ready, args=(app.state, settings, stop, loop, failed), daemon=True
         )
         watcher.start()
+        # a Starlette app is an ASGI app, but starlette types a scope as a MutableMapping and hypercorn as
+        # TypedDicts, which mypy does not treat as MutableMappings
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         return failed
 

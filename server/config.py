@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from server.engine import EngineConfig, SchedulerConfig
 from server.models.cache import default_cache_root
@@ -158,8 +159,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
 _DEFAULTS = Settings()
 
 
-def _optional_int(value: object) -> int | None:
-    return None if value is None else int(value)  # type: ignore[call-overload]
+def _optional_int(value: int | str | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -312,7 +313,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
 
-    def pick(name: str, flag_value: object, convert: type = str) -> object:
+    # argparse's values and Settings' defaults are untyped (Any) here; each caller converts what it picks
+    def pick(name: str, flag_value: Any, convert: Callable[[str], Any] = str) -> Any:
         if flag_value is not None:
             return flag_value
         raw = _env(env, name.upper())
@@ -335,45 +337,45 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     cors = args.cors_origin if args.cors_origin is not None else _env_list(env, "CORS_ORIGINS")
     keys_file = pick("api_keys_file", args.api_keys_file)
 
-    def optional(name: str, convert: type) -> object:
+    def optional(name: str, convert: Callable[[Any], Any]) -> Any:
         value = pick(name, getattr(args, name), convert)
-        return None if value is None else convert(value)  # type: ignore[call-arg]
+        return None if value is None else convert(value)
 
     cache_dir = pick("cache_dir", args.cache_dir)
     data_dir = pick("data_dir", args.data_dir)
     return Settings(
         host=str(pick("host", args.host)),
-        port=int(pick("port", args.port, int)),  # type: ignore[arg-type]
+        port=int(pick("port", args.port, int)),
         models=tuple(ModelSpec.parse(text) for text in model_texts),
         default_models=not no_defaults,
         api_keys=tuple(api_keys),
         cache_dir=Path(os.path.expanduser(str(cache_dir))),
         data_dir=Path(os.path.expanduser(str(data_dir))),
         dtype=str(pick("dtype", args.dtype)),
-        max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),  # type: ignore[arg-type]
-        max_file_mb=float(pick("max_file_mb", args.max_file_mb, float)),  # type: ignore[arg-type]
-        max_storage_gb_per_tenant=optional("max_storage_gb_per_tenant", float),  # type: ignore[arg-type]
+        max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),
+        max_file_mb=float(pick("max_file_mb", args.max_file_mb, float)),
+        max_storage_gb_per_tenant=optional("max_storage_gb_per_tenant", float),
         log_level=str(pick("log_level", args.log_level)),
         offline=offline,
-        kv_cache_gb=float(pick("kv_cache_gb", args.kv_cache_gb, float)),  # type: ignore[arg-type]
-        block_size=int(pick("block_size", args.block_size, int)),  # type: ignore[arg-type]
-        max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),  # type: ignore[arg-type]
+        kv_cache_gb=float(pick("kv_cache_gb", args.kv_cache_gb, float)),
+        block_size=int(pick("block_size", args.block_size, int)),
+        max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),
         prefill_chunk=_optional_int(pick("prefill_chunk", args.prefill_chunk, int)),
         decoding_prefill_chunk=_optional_int(pick("decoding_prefill_chunk", args.decoding_prefill_chunk, int)),
         exact_cpu_layers=exact_cpu_layers,
-        queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),  # type: ignore[arg-type]
-        sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),  # type: ignore[arg-type]
-        max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),  # type: ignore[arg-type]
-        max_loaded_adapters=int(pick("max_loaded_adapters", args.max_loaded_adapters, int)),  # type: ignore[arg-type]
-        adapter_kv_cache_gb=float(pick("adapter_kv_cache_gb", args.adapter_kv_cache_gb, float)),  # type: ignore[arg-type]
+        queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),
+        sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),
+        max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),
+        max_loaded_adapters=int(pick("max_loaded_adapters", args.max_loaded_adapters, int)),
+        adapter_kv_cache_gb=float(pick("adapter_kv_cache_gb", args.adapter_kv_cache_gb, float)),
         api_keys_file=Path(os.path.expanduser(str(keys_file))) if keys_file is not None else None,
-        rate_limit_rpm=optional("rate_limit_rpm", int),  # type: ignore[arg-type]
-        rate_limit_tpm=optional("rate_limit_tpm", int),  # type: ignore[arg-type]
-        max_concurrent_per_key=optional("max_concurrent_per_key", int),  # type: ignore[arg-type]
-        request_timeout=optional("request_timeout", float),  # type: ignore[arg-type]
+        rate_limit_rpm=optional("rate_limit_rpm", int),
+        rate_limit_tpm=optional("rate_limit_tpm", int),
+        max_concurrent_per_key=optional("max_concurrent_per_key", int),
+        request_timeout=optional("request_timeout", float),
         cors_origins=tuple(cors),
-        shutdown_timeout=float(pick("shutdown_timeout", args.shutdown_timeout, float)),  # type: ignore[arg-type]
-        metrics_key=optional("metrics_key", str),  # type: ignore[arg-type]
+        shutdown_timeout=float(pick("shutdown_timeout", args.shutdown_timeout, float)),
+        metrics_key=optional("metrics_key", str),
     )
 
 

@@ -114,7 +114,15 @@ class ApiKey:
         return text.replace(self.id, self.log_id) if self.organization is None and self.log_id else text
 
     @classmethod
-    def of(cls, key: str, organization: str | None = None, **limits: int | None) -> ApiKey:
+    def of(
+        cls,
+        key: str,
+        organization: str | None = None,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> ApiKey:
         if not key or any(c.isspace() for c in key):
             raise ValueError("API keys must be non-empty and contain no whitespace")
         if organization is not None:
@@ -123,10 +131,10 @@ class ApiKey:
                     f"bad organization {organization!r}: use 1-64 letters, digits, '.', '_' or '-' "
                     f"(not 'public', not starting with 'key-')"
                 )
-        for name, value in limits.items():
+        for name, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrent", max_concurrent)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        return cls("key-" + _digest(key).hex()[:16], organization, **limits)
+        return cls("key-" + _digest(key).hex()[:16], organization, rpm, tpm, max_concurrent)
 
 
 ANONYMOUS = ApiKey(PUBLIC_TENANT, log_id=PUBLIC_TENANT)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -106,10 +106,10 @@ class TokenTimer:
     def __init__(self, metrics: Metrics, model: str, started: float) -> None:
         self.metrics, self.model, self.started = metrics, model, started
 
-    async def watch(self, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
-        ttft, itl, generated = (
-            m.labels(self.model) for m in (self.metrics.ttft, self.metrics.itl, self.metrics.generated)
-        )
+    async def watch(self, events: AsyncGenerator[TokenEvent, None]) -> AsyncIterator[TokenEvent]:
+        ttft = self.metrics.ttft.labels(self.model)
+        itl = self.metrics.itl.labels(self.model)
+        generated = self.metrics.generated.labels(self.model)
         last: dict[int, float] = {}
         async with contextlib.aclosing(events):  # closing this closes the engine's stream (its abort)
             async for event in events:
@@ -125,7 +125,7 @@ class TokenTimer:
                 yield event
 
 
-def timed(timer: TokenTimer | None, events: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+def timed(timer: TokenTimer | None, events: AsyncGenerator[TokenEvent, None]) -> AsyncIterator[TokenEvent]:
     """The engine's events, timed when the route gave the plan a timer."""
     return events if timer is None else timer.watch(events)
 

@@ -200,8 +200,8 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == METRICS_PATH and self._metrics_digest is not None:
-            presented = hashlib.sha256((presented_key(scope) or "").encode()).digest()
-            if not hmac.compare_digest(presented, self._metrics_digest):
+            digest = hashlib.sha256((presented_key(scope) or "").encode()).digest()
+            if not hmac.compare_digest(digest, self._metrics_digest):
                 await self._refuse(
                     scope,
                     receive,

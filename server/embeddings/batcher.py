@@ -119,7 +119,8 @@ class EmbeddingBatcher:
                 self.batches += 1
                 self.inputs += len(chunk)
                 for (job, i), vector in zip(chunk, vectors):
-                    job.result[i] = vector  # type: ignore[index]
+                    assert job.result is not None, "_admit gave every active job its result array"
+                    job.result[i] = vector
             for job in [j for j in active if j.failed or not j.todo]:
                 active.remove(job)
                 if not job.failed:
@@ -134,4 +135,5 @@ def _settle(future: asyncio.Future[np.ndarray], value: np.ndarray | None, exc: E
     if exc is not None:
         future.set_exception(exc)
     else:
-        future.set_result(value)  # type: ignore[arg-type]
+        assert value is not None, "a job settles with its result or an exception"
+        future.set_result(value)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -159,7 +159,7 @@ class _Intermediate(nn.Module):
         self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
         if c.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {c.hidden_act!r}")
-        self.act = _ACTIVATIONS[c.hidden_act]
+        self.act: cpu_kernels.Kernel = _ACTIVATIONS[c.hidden_act]
         if self.act is nn.gelu and mx.default_device() == mx.cpu:
             self.act = cpu_kernels.gelu()
 
@@ -198,7 +198,7 @@ class EncoderModel(nn.Module):
     def layers(self) -> list[_Layer]:
         """The transformer blocks, under the name mlx-lm's LoRA helpers (linear_to_lora_layers,
         load_adapters) look for, so fine-tuned adapters apply to encoders as to chat models."""
-        return self.encoder.layer  # type: ignore[no-any-return]
+        return self.encoder.layer
 
     def position_ids(self, mask: mx.array) -> mx.array:
         """Position ids for right-padded rows; RoBERTa starts real tokens at padding_idx+1
@@ -354,7 +354,8 @@ class Encoder:
                     raise ValueError(f"{path}: unsupported sentence-transformers module {kind!r}")
         config = EncoderConfig.from_dict(json.loads((path / "config.json").read_text()))
         model = EncoderModel(config)
-        model.load_hf_weights(mx.load(str(path / "model.safetensors")))
+        # a .safetensors file loads as a dict of arrays (mx.load is typed for every format it reads)
+        model.load_hf_weights(cast(dict[str, mx.array], mx.load(str(path / "model.safetensors"))))
         model.set_dtype(dtype)
         model.eval()
         mx.eval(model.parameters())

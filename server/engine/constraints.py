@@ -23,10 +23,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
 import numpy as np
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # defined only in llguidance's stubs
 
 GrammarKind = Literal["json_object", "json_schema", "lark", "regex"]
 _KINDS = ("json_object", "json_schema", "lark", "regex")
@@ -147,10 +150,12 @@ def _grammar_json(spec: GrammarSpec) -> str:
 
     if spec.kind in ("json_object", "json_schema"):
         schema = spec.schema_json if spec.kind == "json_schema" else '{"type":"object"}'
-        options: dict[str, Any] = {"whitespace_pattern": JSON_WHITESPACE}
+        options: JsonCompileOptions = {"whitespace_pattern": JSON_WHITESPACE}
         if not spec.strict:
             options["lenient"] = True
+        assert schema is not None, "GrammarSpec sets schema_json for a json_schema grammar"
         return LLMatcher.grammar_from_json_schema(schema, defaults=options)
+    assert spec.text is not None, "GrammarSpec requires text for a lark or regex grammar"
     if spec.kind == "lark":
         return LLMatcher.grammar_from_lark(spec.text)
     return LLMatcher.grammar_from_regex(spec.text)

@@ -116,8 +116,8 @@ class DecodeRows:
         """
         wanted = {_key(s) for s in seqs}
         for key in [k for k in self.row_of if k not in wanted]:
-            row = self.row_of.pop(key)
-            self.length[row] = self.pooled[row] = 0
+            freed = self.row_of.pop(key)
+            self.length[freed] = self.pooled[freed] = 0
         self._compact(len(seqs))
         used = set(self.row_of.values())
         free = (r for r in range(len(self.length) + len(seqs)) if r not in used)
@@ -208,9 +208,9 @@ class DecodeRows:
         by_heads: dict[int, tuple[mx.array, mx.array]] = {}  # (row*heads + head, column) per (token, head)
         for layer, heads in enumerate(self.shape.kv_heads):
             if heads not in by_heads:
-                flat_rows = (row_of_token[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
+                host_rows = (row_of_token[:, None] * heads + np.arange(heads)[None, :]).reshape(-1)
                 by_heads[heads] = (
-                    mx.array(flat_rows.astype(np.int32)),
+                    mx.array(host_rows.astype(np.int32)),
                     mx.array(np.repeat(column_of_token, heads).astype(np.int32)),
                 )
             flat_rows, flat_columns = by_heads[heads]
@@ -228,7 +228,8 @@ class DecodeRows:
         offsets = [self.length[r] if order[r] >= 0 else 0 for r in range(width)]
         previous, self._previous_step = self._previous_step, None
         following = previous is not None and previous.follows(offsets)
-        step = _DecodeStep(offsets, previous.device_offsets + 1 if following else None, self._row_indices)
+        device_offsets = previous.device_offsets + 1 if previous is not None and following else None
+        step = _DecodeStep(offsets, device_offsets, self._row_indices)
         if -1 not in order:
             self._previous_step = step
         for r in rows:

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,11 +182,15 @@ class Engine:
         """Cancel every request (a graceful shutdown's deadline); each sequence ends with finish_reason "abort"."""
         self._inbox.put(_AbortAll())
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Submit and yield events until every sequence of the request finished; abort on exit."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+        def sink(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        self.submit(request, sink)
         remaining = request.params.n
         try:
             while remaining:

@@ -224,8 +224,8 @@ class KVCacheManager:
         full = self.pool.match(prefix_hashes(token_ids[:cap], bs, salt))
         hit = PrefixHit(block_ids=list(full), num_tokens=len(full) * bs)
         entry = self.conversations.get(conversation_key) if conversation_key else None
-        if entry is not None:
-            self.conversations.move_to_end(conversation_key)  # type: ignore[arg-type]
+        if entry is not None and conversation_key is not None:  # an entry is found only by a key
+            self.conversations.move_to_end(conversation_key)
             shared = min(common_prefix_length(entry.token_ids, token_ids), cap)
             if shared > hit.num_tokens:
                 n_full = shared // bs

@@ -18,6 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from server.engine import host
 from server.engine.block_gather import compile_kernels
 from server.engine.decode_rows import DecodeRows
 from server.engine.paged_cache import KVStore, StepLayout, step_caches
@@ -85,10 +86,13 @@ class ModelRunner:
         chosen = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
         top = mx.argsort(-logprobs, axis=-1)[:, :alternatives] if alternatives else None
         top_values = mx.take_along_axis(logprobs, top, axis=-1) if top is not None else None
-        self._sync_pools(chosen, *([top, top_values] if top is not None else []))
-        ids = top.tolist() if top is not None else [[] for _ in range(num_tokens)]
-        values = top_values.tolist() if top_values is not None else [[] for _ in range(num_tokens)]
-        return [(t, lp, list(zip(i, v))) for t, lp, i, v in zip(targets.tolist(), chosen.tolist(), ids, values)]
+        if top is not None and top_values is not None:
+            self._sync_pools(chosen, top, top_values)
+            ids, values = host.int_rows(top), host.float_rows(top_values)
+        else:
+            self._sync_pools(chosen)
+            ids, values = [[] for _ in range(num_tokens)], [[] for _ in range(num_tokens)]
+        return [(t, lp, list(zip(i, v))) for t, lp, i, v in zip(host.ints(targets), host.floats(chosen), ids, values)]
 
     def prefill_rows(self, chunks: Seq[tuple[Sequence, int]]) -> None:
         """Compute KV for several sequences' next chunks (none asking for prompt logprobs), batched.

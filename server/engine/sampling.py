@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
+from server.engine import host
 from server.engine.constraints import GrammarSpec, apply_bitmask, fill_masks
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class SequenceSampler:
         self.params = params
         self.constraint = constraint
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self._key: list[int] = mx.random.key(seed % 2**64).tolist()  # two uint32 words, host side
+        self._key: list[int] = host.ints(mx.random.key(seed % 2**64))  # two uint32 words, host side
         self.counts: dict[int, int] = {}
         self.num_generated = 0
         self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias))
@@ -204,16 +205,20 @@ def apply_processors(x: mx.array, samplers: Sequence[SequenceSampler], rows: Seq
         s = samplers[row]
         p = s.params
         if len(s._bias_ids):
-            bias_r.append(np.full(len(s._bias_ids), row)), bias_t.append(s._bias_ids), bias_v.append(s._bias_vals)
+            bias_r.append(np.full(len(s._bias_ids), row))
+            bias_t.append(s._bias_ids)
+            bias_v.append(s._bias_vals)
         if p.repetition_penalty != 1.0:
             ids = s._repetition_ids()
             if len(ids):
-                rep_r.append(np.full(len(ids), row)), rep_t.append(ids)
+                rep_r.append(np.full(len(ids), row))
+                rep_t.append(ids)
                 rep_p.append(np.full(len(ids), p.repetition_penalty, dtype=np.float32))
         if (p.frequency_penalty or p.presence_penalty) and s.counts:
             ids = np.fromiter(s.counts.keys(), dtype=np.int64, count=len(s.counts))
             counts = np.fromiter(s.counts.values(), dtype=np.float32, count=len(s.counts))
-            pen_r.append(np.full(len(ids), row)), pen_t.append(ids)
+            pen_r.append(np.full(len(ids), row))
+            pen_t.append(ids)
             pen_v.append(-(counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty)))
     if bias_r:
         x = x.at[mx.array(np.concatenate(bias_r)), mx.array(np.concatenate(bias_t))].add(
@@ -267,7 +272,7 @@ def _filter_thresholds(xs: mx.array, samplers: list[SequenceSampler]) -> mx.arra
         keep = _nucleus(masked, log_norm, p_arr)
         t = mx.maximum(t, mx.where(p_arr >= 1.0, _NEG_INF, mx.take_along_axis(sorted_desc, keep - 1, axis=-1)))
         if partial:
-            keep_list = keep[:, 0].tolist()
+            keep_list = host.ints(keep[:, 0])
             short = mx.array([j for j in partial if keep_list[j] >= width])
             if short.size:
                 full = _sorted_desc(sub[short], vocab)
@@ -325,7 +330,7 @@ def sample_batch(logits: mx.array, samplers: Sequence[SequenceSampler]) -> list[
     want_lp = [i for i, s in enumerate(samplers) if s.params.logprobs]
     constrained = [(i, s.constraint) for i, s in enumerate(samplers) if s.constraint is not None]
     if not want_lp and not constrained and all(s.argmax and not s.has_processors for s in samplers):
-        return [TokenSample(t, None, None) for t in mx.argmax(_as_float32(logits), axis=-1).tolist()]
+        return [TokenSample(t, None, None) for t in host.ints(mx.argmax(_as_float32(logits), axis=-1))]
 
     raw = _as_float32(logits)
     proc_rows = [i for i, s in enumerate(samplers) if s.has_processors]
@@ -365,15 +370,15 @@ def sample_batch(logits: mx.array, samplers: Sequence[SequenceSampler]) -> list[
     mx.eval(*outputs)
 
     if new_keys is not None:
-        for i, key in zip(sampled_rows, new_keys.tolist()):
+        for i, key in zip(sampled_rows, host.int_rows(new_keys)):
             samplers[i]._key = key
-    tokens_list = all_tokens.tolist()
+    tokens_list = host.ints(all_tokens)
     logprob: dict[int, float] = {}
     tops: dict[int, list[tuple[int, float]]] = {}
     if want_lp:
-        chosen_lp = outputs[1].tolist()
-        ids = outputs[2].tolist() if k_max else None
-        vals = outputs[3].tolist() if k_max else None
+        chosen_lp = host.floats(outputs[1])
+        ids = host.int_rows(outputs[2]) if k_max else None
+        vals = host.float_rows(outputs[3]) if k_max else None
         for j, row in enumerate(want_lp):
             logprob[row] = chosen_lp[j]
             k = samplers[row].params.top_logprobs

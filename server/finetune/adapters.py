@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -100,7 +100,16 @@ def apply_adapter(model: nn.Module, directory: Path) -> nn.Module:
     return model
 
 
-def rebuild_sharing_weights(base: nn.Module, construct: Callable[[], nn.Module]) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _names(tree: Any) -> set[str]:
+    """The dotted names of a parameter tree's leaves."""
+    # tree_flatten returns a list of (name, leaf) pairs unless given a dict `destination`, which it fills instead
+    return {k for k, _ in cast(list[tuple[str, Any]], tree_flatten(tree))}
+
+
+def rebuild_sharing_weights(base: nn.Module, construct: Callable[[], M]) -> M:
     """A fresh module tree (`construct()` builds the same architecture, unevaluated) holding base's
     arrays: quantized layers are matched first, then every parameter is the base's own object."""
     fresh = construct()
@@ -115,7 +124,7 @@ def rebuild_sharing_weights(base: nn.Module, construct: Callable[[], nn.Module])
 
         nn.quantize(fresh, class_predicate=predicate)
     base_params = base.parameters()
-    missing = {k for k, _ in tree_flatten(fresh.parameters())} - {k for k, _ in tree_flatten(base_params)}
+    missing = _names(fresh.parameters()) - _names(base_params)
     if missing:
         raise ValueError(f"the rebuilt model has parameters the base lacks: {sorted(missing)[:3]}")
     fresh.update(base_params)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from server.engine import host
 from server.finetune.adapters import LoraSettings, add_lora, apply_adapter, rebuild_sharing_weights, save_adapter
 from server.finetune.chat_tokens import TokenizedExample
 from server.finetune.examples import load_chat_examples
@@ -128,7 +129,7 @@ class ChatRun:
         total = count = 0.0
         for start in range(0, len(self.valid), VALID_BATCH):
             inputs, targets, rows = pad_batch(self.valid[start : start + VALID_BATCH], self.pad_id)
-            total += self.loss(inputs, targets, rows).item()
+            total += host.float_item(self.loss(inputs, targets, rows))
             count += rows.size
         return total / max(count, 1)
 
@@ -159,5 +160,7 @@ def load_chat_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
 def chat_model_with_adapter(base_model: nn.Module, adapter_dir: Path) -> nn.Module:
     """A second model with the adapter that shares every base weight array with base_model
     (base_model itself is left unchanged)."""
-    fresh = rebuild_sharing_weights(base_model, lambda: type(base_model)(base_model.args))
+    # an mlx-lm model class takes its ModelArgs, which nn.Module's own signature does not say
+    model_class = cast(Callable[[Any], nn.Module], type(base_model))
+    fresh = rebuild_sharing_weights(base_model, lambda: model_class(base_model.args))
     return apply_adapter(fresh, adapter_dir)

@@ -28,6 +28,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from server.embeddings.encoder import Encoder, EncoderModel, right_pad
+from server.engine import host
 from server.finetune.adapters import LoraSettings, add_lora, apply_adapter, rebuild_sharing_weights, save_adapter
 from server.finetune.examples import EmbeddingExample, load_embedding_examples
 from server.finetune.loop import run_training
@@ -83,7 +84,7 @@ class EmbeddingRun:
         if not self.valid:
             return None
         losses = [
-            self.loss(self.valid[i : i + self.batch_size]).item() * len(self.valid[i : i + self.batch_size])
+            host.float_item(self.loss(self.valid[i : i + self.batch_size])) * len(self.valid[i : i + self.batch_size])
             for i in range(0, len(self.valid), self.batch_size)
         ]
         return sum(losses) / len(self.valid)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.finetune.spec import TrainingKind
 from server.persistence.database import Database, Schema
 
 ACTIVE = ("validating_files", "queued", "running")
@@ -91,7 +92,7 @@ class Job:
     tenant: str
     created_at: int
     model: str
-    kind: str
+    kind: TrainingKind
     base_path: Path
     training_file: str
     validation_file: str | None

@@ -323,7 +323,10 @@ class FineTuning:
             # the trainers are imported here: they load mlx-lm (with transformers and torch, seconds)
             from server.finetune.embedding_trainer import encoder_with_adapter
 
-            start_model(served, self.settings, encoder=encoder_with_adapter(served.base.encoder, served.adapter_path))
+            base_encoder = served.base.loaded_encoder
+            if not isinstance(base_encoder, Encoder):  # job creation takes only a BERT-family base
+                raise RuntimeError(f"model {served.base.id!r} has no encoder that takes an adapter")
+            start_model(served, self.settings, encoder=encoder_with_adapter(base_encoder, served.adapter_path))
         else:
             from server.finetune.chat_trainer import chat_model_with_adapter
 

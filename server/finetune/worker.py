@@ -44,7 +44,7 @@ def spec_of(job: Job, store: JobStore) -> TrainingSpec:
     work = store.job_dir(job.id)
     return TrainingSpec(
         job_id=job.id,
-        kind=job.kind,  # type: ignore[arg-type]
+        kind=job.kind,
         base_path=job.base_path,
         train_file=work / "train.jsonl",
         validation_file=work / "validation.jsonl" if job.validation_file else None,

@@ -21,6 +21,7 @@ mlx-lm's code. On Metal and CUDA the built-in kernels are fast and nothing is sw
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -76,6 +77,18 @@ def _grouped(mask: mx.array, kv_heads: int, group: int) -> mx.array:
 class _CpuAttention:
     """`__call__` of mlx-lm's llama / qwen2 / qwen3 attention, with `attention` above."""
 
+    # set by the mlx-lm attention class this is mixed into (q_norm and k_norm by qwen3's only)
+    n_heads: int
+    n_kv_heads: int
+    scale: float
+    q_proj: Callable[[mx.array], mx.array]
+    k_proj: Callable[[mx.array], mx.array]
+    v_proj: Callable[[mx.array], mx.array]
+    o_proj: Callable[[mx.array], mx.array]
+    q_norm: Callable[[mx.array], mx.array]
+    k_norm: Callable[[mx.array], mx.array]
+    rope: Callable[..., mx.array]
+
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         batch, length, _ = x.shape
         queries = self.q_proj(x).reshape(batch, length, self.n_heads, -1)
@@ -94,6 +107,11 @@ class _CpuAttention:
 
 class _CpuSwiGLU:
     """`__call__` of mlx-lm's gated MLP (down(silu(gate(x)) * up(x))), with `silu_times` above."""
+
+    # set by the mlx-lm MLP class this is mixed into
+    gate_proj: Callable[[mx.array], mx.array]
+    up_proj: Callable[[mx.array], mx.array]
+    down_proj: Callable[[mx.array], mx.array]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(silu_times(self.gate_proj(x), self.up_proj(x)))

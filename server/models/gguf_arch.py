@@ -105,7 +105,7 @@ def hf_tensor_name(gguf_name: str, arch: Architecture) -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (GGUFConversionError if unknown)."""
     match = _TENSOR_RE.match(gguf_name)
     base = match and (arch.block_names if match[1] is not None else _GLOBAL_NAMES).get(match[2])
-    if not base:
+    if match is None or not base:
         raise GGUFConversionError(f"unsupported GGUF tensor {gguf_name!r}")
     prefix = f"model.layers.{match[1]}." if match[1] is not None else ""
     return f"{prefix}{base}.{match[3]}"

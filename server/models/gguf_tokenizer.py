@@ -161,7 +161,7 @@ def _post_processor(meta: dict[str, Any], tokens: list[str], kind: str) -> Any:
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     pair = single + " " + " ".join([f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
     ids = {t: tokens.index(t) for t in (bos, eos) if t is not None}
-    special = [(t, ids[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    special = [(t, ids[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t is not None]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 

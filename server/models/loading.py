@@ -107,7 +107,7 @@ def load_chat_model(path: Path, policy: str = "auto") -> tuple[Any, Any]:
     from mlx.utils import tree_map
     from mlx_lm.utils import dequantize_model, load
 
-    model, tokenizer = load(str(path))
+    model, tokenizer = load(str(path))[:2]  # (model, tokenizer, config) only with return_config=True
     dtype_name = weights_dtype(policy)
     if dtype_name is not None:
         dtype = getattr(mx, dtype_name)

@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,12 +175,5 @@ class FileStore:
         shutil.copyfile(self.path(stored.id), destination)
 
 
-def _stored(row: object) -> StoredFile:
-    return StoredFile(
-        row["id"],
-        row["tenant"],
-        row["filename"],
-        row["purpose"],  # type: ignore[index]
-        row["bytes"],
-        row["created_at"],
-    )  # type: ignore[index]
+def _stored(row: sqlite3.Row) -> StoredFile:
+    return StoredFile(row["id"], row["tenant"], row["filename"], row["purpose"], row["bytes"], row["created_at"])

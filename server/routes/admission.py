@@ -22,7 +22,7 @@ T = TypeVar("T")
 def admit_generation(request: Request, served: ServedModel, requests: Sequence[GenerationRequest]) -> TokenTimer:
     """Charge prompt + max_tokens and hold the sequences (or a 429); the timer for the plan's token metrics."""
     admit(request, *generation_cost(requests, served.running_engine.context_length))
-    return request.app.state.metrics.generation(served.id, getattr(request.state, "started", None))  # type: ignore[no-any-return]
+    return request.app.state.metrics.generation(served.id, getattr(request.state, "started", None))
 
 
 async def within_limits(request: Request, answer: Awaitable[T]) -> T:

@@ -27,13 +27,13 @@ from server.wire.completions import CompletionRequest
 
 
 def generation_endpoint(
-    body_type: type,
+    body_type: type[ChatCompletionRequest] | type[CompletionRequest],
     prepare: Callable[..., Any],
     complete: Callable[[Any], Awaitable[Any]],
     stream: Callable[[Any], AsyncIterator[dict[str, str]]],
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
-        body = await read_json(request, body_type)
+        body: ChatCompletionRequest | CompletionRequest = await read_json(request, body_type)
         registry: ModelRegistry = request.app.state.registry
         served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
         request.state.model = served.id

@@ -29,7 +29,7 @@ def _store(request: Request) -> ResponseStore:
     state = request.app.state
     if getattr(state, "response_store", None) is None:
         state.response_store = ResponseStore(state.database)
-    return state.response_store  # type: ignore[no-any-return]
+    return state.response_store
 
 
 def _not_found(response_id: str) -> NotFoundError:

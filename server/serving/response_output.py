@@ -202,6 +202,7 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
                 input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens),
                 output_tokens_details=OutputTokensDetails(reasoning_tokens=output.output.reasoning_tokens),
             )
+            # not None here (`final`), which mypy does not follow through the flag
             for step in output.close(event.finish_reason):  # type: ignore[arg-type]
                 yield step
 
@@ -242,6 +243,7 @@ async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncIterator[dict
 
     def sse(event: StreamEvent) -> dict[str, str]:
         event.sequence_number = next(numbers)
+        # msgspec types a tag as str | int | None; every StreamEvent's tag is its type string
         return {"event": type(event).__struct_config__.tag, "data": encode(event).decode()}  # type: ignore[dict-item]
 
     yield sse(ResponseCreated(response=plan.response))

@@ -198,7 +198,7 @@ def _conversation(items: list[Item], instructions: str | None) -> list[dict[str,
 
 # -- tools and formats ------------------------------------------------------------------------------
 def _tools(tools: list[FunctionTool] | None) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for i, tool in enumerate(tools or []):
         if tool.type != "function":
             raise InvalidRequestError(

@@ -56,7 +56,8 @@ def parse_hermes(text: str, tools: Any = None) -> Call:
 
 def _json_objects(text: str) -> list[Any]:
     """Consecutive JSON values separated by whitespace, `;` or `,`."""
-    decoder, values, at = json.JSONDecoder(), [], 0
+    decoder, at = json.JSONDecoder(), 0
+    values: list[Any] = []
     while True:
         while at < len(text) and text[at] in " \t\r\n;,":
             at += 1

@@ -167,7 +167,8 @@ class ToolCallParser:
         self._buffer += text
         if not self.fmt.start:
             return self._feed_whole(), []
-        content, calls = "", []
+        content = ""
+        calls: list[ParsedCall] = []
         while True:
             if not self._in_call:
                 at = self._buffer.find(self.fmt.start)
