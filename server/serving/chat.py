@@ -47,6 +47,7 @@ from server.wire.chat import (
 from server.wire.codec import encode
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's values
 
 
 def _text_of(message: ChatMessage, index: int) -> str | None:
@@ -98,6 +99,19 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_call_id"] = message.tool_call_id
         out.append(entry)
     return out
+
+
+def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """Template variables from request fields: `reasoning_effort` (gpt-oss's template reads it)."""
+    effort = body.reasoning_effort
+    if effort is None:
+        return None
+    if effort not in REASONING_EFFORTS:
+        raise InvalidRequestError(
+            f"Invalid 'reasoning_effort' {effort!r}; expected one of {list(REASONING_EFFORTS)}.",
+            param="reasoning_effort",
+        )
+    return {"reasoning_effort": effort}
 
 
 @dataclass
@@ -158,6 +172,7 @@ def prepare(
         msgspec.to_builtins(body.response_format) if body.response_format is not None else None,
         request_id=f"chat-{uuid.uuid4().hex}",
         streamed=bool(body.stream),
+        template_kwargs=template_kwargs(body),
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,

@@ -16,10 +16,11 @@ from server import __version__
 from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError, ValidRequest
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from server.registry import ServedModel
+from server.serving.harmony import HARMONY_FORMAT, is_harmony
 from server.serving.params import build_params
 from server.serving.prompt import render_prompt
 from server.serving.scope import RequestScope
-from server.serving.tool_grammar import forcing_grammar
+from server.serving.tool_grammar import forcing_grammar, harmony_answer_grammar
 from server.serving.tools import ToolFormat, tool_format, with_tools
 
 SYSTEM_FINGERPRINT = f"fp_mlx_dropin_{__version__.replace('.', '_')}"
@@ -49,14 +50,21 @@ def _grammar(
     fmt: ToolFormat | None,
 ) -> GrammarSpec | None:
     """The decoding constraint: a forced tool call (formats whose calls are JSON), else the response_format."""
-    if mode == "required" and fmt is not None and fmt.json_calls:
+    if mode == "required" and fmt is not None and (fmt.json_calls or fmt == HARMONY_FORMAT):
         return forcing_grammar(tools, forced, fmt, served.tokenizer, served.running_engine.constraints)
     if response_format is None:
         return None
     try:
-        return GrammarSpec.from_response_format(response_format)
+        spec = GrammarSpec.from_response_format(response_format)
     except ValueError as exc:
         raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
+    if spec is None or not is_harmony(served.tokenizer):
+        return spec
+    try:  # the client's schema is checked on its own, so its errors never quote the harmony wrapping
+        served.running_engine.constraints.validate(spec)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="response_format") from None
+    return harmony_answer_grammar(spec, served.tokenizer)  # the answer after gpt-oss's analysis
 
 
 def build_request(
@@ -71,6 +79,7 @@ def build_request(
     *,
     request_id: str,
     streamed: bool = True,
+    template_kwargs: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> tuple[ValidRequest, ToolFormat | None]:
     """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
@@ -78,11 +87,14 @@ def build_request(
     Tools reach the prompt (natively or as a system message), a forced call or the response format
     becomes the grammar, and the KV is salted by tenant and model and keyed by the conversation.
     """
-    fmt = tool_format(served.tokenizer) if mode != "none" else None
+    harmony = is_harmony(served.tokenizer)  # gpt-oss: its markers are special tokens the output parser needs
+    fmt = (HARMONY_FORMAT if harmony else tool_format(served.tokenizer)) if mode != "none" else None
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced)
-    params = build_params(**sampling, grammar=_grammar(served, response_format, tools, mode, forced, fmt))
-    prompt = render_prompt(served.tokenizer, messages, tools if fmt is not None and fmt.native else None)
+    grammar = _grammar(served, response_format, tools, mode, forced, fmt)
+    params = build_params(**sampling, grammar=grammar, skip_special_tokens=False if harmony else None)
+    native_tools = tools if fmt is not None and fmt.native else None
+    prompt = render_prompt(served.tokenizer, messages, native_tools, template_kwargs)
     request = GenerationRequest(
         request_id=request_id,
         prompt_token_ids=prompt,

@@ -83,6 +83,11 @@ def output_parser(
     `max_calls`: 1 when the request set parallel_tool_calls false; `reasoning`: the model's think markers
     and whether the prompt left the output inside the think block (None: the model does not reason).
     """
+    from server.serving.harmony import HarmonyParser, is_harmony, special_texts  # harmony.py imports OutputDelta
+
+    if is_harmony(served.tokenizer):  # gpt-oss: channels, not think markers or tool-call markers
+        offered = tools is not None and tool_format is not None
+        return HarmonyParser(offered, max_calls, special_texts(served.tokenizer))
     splitter = ReasoningSplitter(reasoning) if reasoning is not None else None
     calls = ToolCallParser(tool_format, tools, max_calls) if tools is not None and tool_format is not None else None
     return ThinkThenAnswer(splitter, calls)

@@ -193,18 +193,29 @@ def encode_marked(tokenizer: Any, text: str, tokens: ControlTokens, open_: str, 
     return ids
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-    """Template messages (and tools, for templates that render them) -> prompt ids, request text kept as text."""
+def render_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Template messages (and tools, for templates that render them) -> prompt ids, request text kept as text.
+
+    `template_kwargs` are further template variables (gpt-oss's `reasoning_effort`)."""
+    extra = template_kwargs or {}
     tokens = control_tokens(tokenizer)
     marking = _needs_marking(tokens, messages, tools or None, _template_text(tokenizer))
     try:
         if marking is None:
-            return list(tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True))
+            return list(
+                tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **extra)
+            )
         text = tokenizer.apply_chat_template(
             marking.messages(messages),
             tools=_map_strings(tools, marking.wrap(marking.full)) if tools else None,
             add_generation_prompt=True,
             tokenize=False,
+            **extra,
         )
     except TemplateError as exc:
         raise InvalidRequestError(

@@ -111,6 +111,7 @@ class ChatCompletionRequest(msgspec.Struct):
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    reasoning_effort: str | None = None  # a template variable for models that have it (gpt-oss)
     metadata: dict[str, Any] | None = None
     store: bool | None = None
 
