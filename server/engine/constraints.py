@@ -9,6 +9,9 @@ bitmask (in parallel across rows) and `apply_bitmask` applies it to a (B, V) log
 
 The llguidance mask allows EOS exactly when the grammar accepts; once the grammar cannot be extended
 (`finished`), only EOS is allowed and the engine ends the sequence with finish_reason "stop".
+
+A spec with `after` (a token id sequence: a thinking model's end-of-reasoning marker) leaves the sequence
+free until it has generated that sequence; the grammar constrains what follows.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import mlx.core as mx
@@ -56,12 +59,14 @@ class GrammarSpec:
     rejected). "lark": a llguidance Lark grammar in `text` (it may embed JSON schemas with `%json {...}`).
     "regex": the whole output matches the regular expression in `text`.
     The schema is kept as a private deep copy; equality and hashing use its JSON text.
+    `after`: token ids the sequence generates freely before the grammar starts (empty: from the start).
     """
 
     kind: GrammarKind
     schema: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     text: str | None = None
     strict: bool = True
+    after: tuple[int, ...] = ()
     schema_json: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +75,10 @@ class GrammarSpec:
             raise ValueError(f"grammar kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         if not isinstance(self.strict, bool):
             raise ValueError(f"strict must be a boolean, got {self.strict!r}")
+        after = tuple(self.after)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in after):
+            raise ValueError(f"after must be a sequence of token ids, got {self.after!r}")
+        put(self, "after", after)
         if self.kind == "json_schema":
             if not isinstance(self.schema, Mapping):
                 raise ValueError("a json_schema grammar needs `schema`, a JSON Schema object")
@@ -171,13 +180,20 @@ def _tokenizer_json(tokenizer: Any) -> str:
 
 
 class SequenceConstraint:
-    """One sequence's grammar state (an llguidance LLMatcher)."""
+    """One sequence's grammar state (an llguidance LLMatcher), waiting for `after` before it constrains."""
 
-    __slots__ = ("_matcher", "vocab_size")
+    __slots__ = ("_after", "_matcher", "_tail", "vocab_size")
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, after: tuple[int, ...] = ()) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self._after = tuple(after)
+        self._tail: tuple[int, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """True once the grammar constrains (it waits for its `after` token sequence until then)."""
+        return not self._after
 
     @property
     def mask_words(self) -> int:
@@ -188,6 +204,9 @@ class SequenceConstraint:
         target = bitmask[row]
         if bitmask.dtype != np.int32 or not target.flags["C_CONTIGUOUS"] or target.size != self.mask_words:
             raise ValueError(f"mask row must be {self.mask_words} contiguous int32 words")
+        if not self.active:
+            target.fill(-1)
+            return
         self._matcher.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
 
     def allowed_token_ids(self) -> np.ndarray:
@@ -199,7 +218,13 @@ class SequenceConstraint:
 
     def advance(self, token_id: int) -> None:
         """Consume a sampled token. A token the grammar does not allow puts the constraint in an error state
-        (`finished` and `error` then say so); it never raises for that."""
+        (`finished` and `error` then say so); it never raises for that. While waiting, tokens only
+        move the wait along: the token that completes `after` starts the grammar."""
+        if not self.active:
+            self._tail = (*self._tail, int(token_id))[-len(self._after) :]
+            if self._tail == self._after:
+                self._after = ()
+            return
         self._matcher.consume_token(int(token_id))
         if self._matcher.is_error():
             log.error("constrained decoding failed at token %d: %s", int(token_id), self._matcher.get_error())
@@ -207,12 +232,12 @@ class SequenceConstraint:
     @property
     def finished(self) -> bool:
         """True when no further token but EOS is allowed (grammar complete), or after an error."""
-        return self._matcher.is_stopped()
+        return self.active and self._matcher.is_stopped()
 
     @property
     def accepting(self) -> bool:
-        """True when the output so far is a complete match (EOS allowed)."""
-        return self._matcher.is_accepting()
+        """True when the output so far is a complete match (EOS allowed); False while waiting."""
+        return self.active and self._matcher.is_accepting()
 
     @property
     def error(self) -> str | None:
@@ -271,6 +296,8 @@ class ConstraintFactory:
     def _template(self, spec: GrammarSpec) -> Any:
         if not isinstance(spec, GrammarSpec):
             raise ValueError(f"expected a GrammarSpec, got {type(spec).__name__}")
+        if spec.after:
+            spec = replace(spec, after=())  # one compiled grammar, whenever it starts
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
@@ -318,7 +345,7 @@ class ConstraintFactory:
 
     def create(self, spec: GrammarSpec) -> SequenceConstraint:
         """A new constraint at the start of the grammar (raises ValueError like `validate`)."""
-        return SequenceConstraint(self._template(spec).deep_copy(), self.vocab_size)
+        return SequenceConstraint(self._template(spec).deep_copy(), self.vocab_size, spec.after)
 
 
 _executor: Any = None
@@ -338,8 +365,10 @@ def _parallel_executor() -> Any:
 
 def fill_masks(rows: Sequence[tuple[int, SequenceConstraint]], batch: int, vocab: int) -> np.ndarray:
     """A (batch, ceil(vocab/32)) int32 bitmask: the grammar's allowed tokens for each (row, constraint),
-    every token for the other rows. Rows are computed in parallel when there are several."""
+    every token for the other rows (and for constraints still waiting to start). Rows are computed in
+    parallel when there are several."""
     words = (vocab + 31) // 32
+    rows = [(row, c) for row, c in rows if c.active]
     bitmask = np.full((batch, words), -1, dtype=np.int32)
     for _, constraint in rows:
         if constraint.vocab_size != vocab:

@@ -3,6 +3,10 @@
 The route decodes the request and calls `prepare`; `complete` collects a
 non-streamed answer and `stream` yields SSE payloads: the role chunk, content
 deltas, one finish chunk per choice, the usage chunk when asked, `[DONE]`.
+Each choice's text goes through an `OutputParser` (server/serving/model_output.py):
+a thinking model's reasoning becomes `reasoning_content` (and `reasoning`), its
+answer the content and tool calls; tokens generated inside the reasoning are
+counted as `completion_tokens_details.reasoning_tokens`.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from server.metrics import TokenTimer, timed
 from server.registry import ServedModel
 from server.serving.generation import SYSTEM_FINGERPRINT, build_request, engine_failure, tool_mode
 from server.serving.logprobs import TokenText
+from server.serving.model_output import ChoiceOutput, OutputDelta, output_parser
 from server.serving.params import stop_list
+from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
 from server.serving.tool_names import check_tool_name, check_tool_names
-from server.serving.tools import ParsedCall, ToolCallParser, ToolFormat, tool_call_entry
+from server.serving.tools import ParsedCall, ToolFormat, tool_call_entry
 from server.wire.chat import (
     AssistantMessage,
     ChatCompletion,
@@ -34,6 +40,7 @@ from server.wire.chat import (
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
+    CompletionTokensDetails,
     Delta,
     FunctionCall,
     NamedToolChoice,
@@ -125,6 +132,7 @@ class ChatPlan:
     tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
     tool_format: ToolFormat | None = None
     parallel_tool_calls: bool = True
+    reasoning: ReasoningMode | None = None  # set for a model with think markers
     timer: TokenTimer | None = None  # set by the route: TTFT and inter-token metrics
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -137,10 +145,12 @@ class ChatPlan:
     def requests(self) -> list[ValidRequest]:
         return [self.request]  # as CompletionPlan.requests
 
-    def tool_parser(self) -> ToolCallParser | None:
-        if self.tools is None or self.tool_format is None:
-            return None
-        return ToolCallParser(self.tool_format, self.tools, None if self.parallel_tool_calls else 1)
+    def output(self) -> ChoiceOutput:
+        """One choice's output parser (reasoning, answer and tool calls) and counts."""
+        max_calls = None if self.parallel_tool_calls else 1
+        return ChoiceOutput(
+            output_parser(self.served, self.tools, self.tool_format, max_calls, self.reasoning), self.reasoning
+        )
 
 
 def _tool_choice(body: ChatCompletionRequest, names: list[str]) -> tuple[str, str | None]:
@@ -161,7 +171,7 @@ def prepare(
     tools = [{"type": "function", "function": msgspec.to_builtins(t.function)} for t in body.tools or []]
     mode, forced = _tool_choice(body, [t["function"]["name"] for t in tools])
     messages = template_messages(body.messages)
-    request, fmt = build_request(
+    built = build_request(
         served,
         scope,
         conversation,
@@ -189,14 +199,16 @@ def prepare(
         n=body.n,
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    fmt = built.tool_format
     return ChatPlan(
         served,
-        request,
+        built.request,
         include_usage,
         bool(body.logprobs),
         tools if fmt else None,
         fmt,
         body.parallel_tool_calls is not False,
+        built.reasoning,
     )
 
 
@@ -218,19 +230,21 @@ class _Logprobs:
         return TokenLogprob(token, event.logprob, raw, tops)
 
 
-def _usage(plan: ChatPlan, completion_tokens: int, cached: int) -> Usage:
+def _usage(plan: ChatPlan, completion_tokens: int, cached: int, reasoning_tokens: int = 0) -> Usage:
     prompt = len(plan.request.prompt_token_ids)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion_tokens,
         total_tokens=prompt + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
     )
 
 
 async def complete(plan: ChatPlan) -> ChatCompletion:
     n = plan.request.params.n
-    texts = [""] * n
+    outputs = [plan.output() for _ in range(n)]
+    parts = [OutputDelta() for _ in range(n)]
     finish: list[str | None] = [None] * n
     counts = [0] * n
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
@@ -238,42 +252,45 @@ async def complete(plan: ChatPlan) -> ChatCompletion:
     cached = 0
     try:
         async for event in timed(plan.timer, plan.engine.stream(plan.request)):
-            texts[event.index] += event.text
+            i = event.index
+            delta = outputs[i].add(event.token_id, event.text, event.finish_reason)
+            parts[i].reasoning += delta.reasoning
+            parts[i].content += delta.content
+            parts[i].calls += delta.calls
             if builder is not None and (entry := builder.entry(event)) is not None:
-                logprobs[event.index].append(entry)
+                logprobs[i].append(entry)
             if event.finish_reason is not None:
-                finish[event.index] = event.finish_reason
-                counts[event.index] = event.completion_tokens
-                if event.index == 0:
+                finish[i] = event.finish_reason
+                counts[i] = event.completion_tokens
+                if i == 0:
                     cached = event.cached_tokens
     except (PoolExhaustedError, GenerationError) as exc:
         raise engine_failure(exc) from exc
-    choices = []
-    for i in range(n):
-        content: str | None = texts[i]
-        calls: list[ParsedCall] = []
-        parser = plan.tool_parser()
-        if parser is not None:
-            shown, calls = parser.feed(texts[i])
-            rest, more = parser.finish(cut=finish[i] == "length")
-            content, calls = (shown + rest) or None, calls + more
-        message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
-        reason = "tool_calls" if calls and finish[i] == "stop" else finish[i]
-        choices.append(
-            Choice(
-                index=i,
-                message=message,
-                finish_reason=reason,
-                logprobs=ChoiceLogprobs(content=logprobs[i]) if builder is not None else None,
-            )
-        )
+    choices = [_choice(plan, i, parts[i], finish[i], logprobs[i] if builder is not None else None) for i in range(n)]
     return ChatCompletion(
         id=plan.id,
         created=plan.created,
         model=plan.served.id,
         choices=choices,
-        usage=_usage(plan, sum(counts), cached),
+        usage=_usage(plan, sum(counts), cached, sum(o.reasoning_tokens for o in outputs)),
         system_fingerprint=SYSTEM_FINGERPRINT,
+    )
+
+
+def _choice(
+    plan: ChatPlan, index: int, part: OutputDelta, finish: str | None, logprobs: list[TokenLogprob] | None
+) -> Choice:
+    calls = part.calls if plan.tools is not None else []
+    content = (part.content or None) if plan.tools is not None else part.content
+    message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
+    if plan.reasoning is not None or part.reasoning:  # think markers, or harmony's analysis channel
+        message.reasoning_content = message.reasoning = part.reasoning
+    reason = "tool_calls" if calls and finish == "stop" else finish
+    return Choice(
+        index=index,
+        message=message,
+        finish_reason=reason,
+        logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None,
     )
 
 
@@ -315,34 +332,32 @@ async def stream(plan: ChatPlan) -> AsyncIterator[dict[str, str]]:
     yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
     counts = [0] * n
     cached = 0
-    parsers = [plan.tool_parser() for _ in range(n)]
-    num_calls = [0] * n
+    outputs = [plan.output() for _ in range(n)]
     try:
         async for event in timed(plan.timer, plan.engine.stream(plan.request)):
             i = event.index
             entry = builder.entry(event) if builder is not None else None
-            text, calls = event.text, []
-            parser = parsers[i]
-            if parser is not None:
-                text, calls = parser.feed(event.text)
-                if event.finish_reason is not None:
-                    rest, more = parser.finish(cut=event.finish_reason == "length")
-                    text, calls = text + rest, calls + more
-            if text or entry is not None:
+            first_call = outputs[i].num_calls
+            out = outputs[i].add(event.token_id, event.text, event.finish_reason)
+            if out.reasoning:
+                yield _chunk(
+                    plan, [ChunkChoice(index=i, delta=Delta(reasoning_content=out.reasoning, reasoning=out.reasoning))]
+                )
+            if out.content or entry is not None:
                 logprobs = ChoiceLogprobs(content=[entry]) if entry is not None else None
-                yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(content=text), logprobs=logprobs)])
-            for delta in _call_deltas(i, calls, num_calls[i]):
+                yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(content=out.content), logprobs=logprobs)])
+            for delta in _call_deltas(i, out.calls, first_call):
                 yield _chunk(plan, [ChunkChoice(index=i, delta=delta)])
-            num_calls[i] += len(calls)
             if event.finish_reason is not None:
                 counts[i] = event.completion_tokens
                 if i == 0:
                     cached = event.cached_tokens
-                reason = "tool_calls" if num_calls[i] and event.finish_reason == "stop" else event.finish_reason
+                calls = outputs[i].num_calls
+                reason = "tool_calls" if calls and event.finish_reason == "stop" else event.finish_reason
                 yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
     except (PoolExhaustedError, GenerationError) as exc:
         yield {"data": encode(engine_failure(exc).body()).decode()}
         return
     if plan.include_usage:
-        yield _chunk(plan, [], _usage(plan, sum(counts), cached))
+        yield _chunk(plan, [], _usage(plan, sum(counts), cached, sum(o.reasoning_tokens for o in outputs)))
     yield {"data": "[DONE]"}

@@ -10,6 +10,7 @@ with the same `SYSTEM_FINGERPRINT`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server import __version__
@@ -19,6 +20,7 @@ from server.registry import ServedModel
 from server.serving.harmony import HARMONY_FORMAT, is_harmony
 from server.serving.params import build_params
 from server.serving.prompt import render_prompt
+from server.serving.reasoning import ReasoningMode, reasoning_mode
 from server.serving.scope import RequestScope
 from server.serving.tool_grammar import forcing_grammar, harmony_answer_grammar
 from server.serving.tools import ToolFormat, tool_format, with_tools
@@ -67,6 +69,22 @@ def _grammar(
     return harmony_answer_grammar(spec, served.tokenizer)  # the answer after gpt-oss's analysis
 
 
+@dataclass(frozen=True)
+class BuiltRequest:
+    """A validated engine request and how to read its output."""
+
+    request: ValidRequest
+    tool_format: ToolFormat | None  # set when tool calls are parsed from the answer
+    reasoning: ReasoningMode | None  # set for a model with think markers
+
+
+def _after_reasoning(grammar: GrammarSpec | None, mode: ReasoningMode | None) -> GrammarSpec | None:
+    """A grammar for a prompt that leaves the output inside the think block applies after its end marker."""
+    if grammar is None or mode is None or not mode.starts_inside or not mode.markers.end_ids:
+        return grammar
+    return replace(grammar, after=mode.markers.end_ids)
+
+
 def build_request(
     served: ServedModel,
     scope: RequestScope,
@@ -81,20 +99,23 @@ def build_request(
     streamed: bool = True,
     template_kwargs: dict[str, Any] | None = None,
     **sampling: Any,
-) -> tuple[ValidRequest, ToolFormat | None]:
-    """Template messages + tools -> a validated engine request, and the tool format to parse its output with.
+) -> BuiltRequest:
+    """Template messages + tools -> a validated engine request, the tool format to parse its output with,
+    and the model's reasoning mode.
 
     Tools reach the prompt (natively or as a system message), a forced call or the response format
-    becomes the grammar, and the KV is salted by tenant and model and keyed by the conversation.
+    becomes the grammar (after the think block, when the prompt opened one), and the KV is salted by
+    tenant and model and keyed by the conversation.
     """
     harmony = is_harmony(served.tokenizer)  # gpt-oss: its markers are special tokens the output parser needs
     fmt = (HARMONY_FORMAT if harmony else tool_format(served.tokenizer)) if mode != "none" else None
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced)
-    grammar = _grammar(served, response_format, tools, mode, forced, fmt)
-    params = build_params(**sampling, grammar=grammar, skip_special_tokens=False if harmony else None)
     native_tools = tools if fmt is not None and fmt.native else None
     prompt = render_prompt(served.tokenizer, messages, native_tools, template_kwargs)
+    reasoning = None if harmony else reasoning_mode(served.tokenizer, prompt)  # harmony has channels instead
+    grammar = _after_reasoning(_grammar(served, response_format, tools, mode, forced, fmt), reasoning)
+    params = build_params(**sampling, grammar=grammar, skip_special_tokens=False if harmony else None)
     request = GenerationRequest(
         request_id=request_id,
         prompt_token_ids=prompt,
@@ -103,7 +124,7 @@ def build_request(
         salt=scope.salt(served.id),
         streamed=streamed,
     )
-    return served.running_engine.validate(request), fmt
+    return BuiltRequest(served.running_engine.validate(request), fmt, reasoning)
 
 
 def engine_failure(exc: Exception) -> APIError:

@@ -57,7 +57,7 @@ class ThinkThenAnswer:
         return self._answer(reasoning, answer, finish=None)
 
     def finish(self, cut: bool = False) -> OutputDelta:
-        reasoning, answer = self._reasoning.finish() if self._reasoning is not None else ("", "")
+        reasoning, answer = self._reasoning.finish(cut) if self._reasoning is not None else ("", "")
         return self._answer(reasoning, answer, finish=cut)
 
     def _answer(self, reasoning: str, answer: str, finish: bool | None) -> OutputDelta:
@@ -68,6 +68,34 @@ class ThinkThenAnswer:
             rest, more = self._tools.finish(cut=finish)
             content, calls = content + rest, calls + more
         return OutputDelta(reasoning, content, calls)
+
+
+class ChoiceOutput:
+    """One choice's output as it streams: its parser, its reasoning token count and its number of calls.
+
+    A token counts as a reasoning token when the parser was in the reasoning before or after it (the
+    markers included). Marker tokens the detokenizer drops (special tokens) get their text back first.
+    """
+
+    def __init__(self, parser: OutputParser, reasoning: ReasoningMode | None) -> None:
+        self.parser = parser
+        self.reasoning = reasoning
+        self.reasoning_tokens = 0
+        self.num_calls = 0
+
+    def add(self, token_id: int | None, text: str, finish_reason: str | None) -> OutputDelta:
+        """Feed one engine event's text (and finish the parser on the last event)."""
+        was = self.parser.in_reasoning
+        if self.reasoning is not None:
+            text = self.reasoning.text_of(token_id, text)
+        delta = self.parser.feed(text)
+        if token_id is not None and (was or self.parser.in_reasoning):
+            self.reasoning_tokens += 1
+        if finish_reason is not None:
+            end = self.parser.finish(cut=finish_reason == "length")
+            delta = OutputDelta(delta.reasoning + end.reasoning, delta.content + end.content, delta.calls + end.calls)
+        self.num_calls += len(delta.calls)
+        return delta
 
 
 def output_parser(

@@ -1,6 +1,8 @@
 """Responses API output: the model's text -> output items, as one response object or OpenAI's event stream.
 
     response.created, response.in_progress
+    reasoning:  output_item.added, content_part.added, reasoning_text.delta ..., reasoning_text.done,
+                content_part.done, output_item.done
     a message:  output_item.added, content_part.added, output_text.delta ..., output_text.done,
                 content_part.done, output_item.done
     a call:     output_item.added, function_call_arguments.delta, function_call_arguments.done,
@@ -24,8 +26,9 @@ from server.engine import GenerationError, PoolExhaustedError
 from server.metrics import timed
 from server.persistence.responses import ResponseStore
 from server.serving.generation import engine_failure
+from server.serving.model_output import ChoiceOutput
 from server.serving.responses import ResponsePlan, new_id
-from server.serving.tools import ParsedCall, ToolCallParser
+from server.serving.tools import ParsedCall
 from server.wire.codec import encode
 from server.wire.responses import (
     ContentPartAdded,
@@ -42,6 +45,11 @@ from server.wire.responses import (
     OutputText,
     OutputTextDelta,
     OutputTextDone,
+    OutputTokensDetails,
+    ReasoningItem,
+    ReasoningText,
+    ReasoningTextDelta,
+    ReasoningTextDone,
     Response,
     ResponseCompleted,
     ResponseCreated,
@@ -59,39 +67,75 @@ INCOMPLETE = {"length": "max_output_tokens", "abort": "interrupted"}
 
 
 class OutputBuilder:
-    """Builds output items from streamed text (tool calls parsed out) and says each step as stream events.
+    """Builds output items from streamed text (reasoning and tool calls parsed out) and says each step as
+    stream events.
 
-    Whitespace before a message's first visible text is held back, so a tool call the model
-    starts after a newline does not leave an empty message in front of it.
+    A thinking model's reasoning becomes a `reasoning` item before the message. Whitespace before a
+    message's first visible text is held back, so a tool call the model starts after a newline does not
+    leave an empty message in front of it.
     """
 
-    def __init__(self, parser: ToolCallParser | None) -> None:
-        self.parser = parser
+    def __init__(self, output: ChoiceOutput) -> None:
+        self.output = output
         self.items: list[Item] = []  # finished items; an open message becomes items[len(items)]
         self.finish_reason: str | None = None
         self.usage: ResponseUsage | None = None
         self._message_id: str | None = None
         self._text = ""
         self._pending = ""
+        self._reasoning_id: str | None = None
+        self._reasoning = ""
 
-    def feed(self, text: str, finish_reason: str | None) -> list[StreamEvent]:
-        """The events for one piece of text (`finish_reason` set on the last): a call the generation cut
+    def feed(self, token_id: int | None, text: str, finish_reason: str | None) -> list[StreamEvent]:
+        """The events for one token's text (`finish_reason` set on the last): a call the generation cut
         short is dropped, never shown as output_text."""
-        calls: list[ParsedCall] = []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
-            if finish_reason is not None:
-                rest, more = self.parser.finish(cut=finish_reason == "length")
-                text, calls = text + rest, calls + more
-        events = self._add_text(text)
-        for call in calls:
+        delta = self.output.add(token_id, text, finish_reason)
+        events = self._add_reasoning(delta.reasoning)
+        if delta.content or delta.calls:
+            events += self._close_reasoning("completed")
+        events += self._add_text(delta.content)
+        for call in delta.calls:
             events += self._close_message("completed") + self._add_call(call)
         return events
 
     def close(self, finish_reason: str) -> list[StreamEvent]:
-        """End of generation: the open message is closed; a response that said nothing gets an empty one."""
-        events = self._open_message() if not self.items and self._message_id is None else []
-        return events + self._close_message("incomplete" if finish_reason in INCOMPLETE else "completed")
+        """End of generation: the open items are closed; a response that said nothing gets an empty message."""
+        status = "incomplete" if finish_reason in INCOMPLETE else "completed"
+        events = self._close_reasoning(status)
+        if not any(not isinstance(item, ReasoningItem) for item in self.items) and self._message_id is None:
+            events += self._open_message()
+        return events + self._close_message(status)
+
+    def _add_reasoning(self, text: str) -> list[StreamEvent]:
+        if not text:
+            return []
+        events: list[StreamEvent] = []
+        index = len(self.items)
+        if self._reasoning_id is None:
+            self._reasoning_id, self._reasoning = new_id("rs"), ""
+            started = ReasoningItem(id=self._reasoning_id, content=[], status="in_progress")
+            events += [
+                OutputItemAdded(output_index=index, item=started),
+                ContentPartAdded(
+                    item_id=self._reasoning_id, output_index=index, content_index=0, part=ReasoningText("")
+                ),
+            ]
+        self._reasoning += text
+        delta = ReasoningTextDelta(item_id=self._reasoning_id, output_index=index, content_index=0, delta=text)
+        return [*events, delta]
+
+    def _close_reasoning(self, status: str) -> list[StreamEvent]:
+        item_id, text, index = self._reasoning_id, self._reasoning, len(self.items)
+        if item_id is None:
+            return []
+        item = ReasoningItem(id=item_id, content=[ReasoningText(text)], status=status)
+        self.items.append(item)
+        self._reasoning_id = None
+        return [
+            ReasoningTextDone(item_id=item_id, output_index=index, content_index=0, text=text),
+            ContentPartDone(item_id=item_id, output_index=index, content_index=0, part=ReasoningText(text)),
+            OutputItemDone(output_index=index, item=item),
+        ]
 
     def _add_text(self, text: str) -> list[StreamEvent]:
         if self._message_id is not None:
@@ -147,7 +191,7 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
     """Engine events -> output events, ending with every item closed and the usage known."""
     async for event in timed(plan.timer, plan.served.running_engine.stream(plan.request)):
         final = event.finish_reason is not None
-        for step in output.feed(event.text, event.finish_reason):
+        for step in output.feed(event.token_id, event.text, event.finish_reason):
             yield step
         if final:
             output.finish_reason = event.finish_reason
@@ -156,6 +200,7 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
                 output_tokens=event.completion_tokens,
                 total_tokens=event.prompt_tokens + event.completion_tokens,
                 input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens),
+                output_tokens_details=OutputTokensDetails(reasoning_tokens=output.output.reasoning_tokens),
             )
             for step in output.close(event.finish_reason):  # type: ignore[arg-type]
                 yield step
@@ -180,7 +225,7 @@ async def _save(plan: ResponsePlan, response: Response, store: ResponseStore) ->
 
 
 async def complete(plan: ResponsePlan, store: ResponseStore) -> Response:
-    output = OutputBuilder(plan.tool_parser())
+    output = OutputBuilder(plan.output())
     try:
         async for _ in _generate(plan, output):
             pass
@@ -201,7 +246,7 @@ async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncIterator[dict
 
     yield sse(ResponseCreated(response=plan.response))
     yield sse(ResponseInProgress(response=plan.response))
-    output = OutputBuilder(plan.tool_parser())
+    output = OutputBuilder(plan.output())
     try:
         async for event in _generate(plan, output):
             yield sse(event)

@@ -25,9 +25,11 @@ from server.metrics import TokenTimer
 from server.persistence.responses import ResponseStore
 from server.registry import ServedModel
 from server.serving.generation import build_request, tool_mode
+from server.serving.model_output import ChoiceOutput, output_parser
+from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
 from server.serving.tool_names import check_tool_name, check_tool_names
-from server.serving.tools import ToolCallParser, ToolFormat, tool_call_entry
+from server.serving.tools import ToolFormat, tool_call_entry
 from server.wire.responses import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -38,6 +40,8 @@ from server.wire.responses import (
     Item,
     MessageItem,
     OutputText,
+    ReasoningItem,
+    ReasoningText,
     Response,
     ResponseRequest,
     TextConfig,
@@ -70,10 +74,14 @@ class ResponsePlan:
     tools: list[dict[str, Any]] | None = None  # set when tool calls are parsed from the output
     tool_format: ToolFormat | None = None
     max_calls: int | None = None
+    reasoning: ReasoningMode | None = None  # set for a model with think markers
     timer: TokenTimer | None = None  # set by the route: TTFT and inter-token metrics
 
-    def tool_parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.tool_format, self.tools, self.max_calls) if self.tools and self.tool_format else None
+    def output(self) -> ChoiceOutput:
+        """The output parser (reasoning, answer and tool calls) and its counts."""
+        tools = self.tools if self.tools and self.tool_format else None
+        parser = output_parser(self.served, tools, self.tool_format, self.max_calls, self.reasoning)
+        return ChoiceOutput(parser, self.reasoning)
 
 
 # -- input items ------------------------------------------------------------------------------------
@@ -117,6 +125,10 @@ def _item(raw: InputItem, i: int) -> Item:
         return FunctionCallItem(
             id=raw.id or new_id("fc"), call_id=raw.call_id, name=raw.name, arguments=raw.arguments or ""
         )
+    if kind == "reasoning":
+        parts = raw.content if isinstance(raw.content, list) else []
+        text = "".join(p.text or "" for p in parts if p.type == "reasoning_text")
+        return ReasoningItem(id=raw.id or new_id("rs"), content=[ReasoningText(text)] if text else [])
     if kind == "function_call_output":
         if not raw.call_id:
             raise InvalidRequestError("A function_call_output item needs 'call_id'.", param=f"{where}.call_id")
@@ -154,8 +166,11 @@ def check_call_ids(history: list[Item], items: list[Item]) -> None:
 def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str, Any]]:
     """A conversation's items as chat-template messages; a function call joins the assistant turn before it."""
     out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    reasoning = ""  # a reasoning item's text joins the assistant turn after it
     for item in items:
-        if isinstance(item, MessageItem):
+        if isinstance(item, ReasoningItem):
+            reasoning += "".join(part.text for part in item.content)
+        elif isinstance(item, MessageItem):
             role = "system" if item.role == "developer" else item.role
             out.append({"role": role, "content": "".join(part.text for part in item.content)})
         elif isinstance(item, FunctionCallItem):
@@ -166,6 +181,8 @@ def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str,
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         else:
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        if reasoning and not isinstance(item, ReasoningItem) and out and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"], reasoning = reasoning, ""
     return out
 
 
@@ -285,7 +302,7 @@ def prepare(
     if conversation is None and store_it:
         conversation = response_id  # a new chain: its follow-ups find its KV under this key
     with _responses_params():
-        request, fmt = build_request(
+        built = build_request(
             served,
             scope,
             conversation,
@@ -328,6 +345,17 @@ def prepare(
         prompt_cache_key=body.prompt_cache_key,
         safety_identifier=body.safety_identifier,
     )
+    fmt = built.tool_format
     return ResponsePlan(
-        served, request, response, scope.tenant, conversation, history, items, tools if fmt else None, fmt, max_calls
+        served,
+        built.request,
+        response,
+        scope.tenant,
+        conversation,
+        history,
+        items,
+        tools if fmt else None,
+        fmt,
+        max_calls,
+        built.reasoning,
     )

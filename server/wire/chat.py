@@ -143,6 +143,10 @@ class AssistantMessage(msgspec.Struct):
     role: Literal["assistant"] = "assistant"
     refusal: None = None
     tool_calls: list[ToolCall] | None = msgspec.field(default=None)
+    # a thinking model's reasoning (DeepSeek's and vLLM's name), the same text as `reasoning` (mlx_lm.server's
+    # and OpenRouter's); both absent for models that do not reason
+    reasoning_content: str | msgspec.UnsetType = msgspec.UNSET
+    reasoning: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Choice(msgspec.Struct):
@@ -195,6 +199,8 @@ class Delta(msgspec.Struct, omit_defaults=True):
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
     refusal: None = None
+    reasoning_content: str | None = None  # a thinking model's reasoning, also sent as `reasoning`
+    reasoning: str | None = None
 
 
 class ChunkChoice(msgspec.Struct):

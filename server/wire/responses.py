@@ -3,8 +3,9 @@
 Incoming items are decoded loosely (`InputItem`: a message may omit `type`,
 content may be a string or parts) and checked in `server.serving.responses`;
 what the server stores and returns are the tagged items `MessageItem`,
-`FunctionCallItem` and `FunctionCallOutputItem`, in the shapes the `openai`
-SDK's types (openai/types/responses) declare.
+`FunctionCallItem`, `FunctionCallOutputItem` and `ReasoningItem` (a thinking
+model's reasoning), in the shapes the `openai` SDK's types
+(openai/types/responses) declare.
 """
 
 from __future__ import annotations
@@ -127,7 +128,18 @@ class FunctionCallOutputItem(msgspec.Struct, tag_field="type", tag="function_cal
     status: str = "completed"
 
 
-Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+class ReasoningText(msgspec.Struct, tag_field="type", tag="reasoning_text"):
+    text: str
+
+
+class ReasoningItem(msgspec.Struct, tag_field="type", tag="reasoning"):
+    id: str
+    content: list[ReasoningText]
+    summary: list[Any] = msgspec.field(default_factory=list)
+    status: str = "completed"
+
+
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
 
 
 # -- the response object --------------------------------------------------------------------------
@@ -265,11 +277,11 @@ class InContentEvent(InItemEvent):
 
 
 class ContentPartAdded(InContentEvent, tag="response.content_part.added"):
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class ContentPartDone(InContentEvent, tag="response.content_part.done"):
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class OutputTextDelta(InContentEvent, tag="response.output_text.delta"):
@@ -280,6 +292,14 @@ class OutputTextDelta(InContentEvent, tag="response.output_text.delta"):
 class OutputTextDone(InContentEvent, tag="response.output_text.done"):
     text: str
     logprobs: list[Any] = msgspec.field(default_factory=list)
+
+
+class ReasoningTextDelta(InContentEvent, tag="response.reasoning_text.delta"):
+    delta: str
+
+
+class ReasoningTextDone(InContentEvent, tag="response.reasoning_text.done"):
+    text: str
 
 
 class FunctionCallArgumentsDelta(InItemEvent, tag="response.function_call_arguments.delta"):
