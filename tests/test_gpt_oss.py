@@ -394,3 +394,16 @@ def test_bad_reasoning_effort_and_a_template_error_are_400s(base: str) -> None:
     orphan = [*USER, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]  # the template raises
     error = chat(base, {"messages": orphan, "max_tokens": 2}, status=400)["error"]
     assert error["type"] == "invalid_request_error" and "tool" in error["message"]
+
+
+def test_responses_api_forced_call_and_effort(base: str) -> None:
+    tool = {"type": "function", **WEATHER["function"]}
+    body = {"model": MODEL, "input": "Weather in Paris?", "tools": [tool], "tool_choice": "required"}
+    response = httpx.post(
+        base + "/v1/responses", json={**body, "temperature": 0, "max_output_tokens": 200}, timeout=300
+    )
+    assert response.status_code == 200, response.text
+    [call] = [item for item in response.json()["output"] if item["type"] == "function_call"]
+    check_weather_call({"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}})
+    bad = httpx.post(base + "/v1/responses", json={**body, "reasoning": {"effort": "max"}}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning.effort"

@@ -23,7 +23,7 @@ from server.engine import Engine, GenerationError, PoolExhaustedError, TokenEven
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
 from server.registry import ServedModel
-from server.serving.generation import SYSTEM_FINGERPRINT, build_request, engine_failure, tool_mode
+from server.serving.generation import SYSTEM_FINGERPRINT, build_request, effort_kwargs, engine_failure, tool_mode
 from server.serving.logprobs import TokenText
 from server.serving.model_output import ChoiceOutput, OutputDelta, output_parser
 from server.serving.params import stop_list
@@ -54,7 +54,6 @@ from server.wire.chat import (
 from server.wire.codec import encode
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's values
 
 
 def _text_of(message: ChatMessage, index: int) -> str | None:
@@ -106,19 +105,6 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_call_id"] = message.tool_call_id
         out.append(entry)
     return out
-
-
-def template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
-    """Template variables from request fields: `reasoning_effort` (gpt-oss's template reads it)."""
-    effort = body.reasoning_effort
-    if effort is None:
-        return None
-    if effort not in REASONING_EFFORTS:
-        raise InvalidRequestError(
-            f"Invalid 'reasoning_effort' {effort!r}; expected one of {list(REASONING_EFFORTS)}.",
-            param="reasoning_effort",
-        )
-    return {"reasoning_effort": effort}
 
 
 @dataclass
@@ -182,7 +168,7 @@ def prepare(
         msgspec.to_builtins(body.response_format) if body.response_format is not None else None,
         request_id=f"chat-{uuid.uuid4().hex}",
         streamed=bool(body.stream),
-        template_kwargs=template_kwargs(body),
+        template_kwargs=effort_kwargs(body.reasoning_effort, "reasoning_effort"),
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,

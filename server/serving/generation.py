@@ -43,6 +43,20 @@ def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple
     return choice, None
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's values
+
+
+def effort_kwargs(effort: Any, param: str) -> dict[str, Any] | None:
+    """OpenAI's reasoning effort as the template variable `reasoning_effort` (gpt-oss's template reads it)."""
+    if effort is None:
+        return None
+    if effort not in REASONING_EFFORTS:
+        raise InvalidRequestError(
+            f"Invalid '{param}' {effort!r}; expected one of {list(REASONING_EFFORTS)}.", param=param
+        )
+    return {"reasoning_effort": effort}
+
+
 def _grammar(
     served: ServedModel,
     response_format: dict[str, Any] | None,

@@ -24,7 +24,7 @@ from server.errors import InvalidRequestError
 from server.metrics import TokenTimer
 from server.persistence.responses import ResponseStore
 from server.registry import ServedModel
-from server.serving.generation import build_request, tool_mode
+from server.serving.generation import build_request, effort_kwargs, tool_mode
 from server.serving.model_output import ChoiceOutput, output_parser
 from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
@@ -213,6 +213,10 @@ def _tools(tools: list[FunctionTool] | None) -> list[dict[str, Any]]:
     return out
 
 
+def _effort(reasoning: dict[str, Any] | None) -> Any:
+    return reasoning.get("effort") if isinstance(reasoning, dict) else None
+
+
 def _tool_mode(choice: str | ToolChoiceObject | None, names: list[str]) -> tuple[str, str | None]:
     if isinstance(choice, ToolChoiceObject):
         if choice.type != "function" or not choice.name:
@@ -313,6 +317,7 @@ def prepare(
             _response_format(body.text),
             request_id=f"resp-{uuid.uuid4().hex}",
             streamed=bool(body.stream),
+            template_kwargs=effort_kwargs(_effort(body.reasoning), "reasoning.effort"),
             max_tokens=body.max_output_tokens,
             temperature=body.temperature,
             top_p=body.top_p,

@@ -87,7 +87,7 @@ class ResponseRequest(msgspec.Struct):
     prompt: dict[str, Any] | None = None
     # accepted and ignored: what a model without reasoning or hosted tools has nothing to do with
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None  # its "effort" reaches templates that read reasoning_effort (gpt-oss)
     truncation: str | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
