@@ -90,7 +90,7 @@ class HarmonyParser:
         self.calls: list[ParsedCall] = []
         self.dropped_unfinished = False  # a call cut short (or unparsable) was dropped, never shown
         self._buffer = ""
-        self._header = ""  # the current message's header so far (None-like "" at the start)
+        self._header = ""  # the current message's header so far
         self._in_body = False
         self._kind = "content"  # the current body's destination: "reasoning" | "content" | "call" | "drop"
         self._name = ""  # the called function, for a "call" body
@@ -161,7 +161,7 @@ class HarmonyParser:
             self._buffer = ""
             if len(self._header) > _RAW_AFTER and not self._has_special(self._header):
                 self._buffer, self._header = self._header, ""
-                self._open(out, "content")  # not harmony: the text is the answer
+                self._open("content")  # not harmony: the text is the answer
                 return True
             return False
         self._header += self._buffer[:at]
@@ -171,14 +171,14 @@ class HarmonyParser:
         self._header = ""
         if recipient is not None and recipient.group(1).startswith(FUNCTIONS):
             self._name = recipient.group(1)[len(FUNCTIONS) :]
-            self._open(out, "call" if self.tools_offered else "drop")
+            self._open("call" if self.tools_offered else "drop")
         elif recipient is not None or (channel is not None and channel.group(1) == "analysis"):
-            self._open(out, "reasoning")
+            self._open("reasoning")
         else:
-            self._open(out, "content")
+            self._open("content")
         return True
 
-    def _open(self, out: OutputDelta, kind: str) -> None:
+    def _open(self, kind: str) -> None:
         self._in_body, self._kind, self._body = True, kind, ""
 
     def _write(self, out: OutputDelta, text: str) -> None:
