@@ -91,6 +91,15 @@ def chat_model(client: openai.OpenAI) -> str:
     return "smollm2-135m-instruct" if "smollm2-135m-instruct" in ids else ids[0]
 
 
+@pytest.fixture(scope="session")
+def thinking_model() -> str:
+    """COMPAT_THINKING_MODEL: a model that reasons (think blocks); the reasoning checks skip without one."""
+    chosen = os.environ.get("COMPAT_THINKING_MODEL")
+    if not chosen:
+        pytest.skip("no thinking model given (set COMPAT_THINKING_MODEL to a model id that reasons)")
+    return chosen
+
+
 _checks: list[tuple[str, str, str]] = []
 
 

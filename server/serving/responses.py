@@ -186,6 +186,14 @@ def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str,
     return out
 
 
+def _conversation(items: list[Item], instructions: str | None) -> list[dict[str, Any]]:
+    """chat_messages, refusing a conversation with nothing but reasoning in it."""
+    messages = chat_messages(items, instructions)
+    if not messages:
+        raise InvalidRequestError("'input' must contain a message, not only reasoning items.", param="input")
+    return messages
+
+
 # -- tools and formats ------------------------------------------------------------------------------
 def _tools(tools: list[FunctionTool] | None) -> list[dict[str, Any]]:
     out = []
@@ -310,7 +318,7 @@ def prepare(
             served,
             scope,
             conversation,
-            chat_messages(history + items, body.instructions),
+            _conversation(history + items, body.instructions),
             tools,
             mode,
             forced,
