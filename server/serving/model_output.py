@@ -113,9 +113,9 @@ def output_parser(
     """
     from server.serving.harmony import HarmonyParser, is_harmony, special_texts  # harmony.py imports OutputDelta
 
-    if is_harmony(served.tokenizer):  # gpt-oss: channels, not think markers or tool-call markers
-        offered = tools is not None and tool_format is not None
-        return HarmonyParser(offered, max_calls, special_texts(served.tokenizer))
+    tokenizer = getattr(served, "tokenizer", None)
+    if is_harmony(tokenizer):  # gpt-oss: channels, not think markers or tool-call markers
+        return HarmonyParser(tools is not None and tool_format is not None, max_calls, special_texts(tokenizer))
     splitter = ReasoningSplitter(reasoning) if reasoning is not None else None
     calls = ToolCallParser(tool_format, tools, max_calls) if tools is not None and tool_format is not None else None
     return ThinkThenAnswer(splitter, calls)
