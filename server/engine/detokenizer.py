@@ -72,11 +72,18 @@ class IncrementalDetokenizer:
     """Turns generated token ids into text deltas: never emits a partial UTF-8 character, and never
     emits text that is (or may become) a stop string."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), prompt_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: Sequence[str] = (),
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+    ) -> None:
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens  # False: special tokens decode to their text
         self._stop = stop
         # Deltas are defined against decode(generated ids) alone, so the prompt is not decode context;
         # it is kept for callers that want it.
@@ -125,7 +132,7 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
 
     def _decode_step(self, final: bool) -> str:
         """New stable characters of the output (all remaining ones when final)."""

@@ -277,7 +277,9 @@ class Engine:
                 params = _with_seed(params, params.seed + index)
             constraint = self.constraints.create(grammar) if grammar is not None else None
             sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
-            detok = IncrementalDetokenizer(self.ids_to_text, request.params.stop, request.prompt_token_ids)
+            detok = IncrementalDetokenizer(
+                self.ids_to_text, request.params.stop, request.prompt_token_ids, request.params.skip_special_tokens
+            )
             seqs.append(
                 Sequence(
                     request.request_id,

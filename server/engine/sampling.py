@@ -77,6 +77,7 @@ class SamplingParams:
     n: int = 1
     prompt_logprobs: int | None = None  # logprobs of the prompt's tokens, with this many alternatives
     grammar: GrammarSpec | None = None
+    skip_special_tokens: bool = True  # False: special tokens' text reaches the output (gpt-oss's harmony markers)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -114,8 +115,8 @@ class SamplingParams:
         for token in ids:
             _integer("stop_token_ids", token, 0)
         put(self, "stop_token_ids", ids)
-        if not isinstance(self.ignore_eos, bool) or not isinstance(self.logprobs, bool):
-            raise ValueError("ignore_eos and logprobs must be booleans")
+        if not all(isinstance(v, bool) for v in (self.ignore_eos, self.logprobs, self.skip_special_tokens)):
+            raise ValueError("ignore_eos, logprobs and skip_special_tokens must be booleans")
         _integer("top_logprobs", self.top_logprobs, 0, _MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs")

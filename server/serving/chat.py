@@ -279,7 +279,7 @@ def _choice(
     calls = part.calls if plan.tools is not None else []
     content = (part.content or None) if plan.tools is not None else part.content
     message = AssistantMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
-    if plan.reasoning is not None:
+    if plan.reasoning is not None or part.reasoning:  # think markers, or harmony's analysis channel
         message.reasoning_content = message.reasoning = part.reasoning
     reason = "tool_calls" if calls and finish == "stop" else finish
     return Choice(

@@ -17,12 +17,13 @@ from server import __version__
 from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError, ValidRequest
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from server.registry import ServedModel
+from server.serving.harmony import HARMONY_FORMAT, is_harmony
 from server.serving.params import build_params
 from server.serving.prompt import render_prompt, template_text
 from server.serving.reasoning import ReasoningMode, reasoning_mode
 from server.serving.scope import RequestScope
 from server.serving.template_inputs import fit_tool_call_ids
-from server.serving.tool_grammar import forcing_grammar
+from server.serving.tool_grammar import forcing_grammar, harmony_answer_grammar
 from server.serving.tools import ToolFormat, tool_format, with_tools
 
 SYSTEM_FINGERPRINT = f"fp_mlx_dropin_{__version__.replace('.', '_')}"
@@ -51,16 +52,23 @@ def _grammar(
     forced: str | None,
     fmt: ToolFormat | None,
 ) -> GrammarSpec | None:
-    """The decoding constraint: a forced tool call (in the model's own format where we can force it), else the
-    response_format."""
-    if mode == "required" and fmt is not None and fmt.forceable:
+    """The decoding constraint: a forced tool call (in the model's own format where we can force it, harmony
+    included), else the response_format (for harmony, on the final message after the analysis)."""
+    if mode == "required" and fmt is not None and (fmt.forceable or fmt == HARMONY_FORMAT):
         return forcing_grammar(tools, forced, fmt, served.tokenizer, served.running_engine.constraints)
     if response_format is None:
         return None
     try:
-        return GrammarSpec.from_response_format(response_format)
+        spec = GrammarSpec.from_response_format(response_format)
     except ValueError as exc:
         raise InvalidRequestError(f"Invalid response_format: {exc}", param="response_format") from exc
+    if spec is None or not is_harmony(served.tokenizer):
+        return spec
+    try:  # the client's schema is checked on its own, so its errors never quote the harmony wrapping
+        served.running_engine.constraints.validate(spec)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="response_format") from None
+    return harmony_answer_grammar(spec, served.tokenizer)  # the answer after gpt-oss's analysis
 
 
 @dataclass(frozen=True)
@@ -89,9 +97,10 @@ def build_prompt(
 ) -> tuple[list[int], ToolFormat | None]:
     """Template messages + tools -> prompt ids, and the tool format to parse the output with (None: no tools).
 
-    Templates that render `tools` get them natively; the others get them as a system message.
+    Templates that render `tools` get them natively; the others get them as a system message. A harmony
+    model (gpt-oss) renders tools itself and answers in harmony's channels.
     """
-    fmt = tool_format(tokenizer) if mode != "none" else None
+    fmt = (HARMONY_FORMAT if is_harmony(tokenizer) else tool_format(tokenizer)) if mode != "none" else None
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced, fmt)
     native = tools if fmt is not None and fmt.native else None
@@ -122,10 +131,11 @@ def build_request(
     tenant and model and keyed by the conversation. `template_kwargs` are extra chat template variables
     (`template_inputs.template_kwargs`).
     """
+    harmony = is_harmony(served.tokenizer)  # gpt-oss: its markers are special tokens the output parser needs
     prompt, fmt = build_prompt(served.tokenizer, messages, tools, mode, forced, template_kwargs)
-    reasoning = reasoning_mode(served.tokenizer, prompt)
+    reasoning = None if harmony else reasoning_mode(served.tokenizer, prompt)  # harmony has channels instead
     grammar = _after_reasoning(_grammar(served, response_format, tools, mode, forced, fmt), reasoning)
-    params = build_params(**sampling, grammar=grammar)
+    params = build_params(**sampling, grammar=grammar, skip_special_tokens=False if harmony else None)
     request = GenerationRequest(
         request_id=request_id,
         prompt_token_ids=prompt,

@@ -111,6 +111,11 @@ def output_parser(
     `max_calls`: 1 when the request set parallel_tool_calls false; `reasoning`: the model's think markers
     and whether the prompt left the output inside the think block (None: the model does not reason).
     """
+    from server.serving.harmony import HarmonyParser, is_harmony, special_texts  # harmony.py imports OutputDelta
+
+    tokenizer = getattr(served, "tokenizer", None)
+    if is_harmony(tokenizer):  # gpt-oss: channels, not think markers or tool-call markers
+        return HarmonyParser(tools is not None and tool_format is not None, max_calls, special_texts(tokenizer))
     splitter = ReasoningSplitter(reasoning) if reasoning is not None else None
     calls = ToolCallParser(tool_format, tools, max_calls) if tools is not None and tool_format is not None else None
     return ThinkThenAnswer(splitter, calls)

@@ -14,6 +14,13 @@ enforce is a 400 naming the tool and the keyword (never the grammar's source). N
 markup by the grammars of `tool_format_grammars`. As for
 `response_format`, a non-strict tool (`strict` absent or false) has the keywords
 llguidance does not implement (`uniqueItems`, ...) ignored; a strict one is refused.
+
+gpt-oss writes calls in its harmony format instead (`harmony_lark_text`): an optional analysis message,
+then `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>` and the arguments as one
+compact JSON object of the tool's parameters; the grammar ends there, and so does the generation (the
+`<|call|>` that would follow is an EOS token). The analysis is bounded (`HARMONY_ANALYSIS_CHARS`) so a
+model that will not stop reasoning still reaches its call. Its `response_format` likewise applies to
+the final message after the optional analysis (`harmony_answer_grammar`).
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from typing import Any, Protocol
 
 from server.engine import GrammarSpec
 from server.errors import APIError, InvalidRequestError
+from server.serving.harmony import CHANNEL, CONSTRAIN, END, FUNCTIONS, HARMONY_FORMAT, MESSAGE, START
 from server.serving.tool_format_grammars import format_lark
 from server.serving.tools import ToolFormat
 
 log = logging.getLogger(__name__)
+
+HARMONY_ANALYSIS_CHARS = 8192  # the most reasoning a forced harmony call may write before its call
 
 # $defs hoisted from a tool's parameters to the call schema's root, where `#/$defs/...` refs resolve
 _DEFINITIONS = ("$defs", "definitions")
@@ -133,10 +143,57 @@ def lark_text(fmt: ToolFormat, chosen: list[tuple[int, dict[str, Any]]], tokeniz
         "call: " + " | ".join(f"tool_{k}" for k in range(len(chosen))),
     ]
     for k, (index, tool) in enumerate(chosen):
-        schema = call_schema(tool, index)
-        schema["x-guidance"] = {"whitespace_flexible": False, "lenient": not _strict(tool)}
-        lines.append(f"tool_{k}: %json {json.dumps(schema, ensure_ascii=False)}")
+        lines.append(f"tool_{k}: {_json_rule(tool, call_schema(tool, index))}")
     return "\n".join(lines) + "\n"
+
+
+def _json_rule(tool: dict[str, Any], schema: dict[str, Any]) -> str:
+    schema["x-guidance"] = {"whitespace_flexible": False, "lenient": not _strict(tool)}
+    return f"%json {json.dumps(schema, ensure_ascii=False)}"
+
+
+def _harmony_analysis(tokenizer: Any) -> list[str]:
+    """Lark rules of an optional analysis message (bounded) and the next message's start."""
+    ch, msg, end, start = (marker(t, tokenizer) for t in (CHANNEL, MESSAGE, END, START))
+    return [
+        f'analysis: {ch} "analysis" {msg} REASONING {end} {start} "assistant"',
+        f"REASONING: /(?s:.{{0,{HARMONY_ANALYSIS_CHARS}}})/",
+    ]
+
+
+def harmony_lark_text(chosen: list[tuple[int, dict[str, Any]]], tokenizer: Any) -> str:
+    """The Lark source of a forced harmony call: optional analysis, then the commentary call of a chosen tool."""
+    ch, msg, constrain = (marker(t, tokenizer) for t in (CHANNEL, MESSAGE, CONSTRAIN))
+    lines = [
+        "start: analysis? call",
+        *_harmony_analysis(tokenizer),
+        f'call: {ch} "commentary to={FUNCTIONS}" (' + " | ".join(f"tool_{k}" for k in range(len(chosen))) + ")",
+    ]
+    for k, (index, tool) in enumerate(chosen):
+        name = json.dumps(tool["function"]["name"])
+        arguments = call_schema(tool, index)
+        schema = {**{d: arguments[d] for d in _DEFINITIONS if d in arguments}, **arguments["properties"]["arguments"]}
+        lines.append(f'tool_{k}: {name} " " {constrain} "json" {msg} args_{k}')
+        lines.append(f"args_{k}: {_json_rule(tool, schema)}")
+    return "\n".join(lines) + "\n"
+
+
+def harmony_answer_grammar(spec: GrammarSpec, tokenizer: Any) -> GrammarSpec:
+    """`response_format` for a harmony model: optional analysis, then the final message's JSON (compact).
+
+    Regex and Lark specs are returned as they are (they are the caller's own grammar of the whole output)."""
+    if spec.kind not in ("json_object", "json_schema"):
+        return spec
+    schema: dict[str, Any] = dict(spec.schema or {}) if spec.kind == "json_schema" else {"type": "object"}
+    schema.setdefault("x-guidance", {"whitespace_flexible": False, "lenient": not spec.strict})
+    ch, msg = marker(CHANNEL, tokenizer), marker(MESSAGE, tokenizer)
+    lines = [
+        "start: analysis? final",
+        *_harmony_analysis(tokenizer),
+        f'final: {ch} "final" {msg} answer',
+        f"answer: %json {json.dumps(schema, ensure_ascii=False)}",
+    ]
+    return GrammarSpec(kind="lark", text="\n".join(lines) + "\n", strict=spec.strict)
 
 
 def forcing_grammar(
@@ -155,7 +212,8 @@ def forcing_grammar(
     chosen = chosen_tools(tools, forced)
     for index, tool in chosen:
         _check_parameters(tool, index, validator)
-    spec = GrammarSpec(kind="lark", text=lark_text(fmt, chosen, tokenizer), strict=False)
+    text = harmony_lark_text(chosen, tokenizer) if fmt == HARMONY_FORMAT else lark_text(fmt, chosen, tokenizer)
+    spec = GrammarSpec(kind="lark", text=text, strict=False)
     try:
         validator.validate(spec)
     except ValueError as exc:
@@ -166,4 +224,13 @@ def forcing_grammar(
     return spec
 
 
-__all__ = ["arguments_schema", "call_schema", "chosen_tools", "forcing_grammar", "lark_text", "marker"]
+__all__ = [
+    "arguments_schema",
+    "call_schema",
+    "chosen_tools",
+    "forcing_grammar",
+    "harmony_answer_grammar",
+    "harmony_lark_text",
+    "lark_text",
+    "marker",
+]
