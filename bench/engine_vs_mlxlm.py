@@ -608,13 +608,13 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=16, help="our KV block size (default %(default)s)")
     p.add_argument("--kv-blocks", type=int, default=None, help="our KV pool size in blocks (default: sized to fit)")
     p.add_argument(
-        "--prefill-budget",
+        "--prefill-chunk",
         type=int,
         default=None,
         help="our prompt tokens per step while nothing decodes (default: the engine's, 512 on a CPU, 2048 on a GPU)",
     )
     p.add_argument(
-        "--decoding-prefill-budget",
+        "--decoding-prefill-chunk",
         type=int,
         default=None,
         help="our prompt tokens per step while streamed sequences decode (every request here is "

@@ -18,6 +18,9 @@ def main() -> int:
     parser.add_argument(
         "--thinking-model", default=None, help="a model that reasons, for the reasoning checks (skipped without one)"
     )
+    parser.add_argument(
+        "--tool-model", default=None, help="a model with a native tool format, for the native tool checks"
+    )
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     if args.base_url:
@@ -28,6 +31,8 @@ def main() -> int:
         os.environ["COMPAT_MODEL"] = args.model
     if args.thinking_model:
         os.environ["COMPAT_THINKING_MODEL"] = args.thinking_model
+    if args.tool_model:
+        os.environ["COMPAT_TOOL_MODEL"] = args.tool_model
     here = Path(__file__).parent
     return int(pytest.main([str(here), "-q", "-p", "no:cacheprovider", *args.pytest_args]))
 

@@ -2,7 +2,7 @@
 DeepSeek, GLM, Kimi, MiniMax, ...) gets `tool_choice` "required" and named calls back as `tool_calls`,
 streamed with one stable index and id per call, and takes the call and its result back in the next turn.
 
-Runs against the model named by COMPAT_TOOL_MODEL (or `--tool-model`-less: the env var only); skipped
+Runs against the model named by COMPAT_TOOL_MODEL (`python -m compat --tool-model ID`); skipped
 with a reason when none is given, since a model without a native tool format says nothing here.
 """
 
