@@ -30,7 +30,6 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, SchedulerConfig  # noqa: E402
-from server.engine.engine import _Add  # noqa: E402
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -54,11 +53,11 @@ def ours(engine: Engine, batch: list[list[int]], warmup: int, steps: int, tag: s
     params = SamplingParams(max_tokens=warmup + steps + 64, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(batch):
         # the engine thread's own entry point, called here: this thread is the engine thread
-        engine._add(_Add(GenerationRequest(f"{tag}-{i}", prompt, params), lambda event: None))
+        engine.requests.add(engine.validate(GenerationRequest(f"{tag}-{i}", prompt, params)), lambda event: None)
     while any(s.num_pending_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine._step()
     elapsed = timed(engine._step, warmup, steps)
-    engine._abort_everything()
+    engine.requests.abort_everything()
     engine.output.flush()
     return elapsed
 

@@ -4,7 +4,7 @@
     submit(request, sink) --inbox-->  drain -> Scheduler.schedule()
                                             -> ModelRunner.prefill, DecodeStepper.step (decode
                                                + sampling, see decode_step.py)
-                                            -> accept tokens, finish sequences; KVCacheManager.sync
+                                            -> accept tokens, finish sequences (in_flight.py); KVCacheManager.sync
                                                writes rows back, hashes blocks, pins finished turns
     sink(TokenEvent) <--call_soon_threadsafe-- OutputProcessor: detokenize, one event per token
                                                per sequence (its own thread on a GPU, see output.py)
@@ -34,20 +34,20 @@ from server.engine.config import (
 )
 from server.engine.constraints import ConstraintFactory
 from server.engine.decode_step import DecodeStepper
-from server.engine.detokenizer import IdsToText, IncrementalDetokenizer
+from server.engine.detokenizer import IdsToText
+from server.engine.in_flight import RequestsInFlight
 from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
 from server.engine.model_limits import (
     ModelLimits,
     model_context_length,
     model_vocab_size,
 )
-from server.engine.output import Output, OutputProcessor, Sink
+from server.engine.output import OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
 from server.engine.runner import ModelRunner
-from server.engine.sampling import SequenceSampler, TokenSample
 from server.engine.scheduler import Scheduler, StepPlan
-from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.sequence import SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,6 @@ class Engine:
         self.constraints = ConstraintFactory(tokenizer, self.vocab_size, self.eos_ids)
         self.limits = ModelLimits(self.context_length, self.vocab_size, self.constraints)
         self._inbox: queue.Queue[_Add | _Abort | _AbortAll | None] = queue.Queue()
-        self._sinks: dict[str, Sink] = {}
-        self._seqs: dict[str, list[Sequence]] = {}
         self._stats = EngineStats(blocks_total=num_blocks)
         self._decode_window: list[tuple[float, int]] = []
         self._thread: threading.Thread | None = None
@@ -136,6 +134,16 @@ class Engine:
             threaded=self.config.output_thread if self.config.output_thread is not None else on_gpu
         )
         self._lock = threading.Lock()
+        self.requests = RequestsInFlight(
+            self.scheduler,
+            self.output,
+            self.constraints,
+            self.ids_to_text,
+            self.eos_ids,
+            self.context_length,
+            self._stats,
+            self._lock,
+        )
         self._record_state()  # the pool's counts from the start, not only after the first step
         log.info(
             "KV pool: %d blocks x %d tokens (%.2f GiB, %d bytes/token)",
@@ -254,89 +262,23 @@ class Engine:
                 return True
             block = False
             if command is None:
-                self._abort_everything()
+                self.requests.abort_everything()
                 return False
             if isinstance(command, _Add):
                 try:
-                    self._add(command)
+                    self.requests.add(command.request, command.sink)
                 except Exception as exc:  # a request that cannot start must not take the engine thread down
-                    self._reject(command, exc)
+                    self.requests.reject(command.request, command.sink, exc)
             elif isinstance(command, _AbortAll):
-                self._abort_everything()
+                self.requests.abort_everything()
             else:
-                self._abort(command.request_id, SequenceStatus.FINISHED_ABORTED)
-
-    def _add(self, command: _Add) -> None:
-        request = command.request
-        max_tokens = request.max_new_tokens
-        seqs = []
-        grammar = request.params.grammar
-        for index in range(request.params.n):
-            params = request.params
-            if params.seed is not None and index:
-                params = _with_seed(params, params.seed + index)
-            constraint = self.constraints.create(grammar) if grammar is not None else None
-            sampler = SequenceSampler(params, request.prompt_token_ids, constraint)
-            detok = IncrementalDetokenizer(
-                self.ids_to_text, request.params.stop, request.prompt_token_ids, request.params.skip_special_tokens
-            )
-            seqs.append(
-                Sequence(
-                    request.request_id,
-                    index,
-                    list(request.prompt_token_ids),
-                    request.params,
-                    sampler,
-                    detok,
-                    max_tokens,
-                    request.salt,
-                    request.conversation_key,
-                    streamed=request.streamed,
-                )
-            )
-        self._sinks[request.request_id] = command.sink
-        self._seqs[request.request_id] = seqs
-        for seq in seqs:
-            self.scheduler.add(seq)
-
-    def _reject(self, command: _Add, exc: Exception) -> None:
-        """End every sequence of a request that failed to start with an error event; undo what it added."""
-        log.exception("request %s could not start", command.request.request_id)
-        request = command.request
-        for seq in self._seqs.pop(request.request_id, []):
-            self.scheduler.remove(seq)
-        self._sinks.pop(request.request_id, None)
-        for index in range(request.params.n):
-            command.sink(
-                TokenEvent(
-                    request.request_id,
-                    index,
-                    None,
-                    "",
-                    finish_reason="error",
-                    prompt_tokens=len(request.prompt_token_ids),
-                    error=f"generation failed: {exc}",
-                    error_kind="internal",
-                )
-            )
-        with self._lock:
-            self._stats.requests_finished += 1
-
-    def _abort(self, request_id: str, status: SequenceStatus, error: str | None = None) -> None:
-        for seq in self._seqs.get(request_id, []):
-            if not seq.finished:
-                seq.error = error
-                self._finish(seq, status, "")
-
-    def _abort_everything(self) -> None:
-        for request_id in list(self._seqs):
-            self._abort(request_id, SequenceStatus.FINISHED_ABORTED)
+                self.requests.abort(command.request_id, SequenceStatus.FINISHED_ABORTED)
 
     def _step(self) -> None:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         for seq in plan.failed:
-            self._finish(seq, SequenceStatus.FINISHED_ERROR, "")
+            self.requests.finish(seq, SequenceStatus.FINISHED_ERROR, "")
         try:
             self._run(plan)
         except Exception as exc:  # a failing forward must not take the engine down
@@ -347,7 +289,7 @@ class Engine:
                 if not seq.finished:
                     seq.error = f"generation failed: {exc}"
                     seq.error_kind = "internal"
-                    self._finish(seq, SequenceStatus.FINISHED_ERROR, "")
+                    self.requests.finish(seq, SequenceStatus.FINISHED_ERROR, "")
         self._record_state(step=True)
         self.output.flush()  # the step's events leave together
         if log.isEnabledFor(logging.DEBUG):
@@ -392,75 +334,8 @@ class Engine:
             del self._decode_window[:256]
         for seq, sample in zip(plan.decodes, samples):
             seq.num_computed_tokens += 1
-            self._accept(seq, sample)
+            self.requests.accept(seq, sample)
         self.kv.sync(plan.decodes)  # decode rows written back, full blocks hashed, finished turns pinned
-
-    def _accept(self, seq: Sequence, sample: TokenSample) -> None:
-        token = sample.token_id
-        seq.output_token_ids.append(token)
-        seq.sampler.record(token)
-        self._stats.generated_tokens += 1
-        params = seq.params
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            self._finish(seq, SequenceStatus.FINISHED_STOPPED, "", sample)  # the EOS token is not text
-            return
-        # stop strings: the text decides when the sequence stops, so decode it here; else the output side does
-        text, pending = (seq.detokenizer.add(token), None) if params.stop else ("", token)
-        constraint = seq.sampler.constraint
-        if params.stop and seq.detokenizer.stopped:
-            self._finish(seq, SequenceStatus.FINISHED_STOPPED, text, sample)
-        elif constraint is not None and constraint.finished:  # grammar complete: only EOS could follow
-            if constraint.error:
-                seq.error, seq.error_kind = f"constrained decoding failed: {constraint.error}", "internal"
-            status = SequenceStatus.FINISHED_ERROR if constraint.error else SequenceStatus.FINISHED_STOPPED
-            self._finish(seq, status, text, sample, pending)
-        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.context_length:
-            self._finish(seq, SequenceStatus.FINISHED_LENGTH, text, sample, pending)
-        else:
-            self._emit(seq, text, sample, pending)
-
-    def _emit(
-        self, seq: Sequence, text: str, sample: TokenSample | None, decode: int | None = None, finish: str | None = None
-    ) -> None:
-        """Queue the sequence's event: `text`, then `decode` decoded, then (finishing) the held-back rest."""
-        sink = self._sinks.get(seq.request_id)
-        if sink is None:
-            return
-        # a sequence that ended normally releases held-back text; an aborted or failed one does not
-        self.output.put(
-            Output(
-                seq,
-                sink,
-                sample,
-                text,
-                decode,
-                flush=finish in ("stop", "length"),
-                finish_reason=finish,
-                completion_tokens=len(seq.output_token_ids),
-                error=seq.error,
-                error_kind=seq.error_kind,
-                first=len(seq.output_token_ids) == 1,
-            )
-        )
-
-    def _finish(
-        self,
-        seq: Sequence,
-        status: SequenceStatus,
-        text: str,
-        sample: TokenSample | None = None,
-        decode: int | None = None,
-    ) -> None:
-        seq.status = status
-        # a turn that ended normally keeps its KV (pinned under its conversation key); see KVCacheManager.finish
-        completed = status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH)
-        self.scheduler.remove(seq, completed)
-        self._emit(seq, text, sample, decode, seq.finish_reason)
-        siblings = self._seqs.get(seq.request_id, [])
-        if all(s.finished for s in siblings) and self._seqs.pop(seq.request_id, None) is not None:
-            self._sinks.pop(seq.request_id, None)
-            with self._lock:
-                self._stats.requests_finished += 1
 
 
 class GenerationError(RuntimeError):
@@ -485,12 +360,6 @@ def _resolved(config: EngineConfig) -> EngineConfig:
     budget = scheduler.prefill_chunk or DEFAULT_PREFILL_CHUNK[device]
     decoding = min(budget, scheduler.decoding_prefill_chunk or DEFAULT_DECODING_PREFILL_CHUNK[device])
     return replace(config, scheduler=replace(scheduler, prefill_chunk=budget, decoding_prefill_chunk=decoding))
-
-
-def _with_seed(params: Any, seed: int) -> Any:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
 
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "GenerationError", "PoolExhaustedError"]

@@ -541,10 +541,10 @@ def test_a_request_that_fails_to_start_ends_with_an_error_and_the_engine_keeps_s
 ) -> None:
     prompt = chat_tokens(smol[1], "Hello there.")
 
-    def broken(command: Any) -> None:
+    def broken(request: Any, sink: Any) -> None:
         raise RuntimeError("cannot build the sampler")
 
-    monkeypatch.setattr(engine, "_add", broken)  # what a bug in starting a request would do
+    monkeypatch.setattr(engine.requests, "add", broken)  # what a bug in starting a request would do
     with pytest.raises(GenerationError, match="cannot build the sampler"):
         engine.generate(request(prompt, max_tokens=2, n=2), timeout=30)
     monkeypatch.undo()
