@@ -269,31 +269,12 @@ class FineTuning:
         except Exception:  # noqa: BLE001 - the base is not served by this server now
             log.warning("not serving %s: its base %s is not served", model.id, model.base)
             return
-        self._register(
-            ServedModel(
-                id=model.id,
-                kind=base.kind,
-                path=base.path,
-                created=model.created_at,
-                owned_by=job.tenant,
-                owner=job.tenant,
-                base=base,
-                adapter_path=model.adapter_path,
-            )
-        )
+        self._register(_adapter_model(model.id, base, job.tenant, model.created_at, model.adapter_path))
         for checkpoint in self._checkpoints(job.id):
             if checkpoint.path.is_dir():
                 self._register(
-                    ServedModel(
-                        id=checkpoint.model_name,
-                        kind=base.kind,
-                        path=base.path,
-                        created=checkpoint.created_at,
-                        owned_by=job.tenant,
-                        owner=job.tenant,
-                        base=base,
-                        adapter_path=checkpoint.path,
-                        listed=False,
+                    _adapter_model(
+                        checkpoint.model_name, base, job.tenant, checkpoint.created_at, checkpoint.path, listed=False
                     )
                 )
         metrics = self.store.job_dir(job.id) / METRICS_FILE
@@ -382,3 +363,21 @@ class FineTuning:
 def _unload_adapter(served: ServedModel) -> None:
     unload(served)
     served.model = served.engine = served.encoder = served.batcher = None
+
+
+def _adapter_model(
+    model_id: str, base: ServedModel, tenant: str, created: int, adapter_path: Path, listed: bool = True
+) -> ServedModel:
+    """A fine-tuned model (or, unlisted, one of its checkpoints): the base's weights plus an adapter, the tenant's
+    own."""
+    return ServedModel(
+        id=model_id,
+        kind=base.kind,
+        path=base.path,
+        created=created,
+        owned_by=tenant,
+        owner=tenant,
+        base=base,
+        adapter_path=adapter_path,
+        listed=listed,
+    )
