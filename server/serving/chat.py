@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -26,7 +26,7 @@ from server.registry import ServedModel
 from server.serving.generation import SYSTEM_FINGERPRINT, build_request, engine_failure, tool_mode
 from server.serving.logprobs import TokenText
 from server.serving.model_output import ChoiceOutput, OutputDelta, output_parser
-from server.serving.params import stop_list
+from server.serving.params import sampling_fields
 from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
 from server.serving.template_inputs import past_reasoning, template_kwargs
@@ -55,27 +55,41 @@ from server.wire.chat import (
 from server.wire.codec import encode
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_TEXT = frozenset({"text"})
+
+
+class TextPart(Protocol):
+    """A content part as chat and responses requests carry it."""
+
+    type: str
+    text: str | None
+
+
+def joined_text(parts: Sequence[TextPart], accepted: frozenset[str], param: str) -> str:
+    """The parts' text, joined; a 400 naming the part (`param[j]`) for a part not of an `accepted` type or without
+    text."""
+    pieces = []
+    for j, part in enumerate(parts):
+        if part.type not in accepted:
+            raise InvalidRequestError(
+                f"Content parts of type '{part.type}' are not supported by this model; send text parts only.",
+                param=f"{param}[{j}]",
+                code="unsupported_content_type",
+            )
+        if part.text is None:
+            where = f"{param}[{j}].text"
+            raise InvalidRequestError(
+                f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter"
+            )
+        pieces.append(part.text)
+    return "".join(pieces)
 
 
 def _text_of(message: ChatMessage, index: int) -> str | None:
     content = message.content
     if content is None or isinstance(content, str):
         return content
-    pieces = []
-    for j, part in enumerate(content):
-        if part.type != "text":
-            raise InvalidRequestError(
-                f"Content parts of type '{part.type}' are not supported by this model; send text parts only.",
-                param=f"messages[{index}].content[{j}]",
-                code="unsupported_content_type",
-            )
-        if part.text is None:
-            where = f"messages[{index}].content[{j}].text"
-            raise InvalidRequestError(
-                f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter"
-            )
-        pieces.append(part.text)
-    return "".join(pieces)
+    return joined_text(content, _TEXT, f"messages[{index}].content")
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -180,16 +194,7 @@ def prepare(
         streamed=bool(body.stream),
         template_kwargs=kwargs,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logit_bias=body.logit_bias,
-        seed=body.seed,
-        stop=stop_list(body.stop),
+        **sampling_fields(body),
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
         n=body.n,

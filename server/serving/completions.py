@@ -21,7 +21,7 @@ from server.registry import ServedModel
 from server.serving.batch_input import batch_items
 from server.serving.generation import SYSTEM_FINGERPRINT, engine_failure
 from server.serving.logprobs import TokenText
-from server.serving.params import build_params, stop_list
+from server.serving.params import build_params, sampling_fields
 from server.serving.scope import RequestScope
 from server.wire.chat import PromptTokensDetails, Usage
 from server.wire.codec import encode
@@ -100,16 +100,7 @@ def prepare(
     prompts = parse_prompts(body.prompt, tokenizer)
     params = build_params(
         max_tokens=body.max_tokens if body.max_tokens is not None else 16,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logit_bias=body.logit_bias,
-        seed=body.seed,
-        stop=stop_list(body.stop),
+        **sampling_fields(body),
         logprobs=body.logprobs is not None or best_of > n,
         top_logprobs=body.logprobs or 0,
         n=best_of,

@@ -6,6 +6,8 @@ from typing import Any
 
 from server.engine import SamplingParams
 from server.errors import InvalidRequestError
+from server.wire.chat import ChatCompletionRequest
+from server.wire.completions import CompletionRequest
 
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64; the engine checks the lower bound
@@ -68,3 +70,19 @@ def build_params(**fields: Any) -> SamplingParams:
     except ValueError as exc:
         message = str(exc)
         raise InvalidRequestError(f"Invalid value: {message}.", param=_param_of(message)) from exc
+
+
+def sampling_fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """The sampling fields chat and completions requests share, named as `build_params` takes them."""
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "logit_bias": body.logit_bias,
+        "seed": body.seed,
+        "stop": stop_list(body.stop),
+    }
