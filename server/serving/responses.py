@@ -24,6 +24,7 @@ from server.errors import InvalidRequestError
 from server.metrics import TokenTimer
 from server.persistence.responses import ResponseStore
 from server.registry import ServedModel
+from server.serving.chat import joined_text
 from server.serving.generation import build_request, tool_mode
 from server.serving.model_output import ChoiceOutput, output_parser
 from server.serving.reasoning import ReasoningMode
@@ -92,21 +93,7 @@ def _text(content: str | list[InputContent] | None, param: str) -> str:
         raise InvalidRequestError(f"'{param}' is required.", param=param)
     if isinstance(content, str):
         return content
-    pieces = []
-    for j, part in enumerate(content):
-        if part.type not in TEXT_PARTS:
-            raise InvalidRequestError(
-                f"Content parts of type '{part.type}' are not supported by this model; send text parts only.",
-                param=f"{param}[{j}]",
-                code="unsupported_content_type",
-            )
-        if part.text is None:
-            where = f"{param}[{j}].text"
-            raise InvalidRequestError(
-                f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter"
-            )
-        pieces.append(part.text)
-    return "".join(pieces)
+    return joined_text(content, TEXT_PARTS, param)
 
 
 def _item(raw: InputItem, i: int) -> Item:
