@@ -59,6 +59,13 @@ def _mlx_dropin(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
     )
 
 
+def _serve(port: int, model_dir: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`mlx-dropin serve` of one model (id `m`), expected to exit at start-up."""
+    return _mlx_dropin(
+        "serve", "--port", str(port), "--no-default-models", "--model", f"m={model_dir}", "--data-dir", str(data_dir)
+    )
+
+
 def test_version_prints_the_package_version() -> None:
     done = _mlx_dropin("--version", timeout=60)
     assert done.returncode == 0, done.stderr
@@ -106,16 +113,7 @@ def test_a_port_in_use_is_one_line_and_exit_1(smollm2_dir: Path, tmp_path: Path)
         taken.listen()
         port = taken.getsockname()[1]
         started = time.monotonic()
-        done = _mlx_dropin(
-            "serve",
-            "--port",
-            str(port),
-            "--no-default-models",
-            "--model",
-            f"m={smollm2_dir}",
-            "--data-dir",
-            str(tmp_path / "data"),
-        )
+        done = _serve(port, smollm2_dir, tmp_path / "data")
     line = _one_line_error(done)
     assert f"127.0.0.1:{port}" in line and "in use" in line
     assert time.monotonic() - started < 60  # fails before loading any model
@@ -127,16 +125,7 @@ def test_an_unusable_data_dir_is_one_line_and_exit_1(smollm2_dir: Path, tmp_path
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = _mlx_dropin(
-        "serve",
-        "--port",
-        str(port),
-        "--no-default-models",
-        "--model",
-        f"m={smollm2_dir}",
-        "--data-dir",
-        str(blocker / "data"),
-    )
+    done = _serve(port, smollm2_dir, blocker / "data")
     line = _one_line_error(done)
     assert str(blocker / "data") in line and "--data-dir" in line
 
@@ -148,9 +137,7 @@ def test_a_data_dir_whose_database_is_not_sqlite_is_an_error_line(smollm2_dir: P
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = _mlx_dropin(
-        "serve", "--port", str(port), "--no-default-models", "--model", f"m={smollm2_dir}", "--data-dir", str(data)
-    )
+    done = _serve(port, smollm2_dir, data)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == "mlx-dropin: error: cannot start: file is not a database"
 

@@ -108,27 +108,21 @@ def test_trailing_slash_and_percent_encoded_ids(base: str) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+def _upload(base: str, name: str, size: int) -> httpx.Response:
+    return httpx.post(
+        base + "/files", headers=AUTH, data={"purpose": "fine-tune"}, files={"file": (name, b"x" * size)}, timeout=60
+    )
+
+
 def test_body_limits_are_the_v1_routes_own(base: str) -> None:
     big = {"messages": [{"role": "user", "content": "x" * 600_000}]}
     too_large = httpx.post(base + "/chat/completions", json=big, headers=AUTH)
     assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
     # /v1/files has its own, larger limit: a 1 MB upload passes the 0.5 MB body limit on the alias too
-    upload = httpx.post(
-        base + "/files",
-        headers=AUTH,
-        data={"purpose": "fine-tune"},
-        files={"file": ("big.jsonl", b"x" * 1_000_000)},
-        timeout=60,
-    )
+    upload = _upload(base, "big.jsonl", 1_000_000)
     assert upload.status_code == 200, upload.text
     assert upload.json()["bytes"] == 1_000_000
-    over = httpx.post(
-        base + "/files",
-        headers=AUTH,
-        data={"purpose": "fine-tune"},
-        files={"file": ("huge.jsonl", b"x" * 3_000_000)},
-        timeout=60,
-    )
+    over = _upload(base, "huge.jsonl", 3_000_000)
     assert over.status_code == 413
 
 

@@ -227,8 +227,8 @@ def test_text_part_without_text_names_the_missing_field(base: str) -> None:
 
 
 # -- lone surrogates --------------------------------------------------------------------------------
-@pytest.mark.parametrize("text", [rb"\ud800", rb"\ud800x", rb"a\udc00", rb"\ud800\u0041", rb"\\\udbff"])
-def test_lone_surrogate_is_named_not_called_truncated(base: str, text: bytes) -> None:
+def _chat_with_raw_content(base: str, text: bytes) -> httpx.Response:
+    """A chat request whose message content is `text` as written, JSON escapes included."""
     body = (
         b'{"model": "'
         + MODEL.encode()
@@ -236,29 +236,22 @@ def test_lone_surrogate_is_named_not_called_truncated(base: str, text: bytes) ->
         + text
         + b'"}]}'
     )
-    response = httpx.post(
+    return httpx.post(
         base + "/v1/chat/completions",
         content=body,
         timeout=60,
         headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
     )
+
+
+@pytest.mark.parametrize("text", [rb"\ud800", rb"\ud800x", rb"a\udc00", rb"\ud800\u0041", rb"\\\udbff"])
+def test_lone_surrogate_is_named_not_called_truncated(base: str, text: bytes) -> None:
+    response = _chat_with_raw_content(base, text)
     error = error_of(response, None, "invalid_json")
     assert "surrogate" in error["message"] and "truncated" not in error["message"]
 
 
 @pytest.mark.parametrize("text", [rb"\ud83d\ude00", rb"\\ud800", rb"\\\\ud800"])
 def test_surrogate_pairs_and_escaped_backslashes_still_decode(base: str, text: bytes) -> None:
-    body = (
-        b'{"model": "'
-        + MODEL.encode()
-        + b'", "max_tokens": 1, "messages": [{"role": "user", "content": "'
-        + text
-        + b'"}]}'
-    )
-    response = httpx.post(
-        base + "/v1/chat/completions",
-        content=body,
-        timeout=60,
-        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
-    )
+    response = _chat_with_raw_content(base, text)
     assert response.status_code == 200, response.text
