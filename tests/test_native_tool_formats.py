@@ -13,20 +13,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from server.app import create_app
-from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.model_lifecycle import load, unload
-from server.registry import ModelRegistry, ServedModel
-from server.serving.prompt import render_prompt
+from server.registry import ModelRegistry
+from server.serving.generation import build_prompt
 from server.serving.tools import ToolCallParser, tool_call_entry, tool_format
 from tests.native_tool_models import FAMILIES, family_model_dir
-from tests.serving import running_server
+from tests.real_vocab import template_text
+from tests.serving import loaded_models, running_server, tiny_settings
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -56,6 +56,9 @@ WRITTEN = {
     "</tool_call>",
     "llama3": '{"name": "add", "parameters": {"a": 2, "b": 3}}; {"name": "paint", "parameters": {"color": "red"}}',
     "functionary31": 'Sure.<function=add>{"a": 2, "b": 3}</function><function=paint>{"color": "red"}</function>',
+    # the generation prompt ends with `>>>`: the output starts with the recipient (`all` for text)
+    "functionary32": 'all\nSure.>>>add\n{"a": 2, "b": 3}>>>paint\n{"color": "red"}',
+    "gemma4": 'Sure.<|tool_call>call:add{a:2,b:3}<tool_call|><|tool_call>call:paint{color:<|"|>red<|"|>}<tool_call|>',
     "mistral": 'Sure.[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}[TOOL_CALLS]paint[ARGS]{"color": "red"}',
     "deepseek_v31": 'Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 2, "b": 3}<｜tool▁call▁end｜>'
     '<｜tool▁call▁begin｜>paint<｜tool▁sep｜>{"color": "red"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
@@ -80,6 +83,8 @@ FORCED = [
     "llama3.2",
     "hermes3",
     "functionary3.1",
+    "functionary3.2",
+    "gemma4",
     "devstral",
     "mistral-small-3.2",
     "ministral-reasoning",
@@ -99,20 +104,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(root: Path) -> Iterator[ModelRegistry]:
-    registry = ModelRegistry()
-    for name, family in FAMILIES.items():
-        registry.add(ServedModel(id=name, kind="chat", path=family_model_dir(root / name, family)))
-    load(registry, Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=0.02))
-    registry.mark_ready()
-    yield registry
-    for served in registry.list():
-        unload(served)
+    dirs = {name: family_model_dir(root / name, family) for name, family in FAMILIES.items()}
+    with loaded_models(dirs, tiny_settings(root, 0.02)) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="module")
 def base(root: Path, registry: ModelRegistry) -> Iterator[str]:
-    settings = Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=0.02)
-    with running_server(create_app(settings, registry)) as url:
+    with running_server(create_app(tiny_settings(root, 0.02), registry)) as url:
         yield url
 
 
@@ -140,6 +139,26 @@ def test_the_model_s_own_format_detected_and_parsed_from_token_pieces(registry: 
     assert [(c.name, json.loads(c.arguments)) for c in calls] == CALLS
     assert content.strip() in ("", "Sure."), content
     assert len({c.id for c in calls}) == 2
+
+
+def _functionary32_parser() -> ToolCallParser:
+    template = SimpleNamespace(chat_template=template_text("meetkai-functionary-medium-v3.2"))
+    return ToolCallParser(tool_format(template), TOOLS)
+
+
+@pytest.mark.parametrize(
+    "pieces, content",
+    [
+        (["al", "l\nHello", " there", ">", ">"], "Hello there>>"),  # a text reply; a partial `>>>` is text at the end
+        ([], ""),  # the output ended right after the prompt's `>>>`
+        (["all"], ""),  # ... or inside the text recipient
+    ],
+)
+def test_functionary32_text_recipient_is_content_not_a_call(pieces: list[str], content: str) -> None:
+    parser = _functionary32_parser()
+    shown = "".join(parser.feed(piece)[0] for piece in pieces)
+    rest, calls = parser.finish()
+    assert (shown + rest, calls, parser.dropped_unfinished) == (content, [], False)
 
 
 def _post(base: str, body: dict[str, Any]) -> httpx.Response:
@@ -175,18 +194,20 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
         jsonschema.validate(json.loads(function["arguments"]), SCHEMAS[function["name"]])
     # round trip: the call and its result render back through the template
     served = registry.get(model)
-    fmt = tool_format(served.tokenizer)
     entry = tool_call_entry(call["id"], function["name"], function["arguments"])
     messages = [
         {"role": "user", "content": "Add 2 and 3."},
         {"role": "assistant", "content": "", "tool_calls": [entry]},
         {"role": "tool", "tool_call_id": call["id"], "content": "RESULT-42"},
     ]
-    text = served.tokenizer.decode(render_prompt(served.tokenizer, messages, TOOLS if fmt.native else None))
+    ids, _ = build_prompt(served.tokenizer, messages, TOOLS, "auto", None)
+    text = served.tokenizer.decode(ids)
     assert "RESULT-42" in text and function["name"] in text
+    if model == "functionary3.2":  # its template concatenates the arguments: they reach it as JSON text
+        assert f">>>{function['name']}\n{function['arguments']}" in text, text
 
 
-@pytest.mark.parametrize("model", ["qwen3.5", "llama3.1", "devstral"])
+@pytest.mark.parametrize("model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4"])
 def test_streamed_forced_call_has_a_stable_index_and_id(base: str, model: str) -> None:
     r = _forced(base, model, "required", stream=True)
     assert r.status_code == 200, r.text
