@@ -58,6 +58,34 @@ _MISTRAL = dict(
     real_vocab=False,
 )
 _QWEN_STANDIN = dict(vocab="qwen2", real_vocab=False)
+_GLM_ADDED = (
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<think>",
+    "</think>",
+    "<tool_response>",
+    "</tool_response>",
+)
+# Gemma 4 (gemma4_text) at tiny size: no KV-shared layers, a small per-layer input, one sliding layer per global one
+_GEMMA4_TEXT = {
+    "head_dim": 16,
+    "global_head_dim": 16,
+    "num_kv_shared_layers": 0,
+    "hidden_size_per_layer_input": 8,
+    "sliding_window": 128,
+    "sliding_window_pattern": 2,
+    "use_double_wide_mlp": False,
+}
 _DS = (
     "<｜tool▁calls▁begin｜>",
     "<｜tool▁calls▁end｜>",
@@ -91,6 +119,8 @@ FAMILIES: dict[str, Family] = {
         marks=("<tool_call>", "</tool_call>"),
     ),
     "functionary3.1": Family("llama-bpe", "meetkai-functionary-medium-v3.1", "functionary31", eos="<|eot_id|>"),
+    "functionary3.2": Family("llama-bpe", "meetkai-functionary-medium-v3.2", "functionary32", eos="<|eot_id|>"),
+    "gemma4": Family("gemma-4", "google-gemma-4-31B-it", "gemma4", "gemma4_text", "<turn|>", extra=_GEMMA4_TEXT),
     "mistral-small-3.2": Family(template="Mistral-Small-3.2-24B-Instruct-2506", fmt="mistral", **_MISTRAL),  # type: ignore[arg-type]
     "devstral": Family(template="unsloth-mistral-Devstral-Small-2507", fmt="mistral", **_MISTRAL),  # type: ignore[arg-type]
     "ministral-reasoning": Family(template="mistralai-Ministral-3-14B-Reasoning-2512", fmt="mistral", **_MISTRAL),  # type: ignore[arg-type]
@@ -131,48 +161,14 @@ FAMILIES: dict[str, Family] = {
         template="GLM-4.6",
         fmt="glm47",
         eos="<|user|>",
-        qwen_added=(
-            "[gMASK]",
-            "<sop>",
-            "<|system|>",
-            "<|user|>",
-            "<|assistant|>",
-            "<|observation|>",
-            "<tool_call>",
-            "</tool_call>",
-            "<arg_key>",
-            "</arg_key>",
-            "<arg_value>",
-            "</arg_value>",
-            "<think>",
-            "</think>",
-            "<tool_response>",
-            "</tool_response>",
-        ),
+        qwen_added=_GLM_ADDED,
         **_QWEN_STANDIN,  # type: ignore[arg-type]
     ),
     "glm-4.7": Family(
         template="GLM-4.7-Flash",
         fmt="glm47",
         eos="<|user|>",
-        qwen_added=(
-            "[gMASK]",
-            "<sop>",
-            "<|system|>",
-            "<|user|>",
-            "<|assistant|>",
-            "<|observation|>",
-            "<tool_call>",
-            "</tool_call>",
-            "<arg_key>",
-            "</arg_key>",
-            "<arg_value>",
-            "</arg_value>",
-            "<think>",
-            "</think>",
-            "<tool_response>",
-            "</tool_response>",
-        ),
+        qwen_added=_GLM_ADDED,
         **_QWEN_STANDIN,  # type: ignore[arg-type]
     ),
     "kimi-k2": Family(
@@ -264,6 +260,8 @@ def family_model_dir(out: Path, family: Family, seed: int = 0) -> Path:
     }
     if family.model_type == "qwen3":
         config["head_dim"] = 16
+    if "hidden_size_per_layer_input" in config:  # Gemma 4's per-layer input embeddings span the vocabulary
+        config["vocab_size_per_layer_input"] = config["vocab_size"]
     if family.eos is not None:
         config["eos_token_id"] = tokenizer.token_to_id(family.eos)
     module = importlib.import_module(f"mlx_lm.models.{family.model_type}")

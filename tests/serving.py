@@ -1,4 +1,5 @@
-"""Run the real ASGI app on hypercorn in a background thread, for tests that speak HTTP to it."""
+"""Run the real ASGI app on hypercorn in a background thread, for tests that speak HTTP to it; load tiny
+model directories into a registry for it (`loaded_models`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from starlette.applications import Starlette
+
+from server.config import Settings
+from server.model_lifecycle import load, unload
+from server.registry import ModelRegistry, ServedModel
 
 
 def free_port() -> int:
@@ -53,3 +59,23 @@ def running_server(app: Starlette) -> Iterator[str]:
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=10)
+
+
+def tiny_settings(root: Path, kv_cache_gb: float) -> Settings:
+    """Settings for tests serving tiny models: caches and data under `root`, a small KV pool."""
+    return Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=kv_cache_gb)
+
+
+@contextlib.contextmanager
+def loaded_models(dirs: dict[str, Path], settings: Settings) -> Iterator[ModelRegistry]:
+    """A ready registry serving each model directory as a chat model under its key; unloaded on exit."""
+    registry = ModelRegistry()
+    for name, path in dirs.items():
+        registry.add(ServedModel(id=name, kind="chat", path=path))
+    load(registry, settings)
+    registry.mark_ready()
+    try:
+        yield registry
+    finally:
+        for served in registry.list():
+            unload(served)

@@ -13,20 +13,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from server.app import create_app
-from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.model_lifecycle import load, unload
-from server.registry import ModelRegistry, ServedModel
-from server.serving.prompt import render_prompt
+from server.registry import ModelRegistry
+from server.serving.generation import build_prompt
+from server.serving.reasoning import reasoning_mode
 from server.serving.tools import ToolCallParser, tool_call_entry, tool_format
 from tests.native_tool_models import FAMILIES, family_model_dir
-from tests.serving import running_server
+from tests.real_vocab import template_text
+from tests.serving import loaded_models, running_server, tiny_settings
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -56,6 +57,9 @@ WRITTEN = {
     "</tool_call>",
     "llama3": '{"name": "add", "parameters": {"a": 2, "b": 3}}; {"name": "paint", "parameters": {"color": "red"}}',
     "functionary31": 'Sure.<function=add>{"a": 2, "b": 3}</function><function=paint>{"color": "red"}</function>',
+    # the generation prompt ends with `>>>`: the output starts with the recipient (`all` for text)
+    "functionary32": 'all\nSure.>>>add\n{"a": 2, "b": 3}>>>paint\n{"color": "red"}',
+    "gemma4": 'Sure.<|tool_call>call:add{a:2,b:3}<tool_call|><|tool_call>call:paint{color:<|"|>red<|"|>}<tool_call|>',
     "mistral": 'Sure.[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}[TOOL_CALLS]paint[ARGS]{"color": "red"}',
     "deepseek_v31": 'Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 2, "b": 3}<｜tool▁call▁end｜>'
     '<｜tool▁call▁begin｜>paint<｜tool▁sep｜>{"color": "red"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
@@ -80,6 +84,8 @@ FORCED = [
     "llama3.2",
     "hermes3",
     "functionary3.1",
+    "functionary3.2",
+    "gemma4",
     "devstral",
     "mistral-small-3.2",
     "ministral-reasoning",
@@ -99,20 +105,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(root: Path) -> Iterator[ModelRegistry]:
-    registry = ModelRegistry()
-    for name, family in FAMILIES.items():
-        registry.add(ServedModel(id=name, kind="chat", path=family_model_dir(root / name, family)))
-    load(registry, Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=0.02))
-    registry.mark_ready()
-    yield registry
-    for served in registry.list():
-        unload(served)
+    dirs = {name: family_model_dir(root / name, family) for name, family in FAMILIES.items()}
+    with loaded_models(dirs, tiny_settings(root, 0.02)) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="module")
 def base(root: Path, registry: ModelRegistry) -> Iterator[str]:
-    settings = Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=0.02)
-    with running_server(create_app(settings, registry)) as url:
+    with running_server(create_app(tiny_settings(root, 0.02), registry)) as url:
         yield url
 
 
@@ -142,11 +142,46 @@ def test_the_model_s_own_format_detected_and_parsed_from_token_pieces(registry: 
     assert len({c.id for c in calls}) == 2
 
 
+def _functionary32_parser() -> ToolCallParser:
+    template = SimpleNamespace(chat_template=template_text("meetkai-functionary-medium-v3.2"))
+    return ToolCallParser(tool_format(template), TOOLS)
+
+
+@pytest.mark.parametrize(
+    "pieces, content",
+    [
+        (["al", "l\nHello", " there", ">", ">"], "Hello there>>"),  # a text reply; a partial `>>>` is text at the end
+        ([], ""),  # the output ended right after the prompt's `>>>`
+        (["all"], ""),  # ... or inside the text recipient
+    ],
+)
+def test_functionary32_text_recipient_is_content_not_a_call(pieces: list[str], content: str) -> None:
+    parser = _functionary32_parser()
+    shown = "".join(parser.feed(piece)[0] for piece in pieces)
+    rest, calls = parser.finish()
+    assert (shown + rest, calls, parser.dropped_unfinished) == (content, [], False)
+
+
 def _post(base: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(base + "/v1/chat/completions", json=body, timeout=300)
 
 
-def _forced(base: str, model: str, choice: Any, stream: bool = False) -> httpx.Response:
+def _closing_thinking(registry: ModelRegistry, model: str) -> dict[str, float]:
+    """A logit bias that ends the reasoning at once, for a template that opens the think block in the prompt.
+
+    The forcing grammar then starts after the end-of-thinking marker (what a real model writes when it is
+    done thinking); random weights would think until `max_tokens` and never reach the call."""
+    served = registry.get(model)
+    ids, _ = build_prompt(served.tokenizer, [{"role": "user", "content": "Add 2 and 3."}], TOOLS, "required", None)
+    mode = reasoning_mode(served.tokenizer, ids)
+    if mode is None or not mode.starts_inside or len(mode.markers.end_ids) != 1:
+        return {}
+    return {str(mode.markers.end_ids[0]): 100.0}
+
+
+def _forced(
+    base: str, model: str, choice: Any, stream: bool = False, registry: ModelRegistry | None = None
+) -> httpx.Response:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "Add 2 and 3."}],
@@ -155,6 +190,7 @@ def _forced(base: str, model: str, choice: Any, stream: bool = False) -> httpx.R
         "max_tokens": 60,
         "temperature": 0,
         "stream": stream,
+        "logit_bias": _closing_thinking(registry, model) if registry is not None else {},
     }
     return _post(base, body)
 
@@ -164,7 +200,7 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
     registry: ModelRegistry, base: str, model: str
 ) -> None:
     for choice, name in (("required", None), ({"type": "function", "function": {"name": "paint"}}, "paint")):
-        r = _forced(base, model, choice)
+        r = _forced(base, model, choice, registry=registry)
         assert r.status_code == 200, r.text
         choice0 = r.json()["choices"][0]
         assert choice0["finish_reason"] == "tool_calls", choice0
@@ -175,20 +211,22 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
         jsonschema.validate(json.loads(function["arguments"]), SCHEMAS[function["name"]])
     # round trip: the call and its result render back through the template
     served = registry.get(model)
-    fmt = tool_format(served.tokenizer)
     entry = tool_call_entry(call["id"], function["name"], function["arguments"])
     messages = [
         {"role": "user", "content": "Add 2 and 3."},
         {"role": "assistant", "content": "", "tool_calls": [entry]},
         {"role": "tool", "tool_call_id": call["id"], "content": "RESULT-42"},
     ]
-    text = served.tokenizer.decode(render_prompt(served.tokenizer, messages, TOOLS if fmt.native else None))
+    ids, _ = build_prompt(served.tokenizer, messages, TOOLS, "auto", None)
+    text = served.tokenizer.decode(ids)
     assert "RESULT-42" in text and function["name"] in text
+    if model == "functionary3.2":  # its template concatenates the arguments: they reach it as JSON text
+        assert f">>>{function['name']}\n{function['arguments']}" in text, text
 
 
-@pytest.mark.parametrize("model", ["qwen3.5", "llama3.1", "devstral"])
-def test_streamed_forced_call_has_a_stable_index_and_id(base: str, model: str) -> None:
-    r = _forced(base, model, "required", stream=True)
+@pytest.mark.parametrize("model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4"])
+def test_streamed_forced_call_has_a_stable_index_and_id(registry: ModelRegistry, base: str, model: str) -> None:
+    r = _forced(base, model, "required", stream=True, registry=registry)
     assert r.status_code == 200, r.text
     chunks = [
         json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"
@@ -201,7 +239,8 @@ def test_streamed_forced_call_has_a_stable_index_and_id(base: str, model: str) -
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.parametrize("model", ["qwen3.5", "devstral"])
+# models whose prompt leaves no think block open: the kit sends what any client sends (no logit bias)
+@pytest.mark.parametrize("model", ["llama3.1", "devstral"])
 def test_the_compat_kit_s_native_tool_checks_pass_on_a_tiny_native_model(base: str, model: str) -> None:
     import os
     import subprocess

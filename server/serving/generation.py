@@ -22,7 +22,7 @@ from server.serving.params import build_params
 from server.serving.prompt import render_prompt, template_text
 from server.serving.reasoning import ReasoningMode, reasoning_mode
 from server.serving.scope import RequestScope
-from server.serving.template_inputs import fit_tool_call_ids
+from server.serving.template_inputs import fit_tool_call_arguments, fit_tool_call_ids
 from server.serving.tool_grammar import forcing_grammar, harmony_answer_grammar
 from server.serving.tools import ToolFormat, tool_format, with_tools
 
@@ -104,7 +104,7 @@ def build_prompt(
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced, fmt)
     native = tools if fmt is not None and fmt.native else None
-    messages = fit_tool_call_ids(messages, template_text(tokenizer))
+    messages = fit_tool_call_arguments(fit_tool_call_ids(messages, template_text(tokenizer)), template_text(tokenizer))
     return render_prompt(tokenizer, messages, native, template_kwargs), fmt
 
 

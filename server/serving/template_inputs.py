@@ -1,6 +1,6 @@
 """What a request hands the chat template besides messages and tools: `chat_template_kwargs`,
 OpenAI's reasoning effort mapped onto the template's own switch, past reasoning under the names
-templates read, and tool call ids in the shape a template demands.
+templates read, and tool call ids and arguments in the shape a template demands.
 
 `chat_template_kwargs` (vLLM's name) is an object of extra template variables, passed through as
 they are (`enable_thinking`, `reasoning_effort`, `thinking`, ...). Names the template machinery
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from typing import Any
 
@@ -175,3 +176,27 @@ def fit_tool_call_ids(messages: list[dict[str, Any]], template: str) -> list[dic
             message["tool_call_id"] = _nine_char_id(message["tool_call_id"])
         out.append(message)
     return out
+
+
+# Functionary v3.2 writes `'>>>' + name + '\n' + tool_call['function']['arguments']`: a string, never an object
+_CONCATENATED_ARGUMENTS = re.compile(r"""\+\s*tool_call\[['"]function['"]\]\[['"]arguments['"]\](?!\s*\|)""")
+
+
+def fit_tool_call_arguments(messages: list[dict[str, Any]], template: str) -> list[dict[str, Any]]:
+    """Past tool-call arguments as JSON text for templates that concatenate them as strings (else objects)."""
+    if not _CONCATENATED_ARGUMENTS.search(template):
+        return messages
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [_arguments_as_text(call) for call in message["tool_calls"]]}
+        out.append(message)
+    return out
+
+
+def _arguments_as_text(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or isinstance(function.get("arguments"), str):
+        return call
+    arguments = json.dumps(function.get("arguments", {}), ensure_ascii=False)
+    return {**call, "function": {**function, "arguments": arguments}}

@@ -120,101 +120,138 @@ def _xml_format(
     return lines
 
 
+Builder = Callable[[Chosen, Marker, Arguments], list[str]]
+
+
+def _mistral(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _json_args_format(m("[TOOL_CALLS]"), "", lambda n, a: f"{_q(n)} {m('[ARGS]')} {a}", chosen, arguments)
+
+
+def _deepseek_v31(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    begin, sep, end = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+    return _json_args_format(
+        m("<｜tool▁calls▁begin｜>"),
+        m("<｜tool▁calls▁end｜>"),
+        lambda n, a: f"{m(begin)} {_q(n)} {m(sep)} {a} {m(end)}",
+        chosen,
+        arguments,
+    )
+
+
+def _kimi_k2(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _json_args_format(
+        m("<|tool_calls_section_begin|>"),
+        m("<|tool_calls_section_end|>"),
+        lambda n, a: (
+            f"{m('<|tool_call_begin|>')} {_q(f'functions.{n}:0')} "
+            f"{m('<|tool_call_argument_begin|>')} {a} {m('<|tool_call_end|>')}"
+        ),
+        chosen,
+        arguments,
+    )
+
+
+def _functionary31(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _json_args_format(m("<function="), m("</function>"), lambda n, a: f"{_q(n + '>')} {a}", chosen, arguments)
+
+
+def _functionary32(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    """The generation prompt already ends with `>>>`: the call is `NAME` newline `{args}`."""
+    return _json_args_format("", "", lambda n, a: f"{_q(n + chr(10))} {a}", chosen, arguments)
+
+
+def _qwen3_coder(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _xml_format(
+        m("<tool_call>"),
+        m("</tool_call>"),
+        lambda n: _q(f"\n<function={n}>\n"),
+        _q("</function>\n"),
+        lambda key, value, s: _q("<parameter=" + key + ">\n") + f" {value} " + _q("\n</parameter>\n"),
+        chosen,
+        arguments,
+    )
+
+
+def _glm47(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _xml_format(
+        m("<tool_call>"),
+        m("</tool_call>"),
+        lambda n: _q(n),
+        "",
+        lambda key, value, s: (
+            f"{m('<arg_key>')} {_q(key)} {m('</arg_key>')} {m('<arg_value>')} {value} {m('</arg_value>')}"
+        ),
+        chosen,
+        arguments,
+    )
+
+
+def _minimax_m2(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _xml_format(
+        m("<minimax:tool_call>"),
+        m("</minimax:tool_call>"),
+        lambda n: _q(f'\n<invoke name="{n}">\n'),
+        _q("</invoke>\n"),
+        lambda key, value, s: _q('<parameter name="' + key + '">') + f" {value} " + _q("</parameter>\n"),
+        chosen,
+        arguments,
+    )
+
+
+def _dsml(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    d = "｜DSML｜"
+    return _xml_format(
+        m(f"<{d}function_calls>"),
+        m(f"</{d}function_calls>"),
+        lambda n: _q(f'\n<{d}invoke name="{n}">\n'),
+        _q(f"</{d}invoke>\n"),
+        lambda key, value, s: (
+            _q(f'<{d}parameter name="{key}" string="{str(s).lower()}">')
+            + f" {value} "
+            + _q(f"</{d}parameter>")
+            + ' "\\n"'
+        ),
+        chosen,
+        arguments,
+    )
+
+
+def _gemma4(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    quote = m('<|"|>')
+    return _xml_format(
+        m("<|tool_call>"),
+        m("<tool_call|>"),
+        lambda n: _q(f"call:{n}{{"),
+        _q("}"),
+        lambda key, value, s: f"{_q(key + ':')} {f'{quote} {value} {quote}' if s else value}",
+        chosen,
+        arguments,
+        separator='","',
+    )
+
+
+# each format's grammar builder (format names as in `tool_formats.FORMATS`)
+_BUILDERS: dict[str, Builder] = {
+    "llama3": _llama3,
+    "mistral": _mistral,
+    "deepseek_v31": _deepseek_v31,
+    "kimi_k2": _kimi_k2,
+    "functionary31": _functionary31,
+    "functionary32": _functionary32,
+    "qwen3_coder": _qwen3_coder,
+    "glm47": _glm47,
+    "minimax_m2": _minimax_m2,
+    "dsml": _dsml,
+    "gemma4": _gemma4,
+}
+
+
 def format_lark(name: str, chosen: Chosen, marker: Marker, arguments: Arguments) -> str:
     """The Lark source forcing one call in format `name`."""
-    m = marker
-    if name == "llama3":
-        lines = _llama3(chosen, m, arguments)
-    elif name == "mistral":
-        lines = _json_args_format(m("[TOOL_CALLS]"), "", lambda n, a: f"{_q(n)} {m('[ARGS]')} {a}", chosen, arguments)
-    elif name == "deepseek_v31":
-        begin, sep, end = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
-        lines = _json_args_format(
-            m("<｜tool▁calls▁begin｜>"),
-            m("<｜tool▁calls▁end｜>"),
-            lambda n, a: f"{m(begin)} {_q(n)} {m(sep)} {a} {m(end)}",
-            chosen,
-            arguments,
-        )
-    elif name == "kimi_k2":
-        lines = _json_args_format(
-            m("<|tool_calls_section_begin|>"),
-            m("<|tool_calls_section_end|>"),
-            lambda n, a: (
-                f"{m('<|tool_call_begin|>')} {_q(f'functions.{n}:0')} "
-                f"{m('<|tool_call_argument_begin|>')} {a} {m('<|tool_call_end|>')}"
-            ),
-            chosen,
-            arguments,
-        )
-    elif name == "functionary31":
-        lines = _json_args_format(
-            m("<function="), m("</function>"), lambda n, a: f"{_q(n + '>')} {a}", chosen, arguments
-        )
-    elif name == "qwen3_coder":
-        lines = _xml_format(
-            m("<tool_call>"),
-            m("</tool_call>"),
-            lambda n: _q(f"\n<function={n}>\n"),
-            _q("</function>\n"),
-            lambda key, value, s: _q("<parameter=" + key + ">\n") + f" {value} " + _q("\n</parameter>\n"),
-            chosen,
-            arguments,
-        )
-        lines[0] = f"start: {m('<tool_call>')} call {m('</tool_call>')}"
-    elif name == "glm47":
-        lines = _xml_format(
-            m("<tool_call>"),
-            m("</tool_call>"),
-            lambda n: _q(n),
-            "",
-            lambda key, value, s: (
-                f"{m('<arg_key>')} {_q(key)} {m('</arg_key>')} {m('<arg_value>')} {value} {m('</arg_value>')}"
-            ),
-            chosen,
-            arguments,
-        )
-    elif name == "minimax_m2":
-        lines = _xml_format(
-            m("<minimax:tool_call>"),
-            m("</minimax:tool_call>"),
-            lambda n: _q(f'\n<invoke name="{n}">\n'),
-            _q("</invoke>\n"),
-            lambda key, value, s: _q('<parameter name="' + key + '">') + f" {value} " + _q("</parameter>\n"),
-            chosen,
-            arguments,
-        )
-    elif name == "dsml":
-        d = "｜DSML｜"
-        lines = _xml_format(
-            m(f"<{d}function_calls>"),
-            m(f"</{d}function_calls>"),
-            lambda n: _q(f'\n<{d}invoke name="{n}">\n'),
-            _q(f"</{d}invoke>\n"),
-            lambda key, value, s: (
-                _q(f'<{d}parameter name="{key}" string="{str(s).lower()}">')
-                + f" {value} "
-                + _q(f"</{d}parameter>")
-                + ' "\\n"'
-            ),
-            chosen,
-            arguments,
-        )
-    elif name == "gemma4":
-        quote = m('<|"|>')
-        lines = _xml_format(
-            m("<|tool_call>"),
-            m("<tool_call|>"),
-            lambda n: _q(f"call:{n}{{"),
-            _q("}"),
-            lambda key, value, s: f"{_q(key + ':')} {f'{quote} {value} {quote}' if s else value}",
-            chosen,
-            arguments,
-            separator='","',
-        )
-    else:
+    builder = _BUILDERS.get(name)
+    if builder is None:
         raise ValueError(f"no forcing grammar for the tool-call format {name!r}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(builder(chosen, marker, arguments)) + "\n"
 
 
 __all__ = ["format_lark"]

@@ -3,12 +3,15 @@
 `detect_format(template)` names the format from markers the template writes (the facts mlx-lm's
 `_infer_tool_parser` and the models' own docs record), plus formats mlx-lm has no parser for: Llama 3.x
 JSON (`{"name": ..., "parameters": ...}`, bare or after `<|python_tag|>`), DeepSeek-V3.1
-(`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), DeepSeek-V3.2 DSML and
-Functionary v3.1 (`<function=NAME>{args}</function>`). `FORMATS` holds each format's markers and parse
+(`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), DeepSeek-V3.2 DSML,
+Functionary v3.1 (`<function=NAME>{args}</function>`) and v3.2 (`>>>NAME\n{args}`, `>>>all\n` before text). `FORMATS` holds each format's markers and parse
 function; a parse function gets the text between the start and end markers and returns one call
 `{"name", "arguments"}` or a list of them, raising ValueError (or KeyError, TypeError, SyntaxError) when
 the text is not a call. An empty `end` means the call runs to the next start marker or the end of the
-generation (Mistral); an empty `start` means a call is the whole message (Llama 3.x).
+generation (Mistral); an empty `start` means a call is the whole message (Llama 3.x). `opened`: the
+generation prompt ends with the start marker, so the output begins inside it (Functionary v3.2's `>>>`);
+`text_recipient`: what follows a start marker when the message is plain text up to the next start marker
+(Functionary v3.2's `all\n`), not a call.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class FormatSpec:
     end: str
     parse: Parse
     leads: tuple[str, ...] = ()  # for start == "": what a whole-message call begins with
+    opened: bool = False  # the generation prompt ends with `start`
+    text_recipient: str = ""  # after `start`: plain text follows, not a call
 
 
 def _json_value(text: str) -> Any:
@@ -150,6 +155,15 @@ def parse_functionary31(text: str, tools: Any = None) -> Call:
     return _named(name.strip(), json.loads(arguments) if arguments.strip() else {})
 
 
+def parse_functionary32(text: str, tools: Any = None) -> Call:
+    """Functionary v3.2: after `>>>`: `NAME`, a line break, `{args}` (`all` is the text recipient, no call)."""
+    name, sep, arguments = text.partition("\n")
+    name = name.strip()
+    if not sep or name == "all":
+        raise ValueError("not a call")
+    return _named(name, json.loads(arguments) if arguments.strip() else {})
+
+
 def _mlx_lm_parser(module: str) -> Parse:
     """mlx-lm's parser for a format it ships (its output normalized to our call shape)."""
 
@@ -174,6 +188,7 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("deepseek_v31", DS_CALLS_BEGIN, DS_CALLS_END, parse_deepseek_v31),
         FormatSpec("dsml", f"<{DSML}function_calls>", f"</{DSML}function_calls>", parse_dsml),
         FormatSpec("functionary31", "<function=", "</function>", parse_functionary31),
+        FormatSpec("functionary32", ">>>", "", parse_functionary32, opened=True, text_recipient="all\n"),
         FormatSpec("kimi_k2", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", _mlx_lm_parser("kimi_k2")),
         FormatSpec("minimax_m2", "<minimax:tool_call>", "</minimax:tool_call>", _mlx_lm_parser("minimax_m2")),
         FormatSpec("gemma4", "<|tool_call>", "<tool_call|>", _mlx_lm_parser("gemma4")),
@@ -204,6 +219,7 @@ def detect_format(template: str) -> str | None:
         ("mistral", lambda t: "[TOOL_CALLS]" in t),
         ("deepseek_v31", lambda t: f"{DS_CALL_BEGIN}'+ tool['function']['name']" in t.replace("' + tool", "'+ tool")),
         ("functionary31", lambda t: "<function=" in t and "<|python_tag|>" in t),
+        ("functionary32", lambda t: "'>>>' + tool_call['function']['name']" in t),
         ("hermes", lambda t: "<tool_call>" in t and "tool_call" in t.replace("<tool_call>", "")),
         ("llama3", lambda t: '"parameters": dictionary of argument name' in t),
     )

@@ -42,6 +42,8 @@ class ToolFormat:
     json_calls: bool = False  # a call is {"name", "arguments"} JSON between the markers (a forced call's grammar)
     name: str = ""  # the format's name in `tool_formats.FORMATS` ("" for one only mlx-lm knows)
     leads: tuple[str, ...] = ()  # start == "": what a whole-message call begins with
+    opened: bool = False  # the generation prompt ends with `start`: the output begins inside it
+    text_recipient: str = ""  # after `start`: plain text up to the next `start` (Functionary v3.2's "all\n")
 
     @property
     def forceable(self) -> bool:
@@ -71,6 +73,8 @@ def tool_format(tokenizer: Any) -> ToolFormat:
             json_calls=name == "hermes",
             name=name,
             leads=spec.leads,
+            opened=spec.opened,
+            text_recipient=spec.text_recipient,
         )
     if getattr(tokenizer, "has_tool_calling", False) and renders_tools:
         parse = tokenizer.tool_parser
@@ -157,7 +161,8 @@ class ToolCallParser:
         self.tools = tools
         self.max_calls = max_calls  # 1 when the request set parallel_tool_calls: false
         self._buffer = ""
-        self._in_call = False
+        self._in_call = fmt.opened
+        self._recipient = fmt.opened and bool(fmt.text_recipient)  # just after a start: text or a call?
         self._plain = False  # a whole-message format whose message turned out not to be a call
         self.calls: list[ParsedCall] = []
         self.dropped_unfinished = False  # finish() dropped a call cut short (its markup is never content)
@@ -180,6 +185,16 @@ class ToolCallParser:
                 content += self._buffer[:at]
                 self._buffer = self._buffer[at + len(self.fmt.start) :]
                 self._in_call = True
+                self._recipient = bool(self.fmt.text_recipient)
+            if self._recipient:
+                lead = self.fmt.text_recipient
+                if lead.startswith(self._buffer):
+                    return content, calls  # not yet known (or exactly the text lead: its text comes next)
+                self._recipient = False
+                if self._buffer.startswith(lead):  # plain text up to the next start marker
+                    self._buffer = self._buffer[len(lead) :]
+                    self._in_call = False
+                    continue
             end = self._buffer.find(self.fmt.end or self.fmt.start)
             if end < 0 or (not self.fmt.end and end == 0):
                 return content, calls
@@ -212,6 +227,9 @@ class ToolCallParser:
         content). A held-back partial start marker is text, unless the generation was `cut` short
         (finish_reason "length"): then it is the start of a call that never came, and dropped too."""
         rest, self._buffer = self._buffer, ""
+        if self._recipient and self.fmt.text_recipient.startswith(rest):
+            self._in_call = self._recipient = False
+            return "", []  # the output ended at a start marker or inside the text lead: nothing to show
         if self._in_call:
             self._in_call = False
             calls = self._parse(rest)

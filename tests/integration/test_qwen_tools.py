@@ -18,14 +18,12 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.config import Settings
 from server.errors import APIError
-from server.model_lifecycle import load, unload
-from server.registry import ModelRegistry, ServedModel
+from server.registry import ModelRegistry
 from server.serving.tool_grammar import forcing_grammar
 from server.serving.tools import tool_format
 from tests.real_vocab import QWEN3_ADDED, QWEN25_ADDED, tiny_model_dir
-from tests.serving import running_server
+from tests.serving import loaded_models, running_server, tiny_settings
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -68,20 +66,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(root: Path) -> Iterator[ModelRegistry]:
-    registry = ModelRegistry()
-    for name, spec in MODELS.items():
-        registry.add(ServedModel(id=name, kind="chat", path=tiny_model_dir(root / name, vocab="qwen2", **spec)))
-    load(registry, Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=0.05))
-    registry.mark_ready()
-    yield registry
-    for served in registry.list():
-        unload(served)
+    dirs = {name: tiny_model_dir(root / name, vocab="qwen2", **spec) for name, spec in MODELS.items()}
+    with loaded_models(dirs, tiny_settings(root, 0.05)) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="module")
 def base(root: Path, registry: ModelRegistry) -> Iterator[str]:
-    settings = Settings(cache_dir=root / "cache", data_dir=root / "data", kv_cache_gb=0.05)
-    with running_server(create_app(settings, registry)) as url:
+    with running_server(create_app(tiny_settings(root, 0.05), registry)) as url:
         yield url
 
 
