@@ -58,6 +58,15 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
         ("fireworks-ai-llama-3-firefunction-v2", shape): ("messages", "'functions' is undefined")
         for shape in (*NO_TOOL_SHAPES, *TOOL_SHAPES)
     },
+    # Llama 3.x's templates render one tool call per assistant turn and raise on more
+    **{
+        (template, "parallel_calls"): ("messages[1]", "This model only supports single tool-calls at once!")
+        for template in (
+            "meta-llama-Llama-3.1-8B-Instruct",
+            "meta-llama-Llama-3.2-3B-Instruct",
+            "meta-llama-Llama-3.3-70B-Instruct",
+        )
+    },
     # Kimi-K2's templates call `list.append`, which transformers' immutable sandbox forbids
     **{
         (template, shape): (f"messages[{index}]", "access to attribute 'append' of 'list' object is unsafe")
@@ -65,10 +74,16 @@ REFUSED: dict[tuple[str, str], tuple[str, str]] = {
         for shape, index in (("tool_call", 2), ("parallel_calls", 1), ("reasoning_tool_call", 1))
     },
 }
-# templates that show the reasoning of the turn in progress (after the last user message); gpt-oss and
-# DeepSeek-V3.2 would too, but mlx-lm knows no tool parser for them, so their tools go through
-# `tools.with_tools`, which rewrites past calls as text and drops the reasoning
-SHOWS_CURRENT_REASONING = ("Qwen-Qwen3-0.6B", "Qwen3.5-4B", "GLM-4.6", "GLM-4.7-Flash", "MiniMax-M2")
+# templates that show the reasoning of the turn in progress (after the last user message)
+SHOWS_CURRENT_REASONING = (
+    "Qwen-Qwen3-0.6B",
+    "Qwen3.5-4B",
+    "GLM-4.6",
+    "GLM-4.7-Flash",
+    "MiniMax-M2",
+    "openai-gpt-oss-120b",
+    "deepseek-ai-DeepSeek-V3.2",
+)
 
 
 @pytest.fixture(scope="module")
