@@ -187,7 +187,7 @@ def _forced(
         "messages": [{"role": "user", "content": "Add 2 and 3."}],
         "tools": TOOLS,
         "tool_choice": choice,
-        "max_tokens": 60,
+        "max_tokens": 200,  # a thinking model reasons up to half of it (THINK_BUDGET_TOKENS), then calls
         "temperature": 0,
         "stream": stream,
         "logit_bias": _closing_thinking(registry, model) if registry is not None else {},

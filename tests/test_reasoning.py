@@ -35,7 +35,7 @@ from tests.serving import running_server
 
 BODY = "Let me think.\nStep 1: 2+3=5."
 ANSWER = "The answer is 5."
-THINK_END = 151668  # `</think>` in Qwen3's vocabulary
+THINK_START, THINK_END = 151667, 151668  # `<think>`, `</think>` in Qwen3's vocabulary
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
 
 
@@ -223,6 +223,82 @@ def test_model_that_opens_its_own_block(base: str) -> None:
     assert message["content"] == "" and message["reasoning_content"].startswith("<think>")  # later <think>s are text
 
 
+PAINT = {
+    "type": "function",
+    "function": {
+        "name": "paint",
+        "parameters": {
+            "type": "object",
+            "properties": {"color": {"type": "string", "enum": ["red", "green"]}},
+            "required": ["color"],
+        },
+    },
+}
+
+
+def _painted(choice: dict[str, Any]) -> None:
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "paint"
+    assert json.loads(call["function"]["arguments"])["color"] in ("red", "green")
+
+
+def test_forced_call_after_a_think_block_the_model_opens(base: str) -> None:
+    """Qwen3's prompt leaves the block to the model: pushed into `<think>` (the forcing grammar's first
+    token would otherwise be `<tool_call>`), it reasons, closes the block, and the call still parses."""
+    body = {
+        "model": "qwen3-think", "messages": MESSAGES, "tools": [PAINT], "tool_choice": "required",
+        "max_tokens": 80, "temperature": 1.0, "logit_bias": {str(THINK_START): 6, str(THINK_END): 11},
+    }  # fmt: skip
+    reasoned = []
+    for seed in (1, 2, 3):
+        data = post(base, "/chat/completions", {**body, "seed": seed}).json()
+        choice = data["choices"][0]
+        _painted(choice)
+        assert not choice["message"]["content"] and "think>" not in choice["message"]["reasoning_content"]
+        assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] >= 2  # the block's two markers
+        reasoned.append(choice["message"]["reasoning_content"])
+    assert any(reasoned), "some reasoning between the markers"
+    chunks = sse(post(base, "/chat/completions", {**body, "seed": 1, "stream": True}))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in d.get("tool_calls") or []]
+    assert calls and {tc["index"] for tc in calls} == {0} and not "".join(d.get("content") or "" for d in deltas)
+
+
+def test_forced_call_whatever_the_weights_prefer_and_with_thinking_off(base: str) -> None:
+    """Unpushed, the random weights may open a block or not: the budget (half of max_tokens) closes it in
+    time, so the call parses either way. With thinking off the prompt closes the block: plain grammar."""
+    body = {
+        "model": "qwen3-think", "messages": MESSAGES, "tools": [PAINT], "tool_choice": "required",
+        "max_tokens": 60, "temperature": 0,
+    }  # fmt: skip
+    _painted(post(base, "/chat/completions", body).json()["choices"][0])
+    off = {**body, "chat_template_kwargs": {"enable_thinking": False}, "logit_bias": {str(THINK_START): 30}}
+    data = post(base, "/chat/completions", off).json()
+    _painted(data["choices"][0])  # `<think>` pushed, yet not allowed: the grammar has it from the first token
+    assert not data["choices"][0]["message"].get("reasoning_content")
+    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+
+
+def test_response_format_after_a_think_block_the_model_opens(base: str) -> None:
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}
+    body = {
+        "model": "qwen3-think", "messages": MESSAGES, "max_tokens": 80, "temperature": 1.0, "seed": 5,
+        "logit_bias": {str(THINK_START): 6, str(THINK_END): 11},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+    }  # fmt: skip
+    reasoned = []
+    for seed in (5, 6, 7):
+        data = post(base, "/chat/completions", {**body, "seed": seed}).json()
+        choice = data["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        assert json.loads(choice["message"]["content"])["n"] in (1, 2)
+        assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] >= 2  # the block's two markers
+        reasoned.append(choice["message"]["reasoning_content"])
+    assert any(reasoned), "some reasoning between the markers"
+
+
 def test_compat_kit_reasoning_checks(base: str) -> None:
     """The conformance kit's reasoning checks, run against this server's tiny thinking model."""
     env = {
@@ -249,4 +325,7 @@ def test_reasoning_items_sent_back_join_the_next_assistant_turn() -> None:
             InputItem(role="assistant", content="5"),
         ]
     )
-    assert chat_messages(items, None)[1] == {"role": "assistant", "content": "5", "reasoning_content": "2+3 is 5."}
+    thought = "2+3 is 5."
+    assert chat_messages(items, None)[1] == {
+        "role": "assistant", "content": "5", "reasoning_content": thought, "thinking": thought, "reasoning": thought,
+    }  # fmt: skip

@@ -2,31 +2,30 @@
 
 Owns `GrammarSpec` (what a request asks for: hashable, validated on construction, mapped from OpenAI's
 `response_format` by `GrammarSpec.from_response_format`), `ConstraintFactory` (one per model: builds the
-llguidance tokenizer lazily on first use, validates and compiles grammars, caches compiled grammars) and
-`SequenceConstraint` (one sequence's matcher: the next-token mask, advancing by sampled tokens, finished
-when the grammar is complete). `fill_masks` computes a step's masks for all constrained rows as one packed
-bitmask (in parallel across rows) and `apply_bitmask` applies it to a (B, V) logits matrix.
+llguidance tokenizer lazily on first use, validates and compiles grammars, caches compiled grammars and
+creates each sequence's `SequenceConstraint`; that state, `fill_masks` and `apply_bitmask` live in
+`constraint_state.py` and are re-exported here).
 
 The llguidance mask allows EOS exactly when the grammar accepts; once the grammar cannot be extended
 (`finished`), only EOS is allowed and the engine ends the sequence with finish_reason "stop".
 
 A spec with `after` (a token id sequence: a thinking model's end-of-reasoning marker) leaves the sequence
-free until it has generated that sequence; the grammar constrains what follows.
+free until it has generated that sequence; the grammar constrains what follows. With `opens` (the start
+marker's ids) as well, the think block is optional: only an output that begins with `opens` waits for
+`after`; one that begins otherwise is constrained from its first token. A `budget` bounds the wait: past it,
+the end marker is forced.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-import mlx.core as mx
-import numpy as np
+from server.engine.constraint_state import SequenceConstraint, apply_bitmask, client_message, fill_masks
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # defined only in llguidance's stubs
@@ -39,18 +38,6 @@ _KINDS = ("json_object", "json_schema", "lark", "regex")
 # A schema's own top-level "x-guidance" options override this.
 JSON_WHITESPACE = r"(?:\x20|\r?\n[\x20\x09]{0,32})"
 _CACHE_SIZE = 32
-# llguidance's messages quote the grammar: source lines ("  2 | call: %json {...}", a caret line) at compile
-# time, the matcher's <state> and <grammar> at run time. Clients get the message without them.
-_SOURCE_LINE = re.compile(r"^\s*(?:\d+ \|.*|\^+)\s*$")
-
-log = logging.getLogger(__name__)
-
-
-def client_message(message: str) -> str:
-    """An llguidance error message without the grammar source and matcher state it quotes."""
-    message = message.split("<state>", 1)[0].split("<grammar>", 1)[0]
-    lines = [line for line in message.splitlines() if not _SOURCE_LINE.match(line)]
-    return "\n".join(lines).strip() or "the grammar matcher failed"
 
 
 @dataclass(frozen=True)
@@ -63,6 +50,9 @@ class GrammarSpec:
     "regex": the whole output matches the regular expression in `text`.
     The schema is kept as a private deep copy; equality and hashing use its JSON text.
     `after`: token ids the sequence generates freely before the grammar starts (empty: from the start).
+    `opens`: token ids that must begin the output for that wait to happen (empty: it always happens); any
+    other beginning is the grammar's from the first token (a think block the model may or may not open).
+    `budget`: the most tokens the wait may take before `after` is forced (None: no limit).
     """
 
     kind: GrammarKind
@@ -70,6 +60,8 @@ class GrammarSpec:
     text: str | None = None
     strict: bool = True
     after: tuple[int, ...] = ()
+    opens: tuple[int, ...] = ()
+    budget: int | None = None
     schema_json: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,10 +70,15 @@ class GrammarSpec:
             raise ValueError(f"grammar kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         if not isinstance(self.strict, bool):
             raise ValueError(f"strict must be a boolean, got {self.strict!r}")
-        after = tuple(self.after)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in after):
-            raise ValueError(f"after must be a sequence of token ids, got {self.after!r}")
-        put(self, "after", after)
+        for name in ("after", "opens"):
+            ids = tuple(getattr(self, name))
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(f"{name} must be a sequence of token ids, got {getattr(self, name)!r}")
+            put(self, name, ids)
+        if self.opens and not self.after:
+            raise ValueError("opens (a think block's start marker) needs after (its end marker)")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 0 or not self.after):
+            raise ValueError(f"budget must be a token count >= 0 for a spec with after, got {self.budget!r}")
         if self.kind == "json_schema":
             if not isinstance(self.schema, Mapping):
                 raise ValueError("a json_schema grammar needs `schema`, a JSON Schema object")
@@ -184,73 +181,6 @@ def _tokenizer_json(tokenizer: Any) -> str:
     )
 
 
-class SequenceConstraint:
-    """One sequence's grammar state (an llguidance LLMatcher), waiting for `after` before it constrains."""
-
-    __slots__ = ("_after", "_matcher", "_tail", "vocab_size")
-
-    def __init__(self, matcher: Any, vocab_size: int, after: tuple[int, ...] = ()) -> None:
-        self._matcher = matcher
-        self.vocab_size = vocab_size
-        self._after = tuple(after)
-        self._tail: tuple[int, ...] = ()
-
-    @property
-    def active(self) -> bool:
-        """True once the grammar constrains (it waits for its `after` token sequence until then)."""
-        return not self._after
-
-    @property
-    def mask_words(self) -> int:
-        return (self.vocab_size + 31) // 32
-
-    def fill_mask(self, bitmask: np.ndarray, row: int = 0) -> None:
-        """Write the next token's allowed set into bitmask[row] (int32 words, bit i of word w = token 32w+i)."""
-        target = bitmask[row]
-        if bitmask.dtype != np.int32 or not target.flags["C_CONTIGUOUS"] or target.size != self.mask_words:
-            raise ValueError(f"mask row must be {self.mask_words} contiguous int32 words")
-        if not self.active:
-            target.fill(-1)
-            return
-        self._matcher.unsafe_compute_mask_ptr(target.ctypes.data, target.nbytes)
-
-    def allowed_token_ids(self) -> np.ndarray:
-        """The token ids allowed next (for tests and debugging; sampling uses `fill_masks`)."""
-        bitmask = np.zeros((1, self.mask_words), dtype=np.int32)
-        self.fill_mask(bitmask)
-        bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[: self.vocab_size]
-        return np.flatnonzero(bits)
-
-    def advance(self, token_id: int) -> None:
-        """Consume a sampled token. A token the grammar does not allow puts the constraint in an error state
-        (`finished` and `error` then say so); it never raises for that. While waiting, tokens only
-        move the wait along: the token that completes `after` starts the grammar."""
-        if not self.active:
-            self._tail = (*self._tail, int(token_id))[-len(self._after) :]
-            if self._tail == self._after:
-                self._after = ()
-            return
-        self._matcher.consume_token(int(token_id))
-        if self._matcher.is_error():
-            log.error("constrained decoding failed at token %d: %s", int(token_id), self._matcher.get_error())
-
-    @property
-    def finished(self) -> bool:
-        """True when no further token but EOS is allowed (grammar complete), or after an error."""
-        return self.active and self._matcher.is_stopped()
-
-    @property
-    def accepting(self) -> bool:
-        """True when the output so far is a complete match (EOS allowed); False while waiting."""
-        return self.active and self._matcher.is_accepting()
-
-    @property
-    def error(self) -> str | None:
-        if not self._matcher.is_error():
-            return None
-        return client_message(self._matcher.get_error() or "")
-
-
 class ConstraintFactory:
     """Builds SequenceConstraints for one model: `validate(spec)` raises ValueError for a grammar that
     cannot be used (naming the unsupported feature), `create(spec)` returns a fresh constraint.
@@ -301,8 +231,8 @@ class ConstraintFactory:
     def _template(self, spec: GrammarSpec) -> Any:
         if not isinstance(spec, GrammarSpec):
             raise ValueError(f"expected a GrammarSpec, got {type(spec).__name__}")
-        if spec.after:
-            spec = replace(spec, after=())  # one compiled grammar, whenever it starts
+        if spec.after or spec.opens or spec.budget is not None:
+            spec = replace(spec, after=(), opens=(), budget=None)  # one compiled grammar, whenever it starts
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
@@ -350,57 +280,9 @@ class ConstraintFactory:
 
     def create(self, spec: GrammarSpec) -> SequenceConstraint:
         """A new constraint at the start of the grammar (raises ValueError like `validate`)."""
-        return SequenceConstraint(self._template(spec).deep_copy(), self.vocab_size, spec.after)
-
-
-_executor: Any = None
-_executor_lock = threading.Lock()
-
-
-def _parallel_executor() -> Any:
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                from llguidance import LLExecutor
-
-                _executor = LLExecutor()
-    return _executor
-
-
-def fill_masks(rows: Sequence[tuple[int, SequenceConstraint]], batch: int, vocab: int) -> np.ndarray:
-    """A (batch, ceil(vocab/32)) int32 bitmask: the grammar's allowed tokens for each (row, constraint),
-    every token for the other rows (and for constraints still waiting to start). Rows are computed in
-    parallel when there are several."""
-    words = (vocab + 31) // 32
-    rows = [(row, c) for row, c in rows if c.active]
-    bitmask = np.full((batch, words), -1, dtype=np.int32)
-    for _, constraint in rows:
-        if constraint.vocab_size != vocab:
-            raise ValueError(f"constraint built for a vocabulary of {constraint.vocab_size}, logits have {vocab}")
-    if len(rows) == 1:
-        row, constraint = rows[0]
-        constraint.fill_mask(bitmask, row)
-    elif rows:
-        _parallel_executor().unsafe_compute_mask_ptr(
-            [(c._matcher, row) for row, c in rows], bitmask.ctypes.data, words * 4, batch
+        return SequenceConstraint(
+            self._template(spec).deep_copy(), self.vocab_size, spec.after, spec.opens, spec.budget
         )
-    return bitmask
-
-
-def _apply(x: mx.array, words: mx.array) -> mx.array:
-    bit = mx.left_shift(mx.array(1, dtype=mx.uint32), mx.arange(32, dtype=mx.uint32))
-    allowed = (words[:, :, None] & bit) != 0
-    allowed = allowed.reshape(x.shape[0], -1)[:, : x.shape[1]]
-    return mx.where(allowed, x, mx.array(float("-inf"), dtype=x.dtype))
-
-
-_apply_compiled = mx.compile(_apply)
-
-
-def apply_bitmask(x: mx.array, bitmask: np.ndarray) -> mx.array:
-    """x (B, V) with the tokens whose bit is 0 in bitmask (B, ceil(V/32)) set to -inf. Returns a new array."""
-    return _apply_compiled(x, mx.array(bitmask.view(np.uint32)))
 
 
 __all__ = [

@@ -22,11 +22,15 @@ from server.serving.params import build_params
 from server.serving.prompt import render_prompt, template_text
 from server.serving.reasoning import ReasoningMode, reasoning_mode
 from server.serving.scope import RequestScope
-from server.serving.template_inputs import fit_tool_call_arguments, fit_tool_call_ids
+from server.serving.template_inputs import fit_tool_call_arguments, fit_tool_call_ids, one_analysis_per_call
 from server.serving.tool_grammar import forcing_grammar, harmony_answer_grammar
 from server.serving.tools import ToolFormat, tool_format, with_tools
 
 SYSTEM_FINGERPRINT = f"fp_mlx_dropin_{__version__.replace('.', '_')}"
+# The most tokens a thinking model reasons before a constrained answer (a forced call, a response format):
+# then its end-of-thinking marker is forced. Capped at half of the request's max_tokens, so the answer
+# has room; like gpt-oss's bounded analysis (tool_grammar.HARMONY_ANALYSIS_CHARS).
+THINK_BUDGET_TOKENS = 8192
 
 
 def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple[str, str | None]:
@@ -80,11 +84,21 @@ class BuiltRequest:
     reasoning: ReasoningMode | None  # set for a model with think markers
 
 
-def _after_reasoning(grammar: GrammarSpec | None, mode: ReasoningMode | None) -> GrammarSpec | None:
-    """A grammar for a prompt that leaves the output inside the think block applies after its end marker."""
-    if grammar is None or mode is None or not mode.starts_inside or not mode.markers.end_ids:
+def _after_reasoning(
+    grammar: GrammarSpec | None, mode: ReasoningMode | None, max_tokens: int | None = None
+) -> GrammarSpec | None:
+    """A thinking model's grammar applies after its reasoning: after the end marker when the prompt opened the
+    think block; when the prompt left the output outside one (and did not just close one, which turns
+    thinking off), after the end marker if the output begins with the start marker, else from the start.
+    The reasoning is bounded (`THINK_BUDGET_TOKENS`, at most half of `max_tokens`)."""
+    if grammar is None or mode is None or not mode.markers.end_ids:
         return grammar
-    return replace(grammar, after=mode.markers.end_ids)
+    budget = THINK_BUDGET_TOKENS if max_tokens is None else min(THINK_BUDGET_TOKENS, max_tokens // 2)
+    if mode.starts_inside:
+        return replace(grammar, after=mode.markers.end_ids, budget=budget)
+    if mode.closed or not mode.markers.start_ids:
+        return grammar
+    return replace(grammar, after=mode.markers.end_ids, opens=mode.markers.start_ids, budget=budget)
 
 
 def build_prompt(
@@ -104,7 +118,10 @@ def build_prompt(
     if fmt is not None and not fmt.native:
         messages = with_tools(messages, tools, forced, fmt)
     native = tools if fmt is not None and fmt.native else None
-    messages = fit_tool_call_arguments(fit_tool_call_ids(messages, template_text(tokenizer)), template_text(tokenizer))
+    template = template_text(tokenizer)
+    messages = fit_tool_call_arguments(fit_tool_call_ids(messages, template), template)
+    if is_harmony(tokenizer):  # one analysis per tool-call turn, as its template demands
+        messages = one_analysis_per_call(messages)
     return render_prompt(tokenizer, messages, native, template_kwargs), fmt
 
 
@@ -134,7 +151,8 @@ def build_request(
     harmony = is_harmony(served.tokenizer)  # gpt-oss: its markers are special tokens the output parser needs
     prompt, fmt = build_prompt(served.tokenizer, messages, tools, mode, forced, template_kwargs)
     reasoning = None if harmony else reasoning_mode(served.tokenizer, prompt)  # harmony has channels instead
-    grammar = _after_reasoning(_grammar(served, response_format, tools, mode, forced, fmt), reasoning)
+    grammar = _grammar(served, response_format, tools, mode, forced, fmt)
+    grammar = _after_reasoning(grammar, reasoning, sampling.get("max_tokens"))
     params = build_params(**sampling, grammar=grammar, skip_special_tokens=False if harmony else None)
     request = GenerationRequest(
         request_id=request_id,

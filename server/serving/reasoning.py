@@ -42,12 +42,14 @@ class ThinkMarkers:
     start: str
     end: str
     end_ids: tuple[int, ...] = ()  # the end marker's token ids (a grammar waits for them)
+    start_ids: tuple[int, ...] = ()  # the start marker's token ids (a grammar lets the output begin with them)
 
 
 @dataclass(frozen=True)
 class ReasoningMode:
     markers: ThinkMarkers
     starts_inside: bool = False  # the prompt opened the think block
+    closed: bool = False  # the prompt ends right after a closed block (thinking turned off by the template)
     # marker tokens the detokenizer drops (special tokens): their text, by id, put back for the splitter
     dropped: Mapping[int, str] = field(default_factory=dict)
 
@@ -75,7 +77,8 @@ def think_markers(tokenizer: Any) -> ThinkMarkers | None:
         in_vocab = gemma4 if (start, end) == _GEMMA4 else start in vocab and end in vocab
         if in_vocab or (start in template and end in template):
             ids = tuple(int(i) for i in tokenizer.encode(end, add_special_tokens=False))
-            return ThinkMarkers(start, end, ids)
+            start_ids = tuple(int(i) for i in tokenizer.encode(start, add_special_tokens=False))
+            return ThinkMarkers(start, end, ids, start_ids)
     return None
 
 
@@ -90,10 +93,13 @@ def _dropped(tokenizer: Any, markers: ThinkMarkers) -> dict[int, str]:
     return out
 
 
+def _prompt_tail(tokenizer: Any, prompt_ids: list[int]) -> str:
+    return str(tokenizer.decode(list(prompt_ids[-_TAIL_TOKENS:]), skip_special_tokens=False)).rstrip()
+
+
 def opens_reasoning(tokenizer: Any, prompt_ids: list[int], markers: ThinkMarkers) -> bool:
     """True when the rendered prompt ends inside an open think block."""
-    tail = tokenizer.decode(list(prompt_ids[-_TAIL_TOKENS:]), skip_special_tokens=False).rstrip()
-    return tail.endswith(markers.start)
+    return _prompt_tail(tokenizer, prompt_ids).endswith(markers.start)
 
 
 def reasoning_mode(tokenizer: Any, prompt_ids: list[int]) -> ReasoningMode | None:
@@ -101,7 +107,9 @@ def reasoning_mode(tokenizer: Any, prompt_ids: list[int]) -> ReasoningMode | Non
     markers = think_markers(tokenizer)
     if markers is None:
         return None
-    return ReasoningMode(markers, opens_reasoning(tokenizer, prompt_ids, markers), _dropped(tokenizer, markers))
+    tail = _prompt_tail(tokenizer, prompt_ids)
+    inside = tail.endswith(markers.start)
+    return ReasoningMode(markers, inside, not inside and tail.endswith(markers.end), _dropped(tokenizer, markers))
 
 
 _BEFORE, _REASONING, _ANSWER = "before", "reasoning", "answer"

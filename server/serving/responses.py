@@ -29,7 +29,7 @@ from server.serving.generation import build_request, tool_mode
 from server.serving.model_output import ChoiceOutput, output_parser
 from server.serving.reasoning import ReasoningMode
 from server.serving.scope import RequestScope
-from server.serving.template_inputs import template_kwargs
+from server.serving.template_inputs import past_reasoning, template_kwargs
 from server.serving.tool_names import check_tool_name, check_tool_names
 from server.serving.tools import ToolFormat, tool_call_entry
 from server.wire.responses import (
@@ -171,7 +171,8 @@ def chat_messages(items: list[Item], instructions: str | None) -> list[dict[str,
         else:
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         if reasoning and not isinstance(item, ReasoningItem) and out and out[-1]["role"] == "assistant":
-            out[-1]["reasoning_content"], reasoning = reasoning, ""
+            out[-1].update(past_reasoning(reasoning))  # under every name templates read (gpt-oss: `thinking`)
+            reasoning = ""
     return out
 
 

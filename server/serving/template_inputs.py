@@ -1,6 +1,7 @@
 """What a request hands the chat template besides messages and tools: `chat_template_kwargs`,
 OpenAI's reasoning effort mapped onto the template's own switch, past reasoning under the names
-templates read, and tool call ids and arguments in the shape a template demands.
+templates read (for gpt-oss, joined with a tool-call turn's preamble), and tool call ids and arguments in
+the shape a template demands.
 
 `chat_template_kwargs` (vLLM's name) is an object of extra template variables, passed through as
 they are (`enable_thinking`, `reasoning_effort`, `thinking`, ...). Names the template machinery
@@ -144,6 +145,19 @@ def past_reasoning(text: str) -> dict[str, str]:
     (Solar, Hunyuan): what transformers' own aliasing gives, whichever transformers renders.
     """
     return {"reasoning_content": text, "thinking": text, "reasoning": text}
+
+
+def one_analysis_per_call(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """gpt-oss's template renders an assistant tool-call turn's text as one analysis message and refuses
+    a turn with both `content` (a preamble) and `thinking`: the two are joined, reasoning first, as the
+    model wrote them, into `thinking`."""
+    out = []
+    for message in messages:
+        thinking, content = message.get("thinking"), message.get("content")
+        if message.get("tool_calls") and thinking and isinstance(content, str) and content.strip():
+            message = {**message, **past_reasoning(f"{thinking}\n\n{content}"), "content": ""}
+        out.append(message)
+    return out
 
 
 _NINE_CHAR_IDS = re.compile(
