@@ -242,7 +242,9 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
         assert f">>>{function['name']}\n{function['arguments']}" in text, text
 
 
-@pytest.mark.parametrize("model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4"])
+@pytest.mark.parametrize(
+    "model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4", "deepseek-r1-llama", "lfm2.5"]
+)
 def test_streamed_forced_call_has_a_stable_index_and_id(registry: ModelRegistry, base: str, model: str) -> None:
     r = _forced(base, model, "required", stream=True, registry=registry)
     assert r.status_code == 200, r.text
