@@ -2,9 +2,10 @@
 real vocabularies (llama.cpp's vocab-only GGUFs), with the family's marker tokens added where the vocabulary
 lacks them.
 
-Where the sdist has the family's vocabulary (Qwen: qwen2/qwen35, Llama 3.x: llama-bpe) it is used as is,
+Where the sdist has the family's vocabulary (Qwen and the R1-Distill-Qwen: qwen2/qwen35, Llama 3.x and the
+R1-Distill-Llama: llama-bpe) it is used as is,
 with Qwen's added tokens at their real ids. Where it has none (Mistral's tekken, GLM, Kimi, MiniMax,
-DeepSeek-V3), a byte-level vocabulary stands in and the family's markers are added at new ids (Qwen's
+DeepSeek-V3, LFM2), a byte-level vocabulary stands in and the family's markers are added at new ids (Qwen's
 placeholder ids for qwen2, appended for llama-bpe; never a token the
 vocabulary already has, which llguidance refuses): `control` tokens are special (skipped when decoding),
 `marks` are user-defined (decoded as text, as the families' tool markers are).
@@ -94,6 +95,45 @@ _DS = (
     "<｜tool▁sep｜>",
 )
 
+_DS_ADDED = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+    *_DS,
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+)
+# the R1 distill of Llama 3.1: Llama 3's vocabulary with DeepSeek's markers (appended here)
+_R1_LLAMA = dict(
+    vocab="llama-bpe",
+    eos="<｜end▁of▁sentence｜>",
+    control=_DS_ADDED[:4],
+    marks=_DS_ADDED[4:],
+)
+# LFM2 / LFM2.5 (pythonic calls): a byte-level stand-in for their own BPE, with their markers
+_LFM2 = dict(
+    vocab="llama-bpe",
+    fmt="pythonic",
+    eos="<|im_end|>",
+    control=("<|startoftext|>", "<|im_start|>", "<|im_end|>"),
+    marks=(
+        "<|tool_list_start|>",
+        "<|tool_list_end|>",
+        "<|tool_call_start|>",
+        "<|tool_call_end|>",
+        "<|tool_response_start|>",
+        "<|tool_response_end|>",
+        "<think>",
+        "</think>",
+    ),
+    real_vocab=False,
+)
+
 FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen2", "Qwen-Qwen3-0.6B", "hermes", "qwen3", "<|im_end|>", QWEN3_ADDED),
     "qwq": Family("qwen2", "Qwen-QwQ-32B", "hermes", "qwen2", "<|im_end|>", QWEN3_ADDED),
@@ -128,21 +168,16 @@ FAMILIES: dict[str, Family] = {
         template="deepseek-ai-DeepSeek-V3.1",
         fmt="deepseek_v31",
         eos="<｜end▁of▁sentence｜>",
-        qwen_added=(
-            "<｜begin▁of▁sentence｜>",
-            "<｜end▁of▁sentence｜>",
-            "<｜User｜>",
-            "<｜Assistant｜>",
-            "<think>",
-            "</think>",
-            *_DS,
-            "<｜tool▁outputs▁begin｜>",
-            "<｜tool▁outputs▁end｜>",
-            "<｜tool▁output▁begin｜>",
-            "<｜tool▁output▁end｜>",
-        ),
+        qwen_added=_DS_ADDED,
         **_QWEN_STANDIN,  # type: ignore[arg-type]
     ),
+    "deepseek-r1-qwen": Family(
+        "qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek_r1", "qwen2", _DS_ADDED[1], _DS_ADDED
+    ),
+    "deepseek-r1-llama": Family(template="deepseek-ai-DeepSeek-R1-Distill-Llama-8B", fmt="deepseek_r1", **_R1_LLAMA),  # type: ignore[arg-type]
+    "lfm2": Family(template="LFM2-8B-A1B", **_LFM2),  # type: ignore[arg-type]
+    "lfm2.5": Family(template="LFM2.5-8B-A1B", **_LFM2),  # type: ignore[arg-type]
+    "lfm2.5-instruct": Family(template="LFM2.5-Instruct", **_LFM2),  # type: ignore[arg-type]
     "deepseek-v3.2": Family(
         template="deepseek-ai-DeepSeek-V3.2",
         fmt="dsml",

@@ -63,6 +63,10 @@ WRITTEN = {
     "mistral": 'Sure.[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}[TOOL_CALLS]paint[ARGS]{"color": "red"}',
     "deepseek_v31": 'Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 2, "b": 3}<｜tool▁call▁end｜>'
     '<｜tool▁call▁begin｜>paint<｜tool▁sep｜>{"color": "red"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    "deepseek_r1": "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n```json\n"
+    '{"a": 2, "b": 3}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>paint\n```json\n'
+    '{"color": "red"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    "pythonic": 'Sure.<|tool_call_start|>[add(a=2, b=3), paint(color="red")]<|tool_call_end|>',
     "dsml": f'Sure.\n\n<{D}function_calls>\n<{D}invoke name="add">\n<{D}parameter name="a" string="false">2</{D}parameter>\n'
     f'<{D}parameter name="b" string="false">3</{D}parameter>\n</{D}invoke>\n<{D}invoke name="paint">\n'
     f'<{D}parameter name="color" string="true">red</{D}parameter>\n</{D}invoke>\n</{D}function_calls>',
@@ -75,6 +79,12 @@ WRITTEN = {
     '<parameter name="b">3</parameter>\n</invoke>\n<invoke name="paint">\n<parameter name="color">red</parameter>\n'
     "</invoke>\n</minimax:tool_call>",
 }
+# how a past call of NAME shows in the rendered prompt (formats checked beyond the name)
+RENDERED = {"deepseek_r1": "<｜tool▁sep｜>NAME\n```json\n", "pythonic": "<|tool_call_start|>[NAME("}
+# templates that never render a past call through transformers' apply_chat_template (it drops keys whose value
+# is None, and the R1-Distill-Llama template writes calls only when `content is none`; the LFM2-8B-A1B and
+# LFM2.5-Instruct templates write only `content`): the call's text is absent, the result present
+DROPS_PAST_CALLS = ("deepseek-r1-llama", "lfm2", "lfm2.5-instruct")
 # served over HTTP for forcing and round trip (each loads one tiny engine)
 FORCED = [
     "qwen3",
@@ -91,6 +101,11 @@ FORCED = [
     "ministral-reasoning",
     "deepseek-v3.1",
     "deepseek-v3.2",
+    "deepseek-r1-qwen",
+    "deepseek-r1-llama",
+    "lfm2",
+    "lfm2.5",
+    "lfm2.5-instruct",
     "glm-4.6",
     "glm-4.7",
     "kimi-k2",
@@ -220,11 +235,16 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
     ids, _ = build_prompt(served.tokenizer, messages, TOOLS, "auto", None)
     text = served.tokenizer.decode(ids)
     assert "RESULT-42" in text and function["name"] in text
+    rendered = RENDERED.get(FAMILIES[model].fmt, "").replace("NAME", function["name"])
+    if rendered:
+        assert (rendered in text) != (model in DROPS_PAST_CALLS), text
     if model == "functionary3.2":  # its template concatenates the arguments: they reach it as JSON text
         assert f">>>{function['name']}\n{function['arguments']}" in text, text
 
 
-@pytest.mark.parametrize("model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4"])
+@pytest.mark.parametrize(
+    "model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4", "deepseek-r1-llama", "lfm2.5"]
+)
 def test_streamed_forced_call_has_a_stable_index_and_id(registry: ModelRegistry, base: str, model: str) -> None:
     r = _forced(base, model, "required", stream=True, registry=registry)
     assert r.status_code == 200, r.text

@@ -3,7 +3,8 @@
 `format_lark(name, chosen, marker, arguments)` returns the Lark source for format `name` (see
 `tool_formats.FORMATS`): `marker(text)` gives a marker's terminal (a token reference when it is one added
 token), `arguments(tool, index)` the JSON schema of a tool's arguments. JSON-argument formats (Llama 3.x,
-Mistral, DeepSeek-V3.1, Kimi-K2, Functionary) embed that schema with `%json`; XML-argument formats
+Mistral, DeepSeek-V3.1, the DeepSeek-R1 distills' fenced JSON, Kimi-K2, Functionary) embed that schema
+with `%json`; keyword formats (pythonic, function_gemma) are in `tool_keyword_grammars`; XML-argument formats
 (Qwen3-Coder, GLM, MiniMax, DeepSeek-V3.2 DSML, Gemma 4) write one element per property, in the order the
 schema declares them (required ones always, optional ones at most once), a string value as raw text (one of
 its `enum` values when it has one) and any other value as compact JSON for its sub-schema.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
+
+from server.serving.tool_keyword_grammars import function_gemma, pythonic
 
 Marker = Callable[[str], str]
 Arguments = Callable[[dict[str, Any], int], dict[str, Any]]
@@ -138,6 +141,18 @@ def _deepseek_v31(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
     )
 
 
+def _deepseek_r1(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    """`function<｜tool▁sep｜>NAME` newline, the arguments in a ```json fence (the R1 distills' templates)."""
+    begin, sep, end = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+    return _json_args_format(
+        m("<｜tool▁calls▁begin｜>"),
+        m("<｜tool▁calls▁end｜>"),
+        lambda n, a: f'{m(begin)} "function" {m(sep)} {_q(n + chr(10) + "```json" + chr(10))} {a} "\\n```" {m(end)}',
+        chosen,
+        arguments,
+    )
+
+
 def _kimi_k2(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
     return _json_args_format(
         m("<|tool_calls_section_begin|>"),
@@ -235,6 +250,9 @@ _BUILDERS: dict[str, Builder] = {
     "llama3": _llama3,
     "mistral": _mistral,
     "deepseek_v31": _deepseek_v31,
+    "deepseek_r1": _deepseek_r1,
+    "pythonic": pythonic,
+    "function_gemma": function_gemma,
     "kimi_k2": _kimi_k2,
     "functionary31": _functionary31,
     "functionary32": _functionary32,

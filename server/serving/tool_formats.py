@@ -3,7 +3,8 @@
 `detect_format(template)` names the format from markers the template writes (the facts mlx-lm's
 `_infer_tool_parser` and the models' own docs record), plus formats mlx-lm has no parser for: Llama 3.x
 JSON (`{"name": ..., "parameters": ...}`, bare or after `<|python_tag|>`), DeepSeek-V3.1
-(`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), DeepSeek-V3.2 DSML,
+(`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), the DeepSeek-R1 distills
+(`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` newline, the arguments in a ```json fence), DeepSeek-V3.2 DSML,
 Functionary v3.1 (`<function=NAME>{args}</function>`) and v3.2 (`>>>NAME\n{args}`, `>>>all\n` before text). `FORMATS` holds each format's markers and parse
 function; a parse function gets the text between the start and end markers and returns one call
 `{"name", "arguments"}` or a list of them, raising ValueError (or KeyError, TypeError, SyntaxError) when
@@ -133,6 +134,26 @@ _DSML_INVOKE = re.compile(rf'<{DSML}invoke name="([^"]+)">(.*?)</{DSML}invoke>',
 _DSML_PARAM = re.compile(rf'<{DSML}parameter name="([^"]+)" string="(true|false)">(.*?)</{DSML}parameter>', re.DOTALL)
 
 
+_FENCE = re.compile(r"\A\s*```(?:json)?\s*(.*?)\s*```\s*\Z", re.DOTALL)
+
+
+def parse_deepseek_r1(text: str, tools: Any = None) -> list[Call]:
+    """DeepSeek-R1 distills: `<｜tool▁call▁begin｜>TYPE<｜tool▁sep｜>NAME` newline ```json newline {args} newline
+    ``` `<｜tool▁call▁end｜>`, repeated (line breaks between calls); the fence may be missing."""
+    calls = []
+    for piece in text.split(DS_CALL_BEGIN)[1:]:
+        body = piece.split(DS_CALL_END, 1)[0]
+        _kind, sep, rest = body.partition(DS_SEP)
+        if not sep:
+            raise ValueError("no separator")
+        name, _, arguments = rest.partition("\n")
+        fenced = _FENCE.match(arguments)
+        calls.append(_named(name.strip(), json.loads(fenced.group(1) if fenced else arguments)))
+    if not calls:
+        raise ValueError("no call")
+    return calls
+
+
 def parse_dsml(text: str, tools: Any = None) -> list[Call]:
     """DeepSeek-V3.2: `<｜DSML｜invoke name="N"><｜DSML｜parameter name="K" string="true|false">V</...>`."""
     calls = []
@@ -186,6 +207,9 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("mistral", "[TOOL_CALLS]", "", parse_mistral),
         FormatSpec("llama3", "", "", parse_llama3, leads=("{", "<|python_tag|>")),
         FormatSpec("deepseek_v31", DS_CALLS_BEGIN, DS_CALLS_END, parse_deepseek_v31),
+        FormatSpec("deepseek_r1", DS_CALLS_BEGIN, DS_CALLS_END, parse_deepseek_r1),
+        FormatSpec("pythonic", "<|tool_call_start|>", "<|tool_call_end|>", _mlx_lm_parser("pythonic")),
+        FormatSpec("function_gemma", "<start_function_call>", "<end_function_call>", _mlx_lm_parser("function_gemma")),
         FormatSpec("dsml", f"<{DSML}function_calls>", f"</{DSML}function_calls>", parse_dsml),
         FormatSpec("functionary31", "<function=", "</function>", parse_functionary31),
         FormatSpec("functionary32", ">>>", "", parse_functionary32, opened=True, text_recipient="all\n"),
@@ -199,6 +223,8 @@ FORMATS: dict[str, FormatSpec] = {
 _EXAMPLES = {
     "hermes": '<tool_call>{"name": "<function name>", "arguments": {<arguments as JSON>}}</tool_call>',
     "deepseek_v31": f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}<function name>{DS_SEP}{{<arguments as JSON>}}{DS_CALL_END}{DS_CALLS_END}",
+    "deepseek_r1": f"{DS_CALLS_BEGIN}{DS_CALL_BEGIN}function{DS_SEP}<function name>\n```json\n{{<arguments as JSON>}}\n```"
+    f"{DS_CALL_END}{DS_CALLS_END}",
 }
 
 
@@ -213,10 +239,13 @@ def detect_format(template: str) -> str | None:
         ("minimax_m2", lambda t: "<minimax:tool_call>" in t),
         ("gemma4", lambda t: "<|tool_call>" in t and "<tool_call|>" in t),
         ("dsml", lambda t: DSML in t),
+        ("function_gemma", lambda t: "<start_function_call>" in t),
+        ("pythonic", lambda t: "<|tool_list_start|>" in t or "<|tool_call_start|>" in t),
         ("glm47", lambda t: "<arg_key>" in t),
         ("qwen3_coder", lambda t: "<tool_call>\\n<function=" in t or "<tool_call>\n<function=" in t),
         ("kimi_k2", lambda t: "<|tool_calls_section_begin|>" in t),
         ("mistral", lambda t: "[TOOL_CALLS]" in t),
+        ("deepseek_r1", lambda t: DS_CALL_BEGIN in t and "```json" in t),
         ("deepseek_v31", lambda t: f"{DS_CALL_BEGIN}'+ tool['function']['name']" in t.replace("' + tool", "'+ tool")),
         ("functionary31", lambda t: "<function=" in t and "<|python_tag|>" in t),
         ("functionary32", lambda t: "'>>>' + tool_call['function']['name']" in t),

@@ -16,6 +16,7 @@ already parses, and the text before its start marker stays.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,28 +57,49 @@ def _is_json_parser(parse: Any) -> bool:
     return getattr(parse, "__module__", "") == "mlx_lm.tool_parsers.json_tools"
 
 
+def named_format(name: str, native: bool) -> ToolFormat:
+    """The `ToolFormat` of a format in `tool_formats.FORMATS` (`native`: the template renders `tools`)."""
+    spec = FORMATS[name]
+    return ToolFormat(
+        spec.start,
+        spec.end,
+        spec.parse,
+        native=native,
+        json_calls=name == "hermes",
+        name=name,
+        leads=spec.leads,
+        opened=spec.opened,
+        text_recipient=spec.text_recipient,
+    )
+
+
+def _inferred_name(parse: Any) -> str | None:
+    """Our name for the format of a parser mlx-lm inferred from the vocabulary (LFM2.5's `pythonic`), if we know it."""
+    module = getattr(parse, "__module__", "") or ""
+    name = module.rpartition(".")[2] if module.startswith("mlx_lm.tool_parsers.") else ""
+    return name if name in FORMATS and name != "hermes" else None
+
+
+# `tools | map(...) | tojson` (llama.cpp's own R1 template): jinja2's map gives a generator, which the tojson of
+# transformers' template environment cannot serialize, so such a template gets its tools in a system message
+_UNRENDERABLE_TOOLS = re.compile(r"tools\s*\|\s*map\([^)]*\)\s*\|\s*tojson")
+
+
 def tool_format(tokenizer: Any) -> ToolFormat:
     """The format this model's template writes tool calls in (`tool_formats.detect_format`), else the one
-    mlx-lm inferred, else Hermes described in a system message. A template that writes calls in a known
-    format but does not render `tools` (DeepSeek-V3.1) gets the tools in a system message in that format."""
+    mlx-lm inferred (ours when we know it: forceable), else Hermes described in a system message. A template
+    that writes calls in a known format but does not render `tools` (DeepSeek-V3.1, the R1 distills) gets
+    the tools in a system message in that format."""
     template = getattr(tokenizer, "chat_template", None) or ""
-    renders_tools = "tools" in template
+    renders_tools = "tools" in template and not _UNRENDERABLE_TOOLS.search(template)
     name = detect_format(template) if isinstance(template, str) else None
     if name is not None and (renders_tools or name != "hermes"):
-        spec = FORMATS[name]
-        return ToolFormat(
-            spec.start,
-            spec.end,
-            spec.parse,
-            native=renders_tools,
-            json_calls=name == "hermes",
-            name=name,
-            leads=spec.leads,
-            opened=spec.opened,
-            text_recipient=spec.text_recipient,
-        )
+        return named_format(name, renders_tools)
     if getattr(tokenizer, "has_tool_calling", False) and renders_tools:
         parse = tokenizer.tool_parser
+        inferred = _inferred_name(parse)
+        if inferred is not None:
+            return named_format(inferred, True)
         return ToolFormat(
             tokenizer.tool_call_start, tokenizer.tool_call_end, parse, native=True, json_calls=_is_json_parser(parse)
         )
