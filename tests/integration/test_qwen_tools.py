@@ -1,9 +1,9 @@
 """Forced tool calls on real Qwen-family tokenizers and chat templates (tiny random weights), over HTTP.
 
-Qwen2.5, Qwen3 and QwQ templates render `tools` themselves (mlx-lm detects its `json_tools` format);
-DeepSeek-R1-Distill-Qwen's template does not, so it gets the tools in a system message and answers in
-the Hermes format. All four vocabularies hold `<tool_call>` as one added token (id 151657), which the
-forcing grammar must name as a token, not as text. Random weights say nothing sensible: the grammar
+Qwen2.5, Qwen3 and QwQ templates render `tools` themselves, in the Hermes `<tool_call>` JSON format.
+All three vocabularies hold `<tool_call>` as one added token (id 151657), which the forcing grammar must
+name as a token, not as text. (DeepSeek-R1-Distill-Qwen writes calls in DeepSeek's own format, with its
+own added markers: tests/test_native_tool_formats.py covers it.) Random weights say nothing sensible: the grammar
 alone makes their calls well-formed, so the schemas keep values bounded (small integers, enums).
 """
 
@@ -33,7 +33,6 @@ MODELS = {
     ),
     "qwen3": dict(template="Qwen-Qwen3-0.6B", model_type="qwen3", added=QWEN3_ADDED, eos_token="<|im_end|>"),
     "qwq": dict(template="Qwen-QwQ-32B", model_type="qwen2", added=QWEN25_ADDED, eos_token="<|im_end|>"),
-    "r1-distill": dict(template="deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", model_type="qwen2", added=QWEN25_ADDED),
 }
 ADD = {
     "type": "object",
@@ -151,7 +150,7 @@ def test_streamed_forced_call_shows_no_markup(base: str, model: str) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-@pytest.mark.parametrize("model", ["qwen3", "r1-distill"])
+@pytest.mark.parametrize("model", ["qwen3", "qwen2.5"])
 def test_forced_call_cut_by_max_tokens_leaks_no_markup(base: str, model: str) -> None:
     """finish_reason "length", no tool_calls, no content: the partial call is dropped everywhere."""
     body = {
@@ -192,7 +191,7 @@ def test_forced_call_cut_by_max_tokens_leaks_no_markup(base: str, model: str) ->
     assert not [e for e in events if e["type"].startswith("response.function_call")]
 
 
-@pytest.mark.parametrize("model", ["qwen2.5", "r1-distill"])
+@pytest.mark.parametrize("model", ["qwen2.5", "qwen3"])
 def test_non_strict_unenforceable_keyword_is_ignored_strict_is_a_400(base: str, model: str) -> None:
     tool = {"type": "function", "function": {"name": "tag", "parameters": TAGS}}
     body = {
@@ -222,7 +221,7 @@ def test_non_strict_unenforceable_keyword_is_ignored_strict_is_a_400(base: str, 
 )
 def test_bad_tool_schemas_are_a_400_naming_the_tool(base: str, parameters: dict[str, Any]) -> None:
     tool = {"type": "function", "function": {"name": "broken", "parameters": parameters, "strict": True}}
-    for model in ("qwen3", "r1-distill"):
+    for model in ("qwen3", "qwen2.5"):
         r = post(
             base,
             "/chat/completions",
@@ -262,7 +261,7 @@ def test_pydantic_defs_resolve_inside_a_forced_call(base: str) -> None:
 def test_the_markers_are_the_added_tokens_of_every_qwen_vocabulary(registry: ModelRegistry, model: str) -> None:
     served = registry.get(model)
     fmt = tool_format(served.tokenizer)
-    assert fmt.json_calls and fmt.native == (model != "r1-distill")
+    assert fmt.json_calls and fmt.native
     spec = forcing_grammar(TOOLS, None, fmt, served.tokenizer, served.engine.constraints)
     assert spec.text is not None and spec.text.startswith("start: <[151657]> NL? call NL? <[151658]>")
 
