@@ -78,9 +78,19 @@ WRITTEN = {
     "minimax_m2": 'Sure.<minimax:tool_call>\n<invoke name="add">\n<parameter name="a">2</parameter>\n'
     '<parameter name="b">3</parameter>\n</invoke>\n<invoke name="paint">\n<parameter name="color">red</parameter>\n'
     "</invoke>\n</minimax:tool_call>",
+    "minicpm5": 'Sure.<function name="add"><param name="a">2</param><param name="b">3</param></function>'
+    '<function name="paint"><param name="color">red</param></function>',
+    "muse_spark": 'Sure.<atem:function_calls>\n<atem:invoke name="add">\n<atem:parameter name="a">2</atem:parameter>\n'
+    '<atem:parameter name="b">3</atem:parameter>\n</atem:invoke>\n<atem:invoke name="paint">\n'
+    '<atem:parameter name="color">red</atem:parameter>\n</atem:invoke>\n</atem:function_calls>',
 }
 # how a past call of NAME shows in the rendered prompt (formats checked beyond the name)
-RENDERED = {"deepseek_r1": "<｜tool▁sep｜>NAME\n```json\n", "pythonic": "<|tool_call_start|>[NAME("}
+RENDERED = {
+    "minicpm5": '<function name="NAME">',
+    "muse_spark": '<atem:function_calls>\n<atem:invoke name="NAME">',
+    "deepseek_r1": "<｜tool▁sep｜>NAME\n```json\n",
+    "pythonic": "<|tool_call_start|>[NAME(",
+}
 # templates that never render a past call through transformers' apply_chat_template (it drops keys whose value
 # is None, and the R1-Distill-Llama template writes calls only when `content is none`; the LFM2-8B-A1B and
 # LFM2.5-Instruct templates write only `content`): the call's text is absent, the result present
@@ -110,6 +120,11 @@ FORCED = [
     "glm-4.7",
     "kimi-k2",
     "minimax-m2",
+    "laguna-xs.2",
+    "laguna-xs-2.1",
+    "laguna-s-2.1",
+    "minicpm5",
+    "muse-glimmer",
 ]
 
 

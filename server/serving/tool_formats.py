@@ -5,7 +5,9 @@
 JSON (`{"name": ..., "parameters": ...}`, bare or after `<|python_tag|>`), DeepSeek-V3.1
 (`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), the DeepSeek-R1 distills
 (`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` newline, the arguments in a ```json fence), DeepSeek-V3.2 DSML,
-Functionary v3.1 (`<function=NAME>{args}</function>`) and v3.2 (`>>>NAME\n{args}`, `>>>all\n` before text). `FORMATS` holds each format's markers and parse
+Functionary v3.1 (`<function=NAME>{args}</function>`) and v3.2 (`>>>NAME\n{args}`, `>>>all\n` before text).
+MiniCPM5 (`<function name="N"><param name="K">V</param></function>`), Muse Spark (`<atem:function_calls>`)
+and LongCat (`<longcat_tool_call>`) are parsed by mlx-lm's parsers; Poolside Laguna writes GLM-4.7's format. `FORMATS` holds each format's markers and parse
 function; a parse function gets the text between the start and end markers and returns one call
 `{"name", "arguments"}` or a list of them, raising ValueError (or KeyError, TypeError, SyntaxError) when
 the text is not a call. An empty `end` means the call runs to the next start marker or the end of the
@@ -216,6 +218,9 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("kimi_k2", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", _mlx_lm_parser("kimi_k2")),
         FormatSpec("minimax_m2", "<minimax:tool_call>", "</minimax:tool_call>", _mlx_lm_parser("minimax_m2")),
         FormatSpec("gemma4", "<|tool_call>", "<tool_call|>", _mlx_lm_parser("gemma4")),
+        FormatSpec("minicpm5", "<function name=", "</function>", _mlx_lm_parser("minicpm5")),
+        FormatSpec("muse_spark", "<atem:function_calls>", "</atem:function_calls>", _mlx_lm_parser("muse_spark")),
+        FormatSpec("longcat", "<longcat_tool_call>", "</longcat_tool_call>", _mlx_lm_parser("longcat")),
     )
 }
 
@@ -240,6 +245,9 @@ def detect_format(template: str) -> str | None:
         ("gemma4", lambda t: "<|tool_call>" in t and "<tool_call|>" in t),
         ("dsml", lambda t: DSML in t),
         ("function_gemma", lambda t: "<start_function_call>" in t),
+        ("longcat", lambda t: "<longcat_tool_call>" in t),
+        ("muse_spark", lambda t: "<atem:function_calls>" in t),
+        ("minicpm5", lambda t: '<function name="' in t and '<param name="' in t),
         ("pythonic", lambda t: "<|tool_list_start|>" in t or "<|tool_call_start|>" in t),
         ("glm47", lambda t: "<arg_key>" in t),
         ("qwen3_coder", lambda t: "<tool_call>\\n<function=" in t or "<tool_call>\n<function=" in t),
