@@ -248,6 +248,16 @@ FAMILIES.update(
         "minicpm5": Family(
             "qwen2", "openbmb-MiniCPM5-1B", "minicpm5", "qwen3", "<|im_end|>", QWEN3_ADDED, real_vocab=False
         ),
+        # Kimi K3's XTML tags: a byte-level stand-in with them added (`<|end_of_msg|>` ends a message)
+        "kimi-k3": Family(
+            vocab="llama-bpe",
+            template="Kimi-K3",
+            fmt="kimi_k3",
+            eos="<|end_of_msg|>",
+            control=("<|end_of_msg|>",),
+            marks=("<|open|>", "<|close|>", "<|sep|>"),
+            real_vocab=False,
+        ),
         "muse-glimmer": Family(
             template="muse-glimmer",
             fmt="muse_spark",

@@ -78,6 +78,12 @@ WRITTEN = {
     "minimax_m2": 'Sure.<minimax:tool_call>\n<invoke name="add">\n<parameter name="a">2</parameter>\n'
     '<parameter name="b">3</parameter>\n</invoke>\n<invoke name="paint">\n<parameter name="color">red</parameter>\n'
     "</invoke>\n</minimax:tool_call>",
+    # the prompt opens the response element; the call follows the closed response
+    "kimi_k3": 'Sure.<|close|>response<|sep|><|open|>tools<|sep|><|open|>call tool="add" index="1"<|sep|>'
+    '<|open|>argument key="a" type="number"<|sep|>2<|close|>argument<|sep|>'
+    '<|open|>argument key="b" type="number"<|sep|>3<|close|>argument<|sep|><|close|>call<|sep|>'
+    '<|open|>call tool="paint" index="2"<|sep|><|open|>argument key="color" type="string"<|sep|>red'
+    "<|close|>argument<|sep|><|close|>call<|sep|><|close|>tools<|sep|><|close|>message<|sep|>",
     "minicpm5": 'Sure.<function name="add"><param name="a">2</param><param name="b">3</param></function>'
     '<function name="paint"><param name="color">red</param></function>',
     "muse_spark": 'Sure.<atem:function_calls>\n<atem:invoke name="add">\n<atem:parameter name="a">2</atem:parameter>\n'
@@ -86,6 +92,7 @@ WRITTEN = {
 }
 # how a past call of NAME shows in the rendered prompt (formats checked beyond the name)
 RENDERED = {
+    "kimi_k3": '<|open|>tools<|sep|><|open|>call tool="NAME" index="1"<|sep|>',
     "minicpm5": '<function name="NAME">',
     "muse_spark": '<atem:function_calls>\n<atem:invoke name="NAME">',
     "deepseek_r1": "<｜tool▁sep｜>NAME\n```json\n",
@@ -125,6 +132,7 @@ FORCED = [
     "laguna-s-2.1",
     "minicpm5",
     "muse-glimmer",
+    "kimi-k3",
 ]
 
 
@@ -222,6 +230,8 @@ def _forced(
         "stream": stream,
         "logit_bias": _closing_thinking(registry, model) if registry is not None else {},
     }
+    if model == "kimi-k3":  # its template thinks by default; its XTML think block is not split as reasoning yet
+        body["chat_template_kwargs"] = {"thinking": False}
     return _post(base, body)
 
 

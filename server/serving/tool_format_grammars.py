@@ -285,6 +285,30 @@ def _longcat(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
     )
 
 
+def _kimi_k3(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    """Kimi K3 XTML: the response element closed, then `<|open|>tools<|sep|>`, one call whose arguments are
+    typed elements (`<|open|>argument key="K" type="T"<|sep|>V<|close|>argument<|sep|>`)."""
+    o, c, sep = m("<|open|>"), m("<|close|>"), m("<|sep|>")
+    kinds = '("number" | "boolean" | "object" | "array" | "null")'
+
+    def element(key: str, value: str, is_string: bool) -> str:
+        kind = '"string"' if is_string else kinds
+        return f'{o} {_q("argument key=" + _q(key) + " type=")} "\\"" {kind} "\\"" {sep} {value} {c} "argument" {sep}'
+
+    def open_call(name: str) -> str:
+        return f"{o} {_q('call tool=' + _q(name) + ' index=' + _q('1'))} {sep}"
+
+    return _xml_format(
+        f'{c} "response" {sep} {o} "tools" {sep}',
+        f'{c} "tools" {sep}',
+        open_call,
+        f'{c} "call" {sep}',
+        element,
+        chosen,
+        arguments,
+    )
+
+
 # each format's grammar builder (format names as in `tool_formats.FORMATS`)
 _BUILDERS: dict[str, Builder] = {
     "llama3": _llama3,
@@ -304,6 +328,7 @@ _BUILDERS: dict[str, Builder] = {
     "minicpm5": _minicpm5,
     "muse_spark": _muse_spark,
     "longcat": _longcat,
+    "kimi_k3": _kimi_k3,
 }
 
 
