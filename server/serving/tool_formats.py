@@ -206,6 +206,14 @@ def _mlx_lm_parser(module: str) -> Parse:
     return parse
 
 
+def parse_longcat(text: str, tools: Any = None) -> Call | list[Call]:
+    """LongCat: `NAME` then `<longcat_arg_key>K</longcat_arg_key><longcat_arg_value>V</...>` pairs (mlx-lm's
+    parser); a call without arguments is the name alone, which that parser cannot read."""
+    if "<longcat_arg_key>" not in text and not text.strip().startswith("{"):
+        return _named(text.strip(), {})
+    return _mlx_lm_parser("longcat")(text, tools)
+
+
 FORMATS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
@@ -227,7 +235,7 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("minicpm5", "<function name=", "</function>", _mlx_lm_parser("minicpm5")),
         FormatSpec("muse_spark", "<atem:function_calls>", "</atem:function_calls>", _mlx_lm_parser("muse_spark")),
         FormatSpec("kimi_k3", K3_TOOLS_OPEN, K3_TOOLS_CLOSE, _mlx_lm_parser("kimi_k3"), hidden=K3_HIDDEN),
-        FormatSpec("longcat", "<longcat_tool_call>", "</longcat_tool_call>", _mlx_lm_parser("longcat")),
+        FormatSpec("longcat", "<longcat_tool_call>", "</longcat_tool_call>", parse_longcat),
     )
 }
 
