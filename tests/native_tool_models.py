@@ -248,6 +248,31 @@ FAMILIES.update(
         "minicpm5": Family(
             "qwen2", "openbmb-MiniCPM5-1B", "minicpm5", "qwen3", "<|im_end|>", QWEN3_ADDED, real_vocab=False
         ),
+        # Spark 2.5 writes GLM-4.7's calls (`<arg_key>`), turns opened by `<｜start▁of▁sentence｜><|Role|>`
+        "spark2.5": Family(
+            template="Spark2.5",
+            fmt="glm47",
+            eos="<｜end▁of▁sentence｜>",
+            qwen_added=(
+                "<｜start▁of▁sentence｜>",
+                "<｜end▁of▁sentence｜>",
+                "<|System|>",
+                "<|User|>",
+                "<|Bot|>",
+                "<|Tool|>",
+            )
+            + (
+                "<tool_call>",
+                "</tool_call>",
+                "<arg_key>",
+                "</arg_key>",
+                "<arg_value>",
+                "</arg_value>",
+                "<think>",
+                "</think>",
+            ),
+            **_QWEN_STANDIN,  # type: ignore[arg-type]
+        ),
         # Kimi K3's XTML tags: a byte-level stand-in with them added (`<|end_of_msg|>` ends a message)
         "kimi-k3": Family(
             vocab="llama-bpe",

@@ -133,6 +133,7 @@ FORCED = [
     "minicpm5",
     "muse-glimmer",
     "kimi-k3",
+    "spark2.5",
 ]
 
 
