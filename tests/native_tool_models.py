@@ -240,6 +240,14 @@ _LAGUNA = dict(
     + ("<think>", "</think>"),
     **_QWEN_STANDIN,
 )
+_KIMI_K3 = dict(
+    vocab="llama-bpe",
+    fmt="kimi_k3",
+    eos="<|end_of_msg|>",
+    control=("<|end_of_msg|>",),
+    marks=("<|open|>", "<|close|>", "<|sep|>"),
+    real_vocab=False,
+)
 FAMILIES.update(
     {
         "laguna-xs.2": Family(template="poolside-Laguna-XS.2", **_LAGUNA),  # type: ignore[arg-type]
@@ -274,15 +282,8 @@ FAMILIES.update(
             **_QWEN_STANDIN,  # type: ignore[arg-type]
         ),
         # Kimi K3's XTML tags: a byte-level stand-in with them added (`<|end_of_msg|>` ends a message)
-        "kimi-k3": Family(
-            vocab="llama-bpe",
-            template="Kimi-K3",
-            fmt="kimi_k3",
-            eos="<|end_of_msg|>",
-            control=("<|end_of_msg|>",),
-            marks=("<|open|>", "<|close|>", "<|sep|>"),
-            real_vocab=False,
-        ),
+        "kimi-k3": Family(template="Kimi-K3", **_KIMI_K3),  # type: ignore[arg-type]
+        "kimi-k3-no-thinking": Family(template="Kimi-K3", **_KIMI_K3),  # type: ignore[arg-type]
         "muse-glimmer": Family(
             template="muse-glimmer",
             fmt="muse_spark",

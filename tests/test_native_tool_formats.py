@@ -133,6 +133,7 @@ FORCED = [
     "minicpm5",
     "muse-glimmer",
     "kimi-k3",
+    "kimi-k3-no-thinking",
     "spark2.5",
 ]
 
@@ -231,7 +232,7 @@ def _forced(
         "stream": stream,
         "logit_bias": _closing_thinking(registry, model) if registry is not None else {},
     }
-    if model == "kimi-k3":  # its template thinks by default; its XTML think block is not split as reasoning yet
+    if model == "kimi-k3-no-thinking":  # Kimi K3 thinks by default; this one answers in the response at once
         body["chat_template_kwargs"] = {"thinking": False}
     return _post(base, body)
 
@@ -269,7 +270,8 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
 
 
 @pytest.mark.parametrize(
-    "model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4", "deepseek-r1-llama", "lfm2.5"]
+    "model",
+    ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4", "deepseek-r1-llama", "lfm2.5", "kimi-k3"],
 )
 def test_streamed_forced_call_has_a_stable_index_and_id(registry: ModelRegistry, base: str, model: str) -> None:
     r = _forced(base, model, "required", stream=True, registry=registry)
@@ -302,3 +304,13 @@ def test_the_compat_kit_s_native_tool_checks_pass_on_a_tiny_native_model(base: s
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "4 passed" in result.stdout, result.stdout[-3000:]
+
+
+def test_kimi_k3_reasons_in_its_think_element_then_calls(registry: ModelRegistry, base: str) -> None:
+    """Kimi K3 thinks by default (`<|open|>think<|sep|>` ends the prompt): the reasoning is apart, the
+    forced call follows `<|close|>think<|sep|>`, and no XTML tag leaks into either."""
+    r = _forced(base, "kimi-k3", "required", registry=registry)
+    message = r.json()["choices"][0]["message"]
+    reasoning = message.get("reasoning_content") or ""
+    assert message["tool_calls"] and not message["content"], message
+    assert "<|open|>" not in reasoning and "<|close|>think" not in reasoning, reasoning

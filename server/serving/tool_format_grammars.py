@@ -286,7 +286,7 @@ def _longcat(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
 
 
 def _kimi_k3(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
-    """Kimi K3 XTML: the response element closed, then `<|open|>tools<|sep|>`, one call whose arguments are
+    """Kimi K3 XTML: the response element (opened by the prompt, or after the reasoning) closed, then `<|open|>tools<|sep|>`, one call whose arguments are
     typed elements (`<|open|>argument key="K" type="T"<|sep|>V<|close|>argument<|sep|>`)."""
     o, c, sep = m("<|open|>"), m("<|close|>"), m("<|sep|>")
     kinds = '("number" | "boolean" | "object" | "array" | "null")'
@@ -299,7 +299,7 @@ def _kimi_k3(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
         return f"{o} {_q('call tool=' + _q(name) + ' index=' + _q('1'))} {sep}"
 
     return _xml_format(
-        f'{c} "response" {sep} {o} "tools" {sep}',
+        f'({o} "response" {sep})? {c} "response" {sep} {o} "tools" {sep}',  # opened after the reasoning
         f'{c} "tools" {sep}',
         open_call,
         f'{c} "call" {sep}',
