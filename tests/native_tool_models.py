@@ -232,6 +232,68 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+# Poolside Laguna writes GLM-4.7's calls; its turns are plain tags (`</assistant>` ends one)
+_LAGUNA = dict(
+    fmt="glm47",
+    eos="</assistant>",
+    qwen_added=("</assistant>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+    + ("<think>", "</think>"),
+    **_QWEN_STANDIN,
+)
+_KIMI_K3 = dict(
+    vocab="llama-bpe",
+    fmt="kimi_k3",
+    eos="<|end_of_msg|>",
+    control=("<|end_of_msg|>",),
+    marks=("<|open|>", "<|close|>", "<|sep|>"),
+    real_vocab=False,
+)
+FAMILIES.update(
+    {
+        "laguna-xs.2": Family(template="poolside-Laguna-XS.2", **_LAGUNA),  # type: ignore[arg-type]
+        "laguna-xs-2.1": Family(template="poolside-Laguna-XS-2.1", **_LAGUNA),  # type: ignore[arg-type]
+        "laguna-s-2.1": Family(template="poolside-Laguna-S-2.1", **_LAGUNA),  # type: ignore[arg-type]
+        "minicpm5": Family(
+            "qwen2", "openbmb-MiniCPM5-1B", "minicpm5", "qwen3", "<|im_end|>", QWEN3_ADDED, real_vocab=False
+        ),
+        # Spark 2.5 writes GLM-4.7's calls (`<arg_key>`), turns opened by `<｜start▁of▁sentence｜><|Role|>`
+        "spark2.5": Family(
+            template="Spark2.5",
+            fmt="glm47",
+            eos="<｜end▁of▁sentence｜>",
+            qwen_added=(
+                "<｜start▁of▁sentence｜>",
+                "<｜end▁of▁sentence｜>",
+                "<|System|>",
+                "<|User|>",
+                "<|Bot|>",
+                "<|Tool|>",
+            )
+            + (
+                "<tool_call>",
+                "</tool_call>",
+                "<arg_key>",
+                "</arg_key>",
+                "<arg_value>",
+                "</arg_value>",
+                "<think>",
+                "</think>",
+            ),
+            **_QWEN_STANDIN,  # type: ignore[arg-type]
+        ),
+        # Kimi K3's XTML tags: a byte-level stand-in with them added (`<|end_of_msg|>` ends a message)
+        "kimi-k3": Family(template="Kimi-K3", **_KIMI_K3),  # type: ignore[arg-type]
+        "kimi-k3-no-thinking": Family(template="Kimi-K3", **_KIMI_K3),  # type: ignore[arg-type]
+        "muse-glimmer": Family(
+            template="muse-glimmer",
+            fmt="muse_spark",
+            eos="<|eot|>",
+            qwen_added=("<|start|>", "<|message|>", "<|eot|>", "<|eom|>"),
+            **_QWEN_STANDIN,  # type: ignore[arg-type]
+        ),
+    }
+)
+
 
 def _qwen_placeholders(meta: dict[str, Any], added: tuple[str, ...]) -> dict[str, Any]:
     """Fill Qwen's placeholder ids from 151646 with `added` (`<|...|>` and `<｜...｜>` style are special)."""

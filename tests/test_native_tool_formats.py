@@ -78,9 +78,26 @@ WRITTEN = {
     "minimax_m2": 'Sure.<minimax:tool_call>\n<invoke name="add">\n<parameter name="a">2</parameter>\n'
     '<parameter name="b">3</parameter>\n</invoke>\n<invoke name="paint">\n<parameter name="color">red</parameter>\n'
     "</invoke>\n</minimax:tool_call>",
+    # the prompt opens the response element; the call follows the closed response
+    "kimi_k3": 'Sure.<|close|>response<|sep|><|open|>tools<|sep|><|open|>call tool="add" index="1"<|sep|>'
+    '<|open|>argument key="a" type="number"<|sep|>2<|close|>argument<|sep|>'
+    '<|open|>argument key="b" type="number"<|sep|>3<|close|>argument<|sep|><|close|>call<|sep|>'
+    '<|open|>call tool="paint" index="2"<|sep|><|open|>argument key="color" type="string"<|sep|>red'
+    "<|close|>argument<|sep|><|close|>call<|sep|><|close|>tools<|sep|><|close|>message<|sep|>",
+    "minicpm5": 'Sure.<function name="add"><param name="a">2</param><param name="b">3</param></function>'
+    '<function name="paint"><param name="color">red</param></function>',
+    "muse_spark": 'Sure.<atem:function_calls>\n<atem:invoke name="add">\n<atem:parameter name="a">2</atem:parameter>\n'
+    '<atem:parameter name="b">3</atem:parameter>\n</atem:invoke>\n<atem:invoke name="paint">\n'
+    '<atem:parameter name="color">red</atem:parameter>\n</atem:invoke>\n</atem:function_calls>',
 }
 # how a past call of NAME shows in the rendered prompt (formats checked beyond the name)
-RENDERED = {"deepseek_r1": "<｜tool▁sep｜>NAME\n```json\n", "pythonic": "<|tool_call_start|>[NAME("}
+RENDERED = {
+    "kimi_k3": '<|open|>tools<|sep|><|open|>call tool="NAME" index="1"<|sep|>',
+    "minicpm5": '<function name="NAME">',
+    "muse_spark": '<atem:function_calls>\n<atem:invoke name="NAME">',
+    "deepseek_r1": "<｜tool▁sep｜>NAME\n```json\n",
+    "pythonic": "<|tool_call_start|>[NAME(",
+}
 # templates that never render a past call through transformers' apply_chat_template (it drops keys whose value
 # is None, and the R1-Distill-Llama template writes calls only when `content is none`; the LFM2-8B-A1B and
 # LFM2.5-Instruct templates write only `content`): the call's text is absent, the result present
@@ -110,6 +127,14 @@ FORCED = [
     "glm-4.7",
     "kimi-k2",
     "minimax-m2",
+    "laguna-xs.2",
+    "laguna-xs-2.1",
+    "laguna-s-2.1",
+    "minicpm5",
+    "muse-glimmer",
+    "kimi-k3",
+    "kimi-k3-no-thinking",
+    "spark2.5",
 ]
 
 
@@ -207,6 +232,8 @@ def _forced(
         "stream": stream,
         "logit_bias": _closing_thinking(registry, model) if registry is not None else {},
     }
+    if model == "kimi-k3-no-thinking":  # Kimi K3 thinks by default; this one answers in the response at once
+        body["chat_template_kwargs"] = {"thinking": False}
     return _post(base, body)
 
 
@@ -243,7 +270,8 @@ def test_forced_call_in_the_native_format_parses_and_round_trips(
 
 
 @pytest.mark.parametrize(
-    "model", ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4", "deepseek-r1-llama", "lfm2.5"]
+    "model",
+    ["qwen3.5", "llama3.1", "devstral", "functionary3.2", "gemma4", "deepseek-r1-llama", "lfm2.5", "kimi-k3"],
 )
 def test_streamed_forced_call_has_a_stable_index_and_id(registry: ModelRegistry, base: str, model: str) -> None:
     r = _forced(base, model, "required", stream=True, registry=registry)
@@ -276,3 +304,13 @@ def test_the_compat_kit_s_native_tool_checks_pass_on_a_tiny_native_model(base: s
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "4 passed" in result.stdout, result.stdout[-3000:]
+
+
+def test_kimi_k3_reasons_in_its_think_element_then_calls(registry: ModelRegistry, base: str) -> None:
+    """Kimi K3 thinks by default (`<|open|>think<|sep|>` ends the prompt): the reasoning is apart, the
+    forced call follows `<|close|>think<|sep|>`, and no XTML tag leaks into either."""
+    r = _forced(base, "kimi-k3", "required", registry=registry)
+    message = r.json()["choices"][0]["message"]
+    reasoning = message.get("reasoning_content") or ""
+    assert message["tool_calls"] and not message["content"], message
+    assert "<|open|>" not in reasoning and "<|close|>think" not in reasoning, reasoning

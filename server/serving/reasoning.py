@@ -34,6 +34,7 @@ _PAIRS = (
     ("<|think:start|>", "<|think:end|>"),
 )
 _GEMMA4 = ("<|channel>thought", "<channel|>")  # multi-token: `<|channel>` then `thought`
+_XTML = ("<|open|>think<|sep|>", "<|close|>think<|sep|>")  # Kimi K3: tags of `<|open|>`/`<|close|>`/`<|sep|>` tokens
 _TAIL_TOKENS = 12  # prompt tokens decoded to see whether the prompt opened the think block
 
 
@@ -72,9 +73,12 @@ def think_markers(tokenizer: Any) -> ThinkMarkers | None:
     vocab = _vocab(tokenizer)
     template = getattr(tokenizer, "chat_template", None) or ""
     template = template if isinstance(template, str) else ""
-    gemma4 = "<|channel>" in vocab and "<channel|>" in vocab
-    for start, end in [*_PAIRS, _GEMMA4]:
-        in_vocab = gemma4 if (start, end) == _GEMMA4 else start in vocab and end in vocab
+    multi = {
+        _GEMMA4: "<|channel>" in vocab and "<channel|>" in vocab,
+        _XTML: all(t in vocab for t in ("<|open|>", "<|close|>", "<|sep|>")),
+    }
+    for start, end in [*_PAIRS, *multi]:
+        in_vocab = multi[(start, end)] if (start, end) in multi else start in vocab and end in vocab
         if in_vocab or (start in template and end in template):
             ids = tuple(int(i) for i in tokenizer.encode(end, add_special_tokens=False))
             start_ids = tuple(int(i) for i in tokenizer.encode(start, add_special_tokens=False))

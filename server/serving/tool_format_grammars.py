@@ -5,7 +5,7 @@
 token), `arguments(tool, index)` the JSON schema of a tool's arguments. JSON-argument formats (Llama 3.x,
 Mistral, DeepSeek-V3.1, the DeepSeek-R1 distills' fenced JSON, Kimi-K2, Functionary) embed that schema
 with `%json`; keyword formats (pythonic, function_gemma) are in `tool_keyword_grammars`; XML-argument formats
-(Qwen3-Coder, GLM, MiniMax, DeepSeek-V3.2 DSML, Gemma 4) write one element per property, in the order the
+(Qwen3-Coder, GLM and Laguna, MiniMax, DeepSeek-V3.2 DSML, Gemma 4, MiniCPM5, Muse Spark, LongCat) write one element per property, in the order the
 schema declares them (required ones always, optional ones at most once), a string value as raw text (one of
 its `enum` values when it has one) and any other value as compact JSON for its sub-schema.
 """
@@ -245,6 +245,70 @@ def _gemma4(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
     )
 
 
+def _minicpm5(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    """`<function name="N"><param name="K">V</param>...</function>`, no outer wrapper."""
+    return _xml_format(
+        "",
+        "",
+        lambda n: f"{m('<function name=')} {_q(chr(34) + n + chr(34) + '>')}",
+        m("</function>"),
+        lambda key, value, s: _q(f'<param name="{key}">') + f" {value} " + _q("</param>"),
+        chosen,
+        arguments,
+    )
+
+
+def _muse_spark(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _xml_format(
+        m("<atem:function_calls>"),
+        m("</atem:function_calls>"),
+        lambda n: _q(f'\n<atem:invoke name="{n}">\n'),
+        _q("</atem:invoke>\n"),
+        lambda key, value, s: _q(f'<atem:parameter name="{key}">') + f" {value} " + _q("</atem:parameter>\n"),
+        chosen,
+        arguments,
+    )
+
+
+def _longcat(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    return _xml_format(
+        m("<longcat_tool_call>"),
+        m("</longcat_tool_call>"),
+        lambda n: _q(n + "\n"),
+        "",
+        lambda key, value, s: (
+            f"{m('<longcat_arg_key>')} {_q(key)} {m('</longcat_arg_key>')} {_q(chr(10))} "
+            f"{m('<longcat_arg_value>')} {value} {m('</longcat_arg_value>')} {_q(chr(10))}"
+        ),
+        chosen,
+        arguments,
+    )
+
+
+def _kimi_k3(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
+    """Kimi K3 XTML: the response element (opened by the prompt, or after the reasoning) closed, then `<|open|>tools<|sep|>`, one call whose arguments are
+    typed elements (`<|open|>argument key="K" type="T"<|sep|>V<|close|>argument<|sep|>`)."""
+    o, c, sep = m("<|open|>"), m("<|close|>"), m("<|sep|>")
+    kinds = '("number" | "boolean" | "object" | "array" | "null")'
+
+    def element(key: str, value: str, is_string: bool) -> str:
+        kind = '"string"' if is_string else kinds
+        return f'{o} {_q("argument key=" + _q(key) + " type=")} "\\"" {kind} "\\"" {sep} {value} {c} "argument" {sep}'
+
+    def open_call(name: str) -> str:
+        return f"{o} {_q('call tool=' + _q(name) + ' index=' + _q('1'))} {sep}"
+
+    return _xml_format(
+        f'({o} "response" {sep})? {c} "response" {sep} {o} "tools" {sep}',  # opened after the reasoning
+        f'{c} "tools" {sep}',
+        open_call,
+        f'{c} "call" {sep}',
+        element,
+        chosen,
+        arguments,
+    )
+
+
 # each format's grammar builder (format names as in `tool_formats.FORMATS`)
 _BUILDERS: dict[str, Builder] = {
     "llama3": _llama3,
@@ -261,6 +325,10 @@ _BUILDERS: dict[str, Builder] = {
     "minimax_m2": _minimax_m2,
     "dsml": _dsml,
     "gemma4": _gemma4,
+    "minicpm5": _minicpm5,
+    "muse_spark": _muse_spark,
+    "longcat": _longcat,
+    "kimi_k3": _kimi_k3,
 }
 
 

@@ -5,7 +5,9 @@
 JSON (`{"name": ..., "parameters": ...}`, bare or after `<|python_tag|>`), DeepSeek-V3.1
 (`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{args}<｜tool▁call▁end｜>`), the DeepSeek-R1 distills
 (`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` newline, the arguments in a ```json fence), DeepSeek-V3.2 DSML,
-Functionary v3.1 (`<function=NAME>{args}</function>`) and v3.2 (`>>>NAME\n{args}`, `>>>all\n` before text). `FORMATS` holds each format's markers and parse
+Functionary v3.1 (`<function=NAME>{args}</function>`) and v3.2 (`>>>NAME\n{args}`, `>>>all\n` before text).
+MiniCPM5 (`<function name="N"><param name="K">V</param></function>`), Muse Spark (`<atem:function_calls>`)
+and LongCat (`<longcat_tool_call>`) and Kimi K3's XTML (`<|open|>tools<|sep|><|open|>call tool="N"<|sep|>...`) are parsed by mlx-lm's parsers; Poolside Laguna writes GLM-4.7's format. `FORMATS` holds each format's markers and parse
 function; a parse function gets the text between the start and end markers and returns one call
 `{"name", "arguments"}` or a list of them, raising ValueError (or KeyError, TypeError, SyntaxError) when
 the text is not a call. An empty `end` means the call runs to the next start marker or the end of the
@@ -36,6 +38,7 @@ class FormatSpec:
     leads: tuple[str, ...] = ()  # for start == "": what a whole-message call begins with
     opened: bool = False  # the generation prompt ends with `start`
     text_recipient: str = ""  # after `start`: plain text follows, not a call
+    hidden: tuple[str, ...] = ()  # structural markers around the answer, never content (Kimi K3's response tags)
 
 
 def _json_value(text: str) -> Any:
@@ -185,6 +188,11 @@ def parse_functionary32(text: str, tools: Any = None) -> Call:
     return _named(name, json.loads(arguments) if arguments.strip() else {})
 
 
+# Kimi K3's XTML: `<|open|>TAG attrs<|sep|>` ... `<|close|>TAG<|sep|>`; the answer sits in a response element
+K3_TOOLS_OPEN, K3_TOOLS_CLOSE = "<|open|>tools<|sep|>", "<|close|>tools<|sep|>"
+K3_HIDDEN = ("<|open|>response<|sep|>", "<|close|>response<|sep|>", "<|close|>message<|sep|>")
+
+
 def _mlx_lm_parser(module: str) -> Parse:
     """mlx-lm's parser for a format it ships (its output normalized to our call shape)."""
 
@@ -196,6 +204,14 @@ def _mlx_lm_parser(module: str) -> Parse:
         return [_named(v.get("name"), v.get("arguments", {})) for v in values]
 
     return parse
+
+
+def parse_longcat(text: str, tools: Any = None) -> Call | list[Call]:
+    """LongCat: `NAME` then `<longcat_arg_key>K</longcat_arg_key><longcat_arg_value>V</...>` pairs (mlx-lm's
+    parser); a call without arguments is the name alone, which that parser cannot read."""
+    if "<longcat_arg_key>" not in text and not text.strip().startswith("{"):
+        return _named(text.strip(), {})
+    return _mlx_lm_parser("longcat")(text, tools)
 
 
 FORMATS: dict[str, FormatSpec] = {
@@ -216,6 +232,10 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("kimi_k2", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", _mlx_lm_parser("kimi_k2")),
         FormatSpec("minimax_m2", "<minimax:tool_call>", "</minimax:tool_call>", _mlx_lm_parser("minimax_m2")),
         FormatSpec("gemma4", "<|tool_call>", "<tool_call|>", _mlx_lm_parser("gemma4")),
+        FormatSpec("minicpm5", "<function name=", "</function>", _mlx_lm_parser("minicpm5")),
+        FormatSpec("muse_spark", "<atem:function_calls>", "</atem:function_calls>", _mlx_lm_parser("muse_spark")),
+        FormatSpec("kimi_k3", K3_TOOLS_OPEN, K3_TOOLS_CLOSE, _mlx_lm_parser("kimi_k3"), hidden=K3_HIDDEN),
+        FormatSpec("longcat", "<longcat_tool_call>", "</longcat_tool_call>", parse_longcat),
     )
 }
 
@@ -237,9 +257,13 @@ def detect_format(template: str) -> str | None:
     """The native format a chat template writes its assistant tool calls in, or None."""
     checks: tuple[tuple[str, Callable[[str], bool]], ...] = (
         ("minimax_m2", lambda t: "<minimax:tool_call>" in t),
+        ("kimi_k3", lambda t: "open_tag('tools')" in t and "'<|open|>'" in t),
         ("gemma4", lambda t: "<|tool_call>" in t and "<tool_call|>" in t),
         ("dsml", lambda t: DSML in t),
         ("function_gemma", lambda t: "<start_function_call>" in t),
+        ("longcat", lambda t: "<longcat_tool_call>" in t),
+        ("muse_spark", lambda t: "<atem:function_calls>" in t),
+        ("minicpm5", lambda t: '<function name="' in t and '<param name="' in t),
         ("pythonic", lambda t: "<|tool_list_start|>" in t or "<|tool_call_start|>" in t),
         ("glm47", lambda t: "<arg_key>" in t),
         ("qwen3_coder", lambda t: "<tool_call>\\n<function=" in t or "<tool_call>\n<function=" in t),

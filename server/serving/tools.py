@@ -45,6 +45,7 @@ class ToolFormat:
     leads: tuple[str, ...] = ()  # start == "": what a whole-message call begins with
     opened: bool = False  # the generation prompt ends with `start`: the output begins inside it
     text_recipient: str = ""  # after `start`: plain text up to the next `start` (Functionary v3.2's "all\n")
+    hidden: tuple[str, ...] = ()  # structural markers dropped from content (Kimi K3's response tags)
 
     @property
     def forceable(self) -> bool:
@@ -70,6 +71,7 @@ def named_format(name: str, native: bool) -> ToolFormat:
         leads=spec.leads,
         opened=spec.opened,
         text_recipient=spec.text_recipient,
+        hidden=spec.hidden,
     )
 
 
@@ -198,13 +200,16 @@ class ToolCallParser:
         calls: list[ParsedCall] = []
         while True:
             if not self._in_call:
-                at = self._buffer.find(self.fmt.start)
+                at, marker = _first_marker(self._buffer, (self.fmt.start, *self.fmt.hidden))
                 if at < 0:
-                    keep = _partial_suffix(self._buffer, self.fmt.start)
+                    keep = max(_partial_suffix(self._buffer, m) for m in (self.fmt.start, *self.fmt.hidden))
                     content += self._buffer[: len(self._buffer) - keep]
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     return content, calls
                 content += self._buffer[:at]
+                if marker != self.fmt.start:  # a structural marker: dropped, the text goes on
+                    self._buffer = self._buffer[at + len(marker) :]
+                    continue
                 self._buffer = self._buffer[at + len(self.fmt.start) :]
                 self._in_call = True
                 self._recipient = bool(self.fmt.text_recipient)
@@ -283,6 +288,12 @@ class ToolCallParser:
             self.calls.append(call)
             parsed.append(call)
         return parsed
+
+
+def _first_marker(text: str, markers: tuple[str, ...]) -> tuple[int, str]:
+    """The earliest of `markers` in text: (position, marker), or (-1, "")."""
+    found = [(at, m) for m in markers if (at := text.find(m)) >= 0]
+    return min(found) if found else (-1, "")
 
 
 def _partial_suffix(text: str, marker: str) -> int:
