@@ -79,6 +79,34 @@ def test_prompt_that_closed_the_block_starts_in_the_answer(root: Path) -> None:
     assert (reasoning, content) == ("", ANSWER)
 
 
+class _CountingVocab:
+    """A real tokenizer that counts how often its whole vocabulary is read."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.reads = tokenizer, 0
+        self.chat_template = tokenizer.chat_template
+
+    def get_vocab(self) -> Any:
+        self.reads += 1
+        return self.tokenizer.get_vocab()
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.encode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def test_think_markers_are_found_once_per_tokenizer_not_per_request(root: Path) -> None:
+    """Reading Qwen's 151k-token vocabulary took ~90 ms, and every chat request paid it."""
+    tokenizer = think_tokenizer(root / "tok", "qwen3.5")
+    counting = _CountingVocab(tokenizer)
+    prompt = render_prompt(tokenizer, MESSAGES, None)
+    modes = [reasoning_mode(counting, prompt) for _ in range(3)]
+    assert all(m is not None and m.markers.start == "<think>" for m in modes)
+    assert counting.reads == 1
+
+
 def test_a_tool_call_inside_reasoning_is_reasoning(root: Path) -> None:
     tokenizer = think_tokenizer(root / "tok", "qwen3")
     mode = ReasoningMode(ThinkMarkers("<think>", "</think>", (THINK_END,)))

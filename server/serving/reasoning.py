@@ -19,6 +19,7 @@ back and never shown, and the whitespace around the markers is trimmed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,14 +107,24 @@ def opens_reasoning(tokenizer: Any, prompt_ids: list[int], markers: ThinkMarkers
     return _prompt_tail(tokenizer, prompt_ids).endswith(markers.start)
 
 
+@functools.lru_cache(maxsize=8)
+def _model_markers(tokenizer: Any) -> tuple[ThinkMarkers, dict[int, str]] | None:
+    """A tokenizer's think markers and the marker tokens it drops, found once per tokenizer (a served model's
+    tokenizer never changes): `think_markers` reads the whole vocabulary, ~90 ms for Qwen's 151k tokens, which
+    must not be paid per request."""
+    markers = think_markers(tokenizer)
+    return None if markers is None else (markers, _dropped(tokenizer, markers))
+
+
 def reasoning_mode(tokenizer: Any, prompt_ids: list[int]) -> ReasoningMode | None:
     """How `tokenizer`'s model reasons after this prompt (None: it has no think markers)."""
-    markers = think_markers(tokenizer)
-    if markers is None:
+    found = _model_markers(tokenizer)
+    if found is None:
         return None
+    markers, dropped = found
     tail = _prompt_tail(tokenizer, prompt_ids)
     inside = tail.endswith(markers.start)
-    return ReasoningMode(markers, inside, not inside and tail.endswith(markers.end), _dropped(tokenizer, markers))
+    return ReasoningMode(markers, inside, not inside and tail.endswith(markers.end), dropped)
 
 
 _BEFORE, _REASONING, _ANSWER = "before", "reasoning", "answer"
