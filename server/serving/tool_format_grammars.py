@@ -12,25 +12,13 @@ its `enum` values when it has one) and any other value as compact JSON for its s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
-from server.serving.tool_keyword_grammars import function_gemma, pythonic
-
-Marker = Callable[[str], str]
-Arguments = Callable[[dict[str, Any], int], dict[str, Any]]
-Chosen = list[tuple[int, dict[str, Any]]]
-_DEFS = ("$defs", "definitions")
-
-
-def _q(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _json_rule(rule: str, schema: dict[str, Any], lenient: bool) -> str:
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False, "lenient": lenient}}
-    return f"{rule}: %json {json.dumps(schema, ensure_ascii=False)}"
+from server.serving.tool_keyword_grammars import DEFINITIONS as _DEFS
+from server.serving.tool_keyword_grammars import Arguments, Chosen, Marker, function_gemma, pythonic
+from server.serving.tool_keyword_grammars import json_rule as _json_rule
+from server.serving.tool_keyword_grammars import quoted as _q
 
 
 def _lenient(tool: dict[str, Any]) -> bool:

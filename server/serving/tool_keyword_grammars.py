@@ -21,14 +21,14 @@ Marker = Callable[[str], str]
 Arguments = Callable[[dict[str, Any], int], dict[str, Any]]
 Chosen = list[tuple[int, dict[str, Any]]]
 Value = Callable[[str, dict[str, Any], bool], tuple[str, list[str]]]  # (rule, schema, lenient) -> expr, rules
-_DEFS = ("$defs", "definitions")
+DEFINITIONS = ("$defs", "definitions")
 
 
-def _q(text: str) -> str:
+def quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _json_rule(rule: str, schema: dict[str, Any], lenient: bool) -> str:
+def json_rule(rule: str, schema: dict[str, Any], lenient: bool) -> str:
     schema = {**schema, "x-guidance": {"whitespace_flexible": False, "lenient": lenient}}
     return f"{rule}: %json {json.dumps(schema, ensure_ascii=False)}"
 
@@ -36,7 +36,7 @@ def _json_rule(rule: str, schema: dict[str, Any], lenient: bool) -> str:
 def keyword_sequence(parts: list[tuple[str, bool]], separator: str) -> str:
     """A Lark expression: the rules in `parts` in order, (rule, required), the optional ones at most once,
     one `separator` between two written ones ("" when nothing may be written)."""
-    sep = _q(separator)
+    sep = quoted(separator)
     tail, first = "", ""  # from part i+1 on: after something was written / before anything was
     for rule, required in reversed(parts):
         if required:
@@ -57,7 +57,7 @@ def _keyword_call(
     separator: str,
 ) -> tuple[str, list[str]]:
     """Tool k's keyword sequence and the rules it needs."""
-    hoisted = {name: args[name] for name in _DEFS if name in args}
+    hoisted = {name: args[name] for name in DEFINITIONS if name in args}
     required = set(args.get("required") or [])
     parts: list[tuple[str, bool]] = []
     rules: list[str] = []
@@ -95,7 +95,7 @@ def _python_value(rule: str, schema: dict[str, Any], lenient: bool) -> tuple[str
         return '("True" | "False")', []
     if kind == "null":
         return '"None"', []
-    return rule, [_json_rule(rule, schema, lenient)]
+    return rule, [json_rule(rule, schema, lenient)]
 
 
 def pythonic(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
@@ -103,9 +103,9 @@ def pythonic(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]:
     return _keyword_format(
         f'{m("<|tool_call_start|>")} "["',
         f'"]" {m("<|tool_call_end|>")}',
-        lambda n: _q(f"{n}("),
+        lambda n: quoted(f"{n}("),
         '")"',
-        lambda name: _q(f"{name}="),
+        lambda name: quoted(f"{name}="),
         _python_value,
         ", ",
         chosen,
@@ -122,15 +122,15 @@ def function_gemma(chosen: Chosen, m: Marker, arguments: Arguments) -> list[str]
             return f"{escape} /[^<]*/ {escape}", []
         enum = schema.get("enum")
         if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
-            return f"{escape} (" + " | ".join(_q(v) for v in enum) + f") {escape}", []
-        return rule, [_json_rule(rule, schema, lenient)]
+            return f"{escape} (" + " | ".join(quoted(v) for v in enum) + f") {escape}", []
+        return rule, [json_rule(rule, schema, lenient)]
 
     return _keyword_format(
         m("<start_function_call>"),
         m("<end_function_call>"),
-        lambda n: _q(f"call:{n}{{"),
+        lambda n: quoted(f"call:{n}{{"),
         '"}"',
-        lambda name: _q(f"{name}:"),
+        lambda name: quoted(f"{name}:"),
         value,
         ",",
         chosen,
