@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cache_location  # noqa: E402  (bench/: the model cache, found as the server finds it)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+import random_model  # noqa: E402  (bench/: random weights in a real shape)
 
 import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 from server.engine import (  # noqa: E402
@@ -66,28 +67,7 @@ from server.engine import (  # noqa: E402
 )
 from server.engine.detokenizer import IdsToText  # noqa: E402
 
-LLAMA_1B = {  # Llama-3.2-1B's config (weights random)
-    "model_type": "llama",
-    "hidden_size": 2048,
-    "num_hidden_layers": 16,
-    "intermediate_size": 8192,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "rms_norm_eps": 1e-5,
-    "vocab_size": 128256,
-    "rope_theta": 500000.0,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": True,
-    "rope_scaling": {
-        "factor": 32.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
-SHAPES = {"llama-1b": LLAMA_1B}
+SHAPES = random_model.SHAPES
 
 
 # -- models ------------------------------------------------------------------------------------------
@@ -152,20 +132,14 @@ def default_model_dir(args: argparse.Namespace) -> Path:
 def load_models(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model, tokenizer for our engine, description)."""
     if args.shape or args.random_weights:
-        from mlx.utils import tree_map
-        from mlx_lm.utils import _get_classes, load_tokenizer
+        from mlx_lm.utils import load_tokenizer
 
-        config = dict(SHAPES[args.shape]) if args.shape else json.loads(Path(args.random_weights).read_text())
-        model_cls, args_cls = _get_classes(config)
-        mx.random.seed(args.seed)
-        model = model_cls(args_cls.from_dict(config))
-        on_gpu = mx.default_device().type == mx.DeviceType.gpu
-        dtype = getattr(mx, ("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
-        model.update(
-            tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
-        )
-        mx.eval(model.parameters())
-        model.eval()
+        if args.shape:
+            config = random_model.shape_config(args.shape, default_model_dir(args))
+        else:
+            config = json.loads(Path(args.random_weights).read_text())
+        dtype = random_model.pick_dtype(args.dtype)
+        model = random_model.random_model(config, dtype, args.seed)
         tok = load_tokenizer(default_model_dir(args))
         vocab = int(config["vocab_size"])
         tok_size = len(tok.vocab)

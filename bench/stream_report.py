@@ -1,0 +1,130 @@
+"""Statistics of one side's streams and the printed report of bench/server_streams.py (tables, ratios, targets).
+
+Definitions (the same for every side): aggregate tokens/s = all completion tokens / (first submission
+-> last chunk); TTFT = submission -> first chunk with content; inter-token = gaps between content
+chunks over the request's mean tokens per chunk, pooled over all requests; errors = requests that
+failed or got fewer than the asked tokens. Targets (issue #17, on the H100): at 128 and 256 streams
+aggregate >= 0.9x the engine alone and TTFT p50 <= 2x the engine's + 50 ms; at 1 stream aggregate
+>= 0.95x the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from stream_clients import Stream
+
+NAMES = {"ours": "mlx-dropin", "engine": "engine alone", "mlxlm": "mlx_lm.server"}
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3 if values else math.nan
+
+
+def side_stats(records: list[Stream], gen_tokens: int) -> dict[str, Any]:
+    """Aggregate tokens/s, TTFT and inter-token percentiles (ms), tokens per chunk, errors, for one round."""
+    starts = [r.start for r in records if r.chunk_times]
+    lasts = [r.chunk_times[-1] for r in records if r.chunk_times]
+    tokens = sum(r.completion_tokens for r in records)
+    chunks = sum(len(r.chunk_times) for r in records)
+    span = max(lasts) - min(starts) if lasts else math.nan
+    ttfts = [t for r in records if (t := r.ttft) is not None]
+    gaps = [g for r in records for g in r.inter_token_gaps()]
+    failed = [r for r in records if r.error or r.completion_tokens < gen_tokens]
+    return {
+        "requests": len(records),
+        "tokens": tokens,
+        "span_s": span,
+        "aggregate_tps": tokens / span if span and span > 0 else math.nan,
+        "ttft_p50_ms": _pct(ttfts, 50),
+        "ttft_p95_ms": _pct(ttfts, 95),
+        "itl_p50_ms": _pct(gaps, 50),
+        "itl_p95_ms": _pct(gaps, 95),
+        "tokens_per_chunk": tokens / chunks if chunks else math.nan,
+        "prompt_tokens_mean": float(np.mean([r.prompt_tokens for r in records])) if records else math.nan,
+        "errors": len(failed),
+        "retries": sum(r.retries for r in records),
+        "first_error": next((r.error for r in failed if r.error), None)
+        or (f"{failed[0].completion_tokens} of {gen_tokens} tokens" if failed else None),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b == b and b and a == a else math.nan
+
+
+def table(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
+    header = (
+        f"{'side':<14} {'N':>4} | {'tok/s':>9} | {'TTFT p50':>8} {'p95':>8} | {'ITL p50':>7} {'p95':>7} | "
+        f"{'tok/chunk':>9} | {'prompt':>6} | {'errors':>6} {'retries':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for n in streams:
+        for side, by_n in stats.items():
+            s = by_n.get(n)
+            if s is None:
+                continue
+            lines.append(
+                f"{NAMES[side]:<14} {n:>4} | {s['aggregate_tps']:>9.1f} | {s['ttft_p50_ms']:>8.0f} "
+                f"{s['ttft_p95_ms']:>8.0f} | {s['itl_p50_ms']:>7.1f} {s['itl_p95_ms']:>7.1f} | "
+                f"{s['tokens_per_chunk']:>9.2f} | {s['prompt_tokens_mean']:>6.0f} | {s['errors']:>6} {s['retries']:>7}"
+                + (f"  ({s['first_error']})" if s["first_error"] else "")
+            )
+    return lines
+
+
+def ratios(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
+    ours = stats.get("ours", {})
+    lines = []
+    for ref in ("engine", "mlxlm"):
+        if ref not in stats or not ours:
+            continue
+        lines.append(
+            f"ours / {NAMES[ref]}: "
+            + "; ".join(
+                f"N={n}: aggregate {_ratio(ours[n]['aggregate_tps'], stats[ref][n]['aggregate_tps']):.2f}x, "
+                f"TTFT p50 {_ratio(ours[n]['ttft_p50_ms'], stats[ref][n]['ttft_p50_ms']):.2f}x"
+                for n in streams
+                if n in ours and n in stats[ref]
+            )
+        )
+    return lines
+
+
+def targets(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
+    """The issue's targets as PASS / FAIL lines (needs ours and the engine alone)."""
+    ours, engine = stats.get("ours", {}), stats.get("engine", {})
+    lines = []
+    for n in streams:
+        if n not in ours or n not in engine:
+            continue
+        o, e = ours[n], engine[n]
+        checks = []
+        if n in (128, 256):
+            checks.append(("aggregate >= 0.9x engine", o["aggregate_tps"], 0.9 * e["aggregate_tps"], ">="))
+            checks.append(("TTFT p50 <= 2x engine + 50 ms", o["ttft_p50_ms"], 2 * e["ttft_p50_ms"] + 50, "<="))
+        if n == 1:
+            checks.append(("aggregate >= 0.95x engine", o["aggregate_tps"], 0.95 * e["aggregate_tps"], ">="))
+        for name, value, bound, op in checks:
+            ok = value >= bound if op == ">=" else value <= bound
+            lines.append(f"{'PASS' if ok else 'FAIL'}  N={n}: {name}: {value:.1f} {op} {bound:.1f}")
+        if o["errors"]:
+            lines.append(f"FAIL  N={n}: {o['errors']} of our requests failed or came short")
+    return lines
+
+
+def report(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
+    lines = ["", *table(stats, streams), ""]
+    lines += ratios(stats, streams)
+    goal = targets(stats, streams)
+    if goal:
+        lines += ["", "targets (issue #17; they apply on the H100):", *goal]
+    lines += [
+        "",
+        "tok/s: all completion tokens / (submission -> last chunk); TTFT: submission -> first content chunk (ms); "
+        "ITL: gap between content chunks / the request's tokens per chunk (ms); prompt: mean prompt tokens "
+        "(usage; the engine side's own count); errors: failed or short requests; retries: dropped connections retried",
+    ]
+    return lines
