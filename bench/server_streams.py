@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -66,7 +67,10 @@ def build_model_dir(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model)
     cache = cache_location.cache_dir(args)
-    tokenizer_dir = cache_location.default_model_dir("smollm2-135m-instruct", cache)
+    if args.tokenizer_dir:
+        tokenizer_dir = Path(args.tokenizer_dir)
+    else:
+        tokenizer_dir = cache_location.default_model_dir("smollm2-135m-instruct", cache)
     return random_model.save_model_dir(args.shape, args.dtype, tokenizer_dir, cache / "bench", args.seed)
 
 
@@ -220,6 +224,30 @@ def plan_rounds(tokenizer: Any, bias: dict[str, float], args: argparse.Namespace
     return rounds
 
 
+def _given(flags: list[str], name: str) -> bool:
+    return any(f == name or f.startswith(name + "=") for f in flags)
+
+
+def size_servers(model_dir: Path, rounds: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Unless given: ours decodes every stream together (--max-num-seqs N) with a KV pool that holds them all
+    (--kv-cache-gb, 1.25x the need, at least the default 2), and mlx_lm.server --decode-concurrency N."""
+    most = max(args.streams)
+    if not _given(args.server_arg, "--max-num-seqs"):
+        args.server_arg.append(f"--max-num-seqs={most}")
+    if not _given(args.server_arg, "--kv-cache-gb"):
+        config = json.loads((model_dir / "config.json").read_text())
+        heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        import mlx.core as mx
+
+        itemsize = 4 if mx.default_device() == mx.cpu else 2  # the server runs float32 on a CPU
+        per_token = 2 * config["num_hidden_layers"] * heads * head_dim * itemsize
+        tokens = max(sum(len(p) + r["max_tokens"] + 16 for p in r["prompts"]) for r in rounds)
+        args.server_arg.append(f"--kv-cache-gb={max(2.0, math.ceil(1.25 * tokens * per_token / 2**30 * 4) / 4)}")
+    if not _given(args.mlxlm_arg, "--decode-concurrency"):
+        args.mlxlm_arg.append(f"--decode-concurrency={most}")
+
+
 def main() -> int:
     import cache_location
     import random_model
@@ -230,6 +258,11 @@ def main() -> int:
         "--shape", choices=random_model.SHAPES, default="smollm2-135m", help="random weights in this shape"
     )
     src.add_argument("--model", help="an existing MLX model directory instead of random weights")
+    p.add_argument(
+        "--tokenizer-dir",
+        help="where the SmolLM2 tokenizer files and config.json are (default: the cached default model; "
+        "on a machine without the hub, carry those four small files and point here)",
+    )
     p.add_argument("--dtype", default="auto", help="random weights: auto = bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--streams", default="1,32,128,256", help="concurrent streams per round (default %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=512, help="completion tokens per request (default %(default)s)")
@@ -263,6 +296,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bias = banned_eos(model_dir)
     rounds = plan_rounds(tokenizer, bias, args)
+    size_servers(model_dir, rounds, args)
     logs = Path(tempfile.mkdtemp(prefix="bench-streams-"))
     meta = {
         "model_dir": str(model_dir),
