@@ -21,9 +21,15 @@ chunks: tokens/chunk shows it); errors = failed requests or requests with fewer 
 Then the ratios ours / engine and ours / mlx_lm and the issue's targets as PASS / FAIL lines.
 
     .venv/bin/python bench/server_streams.py --shape smollm2-135m --streams 1,4 --gen-tokens 8 \\
-        --prompt short --client-procs 2                                     # CPU smoke run, ~2 minutes
+        --prompt short --client-procs 2                                     # CPU smoke run, under a minute
     python3 bench/server_streams.py --shape llama-1b --streams 1,32,128,256 --gen-tokens 512 \\
-        --prompt short --client-procs 8 --json /tmp/streams.json            # the H100 run (bf16)
+        --prompt short --client-procs 8 --tokenizer-dir TOK --json /tmp/streams.json   # the H100 run (bf16)
+
+Unless given, ours gets --max-num-seqs and --kv-cache-gb sized to the largest N (every stream decodes
+together, the pool holds them all) and mlx_lm.server --decode-concurrency N. On a machine without the
+hub, --tokenizer-dir names a folder with the SmolLM2 tokenizer.json, tokenizer_config.json,
+special_tokens_map.json and config.json (3.4 MB); the random model directory is written under the
+model cache's bench/ folder (--cache-dir) and reused.
 """
 
 from __future__ import annotations
