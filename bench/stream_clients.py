@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import queue
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -114,9 +115,13 @@ def run_clients(url: str, bodies: list[dict[str, Any]], procs: int) -> list[Stre
     for w in workers:
         w.start()
     results: dict[int, list[dict[str, Any]]] = {}
-    for _ in workers:
-        slot, records = out.get(timeout=7200)
-        results[slot] = records
+    while len(results) < len(workers):
+        try:
+            slot, records = out.get(timeout=5)
+            results[slot] = records
+        except queue.Empty:  # a client process that died without reporting leaves its requests "lost"
+            if not any(w.is_alive() for w in workers) and out.empty():
+                break
     for w in workers:
         w.join(60)
     merged: list[Stream | None] = [None] * len(bodies)
