@@ -245,20 +245,21 @@ def run_ours(
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
 
     def sink_for(i: int) -> Any:
-        def sink(event: TokenEvent) -> None:
+        def sink(events: list[TokenEvent]) -> None:  # one step's events of request i
             now = time.perf_counter()
-            if event.token_id is not None:
-                if not tokens[i]:
-                    first[i] = now
-                tokens[i].append(event.token_id)
-                times[i].append(now)
-                last[i] = now
-            if event.finish_reason is not None:
-                if event.finish_reason not in ("length", "stop"):
-                    errors.append(f"{tag}-{i}: {event.finish_reason} {event.error}")
-                remaining[0] -= 1
-                if not remaining[0]:
-                    done.set()
+            for event in events:
+                if event.token_id is not None:
+                    if not tokens[i]:
+                        first[i] = now
+                    tokens[i].append(event.token_id)
+                    times[i].append(now)
+                    last[i] = now
+                if event.finish_reason is not None:
+                    if event.finish_reason not in ("length", "stop"):
+                        errors.append(f"{tag}-{i}: {event.finish_reason} {event.error}")
+                    remaining[0] -= 1
+                    if not remaining[0]:
+                        done.set()
 
         return sink
 

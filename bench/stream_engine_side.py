@@ -53,17 +53,18 @@ def run_round(engine: Engine, tag: str, prompts: list[list[int]], params: Sampli
     records = [Stream(start, prompt_tokens=len(p)) for p in prompts]
 
     def sink_for(record: Stream) -> Any:
-        def sink(event: TokenEvent) -> None:
+        def sink(events: list[TokenEvent]) -> None:  # one step's events of this request
             now = time.perf_counter()
-            if event.token_id is not None:
-                record.chunk_times.append(now)
-                record.completion_tokens += 1
-            if event.finish_reason is not None:
-                if event.finish_reason not in ("length", "stop"):
-                    record.error = f"{event.finish_reason}: {event.error}"
-                remaining[0] -= 1
-                if not remaining[0]:
-                    done.set()
+            for event in events:
+                if event.token_id is not None:
+                    record.chunk_times.append(now)
+                    record.completion_tokens += 1
+                if event.finish_reason is not None:
+                    if event.finish_reason not in ("length", "stop"):
+                        record.error = f"{event.finish_reason}: {event.error}"
+                    remaining[0] -= 1
+                    if not remaining[0]:
+                        done.set()
 
         return sink
 

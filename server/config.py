@@ -70,6 +70,8 @@ class Settings:
     # the same while streamed sequences decode; None: 64 on a CPU, 2048 on a GPU
     decoding_prefill_chunk: int | None = None
     exact_cpu_layers: bool = False  # keep mlx-lm's attention and MLP on a CPU (see server/models/cpu_layers.py)
+    # where a base chat model's engine runs: "process" (its own; the command's default) or "thread" (this process)
+    engine: str = "thread"
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
     max_training_jobs: int = 1
@@ -105,6 +107,8 @@ class Settings:
             raise ValueError("max_training_jobs, max_loaded_adapters and adapter_kv_cache_gb must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("rate_limit_rpm", "rate_limit_tpm", "max_concurrent_per_key"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -156,6 +160,7 @@ class Settings:
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
+ENGINES = ("process", "thread")
 _DEFAULTS = Settings()
 
 
@@ -249,6 +254,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="on a CPU, run mlx-lm's own attention and MLP code (MLX's scalar exp: about a third "
         "slower at long contexts) instead of the power-of-two forms",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="where each chat model's engine runs: 'process' (a process of its own, away from the HTTP side's "
+        "GIL; restarted if it dies) or 'thread' (inside the server process) (default process)",
     )
     parser.add_argument(
         "--queue-timeout", type=float, help="seconds a request waits for KV blocks before a 503 (default 30)"
@@ -363,6 +374,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         prefill_chunk=_optional_int(pick("prefill_chunk", args.prefill_chunk, int)),
         decoding_prefill_chunk=_optional_int(pick("decoding_prefill_chunk", args.decoding_prefill_chunk, int)),
         exact_cpu_layers=exact_cpu_layers,
+        engine=str(args.engine or _env(env, "ENGINE") or "process"),
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),
         sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),
         max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),

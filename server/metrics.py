@@ -106,28 +106,37 @@ class TokenTimer:
     def __init__(self, metrics: Metrics, model: str, started: float) -> None:
         self.metrics, self.model, self.started = metrics, model, started
 
-    async def watch(self, events: AsyncGenerator[TokenEvent, None]) -> AsyncIterator[TokenEvent]:
+    async def watch(self, batches: AsyncGenerator[list[TokenEvent], None]) -> AsyncIterator[list[TokenEvent]]:
+        """The batches, passed through, timed: the first token's delay once; per sequence, the gap since its
+        last batch shared by the tokens in this one (what each token cost, when a reader takes several)."""
         ttft = self.metrics.ttft.labels(self.model)
         itl = self.metrics.itl.labels(self.model)
         generated = self.metrics.generated.labels(self.model)
         last: dict[int, float] = {}
-        async with contextlib.aclosing(events):  # closing this closes the engine's stream (its abort)
-            async for event in events:
-                if event.token_id is not None:
-                    now = time.perf_counter()
+        async with contextlib.aclosing(batches):  # closing this closes the engine's stream (its abort)
+            async for events in batches:
+                now = time.perf_counter()
+                tokens: dict[int, int] = {}
+                for event in events:
+                    if event.token_id is not None:
+                        tokens[event.index] = tokens.get(event.index, 0) + 1
+                if tokens:
                     if not last:
                         ttft.observe(now - self.started)
-                    previous = last.get(event.index)
-                    if previous is not None:
-                        itl.observe(now - previous)
-                    last[event.index] = now
-                    generated.inc()
-                yield event
+                    for index, count in tokens.items():
+                        previous = last.get(index)
+                        if previous is not None:
+                            gap = (now - previous) / count
+                            for _ in range(count):
+                                itl.observe(gap)
+                        last[index] = now
+                    generated.inc(sum(tokens.values()))
+                yield events
 
 
-def timed(timer: TokenTimer | None, events: AsyncGenerator[TokenEvent, None]) -> AsyncIterator[TokenEvent]:
-    """The engine's events, timed when the route gave the plan a timer."""
-    return events if timer is None else timer.watch(events)
+def timed(timer: TokenTimer | None, batches: AsyncGenerator[list[TokenEvent], None]) -> AsyncIterator[list[TokenEvent]]:
+    """The engine's event batches, timed when the route gave the plan a timer."""
+    return batches if timer is None else timer.watch(batches)
 
 
 class _Carried:

@@ -3,7 +3,11 @@
 Building the registry has two stages. `prepare` fetches or converts every
 model's files (may download, may take minutes on first start) and registers
 them; `load` reads the weights and starts each one with `start_model`, which
-the fine-tuning service also uses for a fine-tuned model's adapter. The server
+the fine-tuning service also uses for a fine-tuned model's adapter. With
+`--engine process` (the command's default) a base chat model's engine runs in
+a process of its own (`EngineClient`): the weights load there, and this
+process keeps only the tokenizer, until a fine-tuned adapter needs the base
+weights here (`base_weights`). The server
 answers /health during both, and /ready only after both. `unload` stops a
 model's engine or batcher; `shutdown` stops them all.
 """
@@ -19,10 +23,10 @@ from server.config import Settings
 from server.embeddings.batcher import EmbeddingBatcher
 from server.embeddings.causal_lm import CausalLMEncoder, load_embedding_model
 from server.embeddings.encoder import Encoder
-from server.engine import Engine, EngineConfig
+from server.engine import CoreSpec, Engine, EngineClient, EngineConfig
 from server.models.cache import ModelCache
 from server.models.defaults import DEFAULTS, build_default
-from server.models.loading import detect_kind, load_chat_model, resolve_source
+from server.models.loading import detect_kind, load_chat_model, load_chat_tokenizer, resolve_source
 from server.registry import ModelRegistry, ServedModel
 
 log = logging.getLogger(__name__)
@@ -83,16 +87,42 @@ def start_model(
     served.model = model
 
 
+def start_engine_process(served: ServedModel, settings: Settings) -> None:
+    """A chat model's engine in a process of its own: the tokenizer loads here, the weights there."""
+    spec = CoreSpec(
+        served.path, settings.dtype, settings.engine_config(), settings.exact_cpu_layers, settings.log_level
+    )
+    engine = EngineClient(spec, load_chat_tokenizer(served.path))
+    engine.start()
+    served.tokenizer, served.engine = engine.tokenizer, engine
+
+
+def base_weights(base: ServedModel, settings: Settings) -> Any:
+    """A chat model's weights in this process (a fine-tuned adapter shares them): loaded on first use when its
+    own engine runs in a process of its own."""
+    if base.model is None:
+        model, _ = load_chat_model(base.path, settings.dtype)
+        if not settings.exact_cpu_layers:
+            from server.models.cpu_layers import speed_up_for_cpu
+
+            speed_up_for_cpu(model)
+        base.model = model
+    return base.model
+
+
 def load(registry: ModelRegistry, settings: Settings) -> None:
     """Load and start every model not started yet: chat models get a batch engine, embedding models a batcher."""
     for served in registry.list():
         if served.kind == "embedding" and served.batcher is None:
             start_model(served, settings, encoder=load_embedding_model(served.path, settings.dtype))
             continue
-        if served.kind == "chat" and served.model is None:
+        if served.kind == "chat" and served.engine is None:
             started = time.perf_counter()
-            model, tokenizer = load_chat_model(served.path, settings.dtype)
-            start_model(served, settings, model=model, tokenizer=tokenizer, engine_config=settings.engine_config())
+            if settings.engine == "process":
+                start_engine_process(served, settings)
+            else:
+                model, tokenizer = load_chat_model(served.path, settings.dtype)
+                start_model(served, settings, model=model, tokenizer=tokenizer, engine_config=settings.engine_config())
             log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
 
 

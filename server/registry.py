@@ -25,12 +25,13 @@ if TYPE_CHECKING:  # types only: importing them loads MLX, which the command lin
     from server.embeddings.batcher import EmbeddingBatcher
     from server.embeddings.causal_lm import CausalLMEncoder
     from server.embeddings.encoder import Encoder
-    from server.engine import Engine
+    from server.engine import Engine, EngineClient
 
 
 @dataclass
 class ServedModel:
-    """One model the server answers for; `model`/`tokenizer` are set once its weights are loaded."""
+    """One model the server answers for; `tokenizer` and `engine` are set once it started (`model`, the weights, only
+    where they live in this process)."""
 
     id: str
     kind: ModelKind
@@ -39,7 +40,7 @@ class ServedModel:
     owned_by: str = "mlx-dropin"
     model: Any = None
     tokenizer: Any = None
-    engine: Engine | None = None  # a chat model's batch engine, once started
+    engine: Engine | EngineClient | None = None  # a chat model's batch engine (here or in its process), once started
     encoder: Encoder | CausalLMEncoder | None = None  # an embedding model's encoder, once loaded
     batcher: EmbeddingBatcher | None = None  # the micro-batcher in front of that encoder
     owner: str | None = None  # the tenant a fine-tuned model belongs to; None = every caller sees it
@@ -53,11 +54,11 @@ class ServedModel:
 
     @property
     def loaded(self) -> bool:
-        return self.model is not None if self.kind == "chat" else self.batcher is not None
+        return self.engine is not None if self.kind == "chat" else self.batcher is not None
 
     # Requests reach a model only once `registry.resolve` found it loaded; these name that state in types.
     @property
-    def running_engine(self) -> Engine:
+    def running_engine(self) -> Engine | EngineClient:
         """A loaded chat model's batch engine."""
         if self.engine is None:
             raise RuntimeError(f"model {self.id!r} has no running engine")

@@ -1,6 +1,7 @@
 """The batch engine's public surface: code outside `server/engine/` imports engine names from here only.
 
-What the rest of the server uses: the engine and its statistics, its
+What the rest of the server uses: the engine (in this process, `Engine`, or in a process of its own,
+`EngineClient` with a `CoreSpec`: the same interface) and its statistics, its
 configuration, the request it runs and the events it streams back, the
 sampling parameters and grammar spec a request carries, and the errors it
 raises. Everything else in this package (block pool, KV manager, scheduler,
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
     from server.engine.block_pool import PoolExhaustedError
     from server.engine.config import EngineConfig, SchedulerConfig
     from server.engine.constraints import GrammarSpec
-    from server.engine.engine import Engine, EngineStats, GenerationError, raise_if_failed
+    from server.engine.core_client import EngineClient, EngineStartError
+    from server.engine.core_process import CoreSpec
+    from server.engine.engine import Engine, EngineStats, EngineUnavailableError, GenerationError, raise_if_failed
     from server.engine.kv_manager import common_prefix_length
     from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
     from server.engine.sampling import SamplingParams
@@ -29,7 +32,11 @@ _MODULE_OF: dict[str, str] = {
     "EngineConfig": "server.engine.config",
     "SchedulerConfig": "server.engine.config",
     "GrammarSpec": "server.engine.constraints",
+    "CoreSpec": "server.engine.core_process",
     "Engine": "server.engine.engine",
+    "EngineClient": "server.engine.core_client",
+    "EngineStartError": "server.engine.core_client",
+    "EngineUnavailableError": "server.engine.engine",
     "EngineStats": "server.engine.engine",
     "GenerationError": "server.engine.engine",
     "raise_if_failed": "server.engine.engine",
@@ -41,7 +48,11 @@ _MODULE_OF: dict[str, str] = {
 }
 
 __all__ = [
+    "CoreSpec",
     "Engine",
+    "EngineClient",
+    "EngineStartError",
+    "EngineUnavailableError",
     "EngineConfig",
     "EngineStats",
     "GenerationError",

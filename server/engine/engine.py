@@ -6,8 +6,9 @@
                                                + sampling, see decode_step.py)
                                             -> accept tokens, finish sequences (in_flight.py); KVCacheManager.sync
                                                writes rows back, hashes blocks, pins finished turns
-    sink(TokenEvent) <--call_soon_threadsafe-- OutputProcessor: detokenize, one event per token
-                                               per sequence (its own thread on a GPU, see output.py)
+    sink([TokenEvent]) <------------------ OutputProcessor: detokenize, one event per token per
+    (EventBuffer: woken once, read all)        sequence, one sink call per request per step (its own
+                                               thread on a GPU, see output.py)
 
 Requests are validated once, on the caller's thread (`validate`, or `submit` for a request nobody
 checked), so a bad one fails fast with InvalidRequestError and never reaches the engine thread.
@@ -20,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from server.engine.config import (
 from server.engine.constraints import ConstraintFactory
 from server.engine.decode_step import DecodeStepper
 from server.engine.detokenizer import IdsToText
+from server.engine.event_buffer import EventBuffer, LoopWakers
 from server.engine.in_flight import RequestsInFlight
 from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
 from server.engine.model_limits import (
@@ -134,6 +136,7 @@ class Engine:
             threaded=self.config.output_thread if self.config.output_thread is not None else on_gpu
         )
         self._lock = threading.Lock()
+        self._wakers = LoopWakers()
         self.requests = RequestsInFlight(
             self.scheduler,
             self.output,
@@ -190,40 +193,24 @@ class Engine:
         """Cancel every request (a graceful shutdown's deadline); each sequence ends with finish_reason "abort"."""
         self._inbox.put(_AbortAll())
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        """Submit and yield events until every sequence of the request finished; abort on exit."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-        def sink(event: TokenEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        self.submit(request, sink)
-        remaining = request.params.n
-        try:
-            while remaining:
-                event = await events.get()
-                if event.finish_reason is not None:
-                    remaining -= 1
-                raise_if_failed(event)
-                yield event
-        finally:
-            if remaining:
-                self.abort(request.request_id)
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]:
+        """Submit and yield the request's events, every pending one at once, until every sequence finished;
+        abort on exit."""
+        return events_of(request, lambda sink: self.submit(request, sink), self.abort, self._wakers)
 
     def generate(self, request: GenerationRequest, timeout: float = 600.0) -> list[TokenEvent]:
         """Blocking helper for scripts and tests: every event of the request."""
-        events: queue.Queue[TokenEvent] = queue.Queue()
-        self.submit(request, events.put)
-        out: list[TokenEvent] = []
-        remaining = request.params.n
-        deadline = time.monotonic() + timeout
-        while remaining:
-            event = events.get(timeout=max(0.0, deadline - time.monotonic()))
-            raise_if_failed(event)
-            out.append(event)
-            remaining -= event.finish_reason is not None
-        return out
+        return collect_events(request, lambda sink: self.submit(request, sink), timeout)
+
+    @property
+    def has_work(self) -> bool:
+        """Sequences wait or run."""
+        return self.scheduler.has_work
+
+    @property
+    def alive(self) -> bool:
+        """Always, once started: an in-process engine has no process to lose (see core_client.py)."""
+        return True
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -342,12 +329,60 @@ class GenerationError(RuntimeError):
     """A sequence failed inside the engine (not the client's fault)."""
 
 
+class EngineUnavailableError(GenerationError):
+    """The engine process stopped (or is restarting); the request may be retried."""
+
+
+async def events_of(
+    request: GenerationRequest, submit: Callable[[Sink], None], abort: Callable[[str], None], wakers: LoopWakers
+) -> AsyncGenerator[list[TokenEvent], None]:
+    """A request's events as the engine delivers them (`submit` hands the engine the sink), every pending one at
+    once, until each of its sequences finished; an error event raises after the events before it were yielded.
+    Leaving early aborts the request."""
+    loop = asyncio.get_running_loop()
+    buffer = EventBuffer(loop, wakers.of(loop))
+    submit(buffer.put)
+    remaining = request.params.n
+    try:
+        while remaining:
+            events = await buffer.take()
+            for k, event in enumerate(events):
+                if event.finish_reason is None:
+                    continue
+                remaining -= 1
+                if event.finish_reason == "error":
+                    if k:
+                        yield events[:k]
+                    raise_if_failed(event)
+            yield events
+    finally:
+        if remaining:
+            abort(request.request_id)
+
+
+def collect_events(request: GenerationRequest, submit: Callable[[Sink], None], timeout: float) -> list[TokenEvent]:
+    """Every event of a request, blocking (scripts and tests); an error event raises."""
+    events: queue.Queue[list[TokenEvent]] = queue.Queue()
+    submit(events.put)
+    out: list[TokenEvent] = []
+    remaining = request.params.n
+    deadline = time.monotonic() + timeout
+    while remaining:
+        for event in events.get(timeout=max(0.0, deadline - time.monotonic())):
+            raise_if_failed(event)
+            out.append(event)
+            remaining -= event.finish_reason is not None
+    return out
+
+
 def raise_if_failed(event: TokenEvent) -> None:
     """Turn an error event into the matching exception (PoolExhaustedError or GenerationError)."""
     if event.finish_reason != "error":
         return
     if event.error_kind == "pool_exhausted":
         raise PoolExhaustedError(event.error or "KV pool exhausted")
+    if event.error_kind == "unavailable":
+        raise EngineUnavailableError(event.error or "the engine is unavailable")
     raise GenerationError(event.error or "generation failed")
 
 
@@ -362,4 +397,4 @@ def _resolved(config: EngineConfig) -> EngineConfig:
     return replace(config, scheduler=replace(scheduler, prefill_chunk=budget, decoding_prefill_chunk=decoding))
 
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "GenerationError", "PoolExhaustedError"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "EngineUnavailableError", "GenerationError", "PoolExhaustedError"]

@@ -95,8 +95,9 @@ class RequestsInFlight:
         for seq in self._seqs.pop(request.request_id, []):
             self.scheduler.remove(seq)
         self._sinks.pop(request.request_id, None)
-        for index in range(request.params.n):
-            sink(
+        self.output.send(
+            sink,
+            [
                 TokenEvent(
                     request.request_id,
                     index,
@@ -107,7 +108,9 @@ class RequestsInFlight:
                     error=f"generation failed: {exc}",
                     error_kind="internal",
                 )
-            )
+                for index in range(request.params.n)
+            ],
+        )
         with self._lock:
             self._stats.requests_finished += 1
 

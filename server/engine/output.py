@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 16  # events the output thread builds between offers of the GIL
 
-Sink = Callable[[TokenEvent], None]
+Sink = Callable[[list[TokenEvent]], None]  # one call per request per step: that step's events, in order
 
 
 @dataclass
@@ -57,6 +57,8 @@ class OutputProcessor:
 
     def __init__(self, threaded: bool) -> None:
         self.threaded = threaded
+        # called after each delivered batch (a step's events): the engine-core process sends them then
+        self.on_batch: Callable[[], None] | None = None
         self._queue: queue.SimpleQueue[list[Output] | None] = queue.SimpleQueue()
         self._pending: list[Output] = []
         self._thread: threading.Thread | None = None
@@ -94,7 +96,10 @@ class OutputProcessor:
             self._deliver(batch)
 
     def _deliver(self, batch: list[Output]) -> None:
+        """Build the batch's events and hand each request its own, in one sink call (the events of a request's
+        `n` sequences together, in the order they were queued)."""
         threaded = self.threaded
+        per_sink: dict[Sink, list[TokenEvent]] = {}
         for i, output in enumerate(batch):
             if threaded and i and not i % YIELD_EVERY:
                 # let the engine thread have the GIL if it wants it: otherwise it waits out the whole
@@ -105,10 +110,24 @@ class OutputProcessor:
             except Exception:  # a decoding failure must not silence the sequences after it
                 log.exception("building the event of %s failed", output.seq.request_id)
                 continue
-            try:
-                output.sink(event)
-            except Exception:  # a closed event loop on the other side: the request is gone
-                log.debug("dropping event for %s", output.seq.request_id, exc_info=True)
+            events = per_sink.get(output.sink)
+            if events is None:
+                per_sink[output.sink] = [event]
+            else:
+                events.append(event)
+        for sink, events in per_sink.items():
+            self.send(sink, events, batch_done=False)
+        if self.on_batch is not None:
+            self.on_batch()
+
+    def send(self, sink: Sink, events: list[TokenEvent], batch_done: bool = True) -> None:
+        """Hand a request its events now (a request that could not start sends its error events this way)."""
+        try:
+            sink(events)
+        except Exception:  # a closed event loop on the other side: the request is gone
+            log.debug("dropping events for %s", events[0].request_id, exc_info=True)
+        if batch_done and self.on_batch is not None:
+            self.on_batch()
 
     @staticmethod
     def _event(output: Output) -> TokenEvent:

@@ -35,7 +35,7 @@ from server.finetune.jobs import Checkpoint, Job, JobStore
 from server.finetune.spec import Hyperparameters, ValidationReport
 from server.finetune.supervisor import FineTuningSupervisor, ValidationDeferred
 from server.finetune.worker import METRICS_FILE
-from server.model_lifecycle import start_model, unload
+from server.model_lifecycle import base_weights, start_model, unload
 from server.persistence.database import Database
 from server.persistence.files import FileStore
 from server.registry import ModelRegistry, ServedModel
@@ -314,7 +314,7 @@ class FineTuning:
             start_model(
                 served,
                 self.settings,
-                model=chat_model_with_adapter(served.base.model, served.adapter_path),
+                model=chat_model_with_adapter(base_weights(served.base, self.settings), served.adapter_path),
                 tokenizer=served.base.tokenizer,
                 engine_config=self.settings.adapter_engine_config(),
             )
@@ -323,7 +323,7 @@ class FineTuning:
     def _make_room(self) -> None:
         loaded = [m for m in self.registry.list() if m.adapter_path is not None and m.loaded]
         while len(loaded) >= self.settings.max_loaded_adapters:
-            idle = [m for m in loaded if m.engine is None or not m.engine.scheduler.has_work]
+            idle = [m for m in loaded if m.engine is None or not m.engine.has_work]
             if not idle:
                 return  # everyone is busy: go over the cap rather than abort requests
             victim = min(idle, key=lambda m: m.last_used)

@@ -101,6 +101,13 @@ def weights_dtype(policy: str) -> str | None:
     return policy
 
 
+def load_chat_tokenizer(path: Path) -> Any:
+    """An mlx-lm model directory's tokenizer alone, exactly as `load_chat_model` loads it (no weights)."""
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    return load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
+
+
 def load_chat_model(path: Path, policy: str = "auto") -> tuple[Any, Any]:
     """Load an mlx-lm model and tokenizer from a directory, applying the dtype policy."""
     import mlx.core as mx

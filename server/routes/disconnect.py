@@ -6,8 +6,8 @@ cancelled, which closes the engine's stream, whose cleanup aborts the request's
 sequences at the engine's next step. The route then ends with a 499 (nginx's
 "client closed request"; no one receives it, but the access log and the request
 metrics record it), so the middleware gives the key's concurrency slot back at
-once. Streamed (SSE) answers need none of this: their response already stops
-the stream when the client disconnects.
+once. Streamed (SSE) answers watch the same channel in their response
+(`routes/event_stream.py`).
 
 The watcher reads the ASGI receive channel only after the route has read the
 whole body, so the next message there can only be `http.disconnect`.
@@ -34,7 +34,7 @@ class ClientDisconnectedError(APIError):
     code = "client_closed_request"
 
 
-async def _disconnected(receive: Receive) -> None:
+async def disconnected(receive: Receive) -> None:
     """Return once the ASGI server reports that the client went away."""
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -44,7 +44,7 @@ async def unless_disconnected(receive: Receive, answer: Awaitable[T]) -> T:
     """`answer`, or ClientDisconnectedError as soon as the client disconnects (cancelling `answer` first, and
     waiting for its cleanup, so the engine's sequences are already being aborted when this raises)."""
     work = asyncio.ensure_future(answer)
-    watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher = asyncio.ensure_future(disconnected(receive))
     try:
         await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not work.done() and watcher.exception() is None:

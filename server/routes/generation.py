@@ -8,10 +8,9 @@ comments while a long prompt prefills.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +18,7 @@ from starlette.routing import Route
 
 from server.registry import ModelRegistry
 from server.routes.admission import admit_generation, within_limits
+from server.routes.event_stream import EventStream
 from server.serving import chat, completions
 from server.serving.scope import RequestScope, conversation_id
 from server.wire.chat import ChatCompletionRequest
@@ -30,7 +30,7 @@ def generation_endpoint(
     body_type: type[ChatCompletionRequest] | type[CompletionRequest],
     prepare: Callable[..., Any],
     complete: Callable[[Any], Awaitable[Any]],
-    stream: Callable[[Any], AsyncIterator[dict[str, str]]],
+    stream: Callable[[Any], AsyncGenerator[bytes, None]],
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         body: ChatCompletionRequest | CompletionRequest = await read_json(request, body_type)
@@ -41,7 +41,7 @@ def generation_endpoint(
         plan = await run_in_threadpool(prepare, body, served, RequestScope.of(request), conversation)
         plan.timer = admit_generation(request, served, plan.requests)
         if body.stream:
-            return EventSourceResponse(stream(plan), ping=request.app.state.settings.sse_keepalive)
+            return EventStream(stream(plan), ping=request.app.state.settings.sse_keepalive)
         return json_response(await within_limits(request, complete(plan)))
 
     return endpoint

@@ -1,4 +1,4 @@
-"""`GET /health` (the process is alive) and `GET /ready` (every model is loaded)."""
+"""`GET /health` (the process is alive) and `GET /ready` (every model is loaded, every engine process up)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
+    down = [m.id for m in registry.list() if m.engine is not None and not m.engine.alive]
+    if registry.ready and down:  # an engine process died and is restarting
+        return json_response({"status": "restarting", "models": down}, status=503, headers={"retry-after": "5"})
     if registry.ready:
         return json_response({"status": "ready", "models": [m.id for m in registry.list()]})
     if registry.failure:

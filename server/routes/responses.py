@@ -6,7 +6,6 @@ scoped to the API key that created them: another key gets a 404.
 
 from __future__ import annotations
 
-from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,6 +15,7 @@ from server.errors import InvalidRequestError, NotFoundError
 from server.persistence.responses import ResponseStore
 from server.registry import ModelRegistry
 from server.routes.admission import admit_generation, within_limits
+from server.routes.event_stream import EventStream
 from server.serving import response_output, responses
 from server.serving.scope import RequestScope, conversation_id
 from server.wire.codec import json_response, read_json
@@ -46,7 +46,7 @@ async def create_response(request: Request) -> Response:
     plan = await run_in_threadpool(responses.prepare, body, served, RequestScope.of(request), conversation, store)
     plan.timer = admit_generation(request, served, [plan.request])
     if body.stream:
-        return EventSourceResponse(response_output.stream(plan, store), ping=request.app.state.settings.sse_keepalive)
+        return EventStream(response_output.stream(plan, store), ping=request.app.state.settings.sse_keepalive)
     return json_response(await within_limits(request, response_output.complete(plan, store)))
 
 

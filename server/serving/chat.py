@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 
-from server.engine import Engine, GenerationError, PoolExhaustedError, TokenEvent, ValidRequest
+from server.engine import Engine, EngineClient, GenerationError, PoolExhaustedError, TokenEvent, ValidRequest
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
 from server.registry import ServedModel
@@ -53,6 +53,7 @@ from server.wire.chat import (
     Usage,
 )
 from server.wire.codec import encode
+from server.wire.sse import DONE, ChunkFrame, data_event
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _TEXT = frozenset({"text"})
@@ -147,7 +148,7 @@ class ChatPlan:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> Engine | EngineClient:
         return self.served.running_engine
 
     @property
@@ -252,19 +253,20 @@ async def complete(plan: ChatPlan) -> ChatCompletion:
     builder = _Logprobs(plan.served) if plan.want_logprobs else None
     cached = 0
     try:
-        async for event in timed(plan.timer, plan.engine.stream(plan.request)):
-            i = event.index
-            delta = outputs[i].add(event.token_id, event.text, event.finish_reason)
-            parts[i].reasoning += delta.reasoning
-            parts[i].content += delta.content
-            parts[i].calls += delta.calls
-            if builder is not None and (entry := builder.entry(event)) is not None:
-                logprobs[i].append(entry)
-            if event.finish_reason is not None:
-                finish[i] = event.finish_reason
-                counts[i] = event.completion_tokens
-                if i == 0:
-                    cached = event.cached_tokens
+        async for events in timed(plan.timer, plan.engine.stream(plan.request)):
+            for event in events:
+                i = event.index
+                delta = outputs[i].add(event.token_id, event.text, event.finish_reason)
+                parts[i].reasoning += delta.reasoning
+                parts[i].content += delta.content
+                parts[i].calls += delta.calls
+                if builder is not None and (entry := builder.entry(event)) is not None:
+                    logprobs[i].append(entry)
+                if event.finish_reason is not None:
+                    finish[i] = event.finish_reason
+                    counts[i] = event.completion_tokens
+                    if i == 0:
+                        cached = event.cached_tokens
     except (PoolExhaustedError, GenerationError) as exc:
         raise engine_failure(exc) from exc
     choices = [_choice(plan, i, parts[i], finish[i], logprobs[i] if builder is not None else None) for i in range(n)]
@@ -314,51 +316,110 @@ def _call_deltas(index: int, calls: list[ParsedCall], first: int) -> list[Delta]
     return deltas
 
 
-def _chunk(plan: ChatPlan, choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
+class _Chunks:
+    """One engine batch's chunks of a stream: a choice's consecutive deltas of one kind (reasoning, or content with
+    its logprobs) become one chunk, so a reader that fell behind catches up in one write."""
+
+    def __init__(self, plan: ChatPlan) -> None:
+        self.frame = ChunkFrame(
+            ChatCompletionChunk(
+                id=plan.id,
+                created=plan.created,
+                model=plan.served.id,
+                choices=[],
+                system_fingerprint=SYSTEM_FINGERPRINT,
+            )
+        )
+        self._pending: dict[int, tuple[str, str, list[TokenLogprob]]] = {}  # index -> (kind, text, logprobs)
+        self._out: list[bytes] = []
+
+    def add(self, index: int, kind: str, text: str, entry: TokenLogprob | None = None) -> None:
+        """Text of `kind` ("reasoning" or "content"), joined to the choice's pending text of the same kind."""
+        pending = self._pending.get(index)
+        if pending is not None and pending[0] != kind:
+            self.flush(index)
+            pending = None
+        if pending is None:
+            pending = self._pending[index] = (kind, "", [])
+        logprobs = pending[2]
+        if entry is not None:
+            logprobs.append(entry)
+        self._pending[index] = (kind, pending[1] + text, logprobs)
+
+    def chunk(self, index: int, delta: Delta, finish: str | None = None) -> None:
+        """A chunk of its own (a tool call's delta, the finish), after the choice's pending text."""
+        self.flush(index)
+        self._out.append(self.frame.event([ChunkChoice(index=index, delta=delta, finish_reason=finish)]))
+
+    def flush(self, index: int) -> None:
+        pending = self._pending.pop(index, None)
+        if pending is None:
+            return
+        kind, text, entries = pending
+        if kind == "reasoning":
+            choice = ChunkChoice(index=index, delta=Delta(reasoning_content=text, reasoning=text))
+        else:
+            logprobs = ChoiceLogprobs(content=entries) if entries else None
+            choice = ChunkChoice(index=index, delta=Delta(content=text), logprobs=logprobs)
+        self._out.append(self.frame.event([choice]))
+
+    def take(self) -> bytes:
+        """Every chunk so far, as one write."""
+        for index in list(self._pending):
+            self.flush(index)
+        data, self._out = b"".join(self._out), []
+        return data
+
+
+def _usage_event(plan: ChatPlan, usage: Usage) -> bytes:
     chunk = ChatCompletionChunk(
         id=plan.id,
         created=plan.created,
         model=plan.served.id,
-        choices=choices,
+        choices=[],
         system_fingerprint=SYSTEM_FINGERPRINT,
         usage=usage,
     )
-    return {"data": encode(chunk).decode()}
+    return data_event(encode(chunk))
 
 
-async def stream(plan: ChatPlan) -> AsyncIterator[dict[str, str]]:
-    """SSE payloads for a streamed chat completion; errors after the start become an error event."""
+async def stream(plan: ChatPlan) -> AsyncGenerator[bytes, None]:
+    """SSE bytes for a streamed chat completion, one item per engine batch; errors after the start become an
+    error event."""
     n = plan.request.params.n
     builder = _Logprobs(plan.served) if plan.want_logprobs else None
-    yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
+    chunks = _Chunks(plan)
+    for i in range(n):
+        chunks.chunk(i, Delta(role="assistant", content=""))
+    yield chunks.take()
     counts = [0] * n
     cached = 0
     outputs = [plan.output() for _ in range(n)]
     try:
-        async for event in timed(plan.timer, plan.engine.stream(plan.request)):
-            i = event.index
-            entry = builder.entry(event) if builder is not None else None
-            first_call = outputs[i].num_calls
-            out = outputs[i].add(event.token_id, event.text, event.finish_reason)
-            if out.reasoning:
-                yield _chunk(
-                    plan, [ChunkChoice(index=i, delta=Delta(reasoning_content=out.reasoning, reasoning=out.reasoning))]
-                )
-            if out.content or entry is not None:
-                logprobs = ChoiceLogprobs(content=[entry]) if entry is not None else None
-                yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(content=out.content), logprobs=logprobs)])
-            for delta in _call_deltas(i, out.calls, first_call):
-                yield _chunk(plan, [ChunkChoice(index=i, delta=delta)])
-            if event.finish_reason is not None:
-                counts[i] = event.completion_tokens
-                if i == 0:
-                    cached = event.cached_tokens
-                calls = outputs[i].num_calls
-                reason = "tool_calls" if calls and event.finish_reason == "stop" else event.finish_reason
-                yield _chunk(plan, [ChunkChoice(index=i, delta=Delta(), finish_reason=reason)])
+        async for events in timed(plan.timer, plan.engine.stream(plan.request)):
+            for event in events:
+                i = event.index
+                entry = builder.entry(event) if builder is not None else None
+                first_call = outputs[i].num_calls
+                out = outputs[i].add(event.token_id, event.text, event.finish_reason)
+                if out.reasoning:
+                    chunks.add(i, "reasoning", out.reasoning)
+                if out.content or entry is not None:
+                    chunks.add(i, "content", out.content, entry)
+                for delta in _call_deltas(i, out.calls, first_call):
+                    chunks.chunk(i, delta)
+                if event.finish_reason is not None:
+                    counts[i] = event.completion_tokens
+                    if i == 0:
+                        cached = event.cached_tokens
+                    calls = outputs[i].num_calls
+                    chunks.chunk(
+                        i, Delta(), "tool_calls" if calls and event.finish_reason == "stop" else event.finish_reason
+                    )
+            yield chunks.take()
     except (PoolExhaustedError, GenerationError) as exc:
-        yield {"data": encode(engine_failure(exc).body()).decode()}
+        yield chunks.take() + data_event(encode(engine_failure(exc).body()))
         return
     if plan.include_usage:
-        yield _chunk(plan, [], _usage(plan, sum(counts), cached, sum(o.reasoning_tokens for o in outputs)))
-    yield {"data": "[DONE]"}
+        yield _usage_event(plan, _usage(plan, sum(counts), cached, sum(o.reasoning_tokens for o in outputs)))
+    yield DONE

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from server.serving.scope import RequestScope
 from server.wire.chat import PromptTokensDetails, Usage
 from server.wire.codec import encode
 from server.wire.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.wire.sse import DONE, ChunkFrame, data_event
 
 MAX_PROMPTS = 2048
 MAX_LOGPROBS = 5
@@ -123,14 +124,18 @@ def prepare(
     return CompletionPlan(served, requests, [t for _, t in prompts], n, bool(body.echo), body.logprobs, include_usage)
 
 
-async def _merged(plan: CompletionPlan) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """Events of every prompt's request, as (prompt index, event), as they come."""
-    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+async def _merged(plan: CompletionPlan) -> AsyncIterator[tuple[int, list[TokenEvent]]]:
+    """Event batches of every prompt's request, as (prompt index, events), as they come."""
+    if len(plan.requests) == 1:  # one prompt: its stream, without a task and a queue in between
+        async for events in timed(plan.timer, plan.served.running_engine.stream(plan.requests[0])):
+            yield 0, events
+        return
+    queue: asyncio.Queue[tuple[int, list[TokenEvent] | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, request: ValidRequest) -> None:
         try:
-            async for event in timed(plan.timer, plan.served.running_engine.stream(request)):
-                await queue.put((i, event))
+            async for events in timed(plan.timer, plan.served.running_engine.stream(request)):
+                await queue.put((i, events))
         except BaseException as exc:  # re-raised in the consumer
             await queue.put((i, exc))
             return
@@ -240,8 +245,9 @@ class _Accumulator:
 async def complete(plan: CompletionPlan) -> Completion:
     acc = _Accumulator(plan)
     try:
-        async for prompt_index, event in _merged(plan):
-            acc.add(prompt_index, event)
+        async for prompt_index, events in _merged(plan):
+            for event in events:
+                acc.add(prompt_index, event)
     except (PoolExhaustedError, GenerationError) as exc:
         raise engine_failure(exc) from exc
     choices = []
@@ -266,52 +272,64 @@ async def complete(plan: CompletionPlan) -> Completion:
     )
 
 
-def _chunk(plan: CompletionPlan, choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, str]:
-    body = Completion(
-        id=plan.id,
-        created=plan.created,
-        model=plan.served.id,
-        choices=choices,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-        usage=usage,
+def _frame(plan: CompletionPlan) -> ChunkFrame:
+    return ChunkFrame(
+        Completion(
+            id=plan.id, created=plan.created, model=plan.served.id, choices=[], system_fingerprint=SYSTEM_FINGERPRINT
+        )
     )
-    return {"data": encode(body).decode()}
 
 
-async def stream(plan: CompletionPlan) -> AsyncIterator[dict[str, str]]:
+def _batch_choices(plan: CompletionPlan, acc: _Accumulator, p: int, events: list[TokenEvent]) -> list[CompletionChoice]:
+    """One prompt's batch of events as stream choices: each sequence's text (and logprobs) in the batch joined."""
+    joined: dict[int, tuple[str, str | None, int]] = {}  # sequence index -> (text, finish, logprob entries before)
+    for event in events:
+        choice = acc.choices[(p, event.index)]
+        text, _, before = joined.get(event.index, ("", None, len(choice.lp_tokens)))
+        acc.add(p, event)
+        joined[event.index] = (text + event.text, event.finish_reason, before)
+    choices = []
+    for j, (text, finish, before) in joined.items():
+        choice = acc.choices[(p, j)]
+        if not text and finish is None and plan.logprobs is None:
+            continue  # text held back (an unfinished character or a possible stop string): nothing to send yet
+        logprobs = None
+        if plan.logprobs is not None:
+            logprobs = CompletionLogprobs(
+                choice.lp_tokens[before:], choice.lp_values[before:], choice.lp_tops[before:], choice.offsets[before:]
+            )
+        choices.append(CompletionChoice(index=p * plan.n + j, text=text, finish_reason=finish, logprobs=logprobs))
+    return choices
+
+
+async def stream(plan: CompletionPlan) -> AsyncGenerator[bytes, None]:
+    """SSE bytes, one item per engine batch of a prompt: each sequence's tokens in the batch are one chunk."""
     acc = _Accumulator(plan)
+    frame = _frame(plan)
     if plan.echo:
-        yield _chunk(
-            plan,
+        yield frame.event(
             [
                 CompletionChoice(index=p * plan.n + j, text=text, finish_reason=None)
                 for p, text in enumerate(plan.prompt_texts)
                 for j in range(plan.n)
-            ],
+            ]
         )
     try:
-        async for p, event in _merged(plan):
-            choice = acc.add(p, event)
-            if event.text or event.finish_reason is not None or plan.logprobs is not None:
-                logprobs = None
-                if plan.logprobs is not None and choice.lp_tokens and event.token_id not in acc.eos:
-                    logprobs = CompletionLogprobs(
-                        choice.lp_tokens[-1:], choice.lp_values[-1:], choice.lp_tops[-1:], choice.offsets[-1:]
-                    )
-                yield _chunk(
-                    plan,
-                    [
-                        CompletionChoice(
-                            index=p * plan.n + event.index,
-                            text=event.text,
-                            finish_reason=event.finish_reason,
-                            logprobs=logprobs,
-                        )
-                    ],
-                )
+        async for p, events in _merged(plan):
+            data = b"".join(frame.event([choice]) for choice in _batch_choices(plan, acc, p, events))
+            if data:
+                yield data
     except (PoolExhaustedError, GenerationError) as exc:
-        yield {"data": encode(engine_failure(exc).body()).decode()}
+        yield data_event(encode(engine_failure(exc).body()))
         return
     if plan.include_usage:
-        yield _chunk(plan, [], acc.usage())
-    yield {"data": "[DONE]"}
+        usage = Completion(
+            id=plan.id,
+            created=plan.created,
+            model=plan.served.id,
+            choices=[],
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            usage=acc.usage(),
+        )
+        yield data_event(encode(usage))
+    yield DONE

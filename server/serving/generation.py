@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from server import __version__
-from server.engine import GenerationRequest, GrammarSpec, PoolExhaustedError, ValidRequest
+from server.engine import EngineUnavailableError, GenerationRequest, GrammarSpec, PoolExhaustedError, ValidRequest
 from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from server.registry import ServedModel
 from server.serving.harmony import HARMONY_FORMAT, is_harmony
@@ -166,7 +166,14 @@ def build_request(
 
 
 def engine_failure(exc: Exception) -> APIError:
-    """An engine error as the API error the client sees: a full KV pool is a retryable 503, the rest a 500."""
+    """An engine error as the API error the client sees: a full KV pool or an engine process that is restarting
+    is a retryable 503, the rest a 500."""
+    if isinstance(exc, EngineUnavailableError):
+        return ServiceUnavailableError(
+            f"The model's engine is unavailable ({exc}); retry shortly.",
+            code="engine_unavailable",
+            headers={"retry-after": "5"},
+        )
     if isinstance(exc, PoolExhaustedError):
         return ServiceUnavailableError(
             f"The server is at capacity ({exc}); retry shortly.", code="server_overloaded", headers={"retry-after": "2"}

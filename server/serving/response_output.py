@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
 
@@ -60,6 +60,7 @@ from server.wire.responses import (
     ResponseUsage,
     StreamEvent,
 )
+from server.wire.sse import named_event
 
 # engine finish reasons that leave a response incomplete, and the reason it then gives: "abort" is a
 # generation the server cut short (its graceful shutdown's deadline, see server/shutdown.py)
@@ -187,13 +188,35 @@ class OutputBuilder:
         ]
 
 
-async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[StreamEvent]:
-    """Engine events -> output events, ending with every item closed and the usage known."""
-    async for event in timed(plan.timer, plan.served.running_engine.stream(plan.request)):
-        final = event.finish_reason is not None
-        for step in output.feed(event.token_id, event.text, event.finish_reason):
-            yield step
-        if final:
+_DELTAS = (OutputTextDelta, ReasoningTextDelta, FunctionCallArgumentsDelta)
+
+
+def _joined(events: list[StreamEvent]) -> list[StreamEvent]:
+    """Consecutive deltas of one kind into the same item and part, as one delta (a batch of tokens, one event)."""
+    out: list[StreamEvent] = []
+    for event in events:
+        last = out[-1] if out else None
+        if (
+            isinstance(event, _DELTAS)
+            and type(last) is type(event)
+            and last.item_id == event.item_id
+            and getattr(last, "content_index", None) == getattr(event, "content_index", None)
+        ):
+            out[-1] = msgspec.structs.replace(last, delta=last.delta + event.delta)
+        else:
+            out.append(event)
+    return out
+
+
+async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[list[StreamEvent]]:
+    """Engine event batches -> output events, one list per batch, ending with every item closed and the usage
+    known."""
+    async for events in timed(plan.timer, plan.served.running_engine.stream(plan.request)):
+        steps: list[StreamEvent] = []
+        for event in events:
+            steps += output.feed(event.token_id, event.text, event.finish_reason)
+            if event.finish_reason is None:
+                continue
             output.finish_reason = event.finish_reason
             output.usage = ResponseUsage(
                 input_tokens=event.prompt_tokens,
@@ -202,9 +225,8 @@ async def _generate(plan: ResponsePlan, output: OutputBuilder) -> AsyncIterator[
                 input_tokens_details=InputTokensDetails(cached_tokens=event.cached_tokens),
                 output_tokens_details=OutputTokensDetails(reasoning_tokens=output.output.reasoning_tokens),
             )
-            # not None here (`final`), which mypy does not follow through the flag
-            for step in output.close(event.finish_reason):  # type: ignore[arg-type]
-                yield step
+            steps += output.close(event.finish_reason)
+        yield _joined(steps)
 
 
 def _finished(plan: ResponsePlan, output: OutputBuilder) -> Response:
@@ -237,21 +259,22 @@ async def complete(plan: ResponsePlan, store: ResponseStore) -> Response:
     return response
 
 
-async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncIterator[dict[str, str]]:
-    """SSE payloads (`event:` + `data:`); a failure after the start ends the stream with response.failed."""
+async def stream(plan: ResponsePlan, store: ResponseStore) -> AsyncGenerator[bytes, None]:
+    """SSE bytes (`event:` + `data:`), one item per engine batch; a failure after the start ends the stream with
+    response.failed."""
     numbers = itertools.count()
 
-    def sse(event: StreamEvent) -> dict[str, str]:
+    def sse(event: StreamEvent) -> bytes:
         event.sequence_number = next(numbers)
         # msgspec types a tag as str | int | None; every StreamEvent's tag is its type string
-        return {"event": type(event).__struct_config__.tag, "data": encode(event).decode()}  # type: ignore[dict-item]
+        return named_event(type(event).__struct_config__.tag, encode(event))  # type: ignore[arg-type]
 
-    yield sse(ResponseCreated(response=plan.response))
-    yield sse(ResponseInProgress(response=plan.response))
+    yield sse(ResponseCreated(response=plan.response)) + sse(ResponseInProgress(response=plan.response))
     output = OutputBuilder(plan.output())
     try:
-        async for event in _generate(plan, output):
-            yield sse(event)
+        async for events in _generate(plan, output):
+            if events:
+                yield b"".join(sse(event) for event in events)
     except (PoolExhaustedError, GenerationError) as exc:
         error = engine_failure(exc)
         yield sse(

@@ -207,7 +207,7 @@ def test_pool_exhaustion_fails_cleanly_and_engine_keeps_serving(smol: tuple[Any,
             chat_tokens(tokenizer, "Tell me a long story about dragons. " * 3), max_tokens=30, ignore_eos=True
         )
         done = threading.Event()
-        small.submit(hog, lambda e: e.finish_reason and done.set())
+        small.submit(hog, lambda events: any(e.finish_reason for e in events) and done.set())
         time.sleep(0.2)
         with pytest.raises(PoolExhaustedError):
             small.generate(request(chat_tokens(tokenizer, "And a story about cats. " * 3), max_tokens=4))
@@ -377,7 +377,7 @@ def test_simultaneous_arrivals_compute_a_shared_prefix_once(smol: tuple[Any, Any
     eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=128))
     events: queue.Queue[TokenEvent] = queue.Queue()
     for p in prompts:  # queued before the engine thread starts: its first step sees all four waiting
-        eng.submit(request(p, max_tokens=2), events.put)
+        eng.submit(request(p, max_tokens=2), lambda batch: [events.put(e) for e in batch])
     eng.start()
     try:
         finals = []
@@ -517,9 +517,9 @@ def test_output_thread_delivers_the_same_events(engine: Engine, smol: tuple[Any,
         got: list[TokenEvent] = []
         done = threading.Event()
 
-        def sink(event: TokenEvent) -> None:
-            got.append(event)
-            if event.finish_reason is not None:
+        def sink(events: list[TokenEvent]) -> None:
+            got.extend(events)
+            if any(event.finish_reason is not None for event in events):
                 done.set()
 
         long = request(prompts[2], max_tokens=400, ignore_eos=True)

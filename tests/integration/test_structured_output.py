@@ -97,7 +97,7 @@ def run_all(engine: Engine, requests: list[GenerationRequest], timeout: float = 
     """Submit every request at once (they decode as one batch) and collect their events."""
     events: queue.Queue[TokenEvent] = queue.Queue()
     for request in requests:
-        engine.submit(request, events.put)
+        engine.submit(request, lambda batch: [events.put(e) for e in batch])
     out: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
     remaining = sum(r.params.n for r in requests)
     while remaining:

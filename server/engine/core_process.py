@@ -1,0 +1,154 @@
+"""The engine-core process: one chat model's weights, KV pool and step loop, away from the HTTP process's GIL.
+
+The HTTP process starts it (`EngineClient`, core_client.py) with a `CoreSpec`. Here the model
+loads, the `Engine` runs its thread as in-process, and the pipe is served both ways:
+
+    main thread            pipe -> Add / Abort / AbortAll / Stop -> Engine.submit / abort / abort_all
+    the delivering thread  (the engine's, or its output thread) each step's events, every request's,
+                           -> one Step message -> pipe (Outbox); a stats thread sends stats while idle
+
+If the HTTP process goes (the pipe closes), everything stops: no generation outlives its clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from server.engine.config import EngineConfig
+from server.engine.core_protocol import (
+    STATS_EVERY,
+    Abort,
+    AbortAll,
+    Add,
+    Ready,
+    StartFailed,
+    Step,
+    WireEvent,
+    encoder,
+    event_to_wire,
+    request_from_wire,
+    stats_to_wire,
+    to_engine,
+)
+from server.engine.engine import Engine
+from server.engine.request import TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """What the engine-core process needs to start: the model directory and how to run it."""
+
+    path: Path
+    dtype: str
+    engine_config: EngineConfig
+    exact_cpu_layers: bool
+    log_level: str = "info"
+
+
+class Outbox:
+    """Events on their way to the HTTP process: every sink appends here; after each step the whole batch leaves
+    as one Step message, sent by the thread that delivered the step. The engine's stats go along at most every
+    STATS_EVERY seconds, and on their own while the engine is idle (`run_stats`)."""
+
+    def __init__(self, conn: Connection, engine: Engine) -> None:
+        self._conn = conn
+        self._engine = engine
+        self._events: list[WireEvent] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._stats_at = 0.0
+
+    def put(self, events: list[TokenEvent]) -> None:
+        """A request's events of this step (a sink: the engine's thread or its output thread)."""
+        wire = [event_to_wire(event) for event in events]
+        with self._lock:
+            self._events.extend(wire)
+
+    def flush(self) -> None:
+        """The step's events are all in: send them."""
+        with self._lock:
+            events, self._events = self._events, []
+            if events:
+                self._send(events)
+
+    def close(self) -> None:
+        self.flush()
+        self._closed.set()
+
+    def run_stats(self) -> None:
+        """A thread's loop: stats while no step sends them (idle engines change too: aborts free blocks)."""
+        while not self._closed.wait(STATS_EVERY):
+            with self._lock:
+                if time.monotonic() - self._stats_at >= STATS_EVERY:
+                    self._send([])
+
+    def _send(self, events: list[WireEvent]) -> None:
+        now = time.monotonic()
+        stats = None
+        if now - self._stats_at >= STATS_EVERY:
+            stats, self._stats_at = stats_to_wire(self._engine.stats()), now
+        try:
+            self._conn.send_bytes(encoder.encode(Step(events, stats)))
+        except OSError:  # the HTTP process is gone; the main thread sees the pipe close and stops
+            pass
+
+
+def run(conn: Connection, spec: CoreSpec) -> None:
+    """The process's entry point: load, report Ready (or StartFailed), then serve the pipe until Stop or EOF."""
+    logging.basicConfig(
+        level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine-core] %(message)s"
+    )
+    try:
+        engine = _start(spec)
+    except Exception as exc:  # reported to the HTTP process, which fails its start-up with it
+        log.exception("the engine-core process could not start")
+        conn.send_bytes(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
+        return
+    outbox = Outbox(conn, engine)
+    engine.output.on_batch = outbox.flush
+    stats = threading.Thread(target=outbox.run_stats, name="engine-core-stats")
+    stats.start()
+    engine.start()
+    conn.send_bytes(
+        encoder.encode(Ready(engine.context_length, engine.vocab_size, sorted(engine.eos_ids), engine.pool.num_blocks))
+    )
+    try:
+        _serve(conn, engine, outbox)
+    finally:
+        engine.shutdown()  # in-flight sequences end with "abort"; their events still leave
+        outbox.close()
+        stats.join(10)
+
+
+def _start(spec: CoreSpec) -> Engine:
+    from server.models.loading import load_chat_model
+
+    model, tokenizer = load_chat_model(spec.path, spec.dtype)
+    if not spec.exact_cpu_layers:
+        from server.models.cpu_layers import speed_up_for_cpu
+
+        speed_up_for_cpu(model)
+    return Engine(model, tokenizer, spec.engine_config)
+
+
+def _serve(conn: Connection, engine: Engine, outbox: Outbox) -> None:
+    while True:
+        try:
+            message = to_engine.decode(conn.recv_bytes())
+        except (EOFError, OSError):  # the HTTP process is gone: stop everything
+            return
+        if isinstance(message, Add):
+            engine.submit(request_from_wire(message.request), outbox.put)
+        elif isinstance(message, Abort):
+            engine.abort(message.request_id)
+        elif isinstance(message, AbortAll):
+            engine.abort_all()
+        else:  # Stop
+            return
