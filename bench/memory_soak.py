@@ -211,6 +211,22 @@ def server_flags(args: argparse.Namespace) -> list[str]:
     return [*args.server_arg, *([] if given else [f"--max-num-seqs={args.streams}"])]
 
 
+def watch(base: str, procs: list[Any], started: float, every: float) -> list[tuple[float, dict[str, float]]]:
+    """Sample /metrics every `every` seconds while any client process runs, printing each sample."""
+    samples: list[tuple[float, dict[str, float]]] = []
+    print(f"{'t (s)':>7} {'running':>8} {'active GiB':>11} {'cache GiB':>10} {'peak GiB':>9}", flush=True)
+    while any(proc.is_alive() for proc in procs):
+        got = sample(base)
+        if got is not None and "active" in got:
+            t = time.time() - started
+            samples.append((t, got))
+            g = 2**30
+            row = f"{t:7.1f} {got['running']:8.0f} {got['active'] / g:11.3f} {got['cache'] / g:10.3f} {got['peak'] / g:9.3f}"
+            print(row, flush=True)
+        time.sleep(every)
+    return samples
+
+
 def run(args: argparse.Namespace) -> int:
     model_dir = build_model_dir(args)
     work = Path(tempfile.mkdtemp(prefix="memory-soak-"))
@@ -245,17 +261,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     for proc in procs:
         proc.start()
-    samples: list[tuple[float, dict[str, float]]] = []
-    print(f"{'t (s)':>7} {'running':>8} {'active GiB':>11} {'cache GiB':>10} {'peak GiB':>9}", flush=True)
-    while any(proc.is_alive() for proc in procs):
-        got = sample(base)
-        if got is not None and "active" in got:
-            t = time.time() - started
-            samples.append((t, got))
-            g = 2**30
-            row = f"{t:7.1f} {got['running']:8.0f} {got['active'] / g:11.3f} {got['cache'] / g:10.3f} {got['peak'] / g:9.3f}"
-            print(row, flush=True)
-        time.sleep(args.sample_s)
+    samples = watch(base, procs, started, args.sample_s)
     for proc in procs:
         proc.join()
     ok = failed = 0
