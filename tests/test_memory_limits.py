@@ -15,6 +15,7 @@ from server.engine.memory_limits import (
     MIN_HEADROOM,
     derive,
     device_memory,
+    plan,
 )
 from server.model_lifecycle import load
 from server.registry import ModelRegistry, ServedModel
@@ -54,6 +55,17 @@ def test_device_memory_from_cuda_metal_and_cpu_device_info() -> None:
     assert device_memory({"device_name": "NVIDIA H100", "total_memory": 85 * 10**9, "free_memory": 1}) == 85 * 10**9
     assert device_memory({"memory_size": 64 * GIB, "max_recommended_working_set_size": 48 * GIB}) == 64 * GIB
     assert device_memory({"architecture": "x86_64", "device_name": "Intel(R) Xeon(R)"}) is None
+
+
+def test_the_plan_for_a_cuda_and_a_metal_device() -> None:
+    cuda = {"device_name": "NVIDIA H100 80GB HBM3", "architecture": "sm_90", "total_memory": 85_520_809_984}
+    limits = plan(cuda, 12 * GIB, None, metal=False)
+    assert limits == derive(85_520_809_984, 12 * GIB) and limits.wired is None
+    assert plan(cuda, 12 * GIB, 3.0, metal=False).cache_limit == 3 * GIB
+    mac = {"memory_size": 64 * GIB, "max_recommended_working_set_size": 48 * GIB}
+    assert plan(mac, 20 * GIB, None, metal=True).wired == 20 * GIB
+    assert plan(mac, 60 * GIB, None, metal=True).wired == 48 * GIB  # at most the recommended working set
+    assert plan({"device_name": "no size"}, GIB, None, metal=False) is None
 
 
 def test_the_flag_and_its_environment_variable_parse() -> None:

@@ -14,13 +14,14 @@ KV, logits of every batch shape seen): at 128 streams it reached the device's en
 so resident + a step's transient arrays (up to the rest of `spare`) + the cache stay under the limit.
 On the CPU backend MLX keeps its defaults (the host's memory is the system's business) unless
 --mlx-cache-gb is given. On Metal the resident bytes are also wired (mx.set_wired_limit), up to the
-device's recommended working set.
+device's recommended working set. `derive` and `plan` are the arithmetic (pure, tested);
+`apply_memory_limits` reads the device and MLX's active memory and sets the limits.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -69,42 +70,49 @@ def _device_info() -> dict[str, Any]:
     return dict(mx.metal.device_info()) if mx.metal.is_available() else {}
 
 
-def apply_memory_limits(cache_gb: float | None) -> MemoryLimits | None:
-    """Set MLX's limits for the models loaded so far (call once they are); None where MLX keeps its defaults."""
-    on_gpu = mx.default_device().type == mx.DeviceType.gpu
-    cache_bytes = None if cache_gb is None else int(cache_gb * GIB)
-    if not on_gpu:
-        if cache_bytes is not None:
-            mx.set_cache_limit(cache_bytes)
-            log.info("MLX cache limit: %.2f GiB (--mlx-cache-gb; CPU backend)", cache_bytes / GIB)
-        return None
-    info = _device_info()
+def plan(info: dict[str, Any], resident_bytes: int, cache_gb: float | None, metal: bool) -> MemoryLimits | None:
+    """The limits for a GPU whose mx.device_info() is `info` (None when it reports no memory size); on Metal
+    (`metal`) the resident bytes are wired too, up to the recommended working set."""
     total = device_memory(info)
     if total is None:
+        return None
+    limits = derive(total, resident_bytes, None if cache_gb is None else int(cache_gb * GIB))
+    recommended = info.get("max_recommended_working_set_size")
+    if metal and isinstance(recommended, int):
+        limits = replace(limits, wired=min(resident_bytes, recommended))
+    return limits
+
+
+def apply_memory_limits(cache_gb: float | None) -> MemoryLimits | None:
+    """Set MLX's limits for the models loaded so far (call once they are); None where MLX keeps its defaults."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        if cache_gb is not None:
+            mx.set_cache_limit(int(cache_gb * GIB))
+            log.info("MLX cache limit: %.2f GiB (--mlx-cache-gb; CPU backend)", cache_gb)
+        return None
+    info = _device_info()
+    limits = plan(info, mx.get_active_memory(), cache_gb, mx.metal.is_available())
+    if limits is None:
         log.warning("MLX memory limits left at their defaults: the device reports no memory size (%s)", info)
         return None
-    limits = derive(total, mx.get_active_memory(), cache_bytes)
-    if limits.memory_limit - limits.resident_bytes <= 0:
+    if limits.memory_limit <= limits.resident_bytes:
         log.warning(
             "weights and KV pools (%.2f GiB) leave no room under the memory limit (%.2f GiB of %.2f GiB): "
             "lower --kv-cache-gb",
             limits.resident_bytes / GIB,
             limits.memory_limit / GIB,
-            total / GIB,
+            limits.device_bytes / GIB,
         )
     mx.set_memory_limit(limits.memory_limit)
     mx.set_cache_limit(limits.cache_limit)
-    recommended = info.get("max_recommended_working_set_size")
-    if isinstance(recommended, int) and mx.metal.is_available():
-        wired = min(limits.resident_bytes, recommended)
-        mx.set_wired_limit(wired)
-        limits = MemoryLimits(total, limits.resident_bytes, limits.memory_limit, limits.cache_limit, wired)
+    if limits.wired is not None:
+        mx.set_wired_limit(limits.wired)
     log.info(
         "MLX memory: device %.2f GiB, resident %.2f GiB (weights + KV pools), limit %.2f GiB, cache limit %.2f GiB%s",
-        total / GIB,
+        limits.device_bytes / GIB,
         limits.resident_bytes / GIB,
         limits.memory_limit / GIB,
         limits.cache_limit / GIB,
-        " (--mlx-cache-gb)" if cache_bytes is not None else "",
+        " (--mlx-cache-gb)" if cache_gb is not None else "",
     )
     return limits
