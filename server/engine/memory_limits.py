@@ -3,9 +3,11 @@
 MLX keeps freed buffers in a cache for reuse. Its CUDA allocator lets that cache grow to 95 % of the
 device (the same figure as its memory limit), and counts neither the CUDA context, nor cuBLAS/cuDNN
 workspaces, nor CUDA graphs, nor the stream-ordered memory pool's own reserve. The KV pools are
-allocated once, so what grows during serving is the cache of transient arrays (activations, gathered
-KV, logits of every batch shape seen): at 128 streams it reached the device's end and
-`cudaMallocAsync` failed. So, once the models are loaded (weights and KV pools resident):
+allocated once, so what can grow during serving is the cache of transient arrays (activations,
+gathered KV, logits of every batch shape seen) until it meets what MLX does not count: the likely cause
+of the `cudaMallocAsync ... out of memory` seen at 128 streams on the H100 (read from MLX's source, not
+yet confirmed there; bench/memory_soak.py checks that memory stays flat). So, once the models are loaded
+(weights and KV pools resident):
 
     memory limit = device memory - headroom       headroom = max(HEADROOM_FRACTION x device, MIN_HEADROOM)
     spare        = memory limit - resident        resident = MLX's active memory after loading
