@@ -262,7 +262,10 @@ class Engine:
             # nothing of this thread's left on the device once it ends: the step launched ahead is dropped and
             # the stream drained, so the stream's teardown at thread exit has no work to wait for
             self.stepper.drop()
-            mx.synchronize(stream)
+            try:
+                mx.synchronize(stream)
+            except Exception:  # a device fault already failed the steps; the thread still ends cleanly
+                log.exception("synchronizing the engine stream at shutdown failed")
 
     def _drain(self, block: bool) -> bool:
         while True:
