@@ -93,6 +93,7 @@ def serve(settings: Settings) -> int:
     from hypercorn.asyncio import serve as hypercorn_serve
 
     from server.app import create_app
+    from server.exit_order import exit_code, stop_model_threads
 
     config = _hypercorn_config(settings)
     try:  # before any log line: a port in use or a bad data directory is one line and exit status 1
@@ -139,7 +140,9 @@ def serve(settings: Settings) -> int:
         return failed
 
     failed = asyncio.run(main())
-    return 1 if failed else 0
+    # no thread may be inside MLX when the interpreter finalizes (exit_order.py says why)
+    running = stop_model_threads(app.state.registry, getattr(app.state, "loader", None))
+    return exit_code(1 if failed else 0, running)
 
 
 def models_list(cache: ModelCache) -> int:

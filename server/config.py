@@ -64,6 +64,7 @@ class Settings:
     log_level: str = "info"
     offline: bool = False
     kv_cache_gb: float = 2.0
+    mlx_cache_gb: float | None = None  # MLX's buffer cache limit; None: derived on a GPU (engine/memory_limits.py)
     block_size: int = 16
     max_num_seqs: int = 64
     prefill_chunk: int | None = None  # None: 512 on a CPU, 2048 on a GPU
@@ -101,6 +102,8 @@ class Settings:
             or any(c is not None and c < 1 for c in (self.prefill_chunk, self.decoding_prefill_chunk))
         ):
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and the prefill chunks must be positive")
+        if self.mlx_cache_gb is not None and self.mlx_cache_gb < 0:
+            raise ValueError(f"mlx_cache_gb must be >= 0, got {self.mlx_cache_gb}")
         if self.queue_timeout < 0 or self.sse_keepalive <= 0:
             raise ValueError("queue_timeout must be >= 0 and sse_keepalive > 0")
         if self.max_training_jobs < 1 or self.max_loaded_adapters < 1 or self.adapter_kv_cache_gb <= 0:
@@ -233,6 +236,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--offline", action="store_true", default=None, help="never reach the hub; serve only what the cache holds"
     )
     parser.add_argument("--kv-cache-gb", type=float, help="KV block pool size per chat model in GiB (default 2)")
+    parser.add_argument(
+        "--mlx-cache-gb",
+        type=float,
+        help="limit of MLX's cache of freed buffers in GiB (default on a GPU: a quarter of the device memory "
+        "the weights and KV pools leave spare; on a CPU: MLX's own)",
+    )
     parser.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
     parser.add_argument("--max-num-seqs", type=int, help="sequences decoding together (default 64)")
     parser.add_argument(
@@ -369,6 +378,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         log_level=str(pick("log_level", args.log_level)),
         offline=offline,
         kv_cache_gb=float(pick("kv_cache_gb", args.kv_cache_gb, float)),
+        mlx_cache_gb=optional("mlx_cache_gb", float),
         block_size=int(pick("block_size", args.block_size, int)),
         max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),
         prefill_chunk=_optional_int(pick("prefill_chunk", args.prefill_chunk, int)),

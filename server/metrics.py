@@ -4,8 +4,9 @@ Counted as things happen: HTTP requests by route template, method and status,
 their latency, and for generation the time to first token, the time between
 tokens and the tokens generated. Read at scrape time: each engine's
 `stats()` (KV blocks, running and waiting sequences, prompt tokens computed
-and reused), each embedding batcher's counters and the fine-tuning jobs by
-status, so nothing has to push them.
+and reused), each embedding batcher's counters, the fine-tuning jobs by
+status and MLX's memory (active, cache, peak, limit: four reads of its
+allocator's counters), so nothing has to push them.
 
 /metrics may be open, so no label names a tenant: the operator's models keep
 their ids, and every fine-tuned model (whose ``ft:<base>:<org>:<suffix>:<job>``
@@ -22,6 +23,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
+import mlx.core as mx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -178,6 +180,7 @@ class _StateCollector(Collector):
         yield from _engine_metrics(models, self.engines)
         yield from _embedding_metrics(models, self.batchers)
         yield _fine_tuning_jobs(self.state)
+        yield _mlx_memory(models)
 
 
 def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
@@ -248,4 +251,26 @@ def _fine_tuning_jobs(state: Any) -> Metric:
         counts[job.status] = counts.get(job.status, 0) + 1
     for status, count in counts.items():
         family.add_metric([status], count)
+    return family
+
+
+def _mlx_memory(models: list[Any]) -> Metric:
+    """MLX's allocator, per process: arrays alive (active), freed buffers kept for reuse (cache), the most ever
+    active (peak) and the limit past which it frees cached buffers first (limit). `process` is "server" for
+    this one and the model id for each engine process (as of its last stats, at most STATS_EVERY old)."""
+    family = GaugeMetricFamily(
+        "mlx_dropin_mlx_memory_bytes", "MLX memory in bytes, by process and kind", labels=("process", "kind")
+    )
+    for kind, value in (
+        ("active", mx.get_active_memory()),
+        ("cache", mx.get_cache_memory()),
+        ("peak", mx.get_peak_memory()),
+        ("limit", mx.get_memory_limit()),
+    ):
+        family.add_metric(["server", kind], value)
+    for served in models:
+        memory = getattr(served.engine, "memory", None)  # an engine process's, reported with its stats
+        if memory:
+            for kind, value in memory.items():
+                family.add_metric([served.id, kind], value)
     return family

@@ -23,7 +23,7 @@ from server.config import Settings
 from server.embeddings.batcher import EmbeddingBatcher
 from server.embeddings.causal_lm import CausalLMEncoder, load_embedding_model
 from server.embeddings.encoder import Encoder
-from server.engine import CoreSpec, Engine, EngineClient, EngineConfig
+from server.engine import CoreSpec, Engine, EngineClient, EngineConfig, apply_memory_limits
 from server.models.cache import ModelCache
 from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import detect_kind, load_chat_model, load_chat_tokenizer, resolve_source
@@ -124,6 +124,7 @@ def load(registry: ModelRegistry, settings: Settings) -> None:
                 model, tokenizer = load_chat_model(served.path, settings.dtype)
                 start_model(served, settings, model=model, tokenizer=tokenizer, engine_config=settings.engine_config())
             log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
+    apply_memory_limits(settings.mlx_cache_gb)  # weights and KV pools are resident now
 
 
 def unload(served: ServedModel) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +22,7 @@ from tests.serving import running_server
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 KEY = "sk-metrics"
+MLX_KINDS = ("active", "cache", "peak", "limit")
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,18 @@ def test_one_json_access_line_per_request(base: str, caplog: pytest.LogCaptureFi
     assert (ok["method"], ok["path"], ok["status"], ok["model"]) == ("POST", "/v1/embeddings", 200, EMBED)
     assert ok["tenant"].startswith("key-") and ok["duration_ms"] > 0 and ok["time"].endswith("+00:00")
     assert (refused["status"], refused["tenant"], refused["model"]) == (401, None, None)
+
+
+def test_mlx_memory_is_sampled_at_scrape_time(base: str) -> None:
+    first = scrape(base)
+    active, cache, peak, limit = (
+        value(first, "mlx_dropin_mlx_memory_bytes", process="server", kind=k) for k in MLX_KINDS
+    )
+    assert active > 0 and peak >= active and cache >= 0 and limit > 0  # the loaded weights and KV pools are active
+    held = mx.zeros((1 << 22,), dtype=mx.float32)  # 16 MiB more, alive while the next scrape reads
+    mx.eval(held)
+    second = scrape(base)
+    assert value(second, "mlx_dropin_mlx_memory_bytes", process="server", kind="active") >= active + (1 << 24) - (
+        1 << 20
+    )
+    del held

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from server.engine.core_process import CoreSpec
     from server.engine.engine import Engine, EngineStats, EngineUnavailableError, GenerationError, raise_if_failed
     from server.engine.kv_manager import common_prefix_length
+    from server.engine.memory_limits import MemoryLimits, apply_memory_limits
     from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
     from server.engine.sampling import SamplingParams
 
@@ -41,6 +42,8 @@ _MODULE_OF: dict[str, str] = {
     "GenerationError": "server.engine.engine",
     "raise_if_failed": "server.engine.engine",
     "common_prefix_length": "server.engine.kv_manager",
+    "MemoryLimits": "server.engine.memory_limits",
+    "apply_memory_limits": "server.engine.memory_limits",
     "GenerationRequest": "server.engine.request",
     "TokenEvent": "server.engine.request",
     "ValidRequest": "server.engine.request",
@@ -58,10 +61,12 @@ __all__ = [
     "GenerationError",
     "GenerationRequest",
     "GrammarSpec",
+    "MemoryLimits",
     "PoolExhaustedError",
     "SamplingParams",
     "SchedulerConfig",
     "TokenEvent",
+    "apply_memory_limits",
     "common_prefix_length",
     "raise_if_failed",
     "ValidRequest",

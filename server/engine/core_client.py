@@ -72,6 +72,7 @@ class EngineClient:
         self._alive = False
         self._stopping = False
         self._stats = EngineStats()
+        self.memory: dict[str, float] = {}  # the process's MLX allocator counters, as of its last stats
         self._wakers = LoopWakers()
         self._ready = threading.Event()
         self._start_error: str | None = None
@@ -263,6 +264,8 @@ class EngineClient:
                 sink(events)
             except Exception:  # the request's event loop is gone
                 log.debug("dropping events for %s", request_id, exc_info=True)
+        if step.memory is not None:
+            self.memory = step.memory
         if step.stats is not None:
             with self._lock:
                 for name, value in step.stats.items():

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import mlx.core as mx
+
 from server.engine.config import EngineConfig
 from server.engine.core_protocol import (
     STATS_EVERY,
@@ -36,6 +38,7 @@ from server.engine.core_protocol import (
     to_engine,
 )
 from server.engine.engine import Engine
+from server.engine.memory_limits import apply_memory_limits
 from server.engine.request import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class CoreSpec:
     engine_config: EngineConfig
     exact_cpu_layers: bool
     log_level: str = "info"
+    mlx_cache_gb: float | None = None  # --mlx-cache-gb (None: derived on a GPU; see memory_limits.py)
 
 
 class Outbox:
@@ -91,11 +95,11 @@ class Outbox:
 
     def _send(self, events: list[WireEvent]) -> None:
         now = time.monotonic()
-        stats = None
+        stats = memory = None
         if now - self._stats_at >= STATS_EVERY:
-            stats, self._stats_at = stats_to_wire(self._engine.stats()), now
+            stats, memory, self._stats_at = stats_to_wire(self._engine.stats()), mlx_memory(), now
         try:
-            self._conn.send_bytes(encoder.encode(Step(events, stats)))
+            self._conn.send_bytes(encoder.encode(Step(events, stats, memory)))
         except OSError:  # the HTTP process is gone; the main thread sees the pipe close and stops
             pass
 
@@ -127,6 +131,16 @@ def run(conn: Connection, spec: CoreSpec) -> None:
         stats.join(10)
 
 
+def mlx_memory() -> dict[str, float]:
+    """This process's MLX allocator: arrays alive, freed buffers cached, the peak, the limit."""
+    return {
+        "active": mx.get_active_memory(),
+        "cache": mx.get_cache_memory(),
+        "peak": mx.get_peak_memory(),
+        "limit": mx.get_memory_limit(),
+    }
+
+
 def _start(spec: CoreSpec) -> Engine:
     from server.models.loading import load_chat_model
 
@@ -135,7 +149,9 @@ def _start(spec: CoreSpec) -> Engine:
         from server.models.cpu_layers import speed_up_for_cpu
 
         speed_up_for_cpu(model)
-    return Engine(model, tokenizer, spec.engine_config)
+    engine = Engine(model, tokenizer, spec.engine_config)
+    apply_memory_limits(spec.mlx_cache_gb)  # weights and the KV pool are resident now
+    return engine
 
 
 def _serve(conn: Connection, engine: Engine, outbox: Outbox) -> None:

@@ -3,8 +3,9 @@
     HTTP process                                   engine-core process
     Add(request) / Abort(id) / AbortAll / Stop  ->  the Engine's inbox
     Ready(limits) | StartFailed(error)          <-  once, after the model loaded
-    Step(events, stats)                         <-  per engine step: every request's events of the step
-                                                    in one message; `stats` at most every STATS_EVERY s
+    Step(events, stats, memory)                 <-  per engine step: every request's events of the step
+                                                    in one message; `stats` and MLX `memory` at most every
+                                                    STATS_EVERY s
 
 A request crosses as `WireRequest` (its sampling parameters and grammar as plain fields, rebuilt
 and so checked again on the other side); an event as `TokenEvent`'s fields in order (`WireEvent`,
@@ -94,6 +95,7 @@ class StartFailed(msgspec.Struct, tag=True):
 class Step(msgspec.Struct, tag=True):
     events: list[WireEvent]
     stats: dict[str, float] | None = None
+    memory: dict[str, float] | None = None  # the engine process's MLX allocator counters, sent with `stats`
 
 
 ToEngine = Add | Abort | AbortAll | Stop

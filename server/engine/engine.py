@@ -163,9 +163,13 @@ class Engine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what runs, stop the engine thread, then the output thread (in that order: the engine's last
+        events go through the output thread). A thread that does not stop in `timeout` is logged."""
         if self._thread is not None:
             self._inbox.put(None)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("the engine thread did not stop within %gs", timeout)
             self._thread = None
         self.output.close(timeout)
 
@@ -230,16 +234,25 @@ class Engine:
     # -- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
         stream = mx.new_stream(mx.default_device())
-        with mx.stream(stream):
-            while True:
-                running = self._drain(block=not self.scheduler.has_work)
-                if running and self.scheduler.has_work:
-                    self._step()
-                else:
-                    self._record_state()  # what the commands changed (aborts free blocks without a step)
-                self.output.flush()
-                if not running:
-                    break
+        try:
+            with mx.stream(stream):
+                while True:
+                    running = self._drain(block=not self.scheduler.has_work)
+                    if running and self.scheduler.has_work:
+                        self._step()
+                    else:
+                        self._record_state()  # what the commands changed (aborts free blocks without a step)
+                    self.output.flush()
+                    if not running:
+                        break
+        finally:
+            # nothing of this thread's left on the device once it ends: the step launched ahead is dropped and
+            # the stream drained, so the stream's teardown at thread exit has no work to wait for
+            self.stepper.drop()
+            try:
+                mx.synchronize(stream)
+            except Exception:  # a device fault already failed the steps; the thread still ends cleanly
+                log.exception("synchronizing the engine stream at shutdown failed")
 
     def _drain(self, block: bool) -> bool:
         while True:
