@@ -61,7 +61,7 @@ TINY = {  # a few MB: a CPU smoke run
 }
 WORDS = "river ledger violet harbor cactus meadow lantern cipher orbit granite velvet compass falcon ember".split()
 CRASH_SIGNS = ("terminate called", "Abort", "Traceback", "out of memory")
-MEMORY = re.compile(r'^mlx_dropin_mlx_memory_bytes\{process="[^"]*",kind="(\w+)"\} (\S+)$', re.M)
+MEMORY = re.compile(r'^mlx_dropin_mlx_memory_bytes\{kind="(\w+)",process="[^"]*"\} (\S+)$', re.M)
 RUNNING = re.compile(r'^mlx_dropin_sequences\{model="[^"]*",state="running"\} (\S+)$', re.M)
 
 
