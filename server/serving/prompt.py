@@ -18,6 +18,7 @@ them, and templates split past reasoning off at them.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,11 +65,13 @@ def _marker_texts(tokenizer: Any, names: tuple[str, ...]) -> str:
     return "\n".join(out)
 
 
+@functools.lru_cache(maxsize=8)
 def control_tokens(tokenizer: Any) -> ControlTokens:
     """Special added tokens, plus non-whitespace added tokens the template or mlx-lm's markers use.
 
     Other added tokens (Gemma's whitespace runs and HTML tags, say) are ordinary text to the model
-    and keep their usual tokenization in request strings.
+    and keep their usual tokenization in request strings. Found once per tokenizer (a served model's
+    never changes): reading the added vocabulary and the template cost ~0.35 ms of every chat request.
     """
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     thinking = _marker_texts(tokenizer, ("think_start", "think_end"))
