@@ -12,9 +12,11 @@ from collections.abc import AsyncGenerator, Iterator
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.routes.event_stream import PING, EventStream
 from tests.serving import running_server
@@ -27,6 +29,7 @@ class Bodies:
 
     def __init__(self) -> None:
         self.closed = threading.Event()  # the endless body's finally ran
+        self.raised: list[BaseException] = []  # what the app raised to the ASGI server
 
     async def gap(self, pause: float) -> AsyncGenerator[bytes, None]:
         yield b"data: first\n\n"
@@ -72,7 +75,21 @@ def base(bodies: Bodies) -> Iterator[str]:
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
 
-    app = Starlette(routes=[Route("/health", health), Route("/stream/{kind}", stream)])
+    class Recorder:
+        """Records what the routes raise to the ASGI server (a failure while writing is the route's)."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:
+                bodies.raised.append(exc)
+                raise
+
+    routes = [Route("/health", health), Route("/stream/{kind}", stream)]
+    app = Starlette(routes=routes, middleware=[Middleware(Recorder)])
     with running_server(app) as url:
         yield url
 
@@ -119,15 +136,18 @@ def test_ping_zero_sends_none(base: str) -> None:
     assert _events(response.content) == [b"data: first\n\n", b"data: second\n\n"]
 
 
-def test_a_ping_never_lands_inside_an_item(base: str) -> None:
-    """A slow reader: each large item's write waits for the socket far longer than `ping`; pings may come between
-    items, never inside one."""
+@pytest.mark.parametrize("http2", [False, True])
+def test_a_ping_never_lands_inside_an_item(base: str, http2: bool) -> None:
+    """A slow reader: each large item's write waits for the socket (HTTP/2: for flow-control window) far longer
+    than `ping`; pings may come between items, never inside one."""
     items = 8
     raw = b""
-    with httpx.stream("GET", base + f"/stream/big?items={items}&ping=0.01", timeout=30) as response:
-        for piece in response.iter_raw(16 * 1024):
-            raw += piece
-            time.sleep(0.005)
+    with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
+        with client.stream("GET", base + f"/stream/big?items={items}&ping=0.01") as response:
+            assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+            for piece in response.iter_raw(16 * 1024):
+                raw += piece
+                time.sleep(0.005)
     data = [e for e in _events(raw) if e != PING]
     assert data == [b"data: " + str(i).encode() * (BIG // len(str(i))) + b"\n\n" for i in range(items)]
 
@@ -140,7 +160,8 @@ def test_a_client_that_leaves_closes_the_body(base: str, bodies: Bodies) -> None
     assert bodies.closed.wait(5), "the body kept running after its client left"
 
 
-def test_a_body_failing_after_the_start_ends_the_response(base: str) -> None:
+def test_a_body_failing_after_the_start_ends_the_response(base: str, bodies: Bodies) -> None:
+    bodies.raised.clear()
     started = time.monotonic()
     received = b""
     with pytest.raises(httpx.RemoteProtocolError):  # the chunked body is cut short, not finished cleanly
@@ -149,3 +170,36 @@ def test_a_body_failing_after_the_start_ends_the_response(base: str) -> None:
                 received += piece
     assert received.startswith(b"data: before\n\n")
     assert time.monotonic() - started < 5
+    assert [str(e) for e in bodies.raised] == ["the body failed after the response started"]  # not swallowed
+
+
+def test_a_ping_waits_for_a_write_in_progress() -> None:
+    """ASGI servers may yield inside `send` (a slow socket): a keep-alive never starts while a write is under way
+    (with hypercorn a message is written whole, so this drives the response's ASGI calls directly)."""
+    written: list[bytes] = []
+    overlaps: list[bytes] = []  # writes that began while another was under way
+    busy = [False]
+
+    async def send(message: Message) -> None:
+        if busy[0]:
+            overlaps.append(message.get("body", b""))
+        busy[0] = True
+        written.append(message.get("body", b""))
+        await asyncio.sleep(0.05)  # the socket takes its time
+        busy[0] = False
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the client never leaves
+        return {"type": "http.disconnect"}
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        for i in range(5):
+            yield b"data: %d\n\n" % i
+
+    async def main() -> None:
+        await EventStream(body(), ping=0.01)({"type": "http"}, receive, send)
+
+    asyncio.run(main())
+    assert not overlaps
+    assert PING in written  # writes of 50 ms leave silences longer than 10 ms: pings go out, between them
+    assert [b for b in written[1:] if b != PING] == [b"data: %d\n\n" % i for i in range(5)] + [b""]
