@@ -115,7 +115,7 @@ def test_pings_fill_a_silent_gap_and_the_body_ends_the_response(base: str) -> No
     assert events[0] == b"data: first\n\n" and events[-1] == b"data: second\n\n"
     pings = events[1:-1]
     assert pings and all(p == PING for p in pings)
-    assert 3 <= len(pings) <= 7  # one per 0.1 s of a 0.6 s silence, loosely
+    assert 2 <= len(pings) <= 7  # one per 0.1 s of a 0.6 s silence, loosely (a loaded machine sleeps long)
 
 
 def test_no_pings_while_items_keep_coming(base: str) -> None:
