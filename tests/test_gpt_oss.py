@@ -9,6 +9,7 @@ by grammars (forced calls, response_format) and logit_bias where a test needs a 
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,25 @@ ANSWER = {
     },
 }
 USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+class _PinnedDate(datetime.datetime):
+    """The day these tests were calibrated on: gpt-oss's template prints the current date into every prompt,
+    and the tiny random model's greedy choices (analysis first or not) depend on every prompt token."""
+
+    @classmethod
+    def now(cls, tz: datetime.tzinfo | None = None) -> _PinnedDate:
+        return cls(2026, 12, 6, 12, 0, 0, tzinfo=tz)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pinned_date() -> Iterator[None]:
+    """`strftime_now` in chat templates (transformers' chat_template_utils) reads this module's `datetime`."""
+    from transformers.utils import chat_template_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chat_template_utils, "datetime", _PinnedDate)
+        yield
 
 
 @pytest.fixture(scope="module")

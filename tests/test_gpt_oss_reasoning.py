@@ -31,7 +31,7 @@ from tests.test_gpt_oss import ANSWER, MODEL, WEATHER, prompt_text
 
 # the tiny gpt-oss model and its server, as tests/test_gpt_oss.py builds them (one per module)
 model_dir, registry, tokenizer, base = oss.model_dir, oss.registry, oss.tokenizer, oss.base
-short_analysis = oss.short_analysis
+short_analysis, pinned_date = oss.short_analysis, oss.pinned_date
 
 CALL = {
     "id": "call_1",
