@@ -68,9 +68,11 @@ RUNNING = re.compile(r'^mlx_dropin_sequences\{model="[^"]*",state="running"\} (\
 def shape_config(shape: str) -> dict[str, Any]:
     if shape == "tiny":
         return dict(TINY)
-    from engine_vs_mlxlm import SHAPES  # Llama-3.2-1B's config
+    from random_model import LLAMA_1B  # Llama-3.2-1B's config
 
-    return dict(SHAPES[shape])
+    if shape != "llama-1b":
+        raise SystemExit(f"--shape must be tiny or llama-1b, not {shape!r}")
+    return dict(LLAMA_1B)
 
 
 def build_model_dir(args: argparse.Namespace) -> Path:
@@ -83,7 +85,11 @@ def build_model_dir(args: argparse.Namespace) -> Path:
     from tokenizers import Tokenizer
 
     cache = cache_location.cache_dir(args)
-    tokenizer_dir = cache_location.default_model_dir("smollm2-135m-instruct", cache)
+    tokenizer_dir = (
+        Path(args.tokenizer_dir)
+        if args.tokenizer_dir
+        else cache_location.default_model_dir("smollm2-135m-instruct", cache)
+    )
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     dtype_name = ("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype
     out = cache / "bench" / f"soak-{args.shape}-{dtype_name}"
@@ -297,6 +303,7 @@ def main() -> int:
         "--server-arg", action="append", default=[], help="extra `serve` flag (repeat; e.g. --kv-cache-gb=20)"
     )
     p.add_argument("--json", help="write the samples and verdicts here")
+    p.add_argument("--tokenizer-dir", help="a folder with SmolLM2's tokenizer files (a machine without the hub)")
     cache_location.add_cache_dir_argument(p)
     return run(p.parse_args())
 

@@ -12,6 +12,7 @@ of each token event and the completion tokens: the same `Stream` records the HTT
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -92,7 +93,10 @@ def main(job_path: str, out_path: str) -> int:
     finally:
         engine.shutdown()
     Path(out_path).write_text(json.dumps(results))
-    return 0
+    # MLX's CUDA build can abort in the interpreter's finalization even after an orderly stop (see
+    # server/exit_order.py): the results are written, so end here
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

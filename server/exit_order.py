@@ -9,9 +9,11 @@ loader thread is inside mx.load or mx.eval); on a GPU any engine thread that out
 
 So once hypercorn returned (the lifespan already stopped the engines and batchers, see shutdown.py),
 `stop_model_threads` stops whatever a late loader started, and `exit_code` ends the process without
-finalization (os._exit, after flushing the logs) when a thread that calls MLX is still running: the
-database is closed and every generation has ended by then, so nothing is lost that finalization
-would have saved.
+finalization (os._exit, after flushing the logs) when a thread that calls MLX is still running, and
+always on a GPU backend: on the H100 (MLX 0.32.4 CUDA) a process whose engine thread was stopped,
+joined and its stream synchronized still aborted the same way at finalization. The database is
+closed and every generation has ended by then, so nothing is lost that finalization would have
+saved. The engine process (engine/core_process.py) ends the same way (`end_process`).
 """
 
 from __future__ import annotations
@@ -44,10 +46,25 @@ def stop_model_threads(registry: ModelRegistry, loader: threading.Thread | None)
 
 
 def exit_code(code: int, running: list[str]) -> int:
-    """`code` when no MLX thread runs; otherwise the process ends here, with `code`, skipping finalization."""
-    if not running:
+    """`code` when no MLX thread runs and MLX runs on the CPU; otherwise the process ends here, with `code`,
+    skipping finalization."""
+    if running:
+        log.warning("%s still running at exit: ending the process without interpreter finalization", ", ".join(running))
+    elif not on_gpu():
         return code
-    log.warning("%s still running at exit: ending the process without interpreter finalization", ", ".join(running))
+    end_process(code)
+    return code  # not reached
+
+
+def on_gpu() -> bool:
+    """MLX's default device is a GPU (CUDA or Metal)."""
+    import mlx.core as mx
+
+    return bool(mx.default_device().type == mx.DeviceType.gpu)
+
+
+def end_process(code: int) -> None:
+    """End the process now with `code`, after flushing the logs and standard streams (no finalization)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

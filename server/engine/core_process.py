@@ -13,6 +13,8 @@ If the HTTP process goes (the pipe closes), everything stops: no generation outl
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -129,6 +131,12 @@ def run(conn: Connection, spec: CoreSpec) -> None:
         engine.shutdown()  # in-flight sequences end with "abort"; their events still leave
         outbox.close()
         stats.join(10)
+    # Nothing here needs the interpreter's finalization, and MLX's CUDA build can abort in it even after
+    # an orderly stop ("terminate called without an active exception", see server/exit_order.py).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def mlx_memory() -> dict[str, float]:
