@@ -65,7 +65,6 @@ class EngineClient:
         self.eos_ids: frozenset[int] = frozenset()
         self._constraints: ConstraintFactory | None = None
         self.limits: ModelLimits | None = None
-        self.restarts = 0
         self._lock = threading.Lock()  # guards the sinks and `alive` together
         self._send_lock = threading.Lock()
         self._sinks: dict[str, tuple[Sink, set[int]]] = {}  # request id -> sink, its sequences still running
@@ -203,8 +202,8 @@ class EngineClient:
             try:
                 message = from_engine.decode(conn.recv_bytes())
             except (EOFError, OSError):
-                if self._stopping or not self._ready.is_set():
-                    self._stopping = True
+                conn.close()
+                if self._stopping or self.limits is None:  # stopped, or it never became ready (start() says why)
                     if self._start_error is None:
                         self._start_error = "the engine process exited while loading its model"
                     self._ready.set()
@@ -214,7 +213,6 @@ class EngineClient:
                 failures += 1
                 if self._stopping:
                     return
-                self.restarts += 1
                 self._spawn()
                 continue
             if isinstance(message, Step):
