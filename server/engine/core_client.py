@@ -34,7 +34,6 @@ from server.engine.core_protocol import (
     Stop,
     ToEngine,
     encoder,
-    event_from_wire,
     from_engine,
     request_to_wire,
 )
@@ -240,8 +239,7 @@ class EngineClient:
 
     def _deliver(self, step: Step) -> None:
         per_request: dict[str, list[TokenEvent]] = {}
-        for wire in step.events:
-            event = event_from_wire(wire)
+        for event in step.events:
             events = per_request.get(event.request_id)
             if events is None:
                 per_request[event.request_id] = [event]

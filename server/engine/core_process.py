@@ -32,9 +32,7 @@ from server.engine.core_protocol import (
     Ready,
     StartFailed,
     Step,
-    WireEvent,
     encoder,
-    event_to_wire,
     request_from_wire,
     stats_to_wire,
     to_engine,
@@ -66,16 +64,15 @@ class Outbox:
     def __init__(self, conn: Connection, engine: Engine) -> None:
         self._conn = conn
         self._engine = engine
-        self._events: list[WireEvent] = []
+        self._events: list[TokenEvent] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._stats_at = 0.0
 
     def put(self, events: list[TokenEvent]) -> None:
         """A request's events of this step (a sink: the engine's thread or its output thread)."""
-        wire = [event_to_wire(event) for event in events]
         with self._lock:
-            self._events.extend(wire)
+            self._events.extend(events)
 
     def flush(self) -> None:
         """The step's events are all in: send them."""
@@ -95,7 +92,7 @@ class Outbox:
                 if time.monotonic() - self._stats_at >= STATS_EVERY:
                     self._send([])
 
-    def _send(self, events: list[WireEvent]) -> None:
+    def _send(self, events: list[TokenEvent]) -> None:
         now = time.monotonic()
         stats = memory = None
         if now - self._stats_at >= STATS_EVERY:

@@ -8,8 +8,8 @@
                                                     STATS_EVERY s
 
 A request crosses as `WireRequest` (its sampling parameters and grammar as plain fields, rebuilt
-and so checked again on the other side); an event as `TokenEvent`'s fields in order (`WireEvent`,
-an array: no field names on the wire).
+and so checked again on the other side); an event as itself (`TokenEvent` is a msgspec Struct
+encoded as an array: no field names on the wire, decoded straight into events).
 """
 
 from __future__ import annotations
@@ -49,22 +49,6 @@ class WireRequest(msgspec.Struct, array_like=True):
     max_new_tokens: int
 
 
-class WireEvent(msgspec.Struct, array_like=True):
-    request_id: str
-    index: int
-    token_id: int | None
-    text: str
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    error: str | None
-    error_kind: str | None
-    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None
-
-
 class Add(msgspec.Struct, tag=True):
     request: WireRequest
 
@@ -93,7 +77,7 @@ class StartFailed(msgspec.Struct, tag=True):
 
 
 class Step(msgspec.Struct, tag=True):
-    events: list[WireEvent]
+    events: list[TokenEvent]
     stats: dict[str, float] | None = None
     memory: dict[str, float] | None = None  # the engine process's MLX allocator counters, sent with `stats`
 
@@ -102,7 +86,6 @@ ToEngine = Add | Abort | AbortAll | Stop
 FromEngine = Ready | StartFailed | Step
 
 _SAMPLING = [f.name for f in fields(SamplingParams) if f.name not in ("grammar", "logit_bias")]
-_EVENT = [f.name for f in fields(TokenEvent)]
 
 
 def request_to_wire(request: ValidRequest) -> WireRequest:
@@ -151,14 +134,6 @@ def request_from_wire(wire: WireRequest) -> ValidRequest:
         streamed=wire.streamed,
         max_new_tokens=wire.max_new_tokens,
     )
-
-
-def event_to_wire(event: TokenEvent) -> WireEvent:
-    return WireEvent(*(getattr(event, name) for name in _EVENT))
-
-
-def event_from_wire(wire: WireEvent) -> TokenEvent:
-    return TokenEvent(*(getattr(wire, name) for name in _EVENT))
 
 
 def stats_to_wire(stats: Any) -> dict[str, float]:

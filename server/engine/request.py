@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from server.engine.sampling import SamplingParams
 
 
@@ -35,9 +37,12 @@ class ValidRequest(GenerationRequest):
     max_new_tokens: int = 0
 
 
-@dataclass
-class TokenEvent:
-    """One step's output for one sequence; the last event of a sequence has a finish_reason."""
+class TokenEvent(msgspec.Struct, array_like=True, gc=False):
+    """One step's output for one sequence; the last event of a sequence has a finish_reason.
+
+    A msgspec Struct (an array on the wire, untracked by the cycle collector: it holds no cycles): the
+    engine process sends a step's events as they are (core_protocol.py), and tens of thousands are made
+    a second at full batch."""
 
     request_id: str
     index: int
@@ -50,6 +55,6 @@ class TokenEvent:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    error_kind: str | None = None  # "pool_exhausted" | "internal" when finish_reason is "error"
+    error_kind: str | None = None  # "pool_exhausted" | "internal" | "unavailable" when finish_reason is "error"
     # with the first generated token, when asked: (token id, logprob, top alternatives) of prompt tokens 1..n-1
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
