@@ -22,10 +22,11 @@ if TYPE_CHECKING:
     from server.engine.constraints import GrammarSpec
     from server.engine.core_client import EngineClient, EngineStartError
     from server.engine.core_process import CoreSpec
-    from server.engine.engine import Engine, EngineStats, EngineUnavailableError, GenerationError, raise_if_failed
+    from server.engine.engine import Engine, EngineStats
     from server.engine.kv_manager import common_prefix_length
     from server.engine.memory_limits import MemoryLimits, apply_memory_limits
     from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
+    from server.engine.request_stream import EngineUnavailableError, GenerationError, raise_if_failed
     from server.engine.sampling import SamplingParams
 
 _MODULE_OF: dict[str, str] = {
@@ -37,10 +38,10 @@ _MODULE_OF: dict[str, str] = {
     "Engine": "server.engine.engine",
     "EngineClient": "server.engine.core_client",
     "EngineStartError": "server.engine.core_client",
-    "EngineUnavailableError": "server.engine.engine",
+    "EngineUnavailableError": "server.engine.request_stream",
     "EngineStats": "server.engine.engine",
-    "GenerationError": "server.engine.engine",
-    "raise_if_failed": "server.engine.engine",
+    "GenerationError": "server.engine.request_stream",
+    "raise_if_failed": "server.engine.request_stream",
     "common_prefix_length": "server.engine.kv_manager",
     "MemoryLimits": "server.engine.memory_limits",
     "apply_memory_limits": "server.engine.memory_limits",

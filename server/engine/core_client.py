@@ -37,11 +37,12 @@ from server.engine.core_protocol import (
     from_engine,
     request_to_wire,
 )
-from server.engine.engine import EngineStats, collect_events, events_of
+from server.engine.engine import EngineStats
 from server.engine.event_buffer import LoopWakers
 from server.engine.model_limits import ModelLimits
 from server.engine.output import Sink
 from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
+from server.engine.request_stream import collect_events, events_of
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,17 @@ checked), so a bad one fails fast with InvalidRequestError and never reaches the
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
-from server.engine.block_pool import BlockPool, PoolExhaustedError
+from server.engine.block_pool import BlockPool
 from server.engine.config import (
     DEFAULT_DECODING_PREFILL_CHUNK,
     DEFAULT_PREFILL_CHUNK,
@@ -36,7 +35,7 @@ from server.engine.config import (
 from server.engine.constraints import ConstraintFactory
 from server.engine.decode_step import DecodeStepper
 from server.engine.detokenizer import IdsToText
-from server.engine.event_buffer import EventBuffer, LoopWakers
+from server.engine.event_buffer import LoopWakers
 from server.engine.in_flight import RequestsInFlight
 from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
 from server.engine.model_limits import (
@@ -47,6 +46,10 @@ from server.engine.model_limits import (
 from server.engine.output import OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
 from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
+from server.engine.request_stream import (
+    collect_events,
+    events_of,
+)
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import SequenceStatus
@@ -338,67 +341,6 @@ class Engine:
         self.kv.sync(plan.decodes)  # decode rows written back, full blocks hashed, finished turns pinned
 
 
-class GenerationError(RuntimeError):
-    """A sequence failed inside the engine (not the client's fault)."""
-
-
-class EngineUnavailableError(GenerationError):
-    """The engine process stopped (or is restarting); the request may be retried."""
-
-
-async def events_of(
-    request: GenerationRequest, submit: Callable[[Sink], None], abort: Callable[[str], None], wakers: LoopWakers
-) -> AsyncGenerator[list[TokenEvent], None]:
-    """A request's events as the engine delivers them (`submit` hands the engine the sink), every pending one at
-    once, until each of its sequences finished; an error event raises after the events before it were yielded.
-    Leaving early aborts the request."""
-    loop = asyncio.get_running_loop()
-    buffer = EventBuffer(loop, wakers.of(loop))
-    submit(buffer.put)
-    remaining = request.params.n
-    try:
-        while remaining:
-            events = await buffer.take()
-            for k, event in enumerate(events):
-                if event.finish_reason is None:
-                    continue
-                remaining -= 1
-                if event.finish_reason == "error":
-                    if k:
-                        yield events[:k]
-                    raise_if_failed(event)
-            yield events
-    finally:
-        if remaining:
-            abort(request.request_id)
-
-
-def collect_events(request: GenerationRequest, submit: Callable[[Sink], None], timeout: float) -> list[TokenEvent]:
-    """Every event of a request, blocking (scripts and tests); an error event raises."""
-    events: queue.Queue[list[TokenEvent]] = queue.Queue()
-    submit(events.put)
-    out: list[TokenEvent] = []
-    remaining = request.params.n
-    deadline = time.monotonic() + timeout
-    while remaining:
-        for event in events.get(timeout=max(0.0, deadline - time.monotonic())):
-            raise_if_failed(event)
-            out.append(event)
-            remaining -= event.finish_reason is not None
-    return out
-
-
-def raise_if_failed(event: TokenEvent) -> None:
-    """Turn an error event into the matching exception (PoolExhaustedError or GenerationError)."""
-    if event.finish_reason != "error":
-        return
-    if event.error_kind == "pool_exhausted":
-        raise PoolExhaustedError(event.error or "KV pool exhausted")
-    if event.error_kind == "unavailable":
-        raise EngineUnavailableError(event.error or "the engine is unavailable")
-    raise GenerationError(event.error or "generation failed")
-
-
 def _resolved(config: EngineConfig) -> EngineConfig:
     """The config with device-dependent defaults filled in."""
     from dataclasses import replace
@@ -410,4 +352,4 @@ def _resolved(config: EngineConfig) -> EngineConfig:
     return replace(config, scheduler=replace(scheduler, prefill_chunk=budget, decoding_prefill_chunk=decoding))
 
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "EngineUnavailableError", "GenerationError", "PoolExhaustedError"]
+__all__ = ["Engine", "EngineConfig", "EngineStats"]

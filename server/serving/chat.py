@@ -23,6 +23,7 @@ from server.engine import Engine, EngineClient, GenerationError, PoolExhaustedEr
 from server.errors import InvalidRequestError
 from server.metrics import TokenTimer, timed
 from server.registry import ServedModel
+from server.serving.chat_chunks import ChatChunks
 from server.serving.generation import SYSTEM_FINGERPRINT, build_request, engine_failure, tool_mode
 from server.serving.logprobs import TokenText
 from server.serving.model_output import ChoiceOutput, OutputDelta, output_parser
@@ -40,7 +41,6 @@ from server.wire.chat import (
     ChatMessage,
     Choice,
     ChoiceLogprobs,
-    ChunkChoice,
     CompletionTokensDetails,
     Delta,
     FunctionCall,
@@ -53,7 +53,7 @@ from server.wire.chat import (
     Usage,
 )
 from server.wire.codec import encode
-from server.wire.sse import DONE, ChunkFrame, data_event
+from server.wire.sse import DONE, data_event
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _TEXT = frozenset({"text"})
@@ -316,61 +316,6 @@ def _call_deltas(index: int, calls: list[ParsedCall], first: int) -> list[Delta]
     return deltas
 
 
-class _Chunks:
-    """One engine batch's chunks of a stream: a choice's consecutive deltas of one kind (reasoning, or content with
-    its logprobs) become one chunk, so a reader that fell behind catches up in one write."""
-
-    def __init__(self, plan: ChatPlan) -> None:
-        self.frame = ChunkFrame(
-            ChatCompletionChunk(
-                id=plan.id,
-                created=plan.created,
-                model=plan.served.id,
-                choices=[],
-                system_fingerprint=SYSTEM_FINGERPRINT,
-            )
-        )
-        self._pending: dict[int, tuple[str, str, list[TokenLogprob]]] = {}  # index -> (kind, text, logprobs)
-        self._out: list[bytes] = []
-
-    def add(self, index: int, kind: str, text: str, entry: TokenLogprob | None = None) -> None:
-        """Text of `kind` ("reasoning" or "content"), joined to the choice's pending text of the same kind."""
-        pending = self._pending.get(index)
-        if pending is not None and pending[0] != kind:
-            self.flush(index)
-            pending = None
-        if pending is None:
-            pending = self._pending[index] = (kind, "", [])
-        logprobs = pending[2]
-        if entry is not None:
-            logprobs.append(entry)
-        self._pending[index] = (kind, pending[1] + text, logprobs)
-
-    def chunk(self, index: int, delta: Delta, finish: str | None = None) -> None:
-        """A chunk of its own (a tool call's delta, the finish), after the choice's pending text."""
-        self.flush(index)
-        self._out.append(self.frame.event([ChunkChoice(index=index, delta=delta, finish_reason=finish)]))
-
-    def flush(self, index: int) -> None:
-        pending = self._pending.pop(index, None)
-        if pending is None:
-            return
-        kind, text, entries = pending
-        if kind == "reasoning":
-            choice = ChunkChoice(index=index, delta=Delta(reasoning_content=text, reasoning=text))
-        else:
-            logprobs = ChoiceLogprobs(content=entries) if entries else None
-            choice = ChunkChoice(index=index, delta=Delta(content=text), logprobs=logprobs)
-        self._out.append(self.frame.event([choice]))
-
-    def take(self) -> bytes:
-        """Every chunk so far, as one write."""
-        for index in list(self._pending):
-            self.flush(index)
-        data, self._out = b"".join(self._out), []
-        return data
-
-
 def _usage_event(plan: ChatPlan, usage: Usage) -> bytes:
     chunk = ChatCompletionChunk(
         id=plan.id,
@@ -388,7 +333,7 @@ async def stream(plan: ChatPlan) -> AsyncGenerator[bytes, None]:
     error event."""
     n = plan.request.params.n
     builder = _Logprobs(plan.served) if plan.want_logprobs else None
-    chunks = _Chunks(plan)
+    chunks = ChatChunks(plan.id, plan.created, plan.served.id)
     for i in range(n):
         chunks.chunk(i, Delta(role="assistant", content=""))
     yield chunks.take()

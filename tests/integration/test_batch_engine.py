@@ -11,8 +11,9 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from server.engine.block_pool import PoolExhaustedError
-from server.engine.engine import Engine, EngineConfig, GenerationError
+from server.engine.engine import Engine, EngineConfig
 from server.engine.request import GenerationRequest, TokenEvent
+from server.engine.request_stream import GenerationError
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.errors import InvalidRequestError

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from server.engine.constraints import GrammarSpec
-from server.engine.engine import Engine, raise_if_failed
+from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, TokenEvent
+from server.engine.request_stream import raise_if_failed
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
 from server.registry import ModelRegistry
