@@ -23,12 +23,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
-import mlx.core as mx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine import TokenEvent
+from server.engine import TokenEvent, mlx_memory
 from server.finetune.jobs import ACTIVE, FINAL
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -261,12 +260,7 @@ def _mlx_memory(models: list[Any]) -> Metric:
     family = GaugeMetricFamily(
         "mlx_dropin_mlx_memory_bytes", "MLX memory in bytes, by process and kind", labels=("process", "kind")
     )
-    for kind, value in (
-        ("active", mx.get_active_memory()),
-        ("cache", mx.get_cache_memory()),
-        ("peak", mx.get_peak_memory()),
-        ("limit", mx.get_memory_limit()),
-    ):
+    for kind, value in mlx_memory().items():
         family.add_metric(["server", kind], value)
     for served in models:
         memory = getattr(served.engine, "memory", None)  # an engine process's, reported with its stats

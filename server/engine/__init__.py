@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from server.engine.core_process import CoreSpec
     from server.engine.engine import Engine, EngineStats
     from server.engine.kv_manager import common_prefix_length
-    from server.engine.memory_limits import MemoryLimits, apply_memory_limits
+    from server.engine.memory_limits import MemoryLimits, apply_memory_limits, mlx_memory
     from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
     from server.engine.request_stream import EngineUnavailableError, GenerationError, raise_if_failed
     from server.engine.sampling import SamplingParams
@@ -45,6 +45,7 @@ _MODULE_OF: dict[str, str] = {
     "common_prefix_length": "server.engine.kv_manager",
     "MemoryLimits": "server.engine.memory_limits",
     "apply_memory_limits": "server.engine.memory_limits",
+    "mlx_memory": "server.engine.memory_limits",
     "GenerationRequest": "server.engine.request",
     "TokenEvent": "server.engine.request",
     "ValidRequest": "server.engine.request",
@@ -68,6 +69,7 @@ __all__ = [
     "SchedulerConfig",
     "TokenEvent",
     "apply_memory_limits",
+    "mlx_memory",
     "common_prefix_length",
     "raise_if_failed",
     "ValidRequest",

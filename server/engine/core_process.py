@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import mlx.core as mx
-
 from server.engine.config import EngineConfig
 from server.engine.core_protocol import (
     STATS_EVERY,
@@ -38,7 +36,7 @@ from server.engine.core_protocol import (
     to_engine,
 )
 from server.engine.engine import Engine
-from server.engine.memory_limits import apply_memory_limits
+from server.engine.memory_limits import apply_memory_limits, mlx_memory
 from server.engine.request import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -134,16 +132,6 @@ def run(conn: Connection, spec: CoreSpec) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def mlx_memory() -> dict[str, float]:
-    """This process's MLX allocator: arrays alive, freed buffers cached, the peak, the limit."""
-    return {
-        "active": mx.get_active_memory(),
-        "cache": mx.get_cache_memory(),
-        "peak": mx.get_peak_memory(),
-        "limit": mx.get_memory_limit(),
-    }
 
 
 def _start(spec: CoreSpec) -> Engine:

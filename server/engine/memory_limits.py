@@ -118,3 +118,14 @@ def apply_memory_limits(cache_gb: float | None) -> MemoryLimits | None:
         " (--mlx-cache-gb)" if cache_gb is not None else "",
     )
     return limits
+
+
+def mlx_memory() -> dict[str, float]:
+    """This process's MLX allocator: arrays alive (active), freed buffers kept for reuse (cache), the most ever
+    active (peak), and the limit past which it frees cached buffers first (limit)."""
+    return {
+        "active": mx.get_active_memory(),
+        "cache": mx.get_cache_memory(),
+        "peak": mx.get_peak_memory(),
+        "limit": mx.get_memory_limit(),
+    }
