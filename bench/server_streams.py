@@ -3,7 +3,9 @@
 The issue #17 benchmark. A model directory of random weights in a real shape (--shape llama-1b or
 smollm2-135m; bench/random_model.py) with the default SmolLM2 tokenizer is built once under the model
 cache and loaded by every side with `--model DIR`. Sides, one after the other (--sides):
-  ours    `python -m server serve --no-default-models --model bench=DIR` (+ --server-arg flags)
+  ours    `python -m server serve --no-default-models --model bench=DIR` (+ --server-arg flags): the
+          engine in a process of its own (`--engine process`, the default)
+  thread  the same server with `--engine thread`: the engine on a thread of the HTTP process
   engine  this engine alone in a subprocess of its own (bench/stream_engine_side.py), built from the
           same server flags, fed the same prompts as token ids (the chat template rendered here)
   mlxlm   `mlx_lm.server --model DIR` (+ --mlxlm-arg flags); dropped connections are retried, the
@@ -18,7 +20,9 @@ Per side and N: aggregate tokens/s = all completion tokens (usage) / (submission
 TTFT p50/p95 = submission -> first chunk with content; inter-token p50/p95 = gaps between content
 chunks divided by the request's mean tokens per chunk (a coalescing server sends fewer, larger
 chunks: tokens/chunk shows it); errors = failed requests or requests with fewer tokens than asked.
-Then the ratios ours / engine and ours / mlx_lm and the issue's targets as PASS / FAIL lines.
+Then the ratios ours / engine and ours / mlx_lm and the issue's targets as PASS / FAIL lines. With
+--repeat R every side runs R times, the sides taking turns (ours, engine, ours, engine, ...), and each
+side's best run per N is the one reported (all runs are in the --json file).
 
     .venv/bin/python bench/server_streams.py --shape smollm2-135m --streams 1,4 --gen-tokens 8 \\
         --prompt short --client-procs 2                                     # CPU smoke run, under a minute
@@ -52,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from server_vs_mlxlm import Server, free_port  # noqa: E402  (bench/: start, wait for ready, stop)
 from stream_clients import Stream, run_clients  # noqa: E402
-from stream_report import report, side_stats  # noqa: E402
+from stream_report import best_runs, report, side_stats  # noqa: E402
 
-SIDES = ("ours", "engine", "mlxlm")
+SIDES = ("ours", "thread", "engine", "mlxlm")
 WORDS = (
     "river quantum ledger violet harbor cactus protocol meadow lantern cipher orbit granite velvet "
     "compass falcon ember tundra mosaic signal harvest prism beacon canyon sonnet walnut glacier "
@@ -145,6 +149,15 @@ def http_servers(model_dir: Path, logs: Path, args: argparse.Namespace) -> dict[
             ours_env,
             ours_port,
             logs / "ours.log",
+            "/ready",
+            "bench",
+        ),
+        "thread": Server(
+            "mlx-dropin (thread)",
+            [*ours_cmd, "--model", f"bench={model_dir}", *args.server_arg, "--engine=thread"],
+            ours_env,
+            ours_port,
+            logs / "thread.log",
             "/ready",
             "bench",
         ),
@@ -277,6 +290,7 @@ def main() -> int:
     p.add_argument("--client-procs", type=int, default=8, help="client processes (default %(default)s)")
     p.add_argument("--sides", default="ours,engine,mlxlm", help="which sides, in this order (default %(default)s)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens per warm-up request; 0: no warm-up")
+    p.add_argument("--repeat", type=int, default=1, help="runs per side, taking turns; the best is reported")
     p.add_argument(
         "--server-arg", action="append", default=[], help="a flag for our server (and the engine side); repeat"
     )
@@ -316,6 +330,7 @@ def main() -> int:
         "gen_tokens": args.gen_tokens,
         "prompt": args.prompt,
         "client_procs": args.client_procs,
+        "repeat": args.repeat,
         "server_args": args.server_arg,
         "mlxlm_args": args.mlxlm_arg,
         "banned_eos": sorted(int(k) for k in bias),
@@ -323,18 +338,26 @@ def main() -> int:
     }
     print(json.dumps(meta), flush=True)
     servers = http_servers(model_dir, logs, args)
-    records: dict[str, dict[int, list[Stream]]] = {}
-    for side in sides:
-        if side == "engine":
-            records[side] = run_engine_side(model_dir, rounds, logs, args)
-        else:
-            records[side] = run_http_side(servers[side], rounds, args)
-    stats = {side: {n: side_stats(recs, args.gen_tokens) for n, recs in by_n.items()} for side, by_n in records.items()}
+    runs: dict[str, list[dict[int, list[Stream]]]] = {side: [] for side in sides}
+    for _ in range(max(1, args.repeat)):
+        for side in sides:
+            if side == "engine":
+                runs[side].append(run_engine_side(model_dir, rounds, logs, args))
+            else:
+                runs[side].append(run_http_side(servers[side], rounds, args))
+    every = {
+        side: [{n: side_stats(recs, args.gen_tokens) for n, recs in by_n.items()} for by_n in side_runs]
+        for side, side_runs in runs.items()
+    }
+    stats = {side: best_runs(side_runs) for side, side_runs in every.items()}
     for line in report(stats, args.streams):
         print(line, flush=True)
     if args.json:
-        raw = {side: {str(n): [r.__dict__ for r in recs] for n, recs in by_n.items()} for side, by_n in records.items()}
-        Path(args.json).write_text(json.dumps({"meta": meta, "stats": stats, "records": raw}))
+        raw = {
+            side: [{str(n): [r.__dict__ for r in recs] for n, recs in by_n.items()} for by_n in side_runs]
+            for side, side_runs in runs.items()
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "stats": stats, "runs": every, "records": raw}))
     return 0
 
 

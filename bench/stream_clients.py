@@ -1,7 +1,8 @@
 """Streaming chat clients spread over processes, and what one request saw (the `Stream` record both sides share).
 
-`run_clients` starts --client-procs processes (spawn), each an asyncio loop with one httpx client; they
-meet at a barrier and then all send their requests at once. Each request is a streaming
+`run_clients` starts --client-procs processes (spawn), each an asyncio loop with one httpx client; each
+sends one `GET /v1/models` (its own start-up costs stay off the clock), then they meet at a barrier and
+all send their requests at once. Each request is a streaming
 `/v1/chat/completions` call; its SSE lines are parsed by hand (the openai SDK costs too much CPU to
 read 10k+ events a second). Per request the record keeps its start (the shared start time), the
 arrival of every chunk that carries content, and `usage.completion_tokens`. A dropped connection
@@ -90,6 +91,9 @@ async def _client_main(url: str, bodies: list[dict[str, Any]], barrier: Any) -> 
 
     limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600.0, connect=60.0)) as client:
+        # the client's own first-use costs (imports, the first connection, a spawned process's cold code) stay
+        # out of the clock: one request before the start, as a client that has run a while has made
+        await client.get(url.rsplit("/v1/", 1)[0] + "/v1/models")
         await asyncio.to_thread(barrier.wait)
         start = time.perf_counter()
         records = [Stream(start) for _ in bodies]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from stream_clients import Stream
 
-NAMES = {"ours": "mlx-dropin", "engine": "engine alone", "mlxlm": "mlx_lm.server"}
+NAMES = {"ours": "mlx-dropin", "thread": "ours, thread", "engine": "engine alone", "mlxlm": "mlx_lm.server"}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -51,6 +51,16 @@ def side_stats(records: list[Stream], gen_tokens: int) -> dict[str, Any]:
     }
 
 
+def best_runs(runs: list[dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Per N, the run with the highest aggregate tokens/s (and how many runs there were, and their spread)."""
+    best: dict[int, dict[str, Any]] = {}
+    for n in sorted({n for run in runs for n in run}):
+        of_n = [run[n] for run in runs if n in run]
+        top = max(of_n, key=lambda s: s["aggregate_tps"] if s["aggregate_tps"] == s["aggregate_tps"] else -1.0)
+        best[n] = {**top, "runs": len(of_n), "aggregate_tps_all": [s["aggregate_tps"] for s in of_n]}
+    return best
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b == b and b and a == a else math.nan
 
@@ -71,18 +81,19 @@ def table(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> li
                 f"{s['ttft_p95_ms']:>8.0f} | {s['itl_p50_ms']:>7.1f} {s['itl_p95_ms']:>7.1f} | "
                 f"{s['tokens_per_chunk']:>9.2f} | {s['prompt_tokens_mean']:>6.0f} | {s['errors']:>6} {s['retries']:>7}"
                 + (f"  ({s['first_error']})" if s["first_error"] else "")
+                + (f"  [runs: {' / '.join(f'{x:.0f}' for x in s['aggregate_tps_all'])}]" if s.get("runs", 1) > 1 else "")
             )
     return lines
 
 
 def ratios(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
-    ours = stats.get("ours", {})
     lines = []
-    for ref in ("engine", "mlxlm"):
+    for mine, ref in (("ours", "engine"), ("ours", "mlxlm"), ("thread", "engine")):
+        ours = stats.get(mine, {})
         if ref not in stats or not ours:
             continue
         lines.append(
-            f"ours / {NAMES[ref]}: "
+            f"{NAMES[mine]} / {NAMES[ref]}: "
             + "; ".join(
                 f"N={n}: aggregate {_ratio(ours[n]['aggregate_tps'], stats[ref][n]['aggregate_tps']):.2f}x, "
                 f"TTFT p50 {_ratio(ours[n]['ttft_p50_ms'], stats[ref][n]['ttft_p50_ms']):.2f}x"
