@@ -81,7 +81,11 @@ def table(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> li
                 f"{s['ttft_p95_ms']:>8.0f} | {s['itl_p50_ms']:>7.1f} {s['itl_p95_ms']:>7.1f} | "
                 f"{s['tokens_per_chunk']:>9.2f} | {s['prompt_tokens_mean']:>6.0f} | {s['errors']:>6} {s['retries']:>7}"
                 + (f"  ({s['first_error']})" if s["first_error"] else "")
-                + (f"  [runs: {' / '.join(f'{x:.0f}' for x in s['aggregate_tps_all'])}]" if s.get("runs", 1) > 1 else "")
+                + (
+                    f"  [runs: {' / '.join(f'{x:.0f}' for x in s['aggregate_tps_all'])}]"
+                    if s.get("runs", 1) > 1
+                    else ""
+                )
             )
     return lines
 
