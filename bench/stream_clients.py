@@ -4,7 +4,10 @@
 sends one `GET /v1/models` (its own start-up costs stay off the clock), then they meet at a barrier and
 all send their requests at once. Each request is a streaming
 `/v1/chat/completions` call; its SSE lines are parsed by hand (the openai SDK costs too much CPU to
-read 10k+ events a second). Per request the record keeps its start (the shared start time), the
+read 10k+ events a second). Per request the record keeps its start (the shared start time), when the
+client began sending it (`sent`: one client process opens its requests one after another, and the
+time before its turn is the client's, not the server's: TTFT counts from `sent`, as vLLM's
+benchmark_serving counts it), the
 arrival of every chunk that carries content, and `usage.completion_tokens`. A dropped connection
 (mlx_lm.server's listen backlog overflows under load) is retried up to RETRIES times; the time counts.
 Times are `time.perf_counter()`, a system-wide monotonic clock on Linux and macOS, so the processes'
@@ -29,6 +32,7 @@ class Stream:
     """One request as its client (or the engine's sink) saw it; times in perf_counter seconds."""
 
     start: float
+    sent: float | None = None  # when the client began sending this request (None: at `start`)
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with content (or token)
     completion_tokens: int = 0
     prompt_tokens: int = 0
@@ -37,7 +41,12 @@ class Stream:
 
     @property
     def ttft(self) -> float | None:
-        return self.chunk_times[0] - self.start if self.chunk_times else None
+        return self.chunk_times[0] - (self.sent or self.start) if self.chunk_times else None
+
+    @property
+    def send_delay(self) -> float:
+        """How long after the round's start the client began sending this request."""
+        return (self.sent or self.start) - self.start
 
     @property
     def tokens_per_chunk(self) -> float | None:
@@ -52,6 +61,7 @@ class Stream:
 
 
 async def _one(client: Any, url: str, body: dict[str, Any], record: Stream) -> None:
+    record.sent = time.perf_counter()  # a retry's time still counts: the first attempt's moment stays
     for attempt in range(RETRIES + 1):
         record.retries = attempt
         record.chunk_times.clear()

@@ -1,7 +1,8 @@
 """Statistics of one side's streams and the printed report of bench/server_streams.py (tables, ratios, targets).
 
 Definitions (the same for every side): aggregate tokens/s = all completion tokens / (first submission
--> last chunk); TTFT = submission -> first chunk with content; inter-token = gaps between content
+-> last chunk); TTFT = the request's submission (when its client began sending it) -> first chunk with
+content; send p95 = how long after the round's start the clients began sending (their own delay); inter-token = gaps between content
 chunks over the request's mean tokens per chunk, pooled over all requests; errors = requests that
 failed or got fewer than the asked tokens. Targets (issue #17, on the H100): at 128 and 256 streams
 aggregate >= 0.9x the engine alone and TTFT p50 <= 2x the engine's + 50 ms; at 1 stream aggregate
@@ -40,6 +41,7 @@ def side_stats(records: list[Stream], gen_tokens: int) -> dict[str, Any]:
         "aggregate_tps": tokens / span if span and span > 0 else math.nan,
         "ttft_p50_ms": _pct(ttfts, 50),
         "ttft_p95_ms": _pct(ttfts, 95),
+        "send_p95_ms": _pct([r.send_delay for r in records], 95),
         "itl_p50_ms": _pct(gaps, 50),
         "itl_p95_ms": _pct(gaps, 95),
         "tokens_per_chunk": tokens / chunks if chunks else math.nan,
@@ -68,7 +70,7 @@ def _ratio(a: float, b: float) -> float:
 def table(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
     header = (
         f"{'side':<14} {'N':>4} | {'tok/s':>9} | {'TTFT p50':>8} {'p95':>8} | {'ITL p50':>7} {'p95':>7} | "
-        f"{'tok/chunk':>9} | {'prompt':>6} | {'errors':>6} {'retries':>7}"
+        f"{'tok/chunk':>9} | {'prompt':>6} | {'send p95':>8} | {'errors':>6} {'retries':>7}"
     )
     lines = [header, "-" * len(header)]
     for n in streams:
@@ -79,7 +81,8 @@ def table(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> li
             lines.append(
                 f"{NAMES[side]:<14} {n:>4} | {s['aggregate_tps']:>9.1f} | {s['ttft_p50_ms']:>8.0f} "
                 f"{s['ttft_p95_ms']:>8.0f} | {s['itl_p50_ms']:>7.1f} {s['itl_p95_ms']:>7.1f} | "
-                f"{s['tokens_per_chunk']:>9.2f} | {s['prompt_tokens_mean']:>6.0f} | {s['errors']:>6} {s['retries']:>7}"
+                f"{s['tokens_per_chunk']:>9.2f} | {s['prompt_tokens_mean']:>6.0f} | {s.get('send_p95_ms', 0.0):>8.0f} | "
+                f"{s['errors']:>6} {s['retries']:>7}"
                 + (f"  ({s['first_error']})" if s["first_error"] else "")
                 + (
                     f"  [runs: {' / '.join(f'{x:.0f}' for x in s['aggregate_tps_all'])}]"
@@ -138,8 +141,10 @@ def report(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> l
         lines += ["", "targets (issue #17; they apply on the H100):", *goal]
     lines += [
         "",
-        "tok/s: all completion tokens / (submission -> last chunk); TTFT: submission -> first content chunk (ms); "
-        "ITL: gap between content chunks / the request's tokens per chunk (ms); prompt: mean prompt tokens "
-        "(usage; the engine side's own count); errors: failed or short requests; retries: dropped connections retried",
+        "tok/s: all completion tokens / (first submission -> last chunk); TTFT: the request's submission (its client "
+        "began sending it) -> first content chunk (ms); ITL: gap between content chunks / the request's tokens per "
+        "chunk (ms); prompt: mean prompt tokens (usage; the engine side's own count); send p95: ms after the round's "
+        "start the clients began sending (their own delay); errors: failed or short requests; retries: dropped "
+        "connections retried",
     ]
     return lines
