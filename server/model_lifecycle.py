@@ -87,12 +87,21 @@ def start_model(
     served.model = model
 
 
+def engine_process_spec(served: ServedModel, settings: Settings) -> CoreSpec:
+    """What a chat model's engine process is started with: the settings that apply in that process."""
+    return CoreSpec(
+        served.path,
+        settings.dtype,
+        settings.engine_config(),
+        settings.exact_cpu_layers,
+        settings.log_level,
+        mlx_cache_gb=settings.mlx_cache_gb,  # the process that holds the KV pool needs the limit most
+    )
+
+
 def start_engine_process(served: ServedModel, settings: Settings) -> None:
     """A chat model's engine in a process of its own: the tokenizer loads here, the weights there."""
-    spec = CoreSpec(
-        served.path, settings.dtype, settings.engine_config(), settings.exact_cpu_layers, settings.log_level
-    )
-    engine = EngineClient(spec, load_chat_tokenizer(served.path))
+    engine = EngineClient(engine_process_spec(served, settings), load_chat_tokenizer(served.path))
     engine.start()
     served.tokenizer, served.engine = engine.tokenizer, engine
 

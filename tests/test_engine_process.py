@@ -232,6 +232,21 @@ def test_an_engine_process_that_cannot_load_fails_start_up_clearly(tmp_path: Pat
     assert client.pid is None or not alive(client.pid)
 
 
+def test_the_engine_process_gets_the_settings_that_apply_there(tmp_path: Path) -> None:
+    """--mlx-cache-gb, --dtype, the engine's limits and the log level reach the process that holds the KV pool
+    (the cache limit once stayed behind in the HTTP process)."""
+    from server.config import parse_settings
+    from server.model_lifecycle import engine_process_spec
+    from server.registry import ServedModel
+
+    settings = parse_settings(
+        ["--mlx-cache-gb", "1.5", "--dtype", "float16", "--max-num-seqs", "7", "--log-level", "debug"], {}
+    )
+    spec = engine_process_spec(ServedModel(id="m", kind="chat", path=tmp_path), settings)
+    assert (spec.path, spec.dtype, spec.mlx_cache_gb, spec.log_level) == (tmp_path, "float16", 1.5, "debug")
+    assert spec.engine_config == settings.engine_config() and spec.engine_config.scheduler.max_num_seqs == 7
+
+
 # -- the server ------------------------------------------------------------------------------------
 def test_the_server_answers_through_its_engine_process(server: ServerProcess) -> None:
     (pid,) = server.engine_pids()
