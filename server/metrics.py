@@ -256,12 +256,15 @@ def _fine_tuning_jobs(state: Any) -> Metric:
 def _mlx_memory(models: list[Any]) -> Metric:
     """MLX's allocator, per process: arrays alive (active), freed buffers kept for reuse (cache), the most ever
     active (peak) and the limit past which it frees cached buffers first (limit). `process` is "server" for
-    this one and the model id for each engine process (as of its last stats, at most STATS_EVERY old)."""
+    this one (only while it holds MLX weights: reading the allocator would start the device in a process
+    that never uses it) and the model id for each engine process (as of its last stats, at most STATS_EVERY
+    old)."""
     family = GaugeMetricFamily(
         "mlx_dropin_mlx_memory_bytes", "MLX memory in bytes, by process and kind", labels=("process", "kind")
     )
-    for kind, value in mlx_memory().items():
-        family.add_metric(["server", kind], value)
+    if any(served.weights_here for served in models):
+        for kind, value in mlx_memory().items():
+            family.add_metric(["server", kind], value)
     for served in models:
         memory = getattr(served.engine, "memory", None)  # an engine process's, reported with its stats
         if memory:

@@ -133,7 +133,10 @@ def load(registry: ModelRegistry, settings: Settings) -> None:
                 model, tokenizer = load_chat_model(served.path, settings.dtype)
                 start_model(served, settings, model=model, tokenizer=tokenizer, engine_config=settings.engine_config())
             log.info("loaded %s in %.1fs", served.id, time.perf_counter() - started)
-    apply_memory_limits(settings.mlx_cache_gb)  # weights and KV pools are resident now
+    if any(served.weights_here for served in registry.list()):
+        # weights and KV pools are resident now. A process whose models all run in engine processes never
+        # touches the device: on a GPU it would hold a CUDA context (and its memory) for nothing
+        apply_memory_limits(settings.mlx_cache_gb)
 
 
 def unload(served: ServedModel) -> None:

@@ -53,6 +53,12 @@ class ServedModel:
         return self.owner is None or tenant is None or self.owner == tenant
 
     @property
+    def weights_here(self) -> bool:
+        """Its weights are MLX arrays in this process (an in-process engine, base weights an adapter shares, an
+        encoder); a chat model whose engine runs in a process of its own has none here."""
+        return self.model is not None or self.encoder is not None
+
+    @property
     def loaded(self) -> bool:
         return self.engine is not None if self.kind == "chat" else self.batcher is not None
 

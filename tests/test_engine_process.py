@@ -278,6 +278,8 @@ def test_the_server_answers_through_its_engine_process(server: ServerProcess) ->
     assert server.engine_pids() == [pid]
     metrics = httpx.get(server.base + "/metrics", timeout=10).text
     assert 'mlx_dropin_mlx_memory_bytes{kind="active",process="tiny"}' in metrics
+    # the HTTP process holds no MLX weights: it reports (and, on a GPU, starts) no device of its own
+    assert 'process="server"' not in metrics
 
 
 def test_a_dead_engine_process_fails_its_requests_with_503_and_restarts(server: ServerProcess) -> None:

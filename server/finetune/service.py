@@ -29,6 +29,7 @@ from typing import Any
 
 from server.config import Settings
 from server.embeddings.encoder import Encoder
+from server.engine import apply_memory_limits
 from server.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from server.finetune.examples import resolve_hyperparameters, validate_chat_file, validate_embedding_file
 from server.finetune.jobs import Checkpoint, Job, JobStore
@@ -318,6 +319,8 @@ class FineTuning:
                 tokenizer=served.base.tokenizer,
                 engine_config=self.settings.adapter_engine_config(),
             )
+        # what is resident here changed (with --engine process these may be the process's first MLX weights)
+        apply_memory_limits(self.settings.mlx_cache_gb)
         log.info("loaded adapter %s in %.1fs", served.id, time.perf_counter() - started)
 
     def _make_room(self) -> None:

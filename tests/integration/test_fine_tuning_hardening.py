@@ -119,7 +119,10 @@ def test_bad_training_files_fail_at_once_naming_the_line(url: str, kind: str, ca
     assert failed.status == "failed"
     assert (failed.error.code, failed.error.param) == ("invalid_training_file", "training_file"), failed.error
     assert says in failed.error.message.lower(), failed.error.message
-    logged = [r for r in caplog.records if job.id in r.getMessage()]
+    # the supervisor logs right after it stores the failure, which the client may have read first
+    deadline = time.monotonic() + 5
+    while not (logged := [r for r in caplog.records if job.id in r.getMessage()]) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert [r.levelno for r in logged] == [logging.WARNING], [r.getMessage() for r in logged]
     assert "failed (invalid_training_file)" in logged[0].getMessage()
 
