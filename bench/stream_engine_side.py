@@ -1,7 +1,8 @@
 """The engine alone, for bench/server_streams.py: run as a subprocess of its own, it measures the work the clients send.
 
-It builds the engine as the server does (`server.config.parse_settings` on the same pass-through
-server flags, `load_chat_model`, the CPU layers unless --exact-cpu-layers, `Settings.engine_config()`),
+It builds the engine as the server's engine process does (`server.config.parse_settings` on the same
+pass-through server flags, `load_chat_model`, the CPU layers unless --exact-cpu-layers,
+`Settings.engine_config()`, the start-up heap frozen out of garbage collection),
 then for each round in the job file submits every request (prompt token ids rendered with the chat
 template, greedy, max_tokens, the same logit_bias) at one moment and records, per request, the time
 of each token event and the completion tokens: the same `Stream` records the HTTP clients produce.
@@ -27,6 +28,7 @@ from stream_clients import Stream  # noqa: E402
 
 import server  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 from server.engine import Engine, GenerationRequest, SamplingParams, TokenEvent  # noqa: E402
+from server.gc_heap import freeze_start_up_heap  # noqa: E402
 
 
 def build_engine(model_dir: str, server_args: list[str]) -> Engine:
@@ -41,6 +43,7 @@ def build_engine(model_dir: str, server_args: list[str]) -> Engine:
 
         speed_up_for_cpu(model)
     engine = Engine(model, tokenizer, settings.engine_config())
+    freeze_start_up_heap("engine alone")  # as the engine-core process does once its engine is built
     engine.start()
     return engine
 

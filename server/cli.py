@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from server import __version__
 from server.config import Settings, add_serve_arguments, resolve_cache_dir, settings_from_args
+from server.gc_heap import freeze_start_up_heap
 from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
 from server.models.defaults import DEFAULTS, build_default
@@ -70,6 +71,7 @@ def _announce_when_ready(
     loader = getattr(app_state, "loader", None)
     if loader is not None:  # it registers the fine-tuned models after the base models are ready
         loader.join(timeout=60)
+    freeze_start_up_heap("server")
     base = f"http://{settings.host}:{settings.port}/v1"
     listed = [m for m in registry.list() if m.listed]  # fine-tuning checkpoints are not listed
     print(f"mlx-dropin ready at {base}\nmodels:\n" + format_model_table(listed), flush=True)

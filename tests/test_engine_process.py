@@ -276,6 +276,12 @@ def test_the_server_answers_through_its_engine_process(server: ServerProcess) ->
     too_long = server.chat("word " * 9000, 4)  # refused in the server process, before the pipe
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "messages"
     assert server.engine_pids() == [pid]
+
+    # both processes froze their start-up heaps out of garbage collection (server/gc_heap.py)
+    def frozen(who: str) -> bool:
+        return any(who in line and "start-up objects frozen" in line for line in server.log.read_text().splitlines())
+
+    assert wait_until(lambda: frozen("server: ") and frozen("engine process for tiny"), 10), server.tail()
     metrics = httpx.get(server.base + "/metrics", timeout=10).text
     assert 'mlx_dropin_mlx_memory_bytes{kind="active",process="tiny"}' in metrics
     # the HTTP process holds no MLX weights: it reports (and, on a GPU, starts) no device of its own

@@ -38,6 +38,7 @@ from server.engine.core_protocol import (
 from server.engine.engine import Engine
 from server.engine.memory_limits import apply_memory_limits, mlx_memory
 from server.engine.request import TokenEvent
+from server.gc_heap import freeze_start_up_heap
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def run(conn: Connection, spec: CoreSpec) -> None:
         log.exception("the engine-core process could not start")
         conn.send_bytes(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
         return
+    freeze_start_up_heap(f"engine process for {spec.path.name}")
     outbox = Outbox(conn, engine)
     engine.output.on_batch = outbox.flush
     stats = threading.Thread(target=outbox.run_stats, name="engine-core-stats")
