@@ -24,6 +24,26 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3 if values else math.nan
 
 
+WAVE_GAP = 0.008  # seconds without a first token that separate two waves
+
+
+def first_token_waves(records: list[Stream]) -> list[tuple[float, int]]:
+    """When the requests' first tokens arrived, after the round's start, grouped into waves (ms, requests): each
+    wave is an engine step that finished prefills. Under a burst it shows how admission fed the engine: the
+    engine alone gets every request at once; a server gets them as it admits them."""
+    if not records:
+        return []
+    start = min(r.start for r in records)
+    firsts = sorted(r.chunk_times[0] - start for r in records if r.chunk_times)
+    waves: list[tuple[float, int]] = []
+    for i, t in enumerate(firsts):
+        if waves and t - firsts[i - 1] <= WAVE_GAP:
+            waves[-1] = (waves[-1][0], waves[-1][1] + 1)
+        else:
+            waves.append((t * 1e3, 1))
+    return waves
+
+
 def side_stats(records: list[Stream], gen_tokens: int) -> dict[str, Any]:
     """Aggregate tokens/s, TTFT and inter-token percentiles (ms), tokens per chunk, errors, for one round."""
     starts = [r.start for r in records if r.chunk_times]
@@ -45,6 +65,7 @@ def side_stats(records: list[Stream], gen_tokens: int) -> dict[str, Any]:
         "itl_p50_ms": _pct(gaps, 50),
         "itl_p95_ms": _pct(gaps, 95),
         "tokens_per_chunk": tokens / chunks if chunks else math.nan,
+        "first_token_waves": first_token_waves(records),
         "prompt_tokens_mean": float(np.mean([r.prompt_tokens for r in records])) if records else math.nan,
         "errors": len(failed),
         "retries": sum(r.retries for r in records),
@@ -61,6 +82,24 @@ def best_runs(runs: list[dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]
         top = max(of_n, key=lambda s: s["aggregate_tps"] if s["aggregate_tps"] == s["aggregate_tps"] else -1.0)
         best[n] = {**top, "runs": len(of_n), "aggregate_tps_all": [s["aggregate_tps"] for s in of_n]}
     return best
+
+
+def waves(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int], most: int = 8) -> list[str]:
+    """First-token waves (ms after the round's start: requests) for rounds of several streams."""
+    lines = []
+    for n in streams:
+        for side, by_n in stats.items():
+            s = by_n.get(n)
+            if s is None or n < 2 or not s.get("first_token_waves"):
+                continue
+            shown = s["first_token_waves"][:most]
+            rest = len(s["first_token_waves"]) - len(shown)
+            lines.append(
+                f"first tokens, {NAMES[side]} N={n}: "
+                + ", ".join(f"{ms:.0f} ms: {count}" for ms, count in shown)
+                + (f" (+{rest} more waves)" if rest > 0 else "")
+            )
+    return lines
 
 
 def _ratio(a: float, b: float) -> float:
@@ -135,6 +174,7 @@ def targets(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> 
 
 def report(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
     lines = ["", *table(stats, streams), ""]
+    lines += waves(stats, streams) + [""]
     lines += ratios(stats, streams)
     goal = targets(stats, streams)
     if goal:
