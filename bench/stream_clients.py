@@ -70,7 +70,7 @@ async def _read_events(response: Any, record: Stream) -> None:
     error chunks are parsed: json.loads on every chunk made the clients, not the server, the slow side (and
     their CPU competed with the server's). Chunks that arrive in one read share its arrival time."""
     pending = b""
-    async for data in response.aiter_raw():
+    async for data in response.aiter_bytes():  # decoded if a server compressed it
         now = time.perf_counter()
         *events, pending = (pending + data).replace(b"\r\n", b"\n").split(b"\n\n")
         for event in events:
