@@ -83,8 +83,16 @@ def start_model(
         speed_up_for_cpu(model)
     engine = Engine(model, tokenizer, engine_config)
     engine.start()
+    _learn_tokenizer(tokenizer)
     served.tokenizer, served.engine = tokenizer, engine
     served.model = model
+
+
+def _learn_tokenizer(tokenizer: Any) -> None:
+    # imported here: the request layer, loaded with the app anyway, need not load with this module
+    from server.serving.generation import learn_tokenizer
+
+    learn_tokenizer(tokenizer)
 
 
 def engine_process_spec(served: ServedModel, settings: Settings) -> CoreSpec:
@@ -103,6 +111,7 @@ def start_engine_process(served: ServedModel, settings: Settings) -> None:
     """A chat model's engine in a process of its own: the tokenizer loads here, the weights there."""
     engine = EngineClient(engine_process_spec(served, settings), load_chat_tokenizer(served.path))
     engine.start()
+    _learn_tokenizer(engine.tokenizer)
     served.tokenizer, served.engine = engine.tokenizer, engine
 
 

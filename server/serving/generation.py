@@ -19,8 +19,8 @@ from server.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from server.registry import ServedModel
 from server.serving.harmony import HARMONY_FORMAT, is_harmony
 from server.serving.params import build_params
-from server.serving.prompt import render_prompt, template_text
-from server.serving.reasoning import ReasoningMode, reasoning_mode
+from server.serving.prompt import control_tokens, render_prompt, template_text
+from server.serving.reasoning import ReasoningMode, model_markers, reasoning_mode
 from server.serving.scope import RequestScope
 from server.serving.template_inputs import fit_tool_call_arguments, fit_tool_call_ids, one_analysis_per_call
 from server.serving.tool_grammar import forcing_grammar, harmony_answer_grammar
@@ -31,6 +31,15 @@ SYSTEM_FINGERPRINT = f"fp_mlx_dropin_{__version__.replace('.', '_')}"
 # then its end-of-thinking marker is forced. Capped at half of the request's max_tokens, so the answer
 # has room; like gpt-oss's bounded analysis (tool_grammar.HARMONY_ANALYSIS_CHARS).
 THINK_BUDGET_TOKENS = 8192
+
+
+def learn_tokenizer(tokenizer: Any) -> None:
+    """Work out, before a chat model serves, what its requests would otherwise find out from its tokenizer on
+    first use (each cached per tokenizer): the control tokens a request's text may not contain, and the think
+    markers. Cached lazily, the first burst after start-up missed the caches in every worker thread at once,
+    and Qwen's think markers read a 151,000-token vocabulary (~90 ms with the GIL held) in each."""
+    control_tokens(tokenizer)
+    model_markers(tokenizer)
 
 
 def tool_mode(choice: str | None, forced: str | None, names: list[str]) -> tuple[str, str | None]:

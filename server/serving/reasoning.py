@@ -108,7 +108,7 @@ def opens_reasoning(tokenizer: Any, prompt_ids: list[int], markers: ThinkMarkers
 
 
 @functools.lru_cache(maxsize=8)
-def _model_markers(tokenizer: Any) -> tuple[ThinkMarkers, dict[int, str]] | None:
+def model_markers(tokenizer: Any) -> tuple[ThinkMarkers, dict[int, str]] | None:
     """A tokenizer's think markers and the marker tokens it drops, found once per tokenizer (a served model's
     tokenizer never changes): `think_markers` reads the whole vocabulary, ~90 ms for Qwen's 151k tokens, which
     must not be paid per request."""
@@ -118,7 +118,7 @@ def _model_markers(tokenizer: Any) -> tuple[ThinkMarkers, dict[int, str]] | None
 
 def reasoning_mode(tokenizer: Any, prompt_ids: list[int]) -> ReasoningMode | None:
     """How `tokenizer`'s model reasons after this prompt (None: it has no think markers)."""
-    found = _model_markers(tokenizer)
+    found = model_markers(tokenizer)
     if found is None:
         return None
     markers, dropped = found

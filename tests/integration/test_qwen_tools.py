@@ -266,6 +266,20 @@ def test_the_markers_are_the_added_tokens_of_every_qwen_vocabulary(registry: Mod
     assert spec.text is not None and spec.text.startswith("start: <[151657]> NL? call NL? <[151658]>")
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_model_knows_its_tokenizer_before_its_first_request(registry: ModelRegistry, model: str) -> None:
+    """The per-tokenizer findings (control tokens, think markers over the 151k vocabulary) are made while the
+    model starts, not by the first burst's requests, each in its own worker thread at once."""
+    from server.serving.prompt import control_tokens
+    from server.serving.reasoning import model_markers
+
+    tokenizer = registry.get(model).tokenizer
+    for cached in (control_tokens, model_markers):
+        misses = cached.cache_info().misses
+        cached(tokenizer)
+        assert cached.cache_info().misses == misses, f"{cached.__name__} was not worked out at start-up"
+
+
 class _BrokenMarkers:
     """A tokenizer lookup that names a token the vocabulary does not have: the grammar cannot compile."""
 
