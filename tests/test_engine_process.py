@@ -77,7 +77,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Pat
 class ServerProcess:
     """`python -m server serve --model tiny=DIR` (the engine in its own process, the default)."""
 
-    def __init__(self, model_dir: Path, data_dir: Path, *flags: str) -> None:
+    def __init__(self, model_dir: Path, data_dir: Path, *flags: str, ready: bool = True) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "server.log"
@@ -91,7 +91,8 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.wait_ready(180)
+        if ready:
+            self.wait_ready(180)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -359,3 +360,18 @@ def test_the_engine_process_goes_with_its_server(tiny_dir: Path, tmp_path: Path)
     second.process.kill()
     second.process.wait()
     assert wait_until(lambda: not alive(pid), 15), "the engine process outlived its server"
+
+
+def test_an_engine_process_still_loading_goes_with_its_server(tiny_dir: Path, tmp_path: Path) -> None:
+    """kill -9 while the engine process loads its model: it ends as well, at once rather than when it would
+    next read its pipe. (It once finished loading, failed to report Ready on the broken pipe, and then waited
+    forever for its stats thread at interpreter exit, holding the model's memory.)"""
+    server = ServerProcess(tiny_dir, tmp_path, ready=False)
+    try:
+        assert wait_until(lambda: server.engine_pids(), 60), server.tail()
+        (pid,) = server.engine_pids()
+    finally:
+        server.process.kill()
+        server.process.wait()
+    assert "KV pool:" not in server.tail()  # killed while it loaded
+    assert wait_until(lambda: not alive(pid), 15), "the loading engine process outlived its server"

@@ -69,19 +69,37 @@ class Process:
             assert time.monotonic() < deadline, f"server never became ready:\n{self.text()[-4000:]}"
             time.sleep(0.2)
 
+    def children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
     def terminate_cleanly(self) -> str:
-        """SIGTERM; the process must exit 0 with no sign of a crash. Returns the log."""
+        """SIGTERM; the process must exit 0 with no sign of a crash, and its engine processes end too (one that
+        was still loading once stayed behind for good). Returns the log."""
+        children = self.children()
         self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=60)
         log = self.text()
         assert code == 0, f"exit status {code}:\n{log[-4000:]}"
         assert not [s for s in CRASH_SIGNS if s in log], log[-4000:]
+        deadline = time.monotonic() + 20
+        while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"processes {left} outlived the server"
         return log
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture

@@ -13,13 +13,15 @@ If the HTTP process goes (the pipe closes), everything stops: no generation outl
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import NoReturn
 
 from server.engine.config import EngineConfig
 from server.engine.core_protocol import (
@@ -103,37 +105,65 @@ class Outbox:
 
 
 def run(conn: Connection, spec: CoreSpec) -> None:
-    """The process's entry point: load, report Ready (or StartFailed), then serve the pipe until Stop or EOF."""
+    """The process's entry point: load, report Ready (or StartFailed), then serve the pipe until Stop or EOF.
+
+    However it goes, the process ends here without the interpreter's finalization: nothing needs it, and
+    MLX's CUDA build can abort in it even after an orderly stop ("terminate called without an active
+    exception", see server/exit_order.py). Once the HTTP process is gone, this one ends too, even while
+    it is still loading (`_watch_parent`)."""
     logging.basicConfig(
         level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [engine-core] %(message)s"
     )
+    _watch_parent()
     try:
         engine = _start(spec)
     except Exception as exc:  # reported to the HTTP process, which fails its start-up with it
         log.exception("the engine-core process could not start")
-        conn.send_bytes(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
-        return
+        try:
+            conn.send_bytes(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
+        except OSError:  # nobody is left to tell
+            pass
+        _end(1)
     freeze_start_up_heap(f"engine process for {spec.path.name}")
     outbox = Outbox(conn, engine)
     engine.output.on_batch = outbox.flush
-    stats = threading.Thread(target=outbox.run_stats, name="engine-core-stats")
+    stats = threading.Thread(target=outbox.run_stats, name="engine-core-stats", daemon=True)
     stats.start()
     engine.start()
-    conn.send_bytes(
-        encoder.encode(Ready(engine.context_length, engine.vocab_size, sorted(engine.eos_ids), engine.pool.num_blocks))
-    )
     try:
+        ready = Ready(engine.context_length, engine.vocab_size, sorted(engine.eos_ids), engine.pool.num_blocks)
+        conn.send_bytes(encoder.encode(ready))
         _serve(conn, engine, outbox)
+    except OSError:  # the HTTP process went while this one loaded: a broken pipe, not a hang at exit
+        log.warning("the server process is gone: the engine process stops")
     finally:
         engine.shutdown()  # in-flight sequences end with "abort"; their events still leave
         outbox.close()
         stats.join(10)
-    # Nothing here needs the interpreter's finalization, and MLX's CUDA build can abort in it even after
-    # an orderly stop ("terminate called without an active exception", see server/exit_order.py).
+    _end(0)
+
+
+def _end(code: int) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+def _watch_parent() -> None:
+    """End this process as soon as the HTTP process that started it is gone (killed, crashed), at any stage:
+    loading a large model takes minutes, and its pipe is read only once it is loaded."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # run() called directly, not as a spawned process
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        wait([sentinel])
+        log.warning("the server process is gone: the engine process ends")
+        _end(0)
+
+    threading.Thread(target=watch, name="engine-core-parent", daemon=True).start()
 
 
 def _start(spec: CoreSpec) -> Engine:
