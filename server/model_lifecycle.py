@@ -92,7 +92,10 @@ def _learn_tokenizer(tokenizer: Any) -> None:
     # imported here: the request layer, loaded with the app anyway, need not load with this module
     from server.serving.generation import learn_tokenizer
 
-    learn_tokenizer(tokenizer)
+    try:
+        learn_tokenizer(tokenizer)
+    except Exception:  # a tokenizer it trips on still serves: its requests work it out (and fail) as before
+        log.warning("could not read the tokenizer's control tokens and think markers ahead", exc_info=True)
 
 
 def engine_process_spec(served: ServedModel, settings: Settings) -> CoreSpec:
