@@ -18,9 +18,9 @@ shared prefix beyond the chat template's): --prompt short (~10 words) or long (~
 
 Per side and N: aggregate tokens/s = all completion tokens (usage) / (submission -> last chunk);
 TTFT p50/p95 = the request's submission (when its client began sending it) -> first chunk with
-content; inter-token p50/p95 = gaps between content
-chunks divided by the request's mean tokens per chunk (a coalescing server sends fewer, larger
-chunks: tokens/chunk shows it); errors = failed requests or requests with fewer tokens than asked.
+content; inter-token p50/p95 = gaps between content chunks divided by the request's mean tokens per
+chunk (a coalescing server sends fewer, larger chunks: tokens/chunk shows it); errors = failed
+requests or requests with fewer tokens than asked.
 Then the ratios ours / engine and ours / mlx_lm and the issue's targets as PASS / FAIL lines. With
 --repeat R every side runs R times, the sides taking turns (ours, engine, ours, engine, ...), and each
 side's best run per N is the one reported (all runs are in the --json file).

@@ -2,9 +2,9 @@
 
 Definitions (the same for every side): aggregate tokens/s = all completion tokens / (first submission
 -> last chunk); TTFT = the request's submission (when its client began sending it) -> first chunk with
-content; send p95 = how long after the round's start the clients began sending (their own delay); inter-token = gaps between content
-chunks over the request's mean tokens per chunk, pooled over all requests; errors = requests that
-failed or got fewer than the asked tokens. Targets (issue #17, on the H100): at 128 and 256 streams
+content; send p95 = how long after the round's start the clients began sending (their own delay);
+inter-token = gaps between content chunks over the request's mean tokens per chunk, pooled over all
+requests; errors = requests that failed or got fewer than the asked tokens. Targets (issue #17, on the H100): at 128 and 256 streams
 aggregate >= 0.9x the engine alone and TTFT p50 <= 2x the engine's + 50 ms; at 1 stream aggregate
 >= 0.95x the engine.
 """
