@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # the state follows "(name)"
+    except FileNotFoundError:
+        return False
+
+
 @contextlib.contextmanager
 def running_server(app: Starlette) -> Iterator[str]:
     """Serve `app` on a free loopback port; yield its base URL (`http://127.0.0.1:PORT`)."""

@@ -43,7 +43,7 @@ from server.engine.core_protocol import (
     to_engine,
 )
 from server.models.loading import load_chat_model
-from tests.serving import free_port
+from tests.serving import alive, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BANNED = {"0": -100, "1": -100, "2": -100}  # SmolLM2's special tokens: generations run to max_tokens
@@ -138,14 +138,6 @@ def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     running = ServerProcess(tiny_dir, tmp_path_factory.mktemp("engine-process"))
     yield running
     running.stop()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_until(condition: object, timeout: float) -> bool:

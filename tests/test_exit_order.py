@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import free_port
+from tests.serving import alive, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ class Process:
         assert code == 0, f"exit status {code}:\n{log[-4000:]}"
         assert not [s for s in CRASH_SIGNS if s in log], log[-4000:]
         deadline = time.monotonic() + 20
-        while (left := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        while (left := [pid for pid in children if alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left, f"processes {left} outlived the server"
         return log
@@ -92,14 +92,6 @@ class Process:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture
