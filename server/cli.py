@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server import __version__
-from server.config import Settings, add_serve_arguments, resolve_cache_dir, settings_from_args
+from server.config import Settings, resolve_cache_dir, settings_from_args
 from server.gc_heap import freeze_start_up_heap
 from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
@@ -22,6 +22,7 @@ from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import ModelSourceError, resolve_source
 from server.preflight import StartupError, bind_listeners, check_data_dir
 from server.registry import ServedModel
+from server.serve_flags import add_serve_arguments
 from server.shutdown import GracefulShutdown
 
 if TYPE_CHECKING:
