@@ -28,13 +28,14 @@ from server.middleware import (
     AccessLogMiddleware,
     AuthMiddleware,
     BodyLimitMiddleware,
+    ConversationIdMiddleware,
     RateLimitMiddleware,
     RequestIdMiddleware,
     TrailingSlashMiddleware,
     UnreadBodyMiddleware,
 )
 from server.model_lifecycle import build_registry, shutdown
-from server.persistence.database import Database
+from server.persistence.database import open_database
 from server.persistence.files import FileStore
 from server.rate_limits import RateLimits
 from server.registry import ModelRegistry
@@ -42,7 +43,7 @@ from server.routes import embeddings, files, fine_tuning, generation, health, me
 
 log = logging.getLogger(__name__)
 
-EXPOSED_HEADERS = ["x-request-id", "retry-after", "retry-after-ms"] + [
+EXPOSED_HEADERS = ["x-request-id", "x-conversation-id", "retry-after", "retry-after-ms"] + [
     f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")
 ]
 
@@ -108,6 +109,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
             Middleware(VersionPrefixMiddleware, routes=routes),  # `/chat/completions` is `/v1/chat/completions`
             Middleware(UnreadBodyMiddleware),
             Middleware(RequestIdMiddleware),
+            Middleware(ConversationIdMiddleware),  # X-Conversation-Id checked and echoed
             Middleware(AccessLogMiddleware, metrics=observed, routes=routes),
             *cors,  # outside auth: browsers send preflights without the key
             Middleware(AuthMiddleware, keys=keys, metrics_key=settings.metrics_key),
@@ -129,7 +131,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.keys = keys
     app.state.limits = limits
     app.state.metrics = observed
-    app.state.database = Database.in_dir(settings.data_dir)
+    app.state.database = open_database(settings.database_url, settings.data_dir)
+    log.info("database: %s", app.state.database.describe())
     app.state.files = FileStore(app.state.database, settings.data_dir / "files")
     app.state.fine_tuning = FineTuning(settings, app.state.database, app.state.files, registry)
     observed.watch(app.state)

@@ -20,6 +20,7 @@ from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
 from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import ModelSourceError, resolve_source
+from server.persistence.database import DatabaseUnavailable
 from server.preflight import StartupError, bind_listeners, check_data_dir
 from server.registry import ServedModel
 from server.serve_flags import add_serve_arguments
@@ -109,7 +110,7 @@ def serve(settings: Settings) -> int:
     log.info("BLAS: %s", describe_blas())
     try:
         app = create_app(settings)
-    except (OSError, sqlite3.Error) as exc:  # e.g. a data directory whose database is not SQLite
+    except (OSError, sqlite3.Error, DatabaseUnavailable) as exc:  # e.g. a database that is not SQLite, or down
         print(f"mlx-dropin: error: cannot start: {exc}", file=sys.stderr)
         return 1
     if app.state.keys.enabled:

@@ -58,6 +58,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     cache_dir: Path = field(default_factory=default_cache_root)
     data_dir: Path = field(default_factory=lambda: Path(os.path.expanduser("~/.local/share/mlx-dropin")))
+    database_url: str | None = None  # postgresql://... shared by replicas; None: SQLite in the data dir
+    fine_tuning_lease_s: float = 30.0  # a replica's claim on a running job lapses this long after it stops renewing
     dtype: str = "auto"
     max_body_mb: float = 32.0
     max_file_mb: float = 512.0
@@ -119,6 +121,10 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1 when set, got {value}")
         if self.rate_limit_window <= 0 or (self.request_timeout is not None and self.request_timeout <= 0):
             raise ValueError("rate_limit_window and request_timeout must be positive")
+        if not self.fine_tuning_lease_s >= 2:
+            raise ValueError(f"fine_tuning_lease_s must be at least 2 seconds, got {self.fine_tuning_lease_s}")
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must be a PostgreSQL URL (postgresql://user@host:port/dbname)")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.metrics_key is not None and (not self.metrics_key or any(c.isspace() for c in self.metrics_key)):
@@ -234,6 +240,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         api_keys=tuple(api_keys),
         cache_dir=Path(os.path.expanduser(str(cache_dir))),
         data_dir=Path(os.path.expanduser(str(data_dir))),
+        database_url=optional("database_url", str) or None,
+        fine_tuning_lease_s=float(pick("fine_tuning_lease_s", args.fine_tuning_lease_seconds, float)),
         dtype=str(pick("dtype", args.dtype)),
         max_body_mb=float(pick("max_body_mb", args.max_body_mb, float)),
         max_file_mb=float(pick("max_file_mb", args.max_file_mb, float)),

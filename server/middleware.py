@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request ids, access logs and metrics, API-key auth (and the metrics key), rate limits,
+"""Pure-ASGI middleware: request ids, conversation ids (X-Conversation-Id), access logs and metrics, API-key auth (and the metrics key), rate limits,
 the body limit, and closing connections whose request body was left unread.
 
 Each is a small class wrapping the next ASGI app (Starlette's pattern), so
@@ -20,15 +20,23 @@ from datetime import datetime, timezone
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationError, PayloadTooLargeError, RateLimitError, error_response
+from server.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RateLimitError,
+    error_response,
+)
 from server.keys import ANONYMOUS, ApiKey, KeyRing
 from server.metrics import Metrics
 from server.rate_limits import RateLimits
+from server.serving.scope import conversation_header_safe
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mlx_dropin.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CONVERSATION_HEADER = b"x-conversation-id"
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 METRICS_PATH = "/metrics"
 KEY_HEADERS = (b"api-key", b"x-api-key")  # Azure's and Anthropic's, read after `Authorization: Bearer`
@@ -114,6 +122,37 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class ConversationIdMiddleware:
+    """Check the client's X-Conversation-Id (the conversation key a proxy routes replicas on) and echo it on every
+    response to that request, errors included; a malformed one is a 400 before any work."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = _header(scope, CONVERSATION_HEADER) if scope["type"] == "http" else None
+        if incoming is None:
+            await self.app(scope, receive, send)
+            return
+        if not conversation_header_safe(incoming):
+            refusal = InvalidRequestError(
+                "X-Conversation-Id must be 1 to 256 visible ASCII characters (no spaces).",
+                code="invalid_conversation_id",
+            )
+            await error_response(refusal, scope.get("state", {}).get("request_id"))(scope, receive, send)
+            return
+        raw = incoming.encode("ascii")
+
+        async def send_with_conversation(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != CONVERSATION_HEADER]
+                headers.append((CONVERSATION_HEADER, raw))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_conversation)
 
 
 class AccessLogMiddleware:

@@ -38,6 +38,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="model cache (default ~/.cache/mlx-dropin)")
     parser.add_argument("--data-dir", help="files, jobs and adapters (default ~/.local/share/mlx-dropin)")
     parser.add_argument(
+        "--database-url",
+        help="postgresql://user@host/db: state shared by replicas (default: SQLite in the data dir); "
+        "prefer the MLX_DROPIN_DATABASE_URL variable for a URL with a password (flags show in ps)",
+    )
+    parser.add_argument(
+        "--fine-tuning-lease-seconds",
+        type=float,
+        help="with a shared database, a running job whose replica stopped renewing its claim this long "
+        "is queued again for another replica (default 30)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=DTYPES,
         help="weights dtype: auto = float32 on CPU, keep quantized on Metal/CUDA (default auto)",

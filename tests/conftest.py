@@ -1,7 +1,10 @@
-"""Shared fixtures: the embedded default models, fetched and cached once per machine."""
+"""Shared fixtures: the embedded default models, fetched and cached once per machine; a throwaway PostgreSQL
+cluster per session (tests/services.py), with a fresh database per test."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from server.config import resolve_cache_dir
 from server.models.cache import ModelCache
 from server.models.defaults import SMOLLM2, fetch_member
 from server.registry import ModelRegistry
+from tests.services import PostgresServer, find_postgres_bindir, require_service
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +59,34 @@ def smollm2_dir(model_cache: ModelCache, request: pytest.FixtureRequest) -> Path
     if path is None:  # not converted yet: let the registry fetch and prepare it
         path = request.getfixturevalue("registry").get(SMOLLM2.id).path
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One real PostgreSQL cluster for the whole session (skipped, or failed under MLX_DROPIN_REQUIRE_SERVICES=1,
+    where PostgreSQL is not installed)."""
+    if find_postgres_bindir() is None:
+        require_service("postgresql")
+    server = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database for this test alone, dropped after it."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """A module's app runs once on the embedded SQLite (None) and once on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield None
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    yield server.create_database(name)
+    server.drop_database(name)

@@ -21,8 +21,10 @@ KEYS = ("key-alice", "key-bob")
 
 
 @pytest.fixture(scope="module")
-def base(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("data"), api_keys=KEYS, max_file_mb=0.5)
+def base(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory, database_url: str | None) -> Iterator[str]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("data"), api_keys=KEYS, max_file_mb=0.5, database_url=database_url
+    )
     with running_server(create_app(settings, registry)) as url:
         yield url
 
@@ -119,10 +121,17 @@ QUOTA_BYTES = 10_000
 
 
 @pytest.fixture(scope="module")
-def quota_server(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def quota_server(
+    registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory, database_url: str | None
+) -> Iterator[tuple[str, Path]]:
     data = tmp_path_factory.mktemp("quota")
     (data / "keys.txt").write_text(QUOTA_KEYS)
-    settings = Settings(data_dir=data, api_keys_file=data / "keys.txt", max_storage_gb_per_tenant=QUOTA_BYTES / 1024**3)
+    settings = Settings(
+        data_dir=data,
+        api_keys_file=data / "keys.txt",
+        max_storage_gb_per_tenant=QUOTA_BYTES / 1024**3,
+        database_url=database_url,
+    )
     with running_server(create_app(settings, registry)) as url:
         yield url, data / "files"
 

@@ -35,8 +35,13 @@ TOOLS: list[Any] = [
 
 
 @pytest.fixture(scope="module")
-def base(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    settings = replace(Settings(), api_keys=("sk-a", "sk-b"), data_dir=tmp_path_factory.mktemp("responses-data"))
+def base(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory, database_url: str | None) -> Iterator[str]:
+    settings = replace(
+        Settings(),
+        api_keys=("sk-a", "sk-b"),
+        data_dir=tmp_path_factory.mktemp("responses-data"),
+        database_url=database_url,
+    )
     with running_server(create_app(settings, registry)) as url:
         yield url
 
@@ -125,6 +130,8 @@ def test_five_turn_chain_prefills_only_new_input(client: openai.OpenAI, base: st
         "And of Spain?",
         "What is my name?",
     ]
+    # this module runs once per database on one engine: a run's own instructions keep the other run's KV out
+    instructions = f"Answer briefly. Session {base.rsplit(':', 1)[-1]}."
     turns = []
     previous = None
     for question in questions:
@@ -134,7 +141,7 @@ def test_five_turn_chain_prefills_only_new_input(client: openai.OpenAI, base: st
             previous_response_id=previous,
             temperature=0,
             max_output_tokens=8,
-            instructions="Answer briefly.",
+            instructions=instructions,
         )
         turns.append(r)
         previous = r.id
@@ -151,7 +158,7 @@ def test_five_turn_chain_prefills_only_new_input(client: openai.OpenAI, base: st
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": turn.output_text}]
     history.append({"role": "user", "content": questions[-1]})
     flat = client.responses.create(
-        model=MODEL, input=history, temperature=0, max_output_tokens=8, store=False, instructions="Answer briefly."
+        model=MODEL, input=history, temperature=0, max_output_tokens=8, store=False, instructions=instructions
     )
     assert flat.output_text == turns[-1].output_text
     assert flat.usage and flat.usage.input_tokens == turns[-1].usage.input_tokens  # type: ignore[union-attr]

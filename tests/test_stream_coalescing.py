@@ -21,7 +21,7 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine
-from server.persistence.database import Database
+from server.persistence.database import SqliteDatabase
 from server.persistence.responses import ResponseStore
 from server.registry import ModelRegistry, ServedModel
 from server.serving import chat, completions, response_output, responses
@@ -183,7 +183,7 @@ def _named(items: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_a_slow_responses_reader_gets_one_joined_delta(served: ServedModel, tmp_path: Path) -> None:
-    store = ResponseStore(Database(tmp_path / "db.sqlite"))
+    store = ResponseStore(SqliteDatabase(tmp_path / "db.sqlite"))
 
     def plan(stream: bool) -> responses.ResponsePlan:
         body = {

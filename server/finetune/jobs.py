@@ -20,68 +20,78 @@ from server.finetune.spec import TrainingKind
 from server.persistence.database import Database, Schema
 
 ACTIVE = ("validating_files", "queued", "running")
+CHECKPOINT_MARK = ":ckpt-step-"  # a checkpoint's model name: <fine-tuned model>:ckpt-step-<step>
 FINAL = ("succeeded", "failed", "cancelled")
 
 SCHEMA = Schema(
     "fine_tuning",
     (
-        """CREATE TABLE IF NOT EXISTS ft_jobs (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
-        model TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        base_path TEXT NOT NULL,
-        training_file TEXT NOT NULL,
-        validation_file TEXT,
-        hyperparameters TEXT NOT NULL,
-        suffix TEXT,
-        seed INTEGER NOT NULL,
-        metadata TEXT,
-        status TEXT NOT NULL,
-        error TEXT,
-        fine_tuned_model TEXT,
-        finished_at INTEGER,
-        trained_tokens INTEGER,
-        result_files TEXT NOT NULL DEFAULT '[]',
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        worker_pid INTEGER,
-        estimated_finish INTEGER
-    )""",
-        "CREATE INDEX IF NOT EXISTS ft_jobs_by_tenant ON ft_jobs (tenant, seq)",
-        """CREATE TABLE IF NOT EXISTS ft_events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        job_id TEXT NOT NULL REFERENCES ft_jobs(id),
-        created_at INTEGER NOT NULL,
-        level TEXT NOT NULL,
-        message TEXT NOT NULL,
-        data TEXT,
-        type TEXT NOT NULL
-    )""",
-        "CREATE INDEX IF NOT EXISTS ft_events_by_job ON ft_events (job_id, seq)",
-        """CREATE TABLE IF NOT EXISTS ft_checkpoints (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        job_id TEXT NOT NULL REFERENCES ft_jobs(id),
-        created_at INTEGER NOT NULL,
-        step_number INTEGER NOT NULL,
-        metrics TEXT NOT NULL,
-        path TEXT NOT NULL,
-        model_name TEXT NOT NULL
-    )""",
-        "CREATE INDEX IF NOT EXISTS ft_checkpoints_by_job ON ft_checkpoints (job_id, seq)",
-        """CREATE TABLE IF NOT EXISTS ft_models (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        job_id TEXT NOT NULL,
-        base TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        adapter_path TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
-        deleted INTEGER NOT NULL DEFAULT 0
-    )""",
+        (
+            """CREATE TABLE IF NOT EXISTS ft_jobs (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            model TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            base_path TEXT NOT NULL,
+            training_file TEXT NOT NULL,
+            validation_file TEXT,
+            hyperparameters TEXT NOT NULL,
+            suffix TEXT,
+            seed BIGINT NOT NULL,
+            metadata TEXT,
+            status TEXT NOT NULL,
+            error TEXT,
+            fine_tuned_model TEXT,
+            finished_at BIGINT,
+            trained_tokens BIGINT,
+            result_files TEXT NOT NULL DEFAULT '[]',
+            cancel_requested BIGINT NOT NULL DEFAULT 0,
+            worker_pid BIGINT,
+            estimated_finish BIGINT
+        )""",
+            "CREATE INDEX IF NOT EXISTS ft_jobs_by_tenant ON ft_jobs (tenant, seq)",
+            """CREATE TABLE IF NOT EXISTS ft_events (
+            seq AUTO_ID,
+            id TEXT NOT NULL UNIQUE,
+            job_id TEXT NOT NULL REFERENCES ft_jobs(id),
+            created_at BIGINT NOT NULL,
+            level TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT,
+            type TEXT NOT NULL
+        )""",
+            "CREATE INDEX IF NOT EXISTS ft_events_by_job ON ft_events (job_id, seq)",
+            """CREATE TABLE IF NOT EXISTS ft_checkpoints (
+            seq AUTO_ID,
+            id TEXT NOT NULL UNIQUE,
+            job_id TEXT NOT NULL REFERENCES ft_jobs(id),
+            created_at BIGINT NOT NULL,
+            step_number BIGINT NOT NULL,
+            metrics TEXT NOT NULL,
+            path TEXT NOT NULL,
+            model_name TEXT NOT NULL
+        )""",
+            "CREATE INDEX IF NOT EXISTS ft_checkpoints_by_job ON ft_checkpoints (job_id, seq)",
+            """CREATE TABLE IF NOT EXISTS ft_models (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            base TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            adapter_path TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            deleted BIGINT NOT NULL DEFAULT 0
+        )""",
+        ),
+        # 2: leases. A running job belongs to the replica whose supervisor renews `lease_expires_at`; a lapsed
+        # lease (the replica died) puts the job back in the queue for another replica (`attempts` counts).
+        (
+            "ALTER TABLE ft_jobs ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE ft_jobs ADD COLUMN lease_expires_at BIGINT",
+            "ALTER TABLE ft_jobs ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0",
+        ),
     ),
 )
 
@@ -109,6 +119,9 @@ class Job:
     cancel_requested: bool = False
     worker_pid: int | None = None
     estimated_finish: int | None = None
+    lease_owner: str | None = None  # the replica training it (while running)
+    lease_expires_at: int | None = None
+    attempts: int = 0  # how many times a replica started training it
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,10 @@ def model_name(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
     return f"ft:{base}:{tenant}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
 
 
+def _deadline(lease_s: float) -> int:
+    return int(time.time() + lease_s + 0.999)
+
+
 def _job(row: Any) -> Job:
     return Job(
         id=row["id"],
@@ -172,6 +189,9 @@ def _job(row: Any) -> Job:
         cancel_requested=bool(row["cancel_requested"]),
         worker_pid=row["worker_pid"],
         estimated_finish=row["estimated_finish"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        attempts=row["attempts"],
     )
 
 
@@ -180,7 +200,7 @@ class JobStore:
         self.db = database
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        database.ensure(SCHEMA)
+        database.migrate(SCHEMA)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -249,8 +269,11 @@ class JobStore:
         sets = ", ".join(f"{k} = ?" for k in encoded)
         self.db.execute(f"UPDATE ft_jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))
 
-    def transition(self, job_id: str, allowed_from: tuple[str, ...], status: str, **fields: Any) -> bool:
-        """Set the status only if the job is in one of `allowed_from` (atomic); True when it changed."""
+    def transition(
+        self, job_id: str, allowed_from: tuple[str, ...], status: str, *, owner: str | None = None, **fields: Any
+    ) -> bool:
+        """Set the status only if the job is in one of `allowed_from` (atomic) and, with `owner`, only while that
+        replica holds its lease; True when it changed."""
         encoded = {
             k: (json.dumps(v) if k in ("error", "result_files", "hyperparameters") and v is not None else v)
             for k, v in fields.items()
@@ -260,20 +283,83 @@ class JobStore:
             encoded.setdefault("finished_at", int(time.time()))
         sets = ", ".join(f"{k} = ?" for k in encoded)
         marks = ",".join("?" * len(allowed_from))
+        mine = "" if owner is None else " AND lease_owner = ?"
         return (
             self.db.execute(
-                f"UPDATE ft_jobs SET {sets} WHERE id = ? AND status IN ({marks})",
-                (*encoded.values(), job_id, *allowed_from),
+                f"UPDATE ft_jobs SET {sets} WHERE id = ? AND status IN ({marks}){mine}",
+                (*encoded.values(), job_id, *allowed_from, *(() if owner is None else (owner,))),
             )
             > 0
         )
 
-    def fail(self, job_id: str, message: str, code: str = "internal_error", param: str | None = None) -> bool:
+    def fail(
+        self,
+        job_id: str,
+        message: str,
+        code: str = "internal_error",
+        param: str | None = None,
+        *,
+        owner: str | None = None,
+    ) -> bool:
+        """Fail an active job (with `owner`: only while that replica holds it); True when it changed."""
         error = {"code": code, "message": message, "param": param}
-        ok = self.transition(job_id, ACTIVE, "failed", error=error)
+        ok = self.transition(job_id, ACTIVE, "failed", owner=owner, error=error)
         if ok:
             self.add_event(job_id, message, level="error")
         return ok
+
+    # -- leases (replicas sharing one database) -----------------------------------------------
+    def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """queued -> running for `owner`, atomically: of several replicas claiming one job, exactly one wins."""
+        return (
+            self.db.execute(
+                "UPDATE ft_jobs SET status = 'running', lease_owner = ?, lease_expires_at = ?, "
+                "attempts = attempts + 1 WHERE id = ? AND status = 'queued'",
+                (owner, _deadline(lease_s), job_id),
+            )
+            > 0
+        )
+
+    def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend `owner`'s lease on its running job; False when the job is no longer its own and running."""
+        return (
+            self.db.execute(
+                "UPDATE ft_jobs SET lease_expires_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running'",
+                (_deadline(lease_s), job_id, owner),
+            )
+            > 0
+        )
+
+    def lapsed(self) -> list[Job]:
+        """Running jobs whose replica stopped renewing its lease."""
+        rows = self.db.query(
+            "SELECT * FROM ft_jobs WHERE status = 'running' AND lease_expires_at IS NOT NULL "
+            "AND lease_expires_at < ? ORDER BY seq",
+            (int(time.time()),),
+        )
+        return [_job(r) for r in rows]
+
+    def requeue(self, job: Job) -> bool:
+        """A lapsed job back to `queued` (only if its lease is still the lapsed one); True when it changed."""
+        return (
+            self.db.execute(
+                "UPDATE ft_jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+                "worker_pid = NULL WHERE id = ? AND status = 'running' AND lease_owner = ? AND lease_expires_at = ?",
+                (job.id, job.lease_owner, job.lease_expires_at),
+            )
+            > 0
+        )
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """`owner` gives its running job back to the queue (it shuts down); True when it did."""
+        return (
+            self.db.execute(
+                "UPDATE ft_jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+                "worker_pid = NULL WHERE id = ? AND status = 'running' AND lease_owner = ?",
+                (job_id, owner),
+            )
+            > 0
+        )
 
     # -- events -------------------------------------------------------------------------------
     def add_event(
@@ -360,8 +446,10 @@ class JobStore:
     # -- fine-tuned models --------------------------------------------------------------------
     def add_model(self, model: FineTunedModel) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO ft_models (id, tenant, job_id, base, kind, adapter_path, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO ft_models (id, tenant, job_id, base, kind, adapter_path, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, "
+            "job_id = excluded.job_id, base = excluded.base, kind = excluded.kind, "
+            "adapter_path = excluded.adapter_path, created_at = excluded.created_at, deleted = 0",
             (model.id, model.tenant, model.job_id, model.base, model.kind, str(model.adapter_path), model.created_at),
         )
 

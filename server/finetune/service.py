@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from server.embeddings.encoder import Encoder
 from server.engine import apply_memory_limits
 from server.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from server.finetune.examples import resolve_hyperparameters, validate_chat_file, validate_embedding_file
-from server.finetune.jobs import Checkpoint, Job, JobStore
+from server.finetune.jobs import CHECKPOINT_MARK, Checkpoint, Job, JobStore
 from server.finetune.spec import Hyperparameters, ValidationReport
 from server.finetune.supervisor import FineTuningSupervisor, ValidationDeferred
 from server.finetune.worker import METRICS_FILE
@@ -100,6 +102,11 @@ class FineTuning:
             on_succeeded=self._serve,
             data_dir=settings.data_dir,
             max_jobs=settings.max_training_jobs,
+            replica=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+            shared=database.shared,
+            lease_s=settings.fine_tuning_lease_s,
+            database_url=settings.database_url,
+            sync=self.sync_models if database.shared else None,
         )
         registry.adapter_loader = self._load_adapter
         self._registered: set[str] = set()  # the models this service put in the registry
@@ -357,6 +364,24 @@ class FineTuning:
                 _unload_adapter(gone)
                 shutil.rmtree(gone.adapter_path, ignore_errors=True)
         return True
+
+    def sync_models(self) -> None:
+        """With replicas: serve the models other replicas trained, drop the ones they deleted (the database says)."""
+        stored = {m.id: m for m in self.store.models()}
+        for model in stored.values():
+            if model.id in self._registered:
+                continue
+            job = self.store.get(model.job_id)
+            if job is not None and job.status == "succeeded":
+                try:
+                    self._serve(job, publish=False)
+                except ValueError:  # registered meanwhile by this replica's own supervisor or a request
+                    continue
+        for model_id in list(self._registered):
+            if model_id.split(CHECKPOINT_MARK, 1)[0] not in stored:
+                gone = self._forget(model_id)
+                if gone is not None:
+                    _unload_adapter(gone)
 
     def _forget(self, model_id: str) -> ServedModel | None:
         self._registered.discard(model_id)

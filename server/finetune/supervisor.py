@@ -12,6 +12,17 @@ watches the children: a worker that exits while its job is still `running`
 `running` or `validating_files` by a previous server are failed with a reason
 (their worker cannot have survived it), so nothing stays `running` forever.
 
+Replicas sharing one database (PostgreSQL): a queued job is claimed by exactly
+one replica (`JobStore.claim`, a compare-and-set on its status), which holds a
+lease on it and renews it every tick third of the lease. A replica that dies
+stops renewing (its workers end with it: they watch their parent); once the
+lease lapses, any other replica's supervisor puts the job back in the queue
+(or fails it after MAX_ATTEMPTS starts) and the next free one retrains it. A
+replica that finds its lease taken (it could not renew in time) stops its
+worker without touching the job. Start-up then leaves other replicas' running
+jobs alone. Every few seconds the supervisor also calls `sync`, so models
+trained or deleted on another replica appear and disappear here.
+
 Validation never spins: `validate` raising `ValidationDeferred` (the base model
 is still loading) keeps the job waiting, said once in the log and the job's
 events; a ValueError fails it as `invalid_hyperparameters`; any other exception
@@ -36,10 +47,13 @@ from typing import Any
 
 from server.finetune.examples import describe
 from server.finetune.jobs import Job, JobStore, model_name
+from server.persistence.database import DATABASE_URL_VARIABLE
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
+MAX_ATTEMPTS = 3  # starts of one job (its replicas died) before it fails
+SYNC_SECONDS = 2.0
 CANCEL_GRACE_SECONDS = 20.0  # a worker that ignores a cancel this long (e.g. still loading) is killed
 
 
@@ -63,15 +77,28 @@ class FineTuningSupervisor:
         on_succeeded: Callable[[Job], None],
         data_dir: Path,
         max_jobs: int = 1,
+        replica: str = "",
+        shared: bool = False,
+        lease_s: float = 30.0,
+        database_url: str | None = None,
+        sync: Callable[[], None] | None = None,
     ) -> None:
         """`validate(job)` returns a ValidationReport (server/finetune/spec.py) and the resolved
         hyperparameters as a dict, raises ValueError (bad hyperparameters) or ValidationDeferred (try
-        again later); `on_succeeded(job)` serves the new model."""
+        again later); `on_succeeded(job)` serves the new model. With `shared` (replicas share the database)
+        jobs are leased by `replica` for `lease_s` seconds, and `sync()` runs every SYNC_SECONDS."""
         self.store = store
         self.validate = validate
         self.on_succeeded = on_succeeded
         self.data_dir = Path(data_dir)
         self.max_jobs = max_jobs
+        self.replica = replica
+        self.shared = shared
+        self.lease_s = lease_s
+        self.database_url = database_url
+        self.sync = sync
+        self._renewed = 0.0
+        self._synced = 0.0
         self.workers: dict[str, _Worker] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -86,7 +113,10 @@ class FineTuningSupervisor:
         self._thread.start()
 
     def recover(self) -> None:
-        """Fail what a previous server left active without a worker; queued jobs simply wait their turn."""
+        """Fail what a previous server left active without a worker; queued jobs simply wait their turn. With a
+        shared database, running jobs may be other replicas': their leases say when they are lost."""
+        if self.shared:
+            return
         finished = {m.job_id for m in self.store.models()}
         for job in self.store.with_status("running", "validating_files"):
             if job.status == "validating_files":
@@ -119,6 +149,10 @@ class FineTuningSupervisor:
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 worker.process.wait()
+            if self.shared and self.store.release(worker.job_id, self.replica):
+                self.store.add_event(worker.job_id, "The replica training this job shut down; the job is queued again")
+                log.info("fine-tuning job %s queued again for another replica", worker.job_id)
+                continue
             self._fail(
                 worker.job_id,
                 "The server shut down while this job was running. Create the job again to retrain.",
@@ -152,14 +186,19 @@ class FineTuningSupervisor:
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
 
-    def _fail(self, job_id: str, message: str, code: str, param: str | None = None) -> bool:
-        """Fail an active job and log it; False when it had already finished."""
-        failed = self.store.fail(job_id, message, code=code, param=param)
+    def _fail(
+        self, job_id: str, message: str, code: str, param: str | None = None, *, owner: str | None = None
+    ) -> bool:
+        """Fail an active job and log it (with `owner`, only while that replica holds it); False when it had
+        already finished."""
+        failed = self.store.fail(job_id, message, code=code, param=param, owner=owner)
         if failed:
             log.warning("fine-tuning job %s failed (%s): %s", job_id, code, message)
         return failed
 
     def _tick(self) -> None:
+        if self.shared:
+            self._keep_leases()
         validating = self.store.with_status("validating_files")
         self._waiting &= {job.id for job in validating}
         for job in validating:
@@ -210,8 +249,8 @@ class FineTuningSupervisor:
             self.store.add_event(job.id, "Fine-tuning job queued")
 
     def _launch(self, job: Job) -> None:
-        if not self.store.transition(job.id, ("queued",), "running"):
-            return
+        if not self.store.claim(job.id, self.replica, self.lease_s):
+            return  # cancelled meanwhile, or another replica claimed it first
         work = self.store.job_dir(job.id)
         logfile = (work / "worker.log").open("ab")
         process = subprocess.Popen(
@@ -219,7 +258,7 @@ class FineTuningSupervisor:
             stdout=logfile,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=dict(os.environ),
+            env=self._worker_environment(),
             start_new_session=True,
         )
         logfile.close()
@@ -228,6 +267,70 @@ class FineTuningSupervisor:
             self.workers[job.id] = _Worker(job.id, process)
         # no tenant and no model id in logs: a key without an organization is its tenant's (bare-hash) name
         log.info("fine-tuning job %s started: %s on %s (worker pid %d)", job.id, job.kind, job.model, process.pid)
+
+    def _worker_environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.database_url:
+            env[DATABASE_URL_VARIABLE] = self.database_url
+        return env
+
+    # -- replicas -----------------------------------------------------------------------------
+    def _owner(self) -> str | None:
+        """The lease a supervisor's own transitions of a running job require (None: one server, no leases)."""
+        return self.replica if self.shared else None
+
+    def _keep_leases(self) -> None:
+        now = time.monotonic()
+        if now - self._renewed >= self.lease_s / 3:
+            self._renewed = now
+            with self._lock:
+                workers = list(self.workers.values())
+            for worker in workers:
+                if not self.store.renew(worker.job_id, self.replica, self.lease_s):
+                    self._let_go(worker)
+            for job in self.store.lapsed():
+                self._recover_lapsed(job)
+        if self.sync is not None and now - self._synced >= SYNC_SECONDS:
+            self._synced = now
+            self.sync()
+
+    def _let_go(self, worker: _Worker) -> None:
+        """Our lease on a job is gone (cancelled, finished or taken over): stop its worker, leave the job be."""
+        job = self.store.get(worker.job_id)
+        if job is None or job.status != "running":
+            return  # cancelled or finished: _reap does the rest
+        log.warning(
+            "fine-tuning job %s: this replica lost its lease (now %s's); stopping its worker", job.id, job.lease_owner
+        )
+        with self._lock:
+            self.workers.pop(worker.job_id, None)
+        if worker.process.poll() is None:
+            worker.process.kill()
+        worker.process.wait()
+
+    def _recover_lapsed(self, job: Job) -> None:
+        """A running job whose replica stopped renewing: done if its model is there, else queued again."""
+        if any(m.job_id == job.id for m in self.store.models()):
+            if self.store.requeue(job) and self.store.claim(job.id, self.replica, self.lease_s):
+                self._finish(self.store.get(job.id) or job)
+            return
+        if job.attempts >= MAX_ATTEMPTS:
+            self.store.fail(
+                job.id,
+                f"The replicas training this job stopped {job.attempts} times before it finished. "
+                "Create the job again to retrain.",
+                code="worker_died",
+            )
+            return
+        if self.store.requeue(job):
+            self.store.add_event(
+                job.id,
+                f"The replica training this job stopped (its lease lapsed); the job is queued again "
+                f"(attempt {job.attempts + 1} of {MAX_ATTEMPTS})",
+                level="warn",
+            )
+            log.warning("fine-tuning job %s: its replica's lease lapsed; queued again", job.id)
+            self._wake.set()
 
     def _reap(self) -> None:
         with self._lock:
@@ -257,6 +360,7 @@ class FineTuningSupervisor:
                     f"The training worker died ({how}) before finishing; see "
                     f"{self.store.job_dir(job.id) / 'worker.log'}.",
                     code="worker_died",
+                    owner=self._owner(),
                 )
             elif job.status == "failed" and job.error:  # the worker failed it (e.g. training_failed)
                 log.warning(
@@ -278,7 +382,7 @@ class FineTuningSupervisor:
 
     def _mark_succeeded(self, job: Job) -> bool:
         name = model_name(job.model, job.tenant, job.suffix, job.id)
-        if not self.store.transition(job.id, ("running",), "succeeded", fine_tuned_model=name):
+        if not self.store.transition(job.id, ("running",), "succeeded", owner=self._owner(), fine_tuned_model=name):
             return False
         self.store.add_event(job.id, "The job has successfully completed", data={"fine_tuned_model": name})
         log.info("fine-tuning job %s succeeded: its model, on %s, is served", job.id, job.model)

@@ -1,13 +1,15 @@
 """The training worker process: `python -m server.finetune.worker --data-dir DIR --job ID`.
 
 It trains one job that the supervisor already validated and queued (its
-resolved hyperparameters are in the job row), reporting through the shared
-SQLite database: metrics events every few steps, a checkpoint row at every
+resolved hyperparameters are in the job row), reporting through the server's
+database (SQLite, or the replicas' PostgreSQL): metrics events every few steps, a checkpoint row at every
 epoch end, `cancel_requested` read before every step. On success it writes the
 metrics CSV and the fine-tuned model row, and exits 0; the supervisor then
 serves the model and marks the job succeeded. On any exception it marks the
 job failed with the reason. If it is killed outright, the supervisor notices
-the exit and fails the job instead.
+the exit and fails the job instead. It ends when its server does (it watches
+its parent): with replicas, a job whose replica died is retrained by another
+one, and a worker left behind would race it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import csv
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import server  # noqa: F401  (OpenBLAS before mlx.core)
-from server.finetune.jobs import FineTunedModel, Job, JobStore, model_name
+from server.finetune.jobs import CHECKPOINT_MARK, FineTunedModel, Job, JobStore, model_name
 from server.finetune.spec import (
     CheckpointReport,
     Hyperparameters,
@@ -31,12 +34,13 @@ from server.finetune.spec import (
     TrainingResult,
     TrainingSpec,
 )
-from server.persistence.database import Database
+from server.persistence.database import DATABASE_URL_VARIABLE, open_database
 
 log = logging.getLogger("mlx_dropin.finetune.worker")
 
 METRICS_FILE = "metrics.csv"
 EVENTS_PER_JOB = 50  # about this many metrics events over a job, plus the first and last step
+PARENT_POLL_S = 1.0
 
 
 def spec_of(job: Job, store: JobStore) -> TrainingSpec:
@@ -104,7 +108,9 @@ class JobHooks:
         self.store.update(self.job.id, trained_tokens=report.trained_tokens)
 
     def on_checkpoint(self, report: CheckpointReport) -> None:
-        name = f"{model_name(self.job.model, self.job.tenant, self.job.suffix, self.job.id)}:ckpt-step-{report.step}"
+        name = (
+            f"{model_name(self.job.model, self.job.tenant, self.job.suffix, self.job.id)}{CHECKPOINT_MARK}{report.step}"
+        )
         metrics = {"step": float(report.step), **report.metrics}
         self.store.add_checkpoint(self.job.id, report.step, metrics, report.path, name)
         self.store.add_event(
@@ -132,7 +138,8 @@ def train(spec: TrainingSpec, hooks: JobHooks) -> TrainingResult:
 
 
 def run(data_dir: Path, job_id: str) -> int:
-    store = JobStore(Database.in_dir(data_dir), Path(data_dir) / "fine_tuning")
+    # the server passes a shared database's URL in the environment, never on the command line (ps shows that)
+    store = JobStore(open_database(os.environ.get(DATABASE_URL_VARIABLE), data_dir), Path(data_dir) / "fine_tuning")
     job = store.get(job_id)
     if job is None or job.status != "running":
         log.error("job %s is not running (%s)", job_id, job.status if job else "missing")
@@ -147,7 +154,9 @@ def run(data_dir: Path, job_id: str) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error
         traceback.print_exc()
-        store.fail(job.id, f"Training failed: {type(exc).__name__}: {exc}", code="training_failed")
+        store.fail(
+            job.id, f"Training failed: {type(exc).__name__}: {exc}", code="training_failed", owner=job.lease_owner
+        )
         return 1
     hooks.write_metrics(store.job_dir(job.id) / METRICS_FILE)
     name = model_name(job.model, job.tenant, job.suffix, job.id)
@@ -174,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     return run(args.data_dir, args.job)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Exit at once when the server that started this worker is gone (its children are re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    log.error("the server that started this worker is gone; stopping")
+    os._exit(3)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Persistence: the server's one SQLite database and the stores built on it (uploaded files, stored responses).
+"""Persistence: the server's one database (embedded SQLite, or a shared PostgreSQL) and the stores built on it.
 
-`database` owns connections, schemas and transactions; `files` keeps uploaded
-files (bytes under --data-dir, metadata rows); `responses` keeps the Responses
-API's stored responses. Fine-tuning jobs declare their own table in
-`server.finetune.jobs`, on the same `Database`.
+`database` owns the interface, versioned migrations and SQLite; `postgres` the
+same interface on PostgreSQL for replicas; `files` keeps uploaded files (bytes
+under --data-dir, metadata rows); `responses` keeps the Responses API's stored
+responses. Fine-tuning jobs declare their own tables in `server.finetune.jobs`,
+on the same `Database`.
 """

@@ -18,29 +18,30 @@ import contextlib
 import os
 import secrets
 import shutil
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from server.persistence.database import Database, Schema
+from server.persistence.database import Database, Row, Schema
 
 PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
 SCHEMA = Schema(
     "files",
     (
-        """CREATE TABLE IF NOT EXISTS files (
+        (
+            """CREATE TABLE IF NOT EXISTS files (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         filename TEXT NOT NULL,
         purpose TEXT NOT NULL,
-        bytes INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
-        seq INTEGER NOT NULL
+        bytes BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        seq BIGINT NOT NULL
     )""",
-        "CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, seq)",
+            "CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, seq)",
+        ),
     ),
 )
 
@@ -76,7 +77,7 @@ class FileStore:
         self.db = database
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        database.ensure(SCHEMA)
+        database.migrate(SCHEMA)
         for leftover in self.root.glob("*.partial"):  # an upload cut short by a crash
             leftover.unlink(missing_ok=True)
 
@@ -85,7 +86,9 @@ class FileStore:
 
     def usage(self, tenant: str) -> int:
         """Bytes of every file the tenant holds (uploads and result files)."""
-        row = self.db.query_one("SELECT COALESCE(SUM(bytes), 0) AS used FROM files WHERE tenant = ?", (tenant,))
+        row = self.db.query_one(
+            "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS used FROM files WHERE tenant = ?", (tenant,)
+        )
         return int(row["used"]) if row is not None else 0
 
     def add(
@@ -125,7 +128,7 @@ class FileStore:
         with self.db.transaction() as conn:
             if quota_bytes is not None:
                 used = conn.execute(
-                    "SELECT COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?", (stored.tenant,)
+                    "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE tenant = ?", (stored.tenant,)
                 ).fetchone()[0]
                 if used + stored.bytes > quota_bytes:
                     raise StorageQuotaError(quota_bytes, used)
@@ -175,5 +178,5 @@ class FileStore:
         shutil.copyfile(self.path(stored.id), destination)
 
 
-def _stored(row: sqlite3.Row) -> StoredFile:
+def _stored(row: Row) -> StoredFile:
     return StoredFile(row["id"], row["tenant"], row["filename"], row["purpose"], row["bytes"], row["created_at"])

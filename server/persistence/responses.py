@@ -1,4 +1,4 @@
-"""SQLite persistence of stored responses and their input items, per tenant.
+"""Persistence of stored responses and their input items, per tenant.
 
 A row keeps the response object as returned (`body`), the conversation before
 its input (`history`, the chain it continues, so deleting an earlier response
@@ -19,20 +19,22 @@ from server.wire.responses import Item, ItemList, Response
 SCHEMA = Schema(
     "responses",
     (
-        """CREATE TABLE IF NOT EXISTS responses (
+        (
+            """CREATE TABLE IF NOT EXISTS responses (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
-        created_at INTEGER NOT NULL,
+        created_at BIGINT NOT NULL,
         conversation TEXT NOT NULL,
         history TEXT NOT NULL,
         body TEXT NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS responses_by_tenant ON responses (tenant, created_at)",
-        """CREATE TABLE IF NOT EXISTS response_input_items (
+            "CREATE INDEX IF NOT EXISTS responses_by_tenant ON responses (tenant, created_at)",
+            """CREATE TABLE IF NOT EXISTS response_input_items (
         response_id TEXT NOT NULL REFERENCES responses (id) ON DELETE CASCADE,
-        position INTEGER NOT NULL,
+        position BIGINT NOT NULL,
         id TEXT NOT NULL,
         item TEXT NOT NULL,
         PRIMARY KEY (response_id, position))""",
+        ),
     ),
 )
 
@@ -66,7 +68,7 @@ class StoredResponse:
 class ResponseStore:
     def __init__(self, database: Database) -> None:
         self.database = database
-        database.ensure(SCHEMA)
+        database.migrate(SCHEMA)
 
     def save(
         self, tenant: str, response: Response, conversation: str, history: list[Item], input_items: list[Item]

@@ -17,7 +17,7 @@ from server.registry import ModelRegistry
 from server.routes.admission import admit_generation, within_limits
 from server.routes.event_stream import EventStream
 from server.serving import response_output, responses
-from server.serving.scope import RequestScope, conversation_id
+from server.serving.scope import RequestScope, conversation_header_safe, conversation_id
 from server.wire.codec import json_response, read_json
 from server.wire.responses import ResponseDeleted, ResponseRequest
 
@@ -46,8 +46,14 @@ async def create_response(request: Request) -> Response:
     plan = await run_in_threadpool(responses.prepare, body, served, RequestScope.of(request), conversation, store)
     plan.timer = admit_generation(request, served, [plan.request])
     if body.stream:
-        return EventStream(response_output.stream(plan, store), ping=request.app.state.settings.sse_keepalive)
-    return json_response(await within_limits(request, response_output.complete(plan, store)))
+        answer: Response = EventStream(
+            response_output.stream(plan, store), ping=request.app.state.settings.sse_keepalive
+        )
+    else:
+        answer = json_response(await within_limits(request, response_output.complete(plan, store)))
+    if plan.conversation and "x-conversation-id" not in request.headers and conversation_header_safe(plan.conversation):
+        answer.headers["x-conversation-id"] = plan.conversation  # the chain's key: a proxy routes follow-ups on it
+    return answer
 
 
 async def retrieve_response(request: Request) -> Response:

@@ -11,6 +11,7 @@ everyone is the one tenant "public".
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -37,6 +38,18 @@ class RequestScope:
         return f"{self.tenant}\x00{model_id}\x00{conversation}"
 
 
+_CONVERSATION_HEADER = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII: safe in any proxy's hash and log
+
+
+def conversation_header_safe(value: str) -> bool:
+    """Whether `value` may travel as an X-Conversation-Id header (the middleware refuses others with a 400)."""
+    return bool(_CONVERSATION_HEADER.match(value))
+
+
 def conversation_id(request: Request, prompt_cache_key: str | None, user: str | None) -> str | None:
-    """`prompt_cache_key`, else `user`, else the X-Conversation-Id header."""
-    return prompt_cache_key or user or request.headers.get("x-conversation-id") or None
+    """`prompt_cache_key`, else `user`, else the X-Conversation-Id header (checked by ConversationIdMiddleware).
+
+    A NUL (JSON's \\u0000) becomes U+FFFD: the key is stored with a response, and PostgreSQL's text cannot hold
+    NUL; the key only groups a tenant's own KV, so two keys differing only there share a group."""
+    key = prompt_cache_key or user or request.headers.get("x-conversation-id") or None
+    return key.replace("\x00", "\ufffd") if key else None

@@ -285,9 +285,9 @@ def job_steps(client: openai.OpenAI, job_id: str) -> int:
 
 def _pid(data_dir: Path, job_id: str) -> int:
     from server.finetune.jobs import JobStore
-    from server.persistence.database import Database
+    from server.persistence.database import SqliteDatabase
 
-    job = JobStore(Database.in_dir(data_dir), data_dir / "fine_tuning").get(job_id)
+    job = JobStore(SqliteDatabase.in_dir(data_dir), data_dir / "fine_tuning").get(job_id)
     assert job is not None and job.worker_pid
     return job.worker_pid
 
@@ -339,9 +339,9 @@ def test_everything_survives_a_restart(registry: ModelRegistry, url: str, chat_j
     """A second server on the same data directory (after this module's first one) lists the same files,
     jobs, events and models, serves the fine-tuned model, and fails a job a dead server left running."""
     from server.finetune.jobs import JobStore
-    from server.persistence.database import Database
+    from server.persistence.database import SqliteDatabase
 
-    store = JobStore(Database.in_dir(data_dir), data_dir / "fine_tuning")
+    store = JobStore(SqliteDatabase.in_dir(data_dir), data_dir / "fine_tuning")
     orphan = sdk(url).fine_tuning.jobs.create(model=CHAT, training_file=chat_job.training_file)
     sdk(url).fine_tuning.jobs.cancel(orphan.id)
     store.update(orphan.id, status="running", finished_at=None)  # as if the server died mid-training

@@ -19,7 +19,7 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.finetune.jobs import Job, JobStore
-from server.persistence.database import Database
+from server.persistence.database import SqliteDatabase
 from server.registry import ModelRegistry
 from tests.serving import running_server
 
@@ -144,7 +144,7 @@ def test_a_job_that_cannot_be_validated_fails_instead_of_spinning(
 ) -> None:
     """A job whose base model this server does not serve (stored by an earlier server) fails with a reason."""
     caplog.set_level(logging.INFO, logger=SUPERVISOR)
-    store = JobStore(Database.in_dir(data_dir), data_dir / "fine_tuning")
+    store = JobStore(SqliteDatabase.in_dir(data_dir), data_dir / "fine_tuning")
     job = Job(
         id="ftjob-orphanedbase0000000000",
         tenant="someone",
