@@ -145,3 +145,26 @@ def test_an_unreachable_postgresql_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatabaseUnavailable, match="cannot connect") as caught:
         PostgresDatabase("postgresql://someone:s3cret@127.0.0.1:9/nowhere?connect_timeout=1", connect_timeout_s=2)
     assert "s3cret" not in str(caught.value)
+
+
+def test_a_starting_replica_sweeps_only_old_partial_uploads(url: str | None, tmp_path: Path) -> None:
+    """A crash's leftover upload is removed at start; a younger one may be another replica's upload in
+    progress in the shared directory, and stays."""
+    import os
+    import time
+
+    from server.persistence.files import PARTIAL_MAX_AGE_S, FileStore
+
+    root = tmp_path / "files"
+    root.mkdir()
+    old, young = root / "file-old.partial", root / "file-young.partial"
+    old.write_bytes(b"x")
+    young.write_bytes(b"y")
+    then = time.time() - PARTIAL_MAX_AGE_S - 60
+    os.utime(old, (then, then))
+    db = open_database(url, tmp_path)
+    try:
+        FileStore(db, root)
+    finally:
+        db.close()
+    assert not old.exists() and young.exists()

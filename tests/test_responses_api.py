@@ -364,3 +364,54 @@ def test_evicted_chain_recomputes_the_same_answer(
     )
     assert second.output_text == reference.output_text
     assert second.usage.input_tokens == reference.usage.input_tokens  # type: ignore[union-attr]
+
+
+# -- X-Conversation-Id: the conversation key as a header (what a proxy in front of replicas routes on) ------
+def test_x_conversation_id_is_echoed_on_every_response(base: str) -> None:
+    body = {"model": MODEL, "input": "Say hi.", "max_output_tokens": 2}
+    headers = {"Authorization": "Bearer sk-a", "X-Conversation-Id": "conv-echo-1"}
+    ok = httpx.post(base + "/v1/responses", json=body, headers=headers, timeout=120)
+    assert ok.status_code == 200 and ok.headers["x-conversation-id"] == "conv-echo-1"
+    bad = httpx.post(base + "/v1/responses", json={**body, "max_output_tokens": -1}, headers=headers, timeout=60)
+    assert bad.status_code == 400 and bad.headers["x-conversation-id"] == "conv-echo-1"
+    unauthorized = httpx.get(base + "/v1/models", headers={"X-Conversation-Id": "conv-echo-1"}, timeout=10)
+    assert unauthorized.status_code == 401 and unauthorized.headers["x-conversation-id"] == "conv-echo-1"
+
+
+@pytest.mark.parametrize("value", ["has space", "x" * 257, "naïve"])
+def test_a_malformed_x_conversation_id_is_a_400(base: str, value: str) -> None:
+    got = httpx.get(
+        base + "/v1/models",
+        headers=[(b"authorization", b"Bearer sk-a"), (b"x-conversation-id", value.encode())],
+        timeout=10,
+    )
+    assert got.status_code == 400
+    assert got.json()["error"]["code"] == "invalid_conversation_id"
+    assert "x-conversation-id" not in got.headers
+
+
+def test_a_stored_chain_names_its_conversation_for_the_next_turn(client: openai.OpenAI, base: str) -> None:
+    """Without the header, a stored response's answer carries its chain's key; a follow-up sent with it (as a
+    client behind a proxy would) continues on the same key."""
+    first = raw(base, "POST", "/responses", {"model": MODEL, "input": "Name a colour.", "max_output_tokens": 2})
+    assert first.status_code == 200
+    key = first.headers["x-conversation-id"]
+    assert key == first.json()["id"]
+    follow = httpx.post(
+        base + "/v1/responses",
+        json={"model": MODEL, "input": "Another.", "max_output_tokens": 2, "previous_response_id": key},
+        headers={"Authorization": "Bearer sk-a", "X-Conversation-Id": key},
+        timeout=120,
+    )
+    assert follow.status_code == 200 and follow.headers["x-conversation-id"] == key
+    assert follow.json()["usage"]["input_tokens_details"]["cached_tokens"] > 0
+
+
+def test_a_conversation_key_with_nul_is_stored(client: openai.OpenAI) -> None:
+    """A NUL in prompt_cache_key (JSON's \\u0000) is data: the response is stored and continued (PostgreSQL's
+    text cannot hold NUL; the key is mapped, not refused)."""
+    first = client.responses.create(model=MODEL, input="Hi.", max_output_tokens=2, prompt_cache_key="a\x00b")
+    again = client.responses.create(
+        model=MODEL, input="Again.", max_output_tokens=2, previous_response_id=first.id, prompt_cache_key="a\x00b"
+    )
+    assert again.previous_response_id == first.id

@@ -2,7 +2,8 @@
 
 Writes are crash-safe: the bytes land in a temporary file that is renamed into
 place only after they are complete, and the row is inserted after the rename,
-so a killed server leaves at worst an orphan temporary file (swept at start),
+so a killed server leaves at worst an orphan temporary file (swept at start once
+an hour old: replicas sharing the directory may be writing younger ones),
 never a row without its bytes. Every lookup is scoped to the tenant: another
 tenant's file id is simply not found.
 
@@ -26,6 +27,7 @@ from typing import BinaryIO
 
 from server.persistence.database import Database, Row, Schema
 
+PARTIAL_MAX_AGE_S = 3600.0  # a partial upload this old is a crash's leftover (replicas share the directory)
 PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
 SCHEMA = Schema(
     "files",
@@ -78,8 +80,11 @@ class FileStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         database.migrate(SCHEMA)
+        stale = time.time() - PARTIAL_MAX_AGE_S
         for leftover in self.root.glob("*.partial"):  # an upload cut short by a crash
-            leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # gone meanwhile: another replica swept it
+                if leftover.stat().st_mtime < stale:  # else perhaps another replica's upload in progress
+                    leftover.unlink()
 
     def path(self, file_id: str) -> Path:
         return self.root / file_id
