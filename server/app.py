@@ -37,6 +37,7 @@ from server.middleware import (
 from server.model_lifecycle import build_registry, shutdown
 from server.persistence.database import open_database
 from server.persistence.files import FileStore
+from server.persistence.responses import ResponseStore
 from server.rate_limits import RateLimits
 from server.registry import ModelRegistry
 from server.routes import embeddings, files, fine_tuning, generation, health, metrics, models, openapi, responses
@@ -134,6 +135,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     app.state.database = open_database(settings.database_url, settings.data_dir)
     log.info("database: %s", app.state.database.describe())
     app.state.files = FileStore(app.state.database, settings.data_dir / "files")
+    app.state.response_store = ResponseStore(app.state.database)
     app.state.fine_tuning = FineTuning(settings, app.state.database, app.state.files, registry)
     observed.watch(app.state)
     return app

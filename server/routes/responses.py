@@ -25,11 +25,9 @@ MAX_PAGE = 100
 
 
 def _store(request: Request) -> ResponseStore:
-    """The app's response store, made (and its tables ensured) on first use."""
-    state = request.app.state
-    if getattr(state, "response_store", None) is None:
-        state.response_store = ResponseStore(state.database)
-    return state.response_store
+    """The app's response store (made, and its tables migrated, by create_app)."""
+    store: ResponseStore = request.app.state.response_store
+    return store
 
 
 def _not_found(response_id: str) -> NotFoundError:
@@ -41,7 +39,7 @@ async def create_response(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
     served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
     request.state.model = served.id
-    store = await run_in_threadpool(_store, request)
+    store = _store(request)
     conversation = conversation_id(request, body.prompt_cache_key, body.user)
     plan = await run_in_threadpool(responses.prepare, body, served, RequestScope.of(request), conversation, store)
     plan.timer = admit_generation(request, served, [plan.request])

@@ -219,6 +219,16 @@ def job_row(database_url: str, job_id: str) -> dict:
 
 # -- 1 ---------------------------------------------------------------------------------------------
 def test_starting_together_migrates_each_schema_once(cluster: Cluster) -> None:
+    """Every store migrates at startup, exactly once across the two replicas; both then answer a lookup of
+    stored state at the same moment."""
+    import concurrent.futures
+
+    missing = f"resp_{uuid.uuid4().hex}"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        statuses = list(
+            pool.map(lambda r: httpx.get(f"{r.url}/v1/responses/{missing}", timeout=30).status_code, cluster.replicas)
+        )
+    assert statuses == [404, 404]
     lines = [line for r in cluster.replicas for line in r.text().splitlines() if "database: migrated" in line]
     for schema in SCHEMAS:
         mine = [line for line in lines if re.search(rf"database: migrated {schema} from version \d+ to \d+", line)]
@@ -303,6 +313,29 @@ def test_a_conversation_sticks_to_one_replica_and_reuses_its_cache(cluster: Clus
     assert len(set(replicas)) == 1 and replicas[0] in ("replica_a", "replica_b"), replicas
     assert all(later > earlier for earlier, later in zip(cached[1:], cached[2:])), cached
     assert cached[1] > 0, cached
+
+
+# -- 4b --------------------------------------------------------------------------------------------
+def test_a_stored_response_continues_on_either_replica(cluster: Cluster) -> None:
+    """The replica holding a chain's KV reuses it; the other recomputes it: the same answer, fewer cached tokens."""
+    a, b = cluster.replicas
+    instructions = f"Answer briefly. {uuid.uuid4().hex}"
+    first = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", max_retries=0).responses.create(
+        model=CHAT, input="Name three fruits.", instructions=instructions, max_output_tokens=8, temperature=0
+    )
+    follow = {"input": "And three vegetables?", "previous_response_id": first.id, "instructions": instructions}
+
+    def continued(replica: Replica) -> tuple[str, int]:
+        r = openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0).responses.create(
+            model=CHAT, max_output_tokens=8, temperature=0, store=False, **follow
+        )
+        assert r.usage is not None
+        return r.output_text, r.usage.input_tokens_details.cached_tokens
+
+    elsewhere_text, elsewhere_cached = continued(b)
+    here_text, here_cached = continued(a)
+    assert elsewhere_text == here_text
+    assert here_cached > elsewhere_cached
 
 
 # -- 5 ---------------------------------------------------------------------------------------------
