@@ -89,7 +89,7 @@ def test_the_decoding_budget_defaults_and_validation() -> None:
         DEFAULT_PREFILL_CHUNK,
         EngineConfig,
     )
-    from server.engine.engine import _resolved
+    from server.engine.engine import resolved_config
 
     with pytest.raises(ValueError):
         SchedulerConfig(decoding_prefill_chunk=0)
@@ -98,9 +98,9 @@ def test_the_decoding_budget_defaults_and_validation() -> None:
     sched.add(long)
     assert sched.schedule().prefills == [(long, 512)]
     # the engine fills in the device's defaults, never letting the decoding budget exceed the other
-    resolved = _resolved(EngineConfig(scheduler=SchedulerConfig(prefill_chunk=32))).scheduler
+    resolved = resolved_config(EngineConfig(scheduler=SchedulerConfig(prefill_chunk=32))).scheduler
     assert (resolved.prefill_chunk, resolved.decoding_prefill_chunk) == (32, 32)
-    resolved = _resolved(EngineConfig()).scheduler
+    resolved = resolved_config(EngineConfig()).scheduler
     device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
     assert resolved.prefill_chunk == DEFAULT_PREFILL_CHUNK[device]
     assert resolved.decoding_prefill_chunk == DEFAULT_DECODING_PREFILL_CHUNK[device]

@@ -41,7 +41,7 @@ from server.engine.engine import EngineStats
 from server.engine.event_buffer import LoopWakers
 from server.engine.model_limits import ModelLimits
 from server.engine.output import Sink
-from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
+from server.engine.request import GenerationRequest, TokenEvent, ValidRequest, unavailable_events
 from server.engine.request_stream import collect_events, events_of
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class EngineClient:
                 unavailable = False
                 self._sinks[valid.request_id] = (sink, set(range(valid.params.n)))
         if unavailable:
-            sink(_unavailable(valid.request_id, range(valid.params.n), "the engine process is restarting"))
+            sink(unavailable_events(valid.request_id, range(valid.params.n), "the engine process is restarting"))
             return
         try:
             self._send(Add(request_to_wire(valid)))
@@ -286,13 +286,6 @@ class EngineClient:
             sinks, self._sinks = self._sinks, {}
         for request_id, (sink, running) in sinks.items():
             try:
-                sink(_unavailable(request_id, sorted(running), why))
+                sink(unavailable_events(request_id, sorted(running), why))
             except Exception:
                 log.debug("dropping the failure of %s", request_id, exc_info=True)
-
-
-def _unavailable(request_id: str, indices: Any, why: str) -> list[TokenEvent]:
-    return [
-        TokenEvent(request_id, index, None, "", finish_reason="error", error=why, error_kind="unavailable")
-        for index in indices
-    ]

@@ -38,6 +38,7 @@ from server.engine.detokenizer import IdsToText
 from server.engine.event_buffer import LoopWakers
 from server.engine.in_flight import RequestsInFlight
 from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
+from server.engine.mirrored_runner import MirroredRunner
 from server.engine.model_limits import (
     ModelLimits,
     model_context_length,
@@ -45,7 +46,7 @@ from server.engine.model_limits import (
 )
 from server.engine.output import OutputProcessor, Sink
 from server.engine.paged_cache import KVStore, probe_kv_shape
-from server.engine.request import GenerationRequest, TokenEvent, ValidRequest
+from server.engine.request import GenerationRequest, TokenEvent, ValidRequest, unavailable_events
 from server.engine.request_stream import (
     collect_events,
     events_of,
@@ -53,6 +54,7 @@ from server.engine.request_stream import (
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import SequenceStatus
+from server.engine.step_channel import StepChannel
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +100,22 @@ class Engine:
     """Continuous batching over a paged KV pool for one model."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, config: EngineConfig | None = None, context_length: int | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        context_length: int | None = None,
+        channel: StepChannel | None = None,
     ) -> None:
+        """With `channel`, this is rank 0 of a world whose other ranks follow every forward (mirrored_runner.py)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.config = _resolved(config or EngineConfig())
-        shape = probe_kv_shape(model)
-        bs = self.config.block_size
-        num_blocks = self.config.num_blocks or max(
-            1, int(self.config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs)
-        )
+        self.config = resolved_config(config or EngineConfig())
+        self.store = kv_store_for(model, self.config)
+        shape, num_blocks, bs = self.store.shape, self.store.num_blocks, self.config.block_size
         self.pool = BlockPool(num_blocks, bs)
-        self.store = KVStore(shape, num_blocks, bs)
-        self.runner = ModelRunner(model, self.store)
+        self.runner = ModelRunner(model, self.store) if channel is None else MirroredRunner(model, self.store, channel)
+        self.failure: str | None = None  # why the engine stopped for good (a rank of its world was lost)
         self.kv = KVCacheManager(self.pool, self.runner, WRITE_BACK_EVERY)
         self.scheduler = Scheduler(self.kv, self.config.scheduler)
         self.context_length = context_length or model_context_length(model)
@@ -188,6 +193,9 @@ class Engine:
         """Queue a request (checked here unless `validate` made it); `sink` receives its TokenEvents in order, on
         the engine's thread or its output thread."""
         valid = self.validate(request)
+        if self.failure is not None:
+            sink(unavailable_events(valid.request_id, range(valid.params.n), self.failure))
+            return
         with self._lock:
             self._stats.requests_submitted += 1
         self._inbox.put(_Add(valid, sink))
@@ -216,8 +224,9 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """Always, once started: an in-process engine has no process to lose (see core_client.py)."""
-        return True
+        """True unless the engine stopped for good (`failure`: a rank of its world was lost); an in-process
+        engine has no process to lose (see core_client.py)."""
+        return self.failure is None
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -246,8 +255,10 @@ class Engine:
                     else:
                         self._record_state()  # what the commands changed (aborts free blocks without a step)
                     self.output.flush()
-                    if not running:
+                    if not running or self.failure is not None:
                         break
+                if isinstance(self.runner, MirroredRunner) and self.failure is None:
+                    self.runner.stop_followers()
         finally:
             # nothing of this thread's left on the device once it ends: the step launched ahead is dropped and
             # the stream drained, so the stream's teardown at thread exit has no work to wait for
@@ -285,6 +296,9 @@ class Engine:
         try:
             self._run(plan)
         except Exception as exc:  # a failing forward must not take the engine down
+            if isinstance(self.runner, MirroredRunner):
+                self._lose_world(exc)
+                return
             log.exception("engine step failed")
             self.stepper.drop()
             self.kv.abandon_unwritten()  # finished sequences whose KV may be incomplete: freed, not pinned
@@ -304,6 +318,16 @@ class Engine:
                 len(self.scheduler.waiting),
                 1e3 * (time.perf_counter() - started),
             )
+
+    def _lose_world(self, exc: BaseException) -> None:
+        """A step failed on rank 0 of a world: the ranks are out of step (or one is gone), so nothing can run any
+        more. Every request ends with an "unavailable" error (a 503); later ones are refused the same way."""
+        self.failure = f"a rank of this model's world is gone or out of step: {exc}"
+        log.error("engine stopped: %s", self.failure)
+        self.stepper.drop()
+        self.requests.fail_everything(self.failure)
+        self._record_state(step=True)
+        self.output.flush()
 
     def _record_state(self, step: bool = False) -> None:
         """Publish pool and queue counts to stats() (one consistent snapshot, taken on the engine thread)."""
@@ -341,7 +365,16 @@ class Engine:
         self.kv.sync(plan.decodes)  # decode rows written back, full blocks hashed, finished turns pinned
 
 
-def _resolved(config: EngineConfig) -> EngineConfig:
+def kv_store_for(model: Any, config: EngineConfig) -> KVStore:
+    """The model's KV store: `config.num_blocks` blocks, else as many as `config.kv_cache_gb` holds. On a rank of
+    a world it holds that rank's heads, and every rank derives the same block count from the same config."""
+    shape = probe_kv_shape(model)
+    bs = config.block_size
+    num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs))
+    return KVStore(shape, num_blocks, bs)
+
+
+def resolved_config(config: EngineConfig) -> EngineConfig:
     """The config with device-dependent defaults filled in."""
     from dataclasses import replace
 

@@ -121,6 +121,14 @@ class RequestsInFlight:
                 seq.error = error
                 self.finish(seq, status, "")
 
+    def fail_everything(self, why: str) -> None:
+        """End every sequence with an "unavailable" error (the engine cannot run any more)."""
+        for seqs in list(self._seqs.values()):
+            for seq in seqs:
+                if not seq.finished:
+                    seq.error, seq.error_kind = why, "unavailable"
+                    self.finish(seq, SequenceStatus.FINISHED_ERROR, "")
+
     def abort_everything(self) -> None:
         for request_id in list(self._seqs):
             self.abort(request_id, SequenceStatus.FINISHED_ABORTED)

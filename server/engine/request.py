@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -58,3 +59,11 @@ class TokenEvent(msgspec.Struct, array_like=True, gc=False):
     error_kind: str | None = None  # "pool_exhausted" | "internal" | "unavailable" when finish_reason is "error"
     # with the first generated token, when asked: (token id, logprob, top alternatives) of prompt tokens 1..n-1
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+def unavailable_events(request_id: str, indices: Iterable[int], why: str) -> list[TokenEvent]:
+    """The last events of a request's sequences when no engine can run them (a 503 the client may retry)."""
+    return [
+        TokenEvent(request_id, index, None, "", finish_reason="error", error=why, error_kind="unavailable")
+        for index in indices
+    ]
