@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server.aliases import VersionPrefixMiddleware
 from server.config import Settings
+from server.engine.world import World
 from server.errors import APIError, handle_api_error, handle_http_exception, handle_unexpected
 from server.finetune.service import FineTuning
 from server.keys import KeyRing, key_id_secret
@@ -49,14 +50,15 @@ EXPOSED_HEADERS = ["x-request-id", "x-conversation-id", "retry-after", "retry-af
 ]
 
 
-def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Starlette:
-    """The ASGI app. Pass a registry to share already-loaded models (tests); else models load at start."""
+def create_app(settings: Settings, registry: ModelRegistry | None = None, world: World | None = None) -> Starlette:
+    """The ASGI app. Pass a registry to share already-loaded models (tests); else models load at start. With a
+    `world` of several ranks (rank 0 under mlx.launch), the first chat model is split over them."""
     owns_registry = registry is None
     registry = registry if registry is not None else ModelRegistry()
 
     def start_models() -> None:
         if owns_registry:
-            build_registry(registry, settings)
+            build_registry(registry, settings, world)
         if registry.ready:
             app.state.fine_tuning.register_models()
 
@@ -128,6 +130,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Sta
     )
     app.router.redirect_slashes = False  # TrailingSlashMiddleware serves them in place
     app.state.settings = settings
+    app.state.world = world
     app.state.registry = registry
     app.state.keys = keys
     app.state.limits = limits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from server import __version__
 from server.config import Settings, resolve_cache_dir, settings_from_args
+from server.engine.world import World, join, launched, watch_launcher
 from server.gc_heap import freeze_start_up_heap
 from server.models.blas import describe_blas
 from server.models.cache import MANIFEST_NAME, ModelCache, verify_manifest
@@ -92,6 +94,16 @@ def _hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+def _launcher_gone(world: World) -> None:
+    """This rank's launcher is gone: rank 0 shuts down as on SIGTERM (it stops the other ranks); a follower ends."""
+    log.warning("%s: the launcher that started this rank is gone; stopping", world.describe())
+    if world.rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        logging.shutdown()
+        os._exit(1)
+
+
 def serve(settings: Settings) -> int:
     # imported here: the app loads MLX, which `models` and `--version` do without
     from hypercorn.asyncio import serve as hypercorn_serve
@@ -99,6 +111,20 @@ def serve(settings: Settings) -> int:
     from server.app import create_app
     from server.exit_order import exit_code, stop_model_threads
 
+    world = None
+    if launched():  # one rank of several (mlx.launch): followers serve no HTTP, they follow rank 0's forwards
+        _setup_logging(settings.log_level)
+        try:
+            world = join(settings.distributed_backend)
+        except (RuntimeError, ValueError) as exc:
+            print(f"mlx-dropin: error: cannot join the ranks ({settings.distributed_backend}): {exc}", file=sys.stderr)
+            return 1
+        log.info("distributed: %s", world.describe())
+        watch_launcher(lambda: _launcher_gone(world))
+        if world.rank != 0:
+            from server.ranks import serve_as_follower
+
+            return serve_as_follower(world, settings)
     config = _hypercorn_config(settings)
     try:  # before any log line: a port in use or a bad data directory is one line and exit status 1
         check_data_dir(settings.data_dir)
@@ -106,10 +132,11 @@ def serve(settings: Settings) -> int:
     except StartupError as exc:
         print(f"mlx-dropin: error: {exc}", file=sys.stderr)
         return 1
-    _setup_logging(settings.log_level)
+    if world is None:  # a launched rank set logging up already
+        _setup_logging(settings.log_level)
     log.info("BLAS: %s", describe_blas())
     try:
-        app = create_app(settings)
+        app = create_app(settings, world=world if world is not None and world.size > 1 else None)
     except (OSError, sqlite3.Error, DatabaseUnavailable) as exc:  # e.g. a database that is not SQLite, or down
         print(f"mlx-dropin: error: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -76,6 +76,8 @@ class Settings:
     exact_cpu_layers: bool = False  # keep mlx-lm's attention and MLP on a CPU (see server/models/cpu_layers.py)
     # where a base chat model's engine runs: "process" (its own; the command's default) or "thread" (this process)
     engine: str = "thread"
+    distributed_backend: str = "any"  # under mlx.launch: the mx.distributed backend the ranks join
+    rank_timeout: float = 120.0  # seconds one step of a split model may wait for the other ranks
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
     max_training_jobs: int = 1
@@ -113,6 +115,12 @@ class Settings:
             raise ValueError("max_training_jobs, max_loaded_adapters and adapter_kv_cache_gb must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.distributed_backend not in DISTRIBUTED_BACKENDS:
+            raise ValueError(
+                f"distributed_backend must be one of {', '.join(DISTRIBUTED_BACKENDS)}, got {self.distributed_backend!r}"
+            )
+        if not self.rank_timeout > 0:
+            raise ValueError(f"rank_timeout must be positive, got {self.rank_timeout}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("rate_limit_rpm", "rate_limit_tpm", "max_concurrent_per_key"):
@@ -156,6 +164,7 @@ class Settings:
         return EngineConfig(
             block_size=self.block_size,
             kv_cache_gb=self.kv_cache_gb,
+            rank_timeout_s=self.rank_timeout,
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
                 prefill_chunk=self.prefill_chunk,
@@ -171,6 +180,7 @@ class Settings:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
 ENGINES = ("process", "thread")
+DISTRIBUTED_BACKENDS = ("any", "ring", "jaccl", "nccl", "mpi")  # mx.distributed's (server/engine/world.py)
 _DEFAULTS = Settings()
 
 
@@ -256,6 +266,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         decoding_prefill_chunk=_optional_int(pick("decoding_prefill_chunk", args.decoding_prefill_chunk, int)),
         exact_cpu_layers=exact_cpu_layers,
         engine=str(args.engine or _env(env, "ENGINE") or "process"),
+        distributed_backend=str(pick("distributed_backend", args.distributed_backend)),
+        rank_timeout=float(pick("rank_timeout", args.rank_timeout, float)),
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),
         sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),
         max_training_jobs=int(pick("max_training_jobs", args.max_training_jobs, int)),

@@ -180,6 +180,27 @@ class _StateCollector(Collector):
         yield from _embedding_metrics(models, self.batchers)
         yield _fine_tuning_jobs(self.state)
         yield _mlx_memory(models)
+        yield from _world(self.state, models)
+
+
+def _world(state: Any, models: list[Any]) -> Iterator[Metric]:
+    """The ranks a model is split over (mlx.launch): their number and backend, and what each rank holds."""
+    world = getattr(state, "world", None)
+    size = GaugeMetricFamily(
+        "mlx_dropin_world_size", "Ranks serving the split chat model (1: none)", labels=("backend",)
+    )
+    size.add_metric([world.backend if world is not None else "none"], world.size if world is not None else 1)
+    yield size
+    shards = GaugeMetricFamily(
+        "mlx_dropin_model_shard_heads",
+        "Attention and KV heads per layer each rank holds of a split model",
+        labels=("model", "mode", "heads"),
+    )
+    for served in models:
+        if served.shard is not None:
+            shards.add_metric([model_label(served), served.shard.mode, "attention"], served.shard.attention_heads)
+            shards.add_metric([model_label(served), served.shard.mode, "kv"], served.shard.kv_heads)
+    yield shards
 
 
 def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:

@@ -24,6 +24,7 @@ from server.embeddings.batcher import EmbeddingBatcher
 from server.embeddings.causal_lm import CausalLMEncoder, load_embedding_model
 from server.embeddings.encoder import Encoder
 from server.engine import CoreSpec, Engine, EngineClient, EngineConfig, apply_memory_limits
+from server.engine.world import World
 from server.models.cache import ModelCache
 from server.models.defaults import DEFAULTS, build_default
 from server.models.loading import detect_kind, load_chat_model, load_chat_tokenizer, resolve_source
@@ -131,11 +132,34 @@ def base_weights(base: ServedModel, settings: Settings) -> Any:
     return base.model
 
 
-def load(registry: ModelRegistry, settings: Settings) -> None:
-    """Load and start every model not started yet: chat models get a batch engine, embedding models a batcher."""
+def start_split_model(served: ServedModel, settings: Settings, world: World) -> None:
+    """Rank 0's start of the chat model split over the world: its shard, and an engine whose forwards every other
+    rank follows. The engine runs in this process (it owns the world's group)."""
+    from server.engine.step_channel import StepChannel
+    from server.ranks import load_shard
+
+    model, tokenizer, shard = load_shard(served, settings, world)
+    engine = Engine(model, tokenizer, settings.engine_config(), channel=StepChannel(world.group))
+    engine.start()
+    _learn_tokenizer(tokenizer)
+    served.tokenizer, served.engine, served.shard = tokenizer, engine, shard
+    served.model = model
+
+
+def load(registry: ModelRegistry, settings: Settings, world: World | None = None) -> None:
+    """Load and start every model not started yet: chat models get a batch engine, embedding models a batcher; with
+    a world of several ranks, the first chat model is split over them (server/ranks.py)."""
+    from server.ranks import split_model
+
+    split = split_model(registry) if world is not None and world.size > 1 else None
     for served in registry.list():
         if served.kind == "embedding" and served.batcher is None:
             start_model(served, settings, encoder=load_embedding_model(served.path, settings.dtype))
+            continue
+        if served is split and world is not None and served.engine is None:
+            started = time.perf_counter()
+            start_split_model(served, settings, world)
+            log.info("loaded %s over %d ranks in %.1fs", served.id, world.size, time.perf_counter() - started)
             continue
         if served.kind == "chat" and served.engine is None:
             started = time.perf_counter()
@@ -165,11 +189,11 @@ def shutdown(registry: ModelRegistry) -> None:
         unload(served)
 
 
-def build_registry(registry: ModelRegistry, settings: Settings) -> None:
+def build_registry(registry: ModelRegistry, settings: Settings, world: World | None = None) -> None:
     """prepare + load, recording a failure instead of raising (runs on a start-up thread)."""
     try:
         prepare(registry, settings)
-        load(registry, settings)
+        load(registry, settings, world)
     except Exception as exc:  # reported by /ready and the start-up log; the process stays up
         registry.failure = f"{type(exc).__name__}: {exc}"
         log.exception("model start-up failed")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # types only: importing them loads MLX, which the command lin
     from server.embeddings.causal_lm import CausalLMEncoder
     from server.embeddings.encoder import Encoder
     from server.engine import Engine, EngineClient
+    from server.engine.world import Shard
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ServedModel:
     base: ServedModel | None = None  # a fine-tuned model's base (its weights are shared)
     adapter_path: Path | None = None  # a fine-tuned model's adapter directory
     listed: bool = True  # False: callable by id but left out of GET /v1/models (fine-tuning checkpoints)
+    shard: Shard | None = None  # what this rank holds of a chat model split over the ranks of a world
     last_used: float = 0.0
 
     def visible_to(self, tenant: str | None) -> bool:

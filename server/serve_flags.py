@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from server.config import DTYPES, ENGINES
+from server.config import DISTRIBUTED_BACKENDS, DTYPES, ENGINES
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +99,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENGINES,
         help="where each chat model's engine runs: 'process' (a process of its own, away from the HTTP side's "
         "GIL; restarted if it dies) or 'thread' (inside the server process) (default process)",
+    )
+    parser.add_argument(
+        "--distributed-backend",
+        choices=DISTRIBUTED_BACKENDS,
+        help="under mlx.launch: the mx.distributed backend the ranks join (ring, jaccl, nccl, mpi; default any: "
+        "the first that starts); the first chat model is split over the ranks, rank 0 serves HTTP",
+    )
+    parser.add_argument(
+        "--rank-timeout",
+        type=float,
+        help="under mlx.launch: seconds one engine step may wait for the other ranks before rank 0 declares a rank "
+        "hung, fails its requests (503) and answers /ready with 503 (default 120)",
     )
     parser.add_argument(
         "--queue-timeout", type=float, help="seconds a request waits for KV blocks before a 503 (default 30)"

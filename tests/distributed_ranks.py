@@ -19,18 +19,21 @@ sys.path.insert(0, str(ROOT))
 
 import server  # noqa: E402,F401  (OpenBLAS before mlx.core)
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
+from server.engine.config import SchedulerConfig  # noqa: E402
 from server.engine.follower import follow  # noqa: E402
 from server.engine.step_channel import StepChannel  # noqa: E402
 from server.engine.world import join, shard_model  # noqa: E402
 from server.models.loading import load_chat_model  # noqa: E402
 
-CONFIG = EngineConfig(kv_cache_gb=0.01, block_size=4)
+# a 2048-token prefill chunk: the long prompt's call (~4.5 KB of tokens) takes the channel's second collective
+CONFIG = EngineConfig(kv_cache_gb=0.01, block_size=4, scheduler=SchedulerConfig(prefill_chunk=2048))
 PROMPTS = [
     [5, 17, 99, 3, 42, 8, 61, 7, 12, 30, 31, 32, 33],
     [5, 17, 99, 3, 42, 8, 61, 7, 1, 2],  # shares two full blocks with the first
     list(range(40, 77)),  # a longer one: prefill in chunks, several blocks
     [9],
 ]
+LONG = [(i * 7919) % 30000 + 1000 for i in range(3000)]  # alone: one 2048-token chunk, a ~6 KB message
 
 
 def requests(tag: str) -> list[GenerationRequest]:
@@ -73,6 +76,7 @@ def run_all(engine: Engine, tag: str) -> dict[str, list[list[int]]]:
             conversation_key="conv",
         )
     )
+    one(GenerationRequest(f"{tag}-long", LONG, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
     return results
 
 
@@ -104,6 +108,7 @@ def main() -> int:
                 "shard": shard.describe(),
                 "blocks": engine.pool.num_blocks,
                 "prompt_tokens_reused": stats.prompt_tokens_reused,
+                "largest_message": engine.runner.channel.largest,
             }
         )
     )

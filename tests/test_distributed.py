@@ -59,7 +59,8 @@ def test_tensor_parallel_greedy_equals_one_process(models: dict[str, Path], fami
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["sharded"] == result["single"]
-    assert set(result["single"]) == {"0", "1", "2", "3", "n2", "turn2"}
+    assert set(result["single"]) == {"0", "1", "2", "3", "n2", "turn2", "long"}
+    assert result["largest_message"] > 4096  # a message longer than the channel's first frame arrived whole
     assert [len(tokens) for tokens in result["single"]["0"]] == [12] and len(result["single"]["n2"]) == 2
     assert "tensor parallel, rank 0 of 2: 2 attention heads and 1 KV heads" in result["shard"]
     assert result["prompt_tokens_reused"] > 0  # shared prefix blocks and the conversation's turn hit the pool

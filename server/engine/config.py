@@ -41,8 +41,12 @@ class EngineConfig:
     decode_ahead: bool | None = None
     # build and deliver token events on a thread of their own (see output.py); None: on GPUs only
     output_thread: bool | None = None
+    # a step of a model split over ranks that takes longer means a rank hangs: the engine stops for good
+    rank_timeout_s: float = 120.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.kv_cache_gb <= 0 or (self.num_blocks is not None and self.num_blocks < 1):
             raise ValueError("block_size, kv_cache_gb and num_blocks must be positive")
+        if not self.rank_timeout_s > 0:
+            raise ValueError("rank_timeout_s must be positive")

@@ -56,6 +56,8 @@ class EngineStartError(RuntimeError):
 class EngineClient:
     """One chat model's engine in a process of its own, used exactly as an in-process `Engine`."""
 
+    failure: str | None = None  # never set: a lost engine process is restarted, not given up on
+
     def __init__(self, spec: CoreSpec, tokenizer: Any, start_timeout: float = 1800.0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer

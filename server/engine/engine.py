@@ -116,6 +116,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, bs)
         self.runner = ModelRunner(model, self.store) if channel is None else MirroredRunner(model, self.store, channel)
         self.failure: str | None = None  # why the engine stopped for good (a rank of its world was lost)
+        self._step_started: float | None = None  # while a step runs (a split model's watchdog reads it)
         self.kv = KVCacheManager(self.pool, self.runner, WRITE_BACK_EVERY)
         self.scheduler = Scheduler(self.kv, self.config.scheduler)
         self.context_length = context_length or model_context_length(model)
@@ -169,6 +170,8 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="mlx-engine", daemon=True)
             self._thread.start()
+            if isinstance(self.runner, MirroredRunner):
+                threading.Thread(target=self._watch_ranks, name="engine-rank-watch", daemon=True).start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what runs, stop the engine thread, then the output thread (in that order: the engine's last
@@ -258,7 +261,10 @@ class Engine:
                     if not running or self.failure is not None:
                         break
                 if isinstance(self.runner, MirroredRunner) and self.failure is None:
-                    self.runner.stop_followers()
+                    try:
+                        self.runner.stop_followers()
+                    except RuntimeError as exc:  # a rank already gone: nothing to stop there
+                        log.warning("could not stop the other ranks: %s", exc)
         finally:
             # nothing of this thread's left on the device once it ends: the step launched ahead is dropped and
             # the stream drained, so the stream's teardown at thread exit has no work to wait for
@@ -294,6 +300,7 @@ class Engine:
         for seq in plan.failed:
             self.requests.finish(seq, SequenceStatus.FINISHED_ERROR, "")
         try:
+            self._step_started = time.monotonic()
             self._run(plan)
         except Exception as exc:  # a failing forward must not take the engine down
             if isinstance(self.runner, MirroredRunner):
@@ -307,6 +314,8 @@ class Engine:
                     seq.error = f"generation failed: {exc}"
                     seq.error_kind = "internal"
                     self.requests.finish(seq, SequenceStatus.FINISHED_ERROR, "")
+        finally:
+            self._step_started = None
         self._record_state(step=True)
         self.output.flush()  # the step's events leave together
         if log.isEnabledFor(logging.DEBUG):
@@ -318,6 +327,19 @@ class Engine:
                 len(self.scheduler.waiting),
                 1e3 * (time.perf_counter() - started),
             )
+
+    def _watch_ranks(self) -> None:
+        """A split model's watchdog: a step stuck longer than `rank_timeout_s` waits on a rank that hangs (the
+        engine thread is blocked inside a collective and cannot notice): its requests end with an "unavailable"
+        error and the engine stops for good. The blocked thread itself cannot be freed; shutdown leaves it."""
+        while self._thread is not None and self.failure is None:
+            time.sleep(min(1.0, self.config.rank_timeout_s / 4))
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.config.rank_timeout_s:
+                self.failure = f"a rank of this model's world did not answer for {self.config.rank_timeout_s:g}s"
+                log.error("engine stopped: %s", self.failure)
+                self.requests.fail_everything(self.failure)  # the engine thread, blocked in the step, touches none
+                self.output.flush()
 
     def _lose_world(self, exc: BaseException) -> None:
         """A step failed on rank 0 of a world: the ranks are out of step (or one is gone), so nothing can run any

@@ -40,6 +40,7 @@ class StepChannel:
         self.group = group
         self.messages = 0
         self.bytes = 0
+        self.largest = 0
 
     def _sum(self, words: mx.array) -> mx.array:
         return mx.distributed.all_sum(words, group=self.group)
@@ -47,16 +48,18 @@ class StepChannel:
     def send(self, payload: bytes) -> None:
         """Rank 0: hand `payload` to every other rank (launched now; the caller's next evaluation waits for it)."""
         head = len(payload).to_bytes(_WORD, "little", signed=True) + payload[: FRAME_BYTES - _WORD]
-        parts = [self._sum(_words(head.ljust(FRAME_BYTES, b"\0")))]
         rest = payload[FRAME_BYTES - _WORD :]
-        if rest:
-            parts.append(self._sum(_words(rest)))
         try:
-            mx.async_eval(*parts)
+            # one evaluation each, in order: two independent collectives in one graph may run in either order,
+            # and the other ranks take the frame first
+            mx.async_eval(self._sum(_words(head.ljust(FRAME_BYTES, b"\0"))))
+            if rest:
+                mx.async_eval(self._sum(_words(rest)))
         except RuntimeError as exc:
             raise RankLost(f"a rank stopped answering: {exc}") from exc
         self.messages += 1
         self.bytes += len(payload)
+        self.largest = max(self.largest, len(payload))
 
     def receive(self) -> bytes:
         """Any other rank: the next message rank 0 sent (blocks until it does)."""
@@ -73,4 +76,5 @@ class StepChannel:
             raise RankLost(f"rank 0 stopped answering: {exc}") from exc
         self.messages += 1
         self.bytes += len(payload)
+        self.largest = max(self.largest, len(payload))
         return payload

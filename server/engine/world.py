@@ -15,7 +15,9 @@ Rank 0 (the leader) runs the HTTP side and the scheduler; the other ranks
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,23 @@ LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # set by ml
 def launched(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process was started as one rank of several (by `mlx.launch` or `mpirun`)."""
     return any(name in environ for name in LAUNCH_VARIABLES)
+
+
+LAUNCHER_POLL_S = 1.0
+
+
+def watch_launcher(on_gone: Callable[[], None]) -> None:
+    """Call `on_gone` once the process that started this rank (mlx.launch, mpirun, a supervisor) is gone: a
+    launcher killed outright cannot pass its signal on, and a rank left behind would hold its shard (and, on
+    a follower, a core polling for rank 0) forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(LAUNCHER_POLL_S)
+        on_gone()
+
+    threading.Thread(target=watch, name="rank-launcher-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,13 @@ class FineTuning:
                 param="model",
                 code="model_not_available",
             )
+        if served.shard is not None:
+            raise InvalidRequestError(
+                f"Model {model_id} is split over {served.shard.size} ranks (mlx.launch); fine-tuning a split model is "
+                "not supported: fine-tune it on a server that holds it whole.",
+                param="model",
+                code="model_not_available",
+            )
         if served.kind == "embedding":
             if served.encoder is not None and not isinstance(served.encoder, Encoder):
                 raise InvalidRequestError(

@@ -17,6 +17,11 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     registry: ModelRegistry = request.app.state.registry
     down = [m.id for m in registry.list() if m.engine is not None and not m.engine.alive]
+    failed = {m.id: m.engine.failure for m in registry.list() if m.engine is not None and m.engine.failure}
+    if registry.ready and failed:  # a model split over ranks lost one: it cannot run until the ranks restart
+        return json_response(
+            {"status": "failed", "models": sorted(failed), "error": next(iter(failed.values()))}, status=503
+        )
     if registry.ready and down:  # an engine process died and is restarting
         return json_response({"status": "restarting", "models": down}, status=503, headers={"retry-after": "5"})
     if registry.ready:
