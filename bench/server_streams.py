@@ -10,6 +10,8 @@ cache and loaded by every side with `--model DIR`. Sides, one after the other (-
           same server flags, fed the same prompts as token ids (the chat template rendered here)
   mlxlm   `mlx_lm.server --model DIR` (+ --mlxlm-arg flags); dropped connections are retried, the
           time counted
+  split   our server over --ranks ranks: `mlx.launch --backend ring -n RANKS -- mlx-dropin serve ...`, the
+          model split over them (tensor parallel; issue #18)
 For every N in --streams, each side gets a warm-up round (N requests, --warmup-tokens tokens, other
 prompts) and then the measured round: N streaming `/v1/chat/completions` requests (greedy, max_tokens
 = --gen-tokens, every EOS id banned with logit_bias -100, stream_options.include_usage) sent at one
@@ -59,7 +61,7 @@ from server_vs_mlxlm import Server, free_port  # noqa: E402  (bench/: start, wai
 from stream_clients import Stream, run_clients  # noqa: E402
 from stream_report import best_runs, report, side_stats  # noqa: E402
 
-SIDES = ("ours", "thread", "engine", "mlxlm")
+SIDES = ("ours", "thread", "engine", "mlxlm", "split")
 WORDS = (
     "river quantum ledger violet harbor cactus protocol meadow lantern cipher orbit granite velvet "
     "compass falcon ember tundra mosaic signal harvest prism beacon canyon sonnet walnut glacier "
@@ -159,6 +161,28 @@ def http_servers(model_dir: Path, logs: Path, args: argparse.Namespace) -> dict[
             ours_env,
             ours_port,
             logs / "thread.log",
+            "/ready",
+            "bench",
+        ),
+        "split": Server(
+            f"mlx-dropin ({args.ranks} ranks)",
+            [
+                str(Path(sys.executable).with_name("mlx.launch")),
+                "--backend",
+                "ring",
+                "-n",
+                str(args.ranks),
+                "--python",
+                sys.executable,
+                str(Path(sys.executable).with_name("mlx-dropin")),
+                *ours_cmd[3:],
+                "--model",
+                f"bench={model_dir}",
+                *args.server_arg,
+            ],
+            ours_env,
+            ours_port,
+            logs / "split.log",
             "/ready",
             "bench",
         ),
@@ -290,6 +314,7 @@ def main() -> int:
     p.add_argument("--long-tokens", type=int, default=500, help="user message tokens of a long prompt")
     p.add_argument("--client-procs", type=int, default=8, help="client processes (default %(default)s)")
     p.add_argument("--sides", default="ours,engine,mlxlm", help="which sides, in this order (default %(default)s)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the split side (default %(default)s)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens per warm-up request; 0: no warm-up")
     p.add_argument("--repeat", type=int, default=1, help="runs per side, taking turns; the best is reported")
     p.add_argument(

@@ -115,7 +115,12 @@ class Server:
         import httpx
 
         self.proc = subprocess.Popen(
-            self.command, env=self.env, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT
+            self.command,
+            env=self.env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,  # open and silent: mlx.launch (the split side) spins a core on a stdin at EOF
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

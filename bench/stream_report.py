@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 from stream_clients import Stream
 
-NAMES = {"ours": "mlx-dropin", "thread": "ours, thread", "engine": "engine alone", "mlxlm": "mlx_lm.server"}
+NAMES = {
+    "ours": "mlx-dropin",
+    "thread": "ours, thread",
+    "engine": "engine alone",
+    "mlxlm": "mlx_lm.server",
+    "split": "ours, split",
+}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -134,7 +140,7 @@ def table(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> li
 
 def ratios(stats: dict[str, dict[int, dict[str, Any]]], streams: list[int]) -> list[str]:
     lines = []
-    for mine, ref in (("ours", "engine"), ("ours", "mlxlm"), ("thread", "engine")):
+    for mine, ref in (("ours", "engine"), ("ours", "mlxlm"), ("thread", "engine"), ("split", "ours")):
         ours = stats.get(mine, {})
         if ref not in stats or not ours:
             continue

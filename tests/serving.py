@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -88,3 +91,19 @@ def loaded_models(dirs: dict[str, Path], settings: Settings) -> Iterator[ModelRe
     finally:
         for served in registry.list():
             unload(served)
+
+
+def run_conformance_kit(base_url: str, model: str, *pytest_args: str, env: dict[str, str] | None = None) -> None:
+    """The conformance kit (`compat/`) against a live server at `base_url` (ending in /v1) for `model`; fails the
+    calling test with the kit's report unless every selected check passes."""
+    env = {**(env if env is not None else os.environ), "COMPAT_BASE_URL": base_url, "COMPAT_MODEL": model}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "compat", "-q", "-p", "no:cacheprovider", *pytest_args],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

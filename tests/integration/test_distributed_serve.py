@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from tests.real_vocab import tiny_model_dir
-from tests.serving import alive, free_port
+from tests.serving import alive, free_port, run_conformance_kit
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -207,24 +207,11 @@ NEEDS_A_REAL_MODEL = (
 )
 
 
-def run_kit(base: str, model: str, selection: str) -> None:
-    env = {**clean_env(), "COMPAT_BASE_URL": base + "/v1", "COMPAT_MODEL": model}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "compat", "-q", "-p", "no:cacheprovider", "-k", selection],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout.splitlines()[-1]
-
-
 def test_conformance_kit_against_rank_0(launched: Launch) -> None:
     """The kit on the tiny split model: everything but fine-tuning (refused for a split model, below) and the
     checks that need a real model (see NEEDS_A_REAL_MODEL)."""
-    run_kit(launched.base, "tiny", " and ".join(["not fine_tuning", *(f"not {name}" for name in NEEDS_A_REAL_MODEL)]))
+    selection = " and ".join(["not fine_tuning", *(f"not {name}" for name in NEEDS_A_REAL_MODEL)])
+    run_conformance_kit(launched.base + "/v1", "tiny", "-k", selection, env=clean_env())
 
 
 def test_a_split_model_is_not_fine_tuned(launched: Launch) -> None:
@@ -247,7 +234,12 @@ def test_a_split_model_is_not_fine_tuned(launched: Launch) -> None:
     assert job.status_code == 400 and "split over 2 ranks" in job.json()["error"]["message"]
 
 
-def test_a_lost_rank_ends_the_stream_with_an_error_and_ready_says_503(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_a_lost_rank_ends_the_stream_with_an_error_and_ready_says_503(
+    model_dir: Path, tmp_path: Path, fault: str
+) -> None:
+    """Rank 1 is killed (kill -9) or stops answering (SIGSTOP) mid-stream: within the rank timeout (5 s here) the
+    stream ends with an error naming the rank, later requests get a 503 and /ready says "failed"."""
     port = free_port()
     ring = tmp_path / "hosts.json"
     ring.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
@@ -283,7 +275,7 @@ def test_a_lost_rank_ends_the_stream_with_an_error_and_ready_says_503(model_dir:
         while len(events) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(events) >= 3, "the stream never started"
-        processes[1].kill()
+        processes[1].send_signal(signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
         reader.join(30)
         assert not reader.is_alive(), "the stream hangs after its rank died"
         assert '"error"' in events[-1] or '"error"' in events[-2], events[-3:]
@@ -294,6 +286,7 @@ def test_a_lost_rank_ends_the_stream_with_an_error_and_ready_says_503(model_dir:
         assert again.status_code == 503
         assert alive(processes[0].pid)
     finally:
+        processes[1].kill()  # a stopped process ignores SIGTERM
         stop(processes)
 
 

@@ -32,7 +32,7 @@ import pytest
 from server.models.cache import ModelCache
 from server.models.defaults import MINILM
 from tests.services import HAProxy, PostgresServer, find_haproxy, free_port, require_service
-from tests.serving import alive
+from tests.serving import alive, run_conformance_kit
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = "smollm2-135m-instruct"
@@ -268,18 +268,10 @@ def test_openai_sdk_through_the_proxy(cluster: Cluster) -> None:
 def test_conformance_kit_through_the_proxy(cluster: Cluster) -> None:
     """The whole kit through the proxy (its reasoning and native-tool checks skip themselves: this setup serves no
     thinking or tool-format model). It sends no X-Conversation-Id, so its requests spread over both replicas."""
-    env = {**os.environ, "COMPAT_BASE_URL": cluster.proxy.url + "/v1", "COMPAT_MODEL": CHAT}
+    env = dict(os.environ)
     if EMBED in [m.id for m in sdk(cluster.proxy.url).models.list().data]:
         env["COMPAT_EMBEDDING_MODEL"] = EMBED
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "compat", "-q", "-x", "-p", "no:cacheprovider"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    run_conformance_kit(cluster.proxy.url + "/v1", CHAT, "-x", env=env)
 
 
 # -- 3 ---------------------------------------------------------------------------------------------
