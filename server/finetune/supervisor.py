@@ -14,7 +14,7 @@ watches the children: a worker that exits while its job is still `running`
 
 Replicas sharing one database (PostgreSQL): a queued job is claimed by exactly
 one replica (`JobStore.claim`, a compare-and-set on its status), which holds a
-lease on it and renews it every tick third of the lease. A replica that dies
+lease on it and renews it every third of the lease. A replica that dies
 stops renewing (its workers end with it: they watch their parent); once the
 lease lapses, any other replica's supervisor puts the job back in the queue
 (or fails it after MAX_ATTEMPTS starts) and the next free one retrains it. A
