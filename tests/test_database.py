@@ -139,9 +139,8 @@ def test_sqlite_is_the_default(tmp_path: Path) -> None:
 
 def test_an_unreachable_postgresql_is_one_clear_error(tmp_path: Path) -> None:
     from server.persistence.database import DatabaseUnavailable
-    from server.persistence.postgres import CONNECT_TIMEOUT_S, PostgresDatabase
+    from server.persistence.postgres import PostgresDatabase
 
-    assert CONNECT_TIMEOUT_S <= 15
     with pytest.raises(DatabaseUnavailable, match="cannot connect") as caught:
         PostgresDatabase("postgresql://someone:s3cret@127.0.0.1:9/nowhere?connect_timeout=1", connect_timeout_s=2)
     assert "s3cret" not in str(caught.value)

@@ -82,14 +82,13 @@ def test_the_full_budget_returns_when_the_last_decoder_finishes() -> None:
 
 
 def test_the_decoding_budget_defaults_and_validation() -> None:
-    import mlx.core as mx  # the engine's device-dependent defaults; the scheduler itself needs no MLX
 
     from server.engine.config import (
         DEFAULT_DECODING_PREFILL_CHUNK,
         DEFAULT_PREFILL_CHUNK,
         EngineConfig,
+        resolved_config,
     )
-    from server.engine.engine import resolved_config
 
     with pytest.raises(ValueError):
         SchedulerConfig(decoding_prefill_chunk=0)
@@ -98,12 +97,12 @@ def test_the_decoding_budget_defaults_and_validation() -> None:
     sched.add(long)
     assert sched.schedule().prefills == [(long, 512)]
     # the engine fills in the device's defaults, never letting the decoding budget exceed the other
-    resolved = resolved_config(EngineConfig(scheduler=SchedulerConfig(prefill_chunk=32))).scheduler
+    resolved = resolved_config(EngineConfig(scheduler=SchedulerConfig(prefill_chunk=32)), on_gpu=False).scheduler
     assert (resolved.prefill_chunk, resolved.decoding_prefill_chunk) == (32, 32)
-    resolved = resolved_config(EngineConfig()).scheduler
-    device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-    assert resolved.prefill_chunk == DEFAULT_PREFILL_CHUNK[device]
-    assert resolved.decoding_prefill_chunk == DEFAULT_DECODING_PREFILL_CHUNK[device]
+    for on_gpu, device in ((False, "cpu"), (True, "gpu")):
+        resolved = resolved_config(EngineConfig(), on_gpu=on_gpu).scheduler
+        assert resolved.prefill_chunk == DEFAULT_PREFILL_CHUNK[device]
+        assert resolved.decoding_prefill_chunk == DEFAULT_DECODING_PREFILL_CHUNK[device]
 
 
 def test_the_decoding_budget_never_exceeds_the_full_one_even_unresolved() -> None:

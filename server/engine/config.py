@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # A step's prompt tokens when none are configured, when no sequence is decoding (nobody waits on the
 # step but the prompts in it). On a GPU 512 tokens cost little more than one decode step, and admitting
@@ -50,3 +50,12 @@ class EngineConfig:
             raise ValueError("block_size, kv_cache_gb and num_blocks must be positive")
         if not self.rank_timeout_s > 0:
             raise ValueError("rank_timeout_s must be positive")
+
+
+def resolved_config(config: EngineConfig, *, on_gpu: bool) -> EngineConfig:
+    """The config with the device's defaults filled in."""
+    device = "gpu" if on_gpu else "cpu"
+    scheduler = config.scheduler
+    budget = scheduler.prefill_chunk or DEFAULT_PREFILL_CHUNK[device]
+    decoding = min(budget, scheduler.decoding_prefill_chunk or DEFAULT_DECODING_PREFILL_CHUNK[device])
+    return replace(config, scheduler=replace(scheduler, prefill_chunk=budget, decoding_prefill_chunk=decoding))

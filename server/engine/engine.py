@@ -27,11 +27,7 @@ from typing import Any
 import mlx.core as mx
 
 from server.engine.block_pool import BlockPool
-from server.engine.config import (
-    DEFAULT_DECODING_PREFILL_CHUNK,
-    DEFAULT_PREFILL_CHUNK,
-    EngineConfig,
-)
+from server.engine.config import EngineConfig, resolved_config
 from server.engine.constraints import ConstraintFactory
 from server.engine.decode_step import DecodeStepper
 from server.engine.detokenizer import IdsToText
@@ -45,7 +41,7 @@ from server.engine.model_limits import (
     model_vocab_size,
 )
 from server.engine.output import OutputProcessor, Sink
-from server.engine.paged_cache import KVStore, probe_kv_shape
+from server.engine.paged_cache import KVStore
 from server.engine.request import GenerationRequest, TokenEvent, ValidRequest, unavailable_events
 from server.engine.request_stream import (
     collect_events,
@@ -110,8 +106,8 @@ class Engine:
         """With `channel`, this is rank 0 of a world whose other ranks follow every forward (mirrored_runner.py)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.config = resolved_config(config or EngineConfig())
-        self.store = kv_store_for(model, self.config)
+        self.config = resolved_config(config or EngineConfig(), on_gpu=mx.default_device().type == mx.DeviceType.gpu)
+        self.store = KVStore.for_model(model, self.config.block_size, self.config.kv_cache_gb, self.config.num_blocks)
         shape, num_blocks, bs = self.store.shape, self.store.num_blocks, self.config.block_size
         self.pool = BlockPool(num_blocks, bs)
         self.runner = ModelRunner(model, self.store) if channel is None else MirroredRunner(model, self.store, channel)
@@ -385,26 +381,6 @@ class Engine:
             seq.num_computed_tokens += 1
             self.requests.accept(seq, sample)
         self.kv.sync(plan.decodes)  # decode rows written back, full blocks hashed, finished turns pinned
-
-
-def kv_store_for(model: Any, config: EngineConfig) -> KVStore:
-    """The model's KV store: `config.num_blocks` blocks, else as many as `config.kv_cache_gb` holds. On a rank of
-    a world it holds that rank's heads, and every rank derives the same block count from the same config."""
-    shape = probe_kv_shape(model)
-    bs = config.block_size
-    num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * bs))
-    return KVStore(shape, num_blocks, bs)
-
-
-def resolved_config(config: EngineConfig) -> EngineConfig:
-    """The config with device-dependent defaults filled in."""
-    from dataclasses import replace
-
-    device = "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-    scheduler = config.scheduler
-    budget = scheduler.prefill_chunk or DEFAULT_PREFILL_CHUNK[device]
-    decoding = min(budget, scheduler.decoding_prefill_chunk or DEFAULT_DECODING_PREFILL_CHUNK[device])
-    return replace(config, scheduler=replace(scheduler, prefill_chunk=budget, decoding_prefill_chunk=decoding))
 
 
 __all__ = ["Engine", "EngineConfig", "EngineStats"]

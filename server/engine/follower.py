@@ -16,8 +16,8 @@ from typing import Any
 import mlx.core as mx
 
 from server.engine.config import EngineConfig
-from server.engine.engine import kv_store_for, resolved_config
 from server.engine.mirrored_runner import RunnerFollower
+from server.engine.paged_cache import KVStore
 from server.engine.runner import ModelRunner
 from server.engine.step_channel import StepChannel
 from server.engine.world import World
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def follow(model: Any, config: EngineConfig, world: World) -> RunnerFollower:
     """Build this rank's store and runner, follow rank 0 until it says stop (RankLost if it is lost); returns the
     follower (its counts) once stopped."""
-    store = kv_store_for(model, resolved_config(config))
+    store = KVStore.for_model(model, config.block_size, config.kv_cache_gb, config.num_blocks)
     follower = RunnerFollower(ModelRunner(model, store), StepChannel(world.group))
     log.info(
         "%s follows rank 0: KV pool of %d blocks x %d tokens (%.2f GiB of this rank's heads)",

@@ -70,6 +70,14 @@ def probe_kv_shape(model: Any) -> KVShape:
 class KVStore:
     """The K and V slot pools of every layer."""
 
+    @classmethod
+    def for_model(cls, model: Any, block_size: int, kv_cache_gb: float, num_blocks: int | None = None) -> KVStore:
+        """The model's store: `num_blocks` blocks, else as many as `kv_cache_gb` holds. On a rank of a world it
+        holds that rank's heads, and every rank derives the same block count from the same settings."""
+        shape = probe_kv_shape(model)
+        count = num_blocks or max(1, int(kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * block_size))
+        return cls(shape, count, block_size)
+
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int) -> None:
         self.shape = shape
         self.num_blocks = num_blocks

@@ -1,7 +1,8 @@
-"""JobStore: fine-tuning jobs, their events and checkpoints, and the fine-tuned models they produce, in SQLite.
+"""JobStore: fine-tuning jobs, their events and checkpoints, and the fine-tuned models they produce.
 
-Both the server (API, supervisor) and the worker process open the same
-database file; every write is one short transaction. A job's working
+The server (API, supervisor) and the worker process open the same database
+(SQLite, or the replicas' PostgreSQL; tables in job_tables.py); every write is
+one short transaction, and with replicas a running job is leased by one. A job's working
 directory is `<data-dir>/fine_tuning/<job-id>/` (a private copy of the
 training files, checkpoints, the final adapter). Rows carry the tenant that
 created them and every read is scoped by it.
@@ -16,84 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.finetune.job_tables import SCHEMA
 from server.finetune.spec import TrainingKind
-from server.persistence.database import Database, Schema
+from server.persistence.database import Database
 
 ACTIVE = ("validating_files", "queued", "running")
 CHECKPOINT_MARK = ":ckpt-step-"  # a checkpoint's model name: <fine-tuned model>:ckpt-step-<step>
 FINAL = ("succeeded", "failed", "cancelled")
-
-SCHEMA = Schema(
-    "fine_tuning",
-    (
-        (
-            """CREATE TABLE IF NOT EXISTS ft_jobs (
-            id TEXT PRIMARY KEY,
-            tenant TEXT NOT NULL,
-            seq BIGINT NOT NULL,
-            created_at BIGINT NOT NULL,
-            model TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            base_path TEXT NOT NULL,
-            training_file TEXT NOT NULL,
-            validation_file TEXT,
-            hyperparameters TEXT NOT NULL,
-            suffix TEXT,
-            seed BIGINT NOT NULL,
-            metadata TEXT,
-            status TEXT NOT NULL,
-            error TEXT,
-            fine_tuned_model TEXT,
-            finished_at BIGINT,
-            trained_tokens BIGINT,
-            result_files TEXT NOT NULL DEFAULT '[]',
-            cancel_requested BIGINT NOT NULL DEFAULT 0,
-            worker_pid BIGINT,
-            estimated_finish BIGINT
-        )""",
-            "CREATE INDEX IF NOT EXISTS ft_jobs_by_tenant ON ft_jobs (tenant, seq)",
-            """CREATE TABLE IF NOT EXISTS ft_events (
-            seq AUTO_ID,
-            id TEXT NOT NULL UNIQUE,
-            job_id TEXT NOT NULL REFERENCES ft_jobs(id),
-            created_at BIGINT NOT NULL,
-            level TEXT NOT NULL,
-            message TEXT NOT NULL,
-            data TEXT,
-            type TEXT NOT NULL
-        )""",
-            "CREATE INDEX IF NOT EXISTS ft_events_by_job ON ft_events (job_id, seq)",
-            """CREATE TABLE IF NOT EXISTS ft_checkpoints (
-            seq AUTO_ID,
-            id TEXT NOT NULL UNIQUE,
-            job_id TEXT NOT NULL REFERENCES ft_jobs(id),
-            created_at BIGINT NOT NULL,
-            step_number BIGINT NOT NULL,
-            metrics TEXT NOT NULL,
-            path TEXT NOT NULL,
-            model_name TEXT NOT NULL
-        )""",
-            "CREATE INDEX IF NOT EXISTS ft_checkpoints_by_job ON ft_checkpoints (job_id, seq)",
-            """CREATE TABLE IF NOT EXISTS ft_models (
-            id TEXT PRIMARY KEY,
-            tenant TEXT NOT NULL,
-            job_id TEXT NOT NULL,
-            base TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            adapter_path TEXT NOT NULL,
-            created_at BIGINT NOT NULL,
-            deleted BIGINT NOT NULL DEFAULT 0
-        )""",
-        ),
-        # 2: leases. A running job belongs to the replica whose supervisor renews `lease_expires_at`; a lapsed
-        # lease (the replica died) puts the job back in the queue for another replica (`attempts` counts).
-        (
-            "ALTER TABLE ft_jobs ADD COLUMN lease_owner TEXT",
-            "ALTER TABLE ft_jobs ADD COLUMN lease_expires_at BIGINT",
-            "ALTER TABLE ft_jobs ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0",
-        ),
-    ),
-)
 
 
 @dataclass
