@@ -376,8 +376,8 @@ class FineTuning:
         """With replicas: serve the models other replicas trained, drop the ones they deleted (the database says)."""
         stored = {m.id: m for m in self.store.models()}
         for model in stored.values():
-            if model.id in self._registered:
-                continue
+            if model.id in self._registered or not self._serves(model.base):
+                continue  # served already, or its base is not served here (said once, at start-up)
             job = self.store.get(model.job_id)
             if job is not None and job.status == "succeeded":
                 try:
@@ -389,6 +389,13 @@ class FineTuning:
                 gone = self._forget(model_id)
                 if gone is not None:
                     _unload_adapter(gone)
+
+    def _serves(self, model_id: str) -> bool:
+        try:
+            self.registry.get(model_id)
+        except ModelNotFoundError:
+            return False
+        return True
 
     def _forget(self, model_id: str) -> ServedModel | None:
         self._registered.discard(model_id)
