@@ -73,6 +73,7 @@ class Settings:
     prefill_chunk: int | None = None  # None: 512 on a CPU, 2048 on a GPU
     # the same while streamed sequences decode; None: 64 on a CPU, 2048 on a GPU
     decoding_prefill_chunk: int | None = None
+    prefill_buckets: str = "auto"  # pad prefill shapes to buckets run at start-up: auto (on CUDA), on or off
     exact_cpu_layers: bool = False  # keep mlx-lm's attention and MLP on a CPU (see server/models/cpu_layers.py)
     # where a base chat model's engine runs: "process" (its own; the command's default) or "thread" (this process)
     engine: str = "thread"
@@ -118,6 +119,10 @@ class Settings:
         if self.distributed_backend not in DISTRIBUTED_BACKENDS:
             raise ValueError(
                 f"distributed_backend must be one of {', '.join(DISTRIBUTED_BACKENDS)}, got {self.distributed_backend!r}"
+            )
+        if self.prefill_buckets not in PREFILL_BUCKETS:
+            raise ValueError(
+                f"prefill_buckets must be one of {', '.join(PREFILL_BUCKETS)}, got {self.prefill_buckets!r}"
             )
         if not self.rank_timeout > 0:
             raise ValueError(f"rank_timeout must be positive, got {self.rank_timeout}")
@@ -165,6 +170,7 @@ class Settings:
             block_size=self.block_size,
             kv_cache_gb=self.kv_cache_gb,
             rank_timeout_s=self.rank_timeout,
+            prefill_buckets={"auto": None, "on": True, "off": False}[self.prefill_buckets],
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
                 prefill_chunk=self.prefill_chunk,
@@ -180,6 +186,7 @@ class Settings:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
 ENGINES = ("process", "thread")
+PREFILL_BUCKETS = ("auto", "on", "off")  # --prefill-buckets (server/engine/prefill_buckets.py)
 DISTRIBUTED_BACKENDS = ("any", "ring", "jaccl", "nccl", "mpi")  # mx.distributed's (server/engine/world.py)
 _DEFAULTS = Settings()
 
@@ -264,6 +271,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         max_num_seqs=int(pick("max_num_seqs", args.max_num_seqs, int)),
         prefill_chunk=_optional_int(pick("prefill_chunk", args.prefill_chunk, int)),
         decoding_prefill_chunk=_optional_int(pick("decoding_prefill_chunk", args.decoding_prefill_chunk, int)),
+        prefill_buckets=str(pick("prefill_buckets", args.prefill_buckets)),
         exact_cpu_layers=exact_cpu_layers,
         engine=str(args.engine or _env(env, "ENGINE") or "process"),
         distributed_backend=str(pick("distributed_backend", args.distributed_backend)),

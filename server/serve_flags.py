@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from server.config import DISTRIBUTED_BACKENDS, DTYPES, ENGINES
+from server.config import DISTRIBUTED_BACKENDS, DTYPES, ENGINES, PREFILL_BUCKETS
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +99,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENGINES,
         help="where each chat model's engine runs: 'process' (a process of its own, away from the HTTP side's "
         "GIL; restarted if it dies) or 'thread' (inside the server process) (default process)",
+    )
+    parser.add_argument(
+        "--prefill-buckets",
+        choices=PREFILL_BUCKETS,
+        help="pad prefill forwards to a few bucket shapes and run each shape a burst of new prompts can take "
+        "before serving, so no request waits while the device builds kernels for a new shape (default auto: "
+        "on with CUDA, where each new shape builds a cuDNN attention graph; off elsewhere, where padding "
+        "only adds work)",
     )
     parser.add_argument(
         "--distributed-backend",

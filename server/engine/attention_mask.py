@@ -25,14 +25,17 @@ def visible_keys(query_positions: mx.array, width: int, window_size: int | None)
     return visible
 
 
-def attention_mask(offsets: Sequence[int], num_new: int, window_size: int | None) -> Any:
-    """The mask for rows that already hold `offsets[r]` tokens and feed `num_new` more.
+def attention_mask(offsets: Sequence[int], num_new: int, window_size: int | None, width: int | None = None) -> Any:
+    """The mask for rows that already hold `offsets[r]` tokens and feed `num_new` more, over `width` keys
+    (default: the widest row's; wider keys are padding no query sees).
 
-    A single row uses mlx-lm's own masks ("causal" for a chunk, None for one token), which keeps
-    greedy output identical to mlx_lm.generate; several rows get a boolean (B, 1, n, S) mask.
+    A single row over exactly its own keys uses mlx-lm's own masks ("causal" for a chunk, None for one
+    token), which keeps greedy output identical to mlx_lm.generate; anything else gets a boolean
+    (B, 1, n, width) mask.
     """
-    width = max(offsets) + num_new
-    if len(offsets) == 1 and (window_size is None or width <= window_size):
+    natural = max(offsets) + num_new
+    width = natural if width is None else width
+    if len(offsets) == 1 and width == natural and (window_size is None or width <= window_size):
         return "causal" if num_new > 1 else None
     return row_mask(mx.array(list(offsets), dtype=mx.int32), num_new, width, window_size)
 

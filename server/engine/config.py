@@ -41,6 +41,9 @@ class EngineConfig:
     decode_ahead: bool | None = None
     # build and deliver token events on a thread of their own (see output.py); None: on GPUs only
     output_thread: bool | None = None
+    # pad prefill forwards to bucket shapes and run a fresh burst's shapes at start-up (prefill_buckets.py);
+    # None: on CUDA only, where each new shape builds a cuDNN attention graph
+    prefill_buckets: bool | None = None
     # a step of a model split over ranks that takes longer means a rank hangs: the engine stops for good
     rank_timeout_s: float = 120.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

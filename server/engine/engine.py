@@ -42,6 +42,7 @@ from server.engine.model_limits import (
 )
 from server.engine.output import OutputProcessor, Sink
 from server.engine.paged_cache import KVStore
+from server.engine.prefill_buckets import buckets_on, keep_enough_attention_graphs, template_prefix, warm_shapes
 from server.engine.request import GenerationRequest, TokenEvent, ValidRequest, unavailable_events
 from server.engine.request_stream import (
     collect_events,
@@ -110,7 +111,12 @@ class Engine:
         self.store = KVStore.for_model(model, self.config.block_size, self.config.kv_cache_gb, self.config.num_blocks)
         shape, num_blocks, bs = self.store.shape, self.store.num_blocks, self.config.block_size
         self.pool = BlockPool(num_blocks, bs)
-        self.runner = ModelRunner(model, self.store) if channel is None else MirroredRunner(model, self.store, channel)
+        buckets = buckets_on(self.config)
+        self.runner = (
+            ModelRunner(model, self.store, buckets)
+            if channel is None
+            else MirroredRunner(model, self.store, channel, buckets)
+        )
         self.failure: str | None = None  # why the engine stopped for good (a rank of its world was lost)
         self._step_started: float | None = None  # while a step runs (a split model's watchdog reads it)
         self.kv = KVCacheManager(self.pool, self.runner, WRITE_BACK_EVERY)
@@ -163,9 +169,14 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread; with prefill buckets, return once it has run every fresh bucket shape."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="mlx-engine", daemon=True)
+            if self.runner.prefill_buckets:
+                keep_enough_attention_graphs()
+            warmed = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(warmed,), name="mlx-engine", daemon=True)
             self._thread.start()
+            warmed.wait()
             if isinstance(self.runner, MirroredRunner):
                 threading.Thread(target=self._watch_ranks, name="engine-rank-watch", daemon=True).start()
 
@@ -243,10 +254,12 @@ class Engine:
         self.kv.check_integrity()
 
     # -- the engine thread --------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, warmed: threading.Event) -> None:
         stream = mx.new_stream(mx.default_device())
         try:
             with mx.stream(stream):
+                self._warm_prefill()
+                warmed.set()
                 while True:
                     running = self._drain(block=not self.scheduler.has_work)
                     if running and self.scheduler.has_work:
@@ -262,6 +275,7 @@ class Engine:
                     except RuntimeError as exc:  # a rank already gone: nothing to stop there
                         log.warning("could not stop the other ranks: %s", exc)
         finally:
+            warmed.set()
             # nothing of this thread's left on the device once it ends: the step launched ahead is dropped and
             # the stream drained, so the stream's teardown at thread exit has no work to wait for
             self.stepper.drop()
@@ -269,6 +283,27 @@ class Engine:
                 mx.synchronize(stream)
             except Exception:  # a device fault already failed the steps; the thread still ends cleanly
                 log.exception("synchronizing the engine stream at shutdown failed")
+
+    def _warm_prefill(self) -> None:
+        """Run every bucket shape a burst of fresh prompts can take, on this thread (MLX keeps cuDNN's graphs
+        per thread); a failure is logged and the engine serves anyway."""
+        if not self.runner.prefill_buckets:
+            return
+        scheduler = self.config.scheduler
+        prefix = template_prefix(self.tokenizer)
+        shapes = warm_shapes(scheduler.max_num_seqs, scheduler.prefill_chunk or 1, prefix, self.config.block_size)
+        started = time.perf_counter()
+        try:
+            self.runner.warm_prefill(shapes)
+        except Exception:
+            log.exception("running the prefill bucket shapes at start-up failed; they are built on first use")
+            return
+        log.info(
+            "ran %d prefill bucket shapes in %.1fs (chat template prefix: %d tokens)",
+            len(shapes),
+            time.perf_counter() - started,
+            prefix,
+        )
 
     def _drain(self, block: bool) -> bool:
         while True:

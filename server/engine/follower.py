@@ -18,6 +18,7 @@ import mlx.core as mx
 from server.engine.config import EngineConfig
 from server.engine.mirrored_runner import RunnerFollower
 from server.engine.paged_cache import KVStore
+from server.engine.prefill_buckets import buckets_on, keep_enough_attention_graphs
 from server.engine.runner import ModelRunner
 from server.engine.step_channel import StepChannel
 from server.engine.world import World
@@ -29,7 +30,10 @@ def follow(model: Any, config: EngineConfig, world: World) -> RunnerFollower:
     """Build this rank's store and runner, follow rank 0 until it says stop (RankLost if it is lost); returns the
     follower (its counts) once stopped."""
     store = KVStore.for_model(model, config.block_size, config.kv_cache_gb, config.num_blocks)
-    follower = RunnerFollower(ModelRunner(model, store), StepChannel(world.group))
+    buckets = buckets_on(config)
+    if buckets:
+        keep_enough_attention_graphs()
+    follower = RunnerFollower(ModelRunner(model, store, buckets), StepChannel(world.group))
     log.info(
         "%s follows rank 0: KV pool of %d blocks x %d tokens (%.2f GiB of this rank's heads)",
         world.describe(),

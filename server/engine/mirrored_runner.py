@@ -28,6 +28,7 @@ import mlx.core as mx
 import msgspec
 
 from server.engine.paged_cache import KVStore
+from server.engine.prefill_buckets import PrefillShape
 from server.engine.runner import ModelRunner, PromptLogprob, greedy_tokens
 from server.engine.sequence import Sequence
 from server.engine.step_channel import RankLost, StepChannel
@@ -53,7 +54,7 @@ class RunnerCall(msgspec.Struct, array_like=True, frozen=True):
 
     method: str
     sequences: list[SequenceState] = []
-    counts: list[int] = []  # prefill chunk lengths, or write-back counts
+    counts: list[int] = []  # prefill chunk lengths, write-back counts, or warm shapes (rows, tokens, width)...
     copy: tuple[int, int, int] | None = None  # copy_prefix's (source block, target block, slots)
 
 
@@ -76,8 +77,8 @@ def lost_rank(exc: BaseException) -> bool:
 class MirroredRunner(ModelRunner):
     """Rank 0's runner: tells the followers each call, then makes it."""
 
-    def __init__(self, model: Any, store: KVStore, channel: StepChannel) -> None:
-        super().__init__(model, store)
+    def __init__(self, model: Any, store: KVStore, channel: StepChannel, prefill_buckets: bool = False) -> None:
+        super().__init__(model, store, prefill_buckets)
         self.channel = channel
 
     def _tell(self, call: RunnerCall) -> None:
@@ -103,6 +104,10 @@ class MirroredRunner(ModelRunner):
         states = [_state(seq, seq.num_computed_tokens, n) for seq, n in chunks]
         self._tell(RunnerCall("prefill_rows", states, [n for _, n in chunks]))
         super().prefill_rows(chunks)
+
+    def warm_prefill(self, shapes: Seq[PrefillShape]) -> None:
+        self._tell(RunnerCall("warm_prefill", counts=[n for s in shapes for n in (s.rows, s.tokens, s.width)]))
+        super().warm_prefill(shapes)
 
     def decode(self, seqs: Seq[Sequence]) -> mx.array:
         self._tell(RunnerCall("decode", [_state(s, s.num_computed_tokens, 1) for s in seqs]))
@@ -186,6 +191,8 @@ class RunnerFollower:
             runner.prefill(views[0], call.counts[0])
         elif call.method == "prefill_rows":
             runner.prefill_rows(list(zip(views, call.counts)))
+        elif call.method == "warm_prefill":
+            runner.warm_prefill([PrefillShape(*call.counts[i : i + 3]) for i in range(0, len(call.counts), 3)])
         elif call.method == "decode":
             self._logits, self._ahead = runner.decode(views), None
         elif call.method == "decode_ahead":

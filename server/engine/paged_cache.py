@@ -121,7 +121,8 @@ class StepLayout:
     Every row feeds the same number of new tokens (`num_new`); row r already has
     `offsets[r]` tokens of KV. A row with fewer real tokens (`counts[r]`) is padded: its padding
     positions write to and read from the scratch block, never its own slots, and no real token
-    attends to them (they come after it).
+    attends to them (they come after it). A `width` beyond the widest row pads every row's keys
+    with scratch columns, which the mask hides (a bucketed shape, see prefill_buckets.py).
     """
 
     offsets: list[int]
@@ -130,6 +131,7 @@ class StepLayout:
     block_size: int
     counts: list[int] | None = None  # real tokens per row (default: all num_new)
     scratch_block: int | None = None  # KVStore.scratch_block, needed when a count is short
+    width: int | None = None  # keys each row reads (default: the widest row's offset + num_new)
     write_slots: mx.array = field(init=False)
     read_slots: mx.array = field(init=False)
     _masks: dict[int | None, Any] = field(init=False, default_factory=dict)
@@ -137,17 +139,21 @@ class StepLayout:
     def __post_init__(self) -> None:
         bs, n = self.block_size, self.num_new
         counts = self.counts or [n] * len(self.offsets)
-        if any(c < n for c in counts) and self.scratch_block is None:
+        natural = max(self.offsets) + n
+        width = self.width = natural if self.width is None else self.width
+        if width < natural:
+            raise ValueError(f"a step's key width {width} is below its widest row's {natural}")
+        if (any(c < n for c in counts) or width > natural) and self.scratch_block is None:
             raise ValueError("padded rows need the store's scratch block")
-        scratch = (self.scratch_block or 0) * bs + np.arange(n) % bs
-        width = max(self.offsets) + n
+        scratch = (self.scratch_block or 0) * bs + np.arange(max(n, width)) % bs
         writes = []
         reads = np.zeros((len(self.offsets), width), dtype=np.int32)
         for r, (table, offset, count) in enumerate(zip(self.block_tables, self.offsets, counts)):
             real = slot_ids(table, 0, offset + count, bs)
-            writes += [real[offset:], scratch[count:]]
+            writes += [real[offset:], scratch[count:n]]
             reads[r, : offset + count] = real
-            reads[r, offset + count : offset + n] = scratch[count:]
+            reads[r, offset + count : offset + n] = scratch[count:n]
+            reads[r, offset + n :] = scratch[offset + n : width]
         self.write_slots = mx.array(np.concatenate(writes).astype(np.int32))
         self.read_slots = mx.array(reads)
 
@@ -165,7 +171,7 @@ class StepLayout:
         return self._masks[window_size]
 
     def _build_mask(self, window_size: int | None) -> Any:
-        return attention_mask(self.offsets, self.num_new, window_size)
+        return attention_mask(self.offsets, self.num_new, window_size, self.width)
 
 
 class PagedLayerCache:

@@ -22,6 +22,7 @@ from server.engine import host
 from server.engine.block_gather import compile_kernels
 from server.engine.decode_rows import DecodeRows
 from server.engine.paged_cache import KVStore, StepLayout, step_caches
+from server.engine.prefill_buckets import PrefillShape, padded_shape
 from server.engine.sequence import Sequence
 
 PromptLogprob = tuple[int, float, list[tuple[int, float]]]  # token id, its logprob, top alternatives
@@ -42,9 +43,11 @@ def _body_of(model: Any) -> Any | None:
 class ModelRunner:
     """Runs forward passes of one mlx-lm model over the paged KV store; the KV manager's KVStorage."""
 
-    def __init__(self, model: Any, store: KVStore) -> None:
+    def __init__(self, model: Any, store: KVStore, prefill_buckets: bool = False) -> None:
+        """With `prefill_buckets`, batched prefill forwards are padded to bucket shapes (prefill_buckets.py)."""
         self.model = model
         self.store = store
+        self.prefill_buckets = prefill_buckets
         self._body = _body_of(model)
         self.rows = DecodeRows(store)
         compile_kernels([*store.keys, *store.values], store.block_size)
@@ -104,33 +107,59 @@ class ModelRunner:
         Each forward is launched on its own, everything synced once at the end. A forward of one row
         runs exactly as `prefill` does (mlx-lm's causal mask).
         """
-        forward = self._body if self._body is not None else self.model
         outputs = []
         for group in prefill_groups(chunks):
             for batch in padded_batches(group):
-                step = max(n for _, n in batch)
-                starts = [seq.num_computed_tokens for seq, _ in batch]
-                for (seq, n), start in zip(batch, starts):
-                    assert start + n <= seq.num_tokens - 1, "prefill must leave the last token to decode"
-                tokens = mx.array(
-                    [seq.token_ids[start : start + n] + [0] * (step - n) for (seq, n), start in zip(batch, starts)],
-                    dtype=mx.int32,
-                )
-                layout = StepLayout(
-                    starts,
-                    step,
-                    [seq.block_ids for seq, _ in batch],
-                    self.store.block_size,
-                    counts=[n for _, n in batch],
-                    scratch_block=self.store.scratch_block,
-                )
-                outputs.append(forward(tokens, cache=step_caches(self.store, layout)))
+                outputs.append(self._forward_chunks(batch))
                 # launched now, not chained into one graph with the next forward: that one's scatter into
                 # the pools could not reuse their buffers while this one's reads still hold them, and
                 # would copy every layer's whole pool
                 mx.async_eval(outputs[-1], self.store.keys, self.store.values)
         if outputs:
             self._sync_pools(*outputs)
+
+    def _forward_chunks(self, batch: Seq[tuple[Sequence, int]]) -> mx.array:
+        """Build one prefill forward of the batch's chunks, padded to the longest (and, with buckets, to its
+        bucket shape: extra rows of padding only)."""
+        starts = [seq.num_computed_tokens for seq, _ in batch]
+        for (seq, n), start in zip(batch, starts):
+            assert start + n <= seq.num_tokens - 1, "prefill must leave the last token to decode"
+        rows, step = (
+            [seq.token_ids[start : start + n] for (seq, n), start in zip(batch, starts)],
+            max(n for _, n in batch),
+        )
+        tables, width = [seq.block_ids for seq, _ in batch], max(starts) + step
+        if self.prefill_buckets:
+            shape = padded_shape(len(rows), step, width)
+            step, width = shape.tokens, shape.width
+            extra = shape.rows - len(rows)
+            rows, starts, tables = rows + [[]] * extra, starts + [0] * extra, tables + [[]] * extra
+        return self._forward_padded(rows, starts, step, tables, width)
+
+    def _forward_padded(
+        self, rows: list[list[int]], starts: list[int], step: int, tables: list[list[int]], width: int
+    ) -> mx.array:
+        """One forward of `step` positions per row: row r feeds rows[r] (padded with token 0, its padding
+        written to the scratch block) after its starts[r] tokens of KV, its keys padded to `width`."""
+        forward = self._body if self._body is not None else self.model
+        tokens = mx.array([row + [0] * (step - len(row)) for row in rows], dtype=mx.int32)
+        layout = StepLayout(
+            starts,
+            step,
+            tables,
+            self.store.block_size,
+            counts=[len(row) for row in rows],
+            scratch_block=self.store.scratch_block,
+            width=width,
+        )
+        return forward(tokens, cache=step_caches(self.store, layout))
+
+    def warm_prefill(self, shapes: Seq[PrefillShape]) -> None:
+        """Run one forward of each shape, every row padding (only the scratch block is written), so a
+        device builds what it builds per shape before any request needs it."""
+        for shape in shapes:
+            rows: list[list[int]] = [[] for _ in range(shape.rows)]
+            self._sync_pools(self._forward_padded(rows, [0] * shape.rows, shape.tokens, rows, shape.width))
 
     def _forward_rows(self, seqs: Seq[Sequence], offsets: list[int], inputs: mx.array | list[int]) -> mx.array:
         """Build (not evaluate) one decode step: seqs[i] feeds inputs[i] at position offsets[i]."""
