@@ -78,6 +78,7 @@ class Settings:
     # where a base chat model's engine runs: "process" (its own; the command's default) or "thread" (this process)
     engine: str = "thread"
     distributed_backend: str = "any"  # under mlx.launch: the mx.distributed backend the ranks join
+    split: str = "auto"  # under mlx.launch: how the model is split over the ranks (tensor, pipeline, auto)
     rank_timeout: float = 120.0  # seconds one step of a split model may wait for the other ranks
     queue_timeout: float = 30.0
     sse_keepalive: float = 5.0
@@ -124,6 +125,8 @@ class Settings:
             raise ValueError(
                 f"prefill_buckets must be one of {', '.join(PREFILL_BUCKETS)}, got {self.prefill_buckets!r}"
             )
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not self.rank_timeout > 0:
             raise ValueError(f"rank_timeout must be positive, got {self.rank_timeout}")
         if self.engine not in ENGINES:
@@ -187,6 +190,7 @@ class Settings:
 DTYPES = ("auto", "float32", "float16", "bfloat16", "keep")
 ENGINES = ("process", "thread")
 PREFILL_BUCKETS = ("auto", "on", "off")  # --prefill-buckets (server/engine/prefill_buckets.py)
+SPLITS = ("auto", "tensor", "pipeline")  # --split (server/engine/world.py)
 DISTRIBUTED_BACKENDS = ("any", "ring", "jaccl", "nccl", "mpi")  # mx.distributed's (server/engine/world.py)
 _DEFAULTS = Settings()
 
@@ -275,6 +279,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         exact_cpu_layers=exact_cpu_layers,
         engine=str(args.engine or _env(env, "ENGINE") or "process"),
         distributed_backend=str(pick("distributed_backend", args.distributed_backend)),
+        split=str(pick("split", args.split)),
         rank_timeout=float(pick("rank_timeout", args.rank_timeout, float)),
         queue_timeout=float(pick("queue_timeout", args.queue_timeout, float)),
         sse_keepalive=float(pick("sse_keepalive", args.sse_keepalive, float)),

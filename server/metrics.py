@@ -201,6 +201,17 @@ def _world(state: Any, models: list[Any]) -> Iterator[Metric]:
             shards.add_metric([model_label(served), served.shard.mode, "attention"], served.shard.attention_heads)
             shards.add_metric([model_label(served), served.shard.mode, "kv"], served.shard.kv_heads)
     yield shards
+    layers = GaugeMetricFamily(
+        "mlx_dropin_model_shard_layers",
+        "Layers rank 0 runs of a model split by pipeline parallelism, and the model's total",
+        labels=("model", "mode", "layers"),
+    )
+    for served in models:
+        shard = served.shard
+        if shard is not None and shard.layers is not None:
+            layers.add_metric([model_label(served), shard.mode, "held"], shard.layers[1] - shard.layers[0])
+            layers.add_metric([model_label(served), shard.mode, "total"], shard.num_layers)
+    yield layers
 
 
 def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:

@@ -37,7 +37,7 @@ def load_shard(served: ServedModel, settings: Settings, world: World) -> tuple[A
 
     started = time.perf_counter()
     model, tokenizer = load_chat_model(served.path, settings.dtype)
-    shard = shard_model(model, world)
+    shard = shard_model(model, world, settings.split)
     log.info("%s: %s in %.1fs", served.id, shard.describe(), time.perf_counter() - started)
     return model, tokenizer, shard
 
@@ -56,9 +56,10 @@ def serve_as_follower(world: World, settings: Settings) -> int:
         return 1
     model, _, _ = load_shard(served, settings, world)
     try:
-        follower = follow(model, settings.engine_config(), world)
+        follower = follow(model, world)
     except RankLost as exc:
         log.error("%s: rank 0 is gone (%s); stopping", world.describe(), exc)
         return 1
-    log.info("%s: rank 0 stopped the engine after %d forward calls", world.describe(), follower.calls)
+    if follower is not None:
+        log.info("%s: rank 0 stopped the engine after %d forward calls", world.describe(), follower.calls)
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from server.config import DISTRIBUTED_BACKENDS, DTYPES, ENGINES, PREFILL_BUCKETS
+from server.config import DISTRIBUTED_BACKENDS, DTYPES, ENGINES, PREFILL_BUCKETS, SPLITS
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +113,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DISTRIBUTED_BACKENDS,
         help="under mlx.launch: the mx.distributed backend the ranks join (ring, jaccl, nccl, mpi; default any: "
         "the first that starts); the first chat model is split over the ranks, rank 0 serves HTTP",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="under mlx.launch: how the model is split over the ranks: tensor (every layer's heads and MLP "
+        "divided, mlx-lm's model.shard), pipeline (runs of whole layers per rank, mlx-lm's model.pipeline) or "
+        "auto (default: tensor where the model has it and its heads divide evenly, else pipeline)",
     )
     parser.add_argument(
         "--rank-timeout",

@@ -1,6 +1,6 @@
 """One rank of tests/test_distributed.py's engine check, started by `mlx.launch` (not collected by pytest).
 
-    mlx.launch --backend ring -n 2 --python PY tests/distributed_ranks.py MODEL_DIR OUT_JSON
+    mlx.launch --backend ring -n 2 --python PY tests/distributed_ranks.py MODEL_DIR OUT_JSON [SPLIT]
 
 Rank 0 first runs the requests on an unsharded copy of the model (the single-process engine, no collectives),
 then on its shard of the model with an Engine whose other ranks follow (`Engine(..., channel=...)`), and
@@ -82,6 +82,7 @@ def run_all(engine: Engine, tag: str) -> dict[str, list[list[int]]]:
 
 def main() -> int:
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    split = sys.argv[3] if len(sys.argv) > 3 else "auto"
     world = join("ring")
     model, tokenizer = load_chat_model(model_dir, "float32")
     if world.rank == 0:
@@ -90,10 +91,12 @@ def main() -> int:
         reference.start()
         single = run_all(reference, "single")
         reference.shutdown()
-    shard = shard_model(model, world)
+    shard = shard_model(model, world, split)
     if world.rank != 0:
-        follower = follow(model, CONFIG, world)
-        print(f"rank {world.rank}: followed {follower.calls} calls", flush=True)
+        follower = follow(model, world)
+        assert follower is not None
+        blocks = follower.runner.store.num_blocks
+        print(f"rank {world.rank}: followed {follower.calls} calls over {blocks} blocks", flush=True)
         return 0
     engine = Engine(model, tokenizer, CONFIG, channel=StepChannel(world.group))
     engine.start()

@@ -138,10 +138,12 @@ def tiny_model_dir(
     eos_token: str | None = None,
     added: tuple[str, ...] = (),
     seed: int = 0,
+    config_extra: dict[str, Any] | None = None,
 ) -> Path:
     """An mlx-lm model directory: a tiny random-weight `model_type` model over a real vocabulary and
     chat template. `eos_token` overrides the vocabulary's EOS (Qwen chat models end turns with
-    `<|im_end|>`); `added` fills Qwen's added tokens in (`QWEN25_ADDED`, `QWEN3_ADDED`)."""
+    `<|im_end|>`); `added` fills Qwen's added tokens in (`QWEN25_ADDED`, `QWEN3_ADDED`); `config_extra`
+    adds or overrides config.json keys."""
     import importlib
 
     from mlx.utils import tree_flatten
@@ -178,6 +180,7 @@ def tiny_model_dir(
         config["head_dim"] = 16
     if eos_token is not None:
         config["eos_token_id"] = tokenizer.token_to_id(eos_token)
+    config.update(config_extra or {})
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))

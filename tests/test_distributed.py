@@ -1,6 +1,7 @@
 """One model over two ranks (`mlx.launch --backend ring` on loopback, as a user launches it): tensor-parallel
-greedy outputs equal the single-process engine's, token for token, for tiny random Llama and Qwen3 models; a
-rank that dies ends rank 0's engine with an "unavailable" error rather than a hang.
+greedy outputs equal the single-process engine's, token for token, for tiny random Llama and Qwen3 models, and
+pipeline-parallel ones for a tiny random Ministral 3 (mlx-lm's models with `model.pipeline`); a rank that dies
+ends rank 0's engine with an "unavailable" error rather than a hang.
 
 Two processes on this machine's two cores share them: this proves correctness, not speed.
 """
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,16 @@ from tests.real_vocab import QWEN3_ADDED, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
+MINISTRAL3 = {  # Ministral 3's config keys beyond tiny_model_dir's (untied: tied, a tiny one repeats its input)
+    "head_dim": 16,
+    "tie_word_embeddings": False,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "llama_4_scaling_beta": 0.1,
+        "original_max_position_embeddings": 4096,
+    },
+}
 
 
 def launch(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -49,6 +61,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             eos_token="<|im_end|>",
             added=QWEN3_ADDED,
         ),
+        "ministral3": tiny_model_dir(
+            root / "ministral3",
+            vocab="gpt-2",
+            template="mistralai-Mistral-Nemo-Instruct-2407",
+            model_type="ministral3",
+            config_extra={**MINISTRAL3, "num_hidden_layers": 3},  # uneven: rank 0 runs two, rank 1 one
+        ),
     }
 
 
@@ -65,3 +84,87 @@ def test_tensor_parallel_greedy_equals_one_process(models: dict[str, Path], fami
     assert "tensor parallel, rank 0 of 2: 2 attention heads and 1 KV heads" in result["shard"]
     assert result["prompt_tokens_reused"] > 0  # shared prefix blocks and the conversation's turn hit the pool
     assert "rank 1: followed" in done.stdout
+
+
+def test_pipeline_parallel_greedy_equals_one_process(models: dict[str, Path], tmp_path: Path) -> None:
+    """Rank 1 runs the first layer and sends its hidden state to rank 0, which runs the other two; every KV block
+    holds each rank's own layers, and the follower holds exactly rank 0's number of blocks (its layers alone
+    would fit twice as many in the same memory)."""
+    out = tmp_path / "result.json"
+    done = launch(ROOT / "tests" / "distributed_ranks.py", str(models["ministral3"]), str(out), "pipeline")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["sharded"] == result["single"]
+    assert set(result["single"]) == {"0", "1", "2", "3", "n2", "turn2", "long"}
+    assert len(set(result["single"]["0"][0])) > 3  # a sequence of varied tokens: wrong KV would show
+    assert "pipeline parallel, rank 0 of 2: layers 1-2 of 3" in result["shard"]
+    assert result["prompt_tokens_reused"] > 0
+    assert "rank 1: followed" in done.stdout
+    assert f"calls over {result['blocks']} blocks" in done.stdout
+
+
+class FakeGroup:
+    """What mlx-lm's `model.pipeline` reads of a group: this rank and the size."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_split_choice_and_its_refusals() -> None:
+    """auto takes tensor parallelism where heads divide, else pipeline; a split the model cannot take is refused
+    with the reason (no collective runs: the group is a stand-in, and tensor splits are not made here)."""
+    import importlib
+
+    from server.engine.world import World, shard_model
+
+    def ministral(heads: int, kv_heads: int, layers: int = 3) -> Any:
+        module = importlib.import_module("mlx_lm.models.ministral3")
+        config = {
+            "model_type": "ministral3",
+            "hidden_size": 48,
+            "num_hidden_layers": layers,
+            "intermediate_size": 96,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": 100,
+            **MINISTRAL3,
+        }
+        return module.Model(module.ModelArgs.from_dict(config))
+
+    world = World(rank=0, size=2, backend="ring", group=FakeGroup(0, 2))
+    shard = shard_model(ministral(heads=3, kv_heads=3), world)  # 3 heads do not split over 2: pipeline
+    assert shard.mode == "pipeline" and shard.layers == (1, 3) and shard.num_layers == 3
+    assert shard.describe() == (
+        "pipeline parallel, rank 0 of 2: layers 1-2 of 3 (3 attention heads and 3 KV heads each)"
+    )
+    follower = shard_model(ministral(heads=3, kv_heads=3), World(1, 2, "ring", FakeGroup(1, 2)), "pipeline")
+    assert follower.layers == (0, 1)
+    with pytest.raises(ValueError, match="attention heads 3, KV heads 3 not divisible by 2 ranks"):
+        shard_model(ministral(heads=3, kv_heads=3), world, "tensor")
+    with pytest.raises(ValueError, match="2 layers cannot go to 3 ranks"):
+        shard_model(ministral(heads=3, kv_heads=3, layers=2), World(0, 3, "ring", FakeGroup(0, 3)), "pipeline")
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs.from_dict(
+        {
+            "model_type": "llama",
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "intermediate_size": 96,
+            "num_attention_heads": 3,
+            "num_key_value_heads": 3,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": 100,
+        }
+    )
+    with pytest.raises(ValueError, match="not divisible.*no pipeline split"):
+        shard_model(llama.Model(args), world)  # neither split fits: both reasons
+    with pytest.raises(ValueError, match="unknown split"):
+        shard_model(llama.Model(args), world, "diagonal")

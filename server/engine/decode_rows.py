@@ -319,6 +319,15 @@ class RowLayerCache:
     def is_trimmable(self) -> bool:
         return False
 
+    # see PagedLayerCache.keys: a pipeline-parallel model ties the hidden state it sends on to these
+    @property
+    def keys(self) -> mx.array:
+        return self.rows.keys[self.layer]
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        self.rows.keys[self.layer] = value
+
     @property
     def state(self) -> tuple[mx.array, mx.array]:
         return self.rows.keys[self.layer], self.rows.values[self.layer]

@@ -34,7 +34,7 @@ from server.engine.detokenizer import IdsToText
 from server.engine.event_buffer import LoopWakers
 from server.engine.in_flight import RequestsInFlight
 from server.engine.kv_manager import WRITE_BACK_EVERY, KVCacheManager
-from server.engine.mirrored_runner import MirroredRunner
+from server.engine.mirrored_runner import MirroredRunner, open_followers
 from server.engine.model_limits import (
     ModelLimits,
     model_context_length,
@@ -108,6 +108,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = resolved_config(config or EngineConfig(), on_gpu=mx.default_device().type == mx.DeviceType.gpu)
+        if channel is not None:
+            open_followers(channel)  # they probe the model with this rank, then size their stores as it says
         self.store = KVStore.for_model(model, self.config.block_size, self.config.kv_cache_gb, self.config.num_blocks)
         shape, num_blocks, bs = self.store.shape, self.store.num_blocks, self.config.block_size
         self.pool = BlockPool(num_blocks, bs)

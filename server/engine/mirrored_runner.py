@@ -62,6 +62,21 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(RunnerCall)
 
 
+def receive_call(channel: StepChannel) -> RunnerCall:
+    """The next call rank 0 sends."""
+    return _decoder.decode(channel.receive())
+
+
+def open_followers(channel: StepChannel) -> None:
+    """Tell the followers an engine is being built: they probe the model along with rank 0 (follower.py)."""
+    channel.send(_encoder.encode(RunnerCall("open")))
+
+
+def close_world(channel: StepChannel) -> None:
+    """Tell followers waiting for an engine that none will come (they return from `follow`)."""
+    channel.send(_encoder.encode(RunnerCall("exit")))
+
+
 def _state(seq: Sequence, first: int, count: int) -> SequenceState:
     tokens = [seq.token_at(p) for p in range(first, first + count)]
     return SequenceState(
@@ -78,8 +93,10 @@ class MirroredRunner(ModelRunner):
     """Rank 0's runner: tells the followers each call, then makes it."""
 
     def __init__(self, model: Any, store: KVStore, channel: StepChannel, prefill_buckets: bool = False) -> None:
+        """After `open_followers` and the probe: sends the followers this store's size, to build theirs alike."""
         super().__init__(model, store, prefill_buckets)
         self.channel = channel
+        self._tell(RunnerCall("store", counts=[store.num_blocks, store.block_size, int(prefill_buckets)]))
 
     def _tell(self, call: RunnerCall) -> None:
         self.channel.send(_encoder.encode(call))
@@ -168,7 +185,7 @@ class RunnerFollower:
     def run(self) -> None:
         """Follow until rank 0 says stop; RankLost when rank 0 (or the link) is gone."""
         while True:
-            call = _decoder.decode(self.channel.receive())
+            call = receive_call(self.channel)
             if call.method == "stop":
                 log.info("rank 0 stopped the engine after %d calls", self.calls)
                 return

@@ -208,6 +208,16 @@ class PagedLayerCache:
     def is_trimmable(self) -> bool:
         return False
 
+    # a pipeline-parallel mlx-lm model ties the hidden state a rank sends on to its last layer's keys
+    # (`cache[-1].keys = mx.depends(cache[-1].keys, h)`), so that evaluating the KV runs the send
+    @property
+    def keys(self) -> mx.array:
+        return self.store.keys[self.layer]
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        self.store.keys[self.layer] = value
+
     @property
     def state(self) -> tuple[mx.array, mx.array]:
         return self.store.keys[self.layer], self.store.values[self.layer]

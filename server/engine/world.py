@@ -4,9 +4,14 @@
 `jaccl` between Macs over Thunderbolt RDMA, `nccl` on NVIDIA GPUs, `mpi`) and
 tells each its rank in the environment (`MLX_RANK`, plus the backend's own
 variables). MLX's own `mx.distributed` is the communication layer: this module
-joins its group and asks mlx-lm to split the model (`model.shard(group)`:
+joins its group and asks mlx-lm to split the model: `model.shard(group)`,
 tensor parallelism, each rank holding its share of every layer's heads and MLP
-columns, the partial results summed across ranks inside the forward).
+columns, the partial results summed across ranks inside the forward; or
+`model.model.pipeline(group)`, pipeline parallelism, each rank holding a run of
+whole layers (the last rank the first layers, rank 0 the last), the hidden
+state sent from rank to rank and the result gathered to all. Tensor parallelism
+is taken where the model has it and its heads divide evenly, else pipeline
+(`--split` chooses).
 
 Rank 0 (the leader) runs the HTTP side and the scheduler; the other ranks
 (followers) run the same forward passes in lock step (`mirrored_runner.py`).
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 BACKENDS = ("any", "ring", "jaccl", "nccl", "mpi")
+SPLITS = ("auto", "tensor", "pipeline")
 LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # set by mlx.launch / mpirun for each rank
 
 
@@ -78,39 +84,74 @@ def join(backend: str = "any") -> World:
 class Shard:
     """What one rank holds of the model."""
 
-    mode: str  # "tensor"
+    mode: str  # "tensor" or "pipeline"
     rank: int
     size: int
     attention_heads: int  # this rank's query heads per layer
     kv_heads: int  # this rank's KV heads per layer (its share of every KV block)
+    layers: tuple[int, int] | None = None  # pipeline: the layers [start, end) this rank runs, of...
+    num_layers: int = 0  # ...the model's
 
     def describe(self) -> str:
+        if self.mode == "pipeline" and self.layers is not None:
+            start, end = self.layers
+            return (
+                f"pipeline parallel, rank {self.rank} of {self.size}: layers {start}-{end - 1} of {self.num_layers} "
+                f"({self.attention_heads} attention heads and {self.kv_heads} KV heads each)"
+            )
         return (
             f"{self.mode} parallel, rank {self.rank} of {self.size}: {self.attention_heads} attention heads and "
             f"{self.kv_heads} KV heads per layer"
         )
 
 
-def shard_model(model: Any, world: World) -> Shard:
-    """Split `model` over the world by tensor parallelism (mlx-lm's `shard`), after checking it divides evenly."""
+def _tensor_split_problem(model: Any, size: int) -> str | None:
+    """Why `model` cannot be split by tensor parallelism over `size` ranks, or None."""
     if not hasattr(model, "shard"):
-        raise ValueError(
-            f"{type(model).__module__} has no tensor-parallel split in mlx-lm (`shard`); serve it on one rank"
-        )
+        return f"{type(model).__module__} has no tensor-parallel split in mlx-lm (`shard`)"
     args = getattr(model, "args", None)
     heads = int(getattr(args, "num_attention_heads", 0) or 0)
     kv_heads = int(getattr(args, "num_key_value_heads", 0) or heads)
     intermediate = int(getattr(args, "intermediate_size", 0) or 0)
     uneven = [
         f"{name} {value}"
-        for name, value in (
-            ("attention heads", heads),
-            ("KV heads", kv_heads),
-            ("intermediate size", intermediate),
-        )
-        if value and value % world.size
+        for name, value in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", intermediate))
+        if value and value % size
     ]
-    if uneven:
-        raise ValueError(f"cannot split the model over {world.size} ranks: {', '.join(uneven)} not divisible")
-    model.shard(world.group)
-    return Shard("tensor", world.rank, world.size, heads // world.size, kv_heads // world.size)
+    return f"{', '.join(uneven)} not divisible by {size} ranks" if uneven else None
+
+
+def _pipeline_split_problem(model: Any, size: int) -> str | None:
+    """Why `model` cannot be split by pipeline parallelism over `size` ranks, or None."""
+    body: Any = getattr(model, "model", None)
+    if not hasattr(body, "pipeline"):
+        return f"{type(model).__module__} has no pipeline split in mlx-lm (`model.pipeline`)"
+    if len(body.layers) < size:
+        return f"{len(body.layers)} layers cannot go to {size} ranks"
+    return None
+
+
+def shard_model(model: Any, world: World, split: str = "auto") -> Shard:
+    """Split `model` over the world: tensor parallelism (mlx-lm's `shard`) or pipeline parallelism (its
+    `model.pipeline`), as `split` says; `auto` takes tensor parallelism where it divides evenly, else
+    pipeline. ValueError saying why when the model cannot be split that way."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    args = getattr(model, "args", None)
+    heads = int(getattr(args, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(args, "num_key_value_heads", 0) or heads)
+    tensor = _tensor_split_problem(model, world.size)
+    pipeline = _pipeline_split_problem(model, world.size)
+    mode = split
+    if split == "auto":
+        mode = "tensor" if tensor is None else "pipeline" if pipeline is None else ""
+    problem = {"tensor": tensor, "pipeline": pipeline}.get(mode, f"{tensor}; {pipeline}")
+    if problem is not None:
+        raise ValueError(f"cannot split the model over {world.size} ranks: {problem}; serve it on one rank")
+    if mode == "tensor":
+        model.shard(world.group)
+        return Shard("tensor", world.rank, world.size, heads // world.size, kv_heads // world.size)
+    body = model.model
+    num_layers = len(body.layers)
+    body.pipeline(world.group)
+    return Shard("pipeline", world.rank, world.size, heads, kv_heads, (body.start_idx, body.end_idx), num_layers)
