@@ -14,6 +14,7 @@ from server.models.cache import ModelCache
 from server.models.defaults import SMOLLM2, fetch_member
 from server.registry import ModelRegistry
 from tests.services import PostgresServer, find_postgres_bindir, require_service
+from tests.split_engine import SPLIT_ENGINE, SplitEngine
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,12 @@ def registry(model_cache: ModelCache) -> ModelRegistry:
     build_registry(reg, Settings(cache_dir=model_cache.root))
     assert reg.ready, reg.failure
     return reg
+
+
+@pytest.fixture(scope="session")
+def split_engine(request: pytest.FixtureRequest) -> SplitEngine | None:
+    """Set only when tests/distributed_pytest.py runs tests on rank 0 of a world (tests/split_engine.py)."""
+    return request.config.stash.get(SPLIT_ENGINE, None)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ Two processes on this machine's two cores share them: this proves correctness, n
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -168,3 +169,25 @@ def test_split_choice_and_its_refusals() -> None:
         shard_model(llama.Model(args), world)  # neither split fits: both reasons
     with pytest.raises(ValueError, match="unknown split"):
         shard_model(llama.Model(args), world, "diagonal")
+
+
+# the seed's engine tests that need SmolLM2's own answers: "Paris" for the capital of France, and prompts whose
+# token counts fill its 6-block pool (that one also builds an engine of its own, in one process)
+NEEDS_SMOLLM2 = "not test_stop_string_is_not_emitted and not test_pool_exhaustion_fails_cleanly"
+
+
+def test_seed_engine_tests_pass_against_rank_0(models: dict[str, Path]) -> None:
+    """tests/integration/test_batch_engine.py with its shared engine on rank 0 of two ranks, over the tiny Llama's
+    shard (SmolLM2's 9 heads do not split in two): its comparisons with mlx-lm run on the whole model."""
+    done = launch(
+        ROOT / "tests" / "distributed_pytest.py",
+        str(models["llama"]),
+        NEEDS_SMOLLM2,
+        "tests/integration/test_batch_engine.py",
+        timeout=900,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert "tensor parallel, rank 0 of 2" in output
+    assert re.search(r"\b22 passed, 2 deselected", output) and " failed" not in output, output[-3000:]
+    assert "rank 1: followed 1 engines" in output

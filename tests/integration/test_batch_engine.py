@@ -18,6 +18,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.errors import InvalidRequestError
 from server.registry import ModelRegistry
+from tests.split_engine import SplitEngine
 
 BS = 16
 SYSTEM = (
@@ -27,16 +28,23 @@ SYSTEM = (
 
 
 @pytest.fixture(scope="module")
-def smol(registry: ModelRegistry) -> tuple[Any, Any]:
+def smol(request: pytest.FixtureRequest, split_engine: SplitEngine | None) -> tuple[Any, Any]:
+    """SmolLM2-135M; run on rank 0 of a world (tests/distributed_pytest.py), the split model's whole copy."""
+    if split_engine is not None:
+        return split_engine.reference
+    registry: ModelRegistry = request.getfixturevalue("registry")
     served = registry.get("smollm2-135m-instruct")
     return served.model, served.tokenizer
 
 
 @pytest.fixture(scope="module")
-def engine(smol: tuple[Any, Any]) -> Iterator[Engine]:
+def engine(smol: tuple[Any, Any], split_engine: SplitEngine | None) -> Iterator[Engine]:
+    """The engine most tests share; run on rank 0 of a world, one over the model's shard whose other ranks follow
+    (the engines single tests build for themselves stay in this process)."""
     model, tokenizer = smol
     # decode_ahead on: the overlapped greedy path (the default on GPUs) must be exact too
-    eng = Engine(model, tokenizer, EngineConfig(block_size=BS, num_blocks=256, decode_ahead=True))
+    config = EngineConfig(block_size=BS, num_blocks=256, decode_ahead=True)
+    eng = Engine(model, tokenizer, config) if split_engine is None else split_engine.engine(config)
     eng.start()
     yield eng
     eng.shutdown()
