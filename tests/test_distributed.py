@@ -9,8 +9,8 @@ Two processes on this machine's two cores share them: this proves correctness, n
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
