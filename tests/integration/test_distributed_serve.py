@@ -5,6 +5,8 @@ rank 0 serves HTTP and the first chat model is split over both ranks (tensor par
 - The conformance kit passes against rank 0 (its fine-tuning checks aside: a split model is not fine-tuned, and
   the server says so with a 400; and its tool and JSON checks, which need a model that follows instructions).
 - `/metrics` and the start-up log name the world and each rank's shard.
+- The models that are not split (another chat model, an embedding model) serve on rank 0, and the other chat
+  model is fine-tuned there and its fine-tuned model answers.
 - A rank that dies mid-stream ends the stream with an error, and rank 0's `/ready` answers 503 naming the lost
   rank. Under mlx.launch the launcher then stops rank 0 as well (its rule when a rank exits non-zero), so that
   test starts the two ranks itself with the environment mlx.launch gives them (MLX_RANK, MLX_HOSTFILE), as a
@@ -27,6 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.models.cache import ModelCache
+from server.models.defaults import MINILM
 from tests.real_vocab import tiny_model_dir
 from tests.serving import alive, free_port, run_conformance_kit
 
@@ -119,15 +123,32 @@ def single(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def launched(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
-    """`mlx.launch --backend ring -n 2 -- mlx-dropin serve ...`."""
+def rank_0_models(tmp_path_factory: pytest.TempPathFactory, model_cache: ModelCache) -> list[str]:
+    """`--model` flags of what the split model's ranks serve besides it, all on rank 0: another chat model
+    (fine-tuned in a test below) and the default embedding model."""
+    other = tiny_model_dir(
+        tmp_path_factory.mktemp("other") / "llama",
+        vocab="gpt-2",
+        template="mistralai-Mistral-Nemo-Instruct-2407",
+        model_type="llama",
+        seed=1,
+    )
+    minilm = model_cache.ready(MINILM.id)
+    assert minilm is not None, "the default embedding model is not in the cache (the registry fixture fetches it)"
+    return ["--model", f"other={other}", "--model", f"emb={minilm}"]
+
+
+@pytest.fixture(scope="module")
+def launched(model_dir: Path, rank_0_models: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launch]:
+    """`mlx.launch --backend ring -n 2 -- mlx-dropin serve ...`: `tiny` (the first chat model) split over both
+    ranks, `other` and `emb` on rank 0."""
     root = tmp_path_factory.mktemp("launched")
     port = free_port()
     log = root / "launch.log"
     command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [*command, *serve_args(model_dir, root, port)],
+            [*command, *serve_args(model_dir, root, port), *rank_0_models],
             cwd=ROOT,
             env=clean_env(),
             stdin=subprocess.PIPE,  # mlx.launch polls its stdin: at EOF (/dev/null) that loop spins a core
@@ -232,6 +253,42 @@ def test_a_split_model_is_not_fine_tuned(launched: Launch) -> None:
         base + "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": upload.json()["id"]}, timeout=30
     )
     assert job.status_code == 400 and "split over 2 ranks" in job.json()["error"]["message"]
+
+
+def test_embeddings_and_fine_tuning_work_on_rank_0(launched: Launch) -> None:
+    """The models that are not split run on rank 0 as on one machine: embeddings answer, and the other chat
+    model is fine-tuned and its fine-tuned model answers, while the split model keeps answering."""
+    base = launched.base
+    vectors = httpx.post(base + "/v1/embeddings", json={"model": "emb", "input": ["a", "b c"]}, timeout=60)
+    assert vectors.status_code == 200, vectors.text
+    assert [len(item["embedding"]) for item in vectors.json()["data"]] == [384, 384]
+    lines = b"".join(
+        b'{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", "content": "a%d"}]}\n' % (i, i)
+        for i in range(10)
+    )
+    upload = httpx.post(
+        base + "/v1/files", files={"file": ("t.jsonl", lines)}, data={"purpose": "fine-tune"}, timeout=30
+    )
+    assert upload.status_code == 200, upload.text
+    body = {"model": "other", "training_file": upload.json()["id"], "hyperparameters": {"n_epochs": 1}}
+    job = httpx.post(base + "/v1/fine_tuning/jobs", json=body, timeout=30)
+    assert job.status_code == 200, job.text
+    deadline = time.monotonic() + 300
+    while (state := httpx.get(f"{base}/v1/fine_tuning/jobs/{job.json()['id']}", timeout=10).json())["status"] not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state["status"] == "succeeded", state
+    for model in (state["fine_tuned_model"], "tiny"):
+        answer = httpx.post(
+            base + "/v1/chat/completions",
+            json={**CHAT, "model": model, "messages": [{"role": "user", "content": "q1"}]},
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
 
 
 @pytest.mark.parametrize("fault", ["dies", "hangs"])
