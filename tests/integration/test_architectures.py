@@ -15,6 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from server.engine.engine import Engine, EngineConfig
 from server.engine.paged_cache import KVStore, probe_kv_shape, slot_ids
+from server.engine.prefill_buckets import PrefillShape, padded_shape
 from server.engine.request import GenerationRequest
 from server.engine.runner import ModelRunner, padded_batches, prefill_groups
 from server.engine.sampling import SamplingParams, SequenceSampler
@@ -133,21 +134,25 @@ def _sequence(name: str, prompt: list[int], block_ids: list[int], computed: int)
     return seq
 
 
+@pytest.mark.parametrize("buckets", [False, True], ids=["exact", "bucketed"])
 @pytest.mark.parametrize("model_type", list(CONFIGS))
-def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str) -> None:
+def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str, buckets: bool) -> None:
     """Rows of different offsets and chunk lengths prefilled together (one forward, the shorter chunks
     padded, a boolean mask, per-row RoPE offsets, the sliding window) store the same K/V as each row
-    alone, and the padding never lands in any sequence's slots."""
+    alone, and the padding never lands in any sequence's slots. Bucketed (prefill_buckets.py, CUDA's
+    default): the forward runs 32 tokens over 48 keys instead of 30 over 38 (padded rows: test_prefill_buckets)."""
     model = build(model_type)
     bs = 8
     prompts = [[(i * 7919 + k * 31) % 5000 + 100 for i in range(length)] for k, length in enumerate((30, 22, 41))]
     starts = [0, 8, 5]  # the second and third rows resume after KV computed earlier
     chunks = [29, 13, 30]  # different lengths: one forward of 30, two rows padded
     tables = [list(range(6)), list(range(6, 12)), list(range(12, 18))]
+    if buckets:
+        assert padded_shape(3, 30, 38) == PrefillShape(3, 32, 48)
     stores = []
     for batched in (False, True):
         store = KVStore(probe_kv_shape(model), num_blocks=18, block_size=bs)
-        runner = ModelRunner(model, store)
+        runner = ModelRunner(model, store, prefill_buckets=buckets and batched)
         seqs = [_sequence(f"s{k}", p, t, 0) for k, (p, t) in enumerate(zip(prompts, tables))]
         for seq, start in zip(seqs, starts):  # the earlier KV, computed alone on both sides
             if start:

@@ -123,18 +123,20 @@ def test_a_resumed_turn_pads_its_key_width_and_matches_mlx_lm(
 
 
 def test_bucketed_prefill_writes_the_same_kv_as_unpadded_prefill(smol: tuple[Any, Any]) -> None:
-    """The same chunks (fresh rows of different lengths, and rows resuming after context) prefilled with
-    and without buckets leave the same K/V in every real slot."""
+    """The same chunks (five fresh rows of similar lengths, padded to six rows, and rows resuming after context,
+    their keys padded) prefilled with and without buckets leave the same K/V in every real slot."""
     model = smol[0]
     params = SamplingParams(max_tokens=1)
-    lengths, resumed_at = [37, 50, 9, 120, 64], [0, 0, 0, 80, 31]
+    lengths, resumed_at = [37, 40, 35, 38, 36, 120, 64], [0, 0, 0, 0, 0, 80, 31]
     stores = []
     for buckets in (False, True):
         store = KVStore.for_model(model, BS, 1.0, num_blocks=64)
         runner = ModelRunner(model, store, buckets)
+        log = ShapeLog(runner)
         seqs, first = [], 0
-        for i, (n, start) in enumerate(zip(lengths, resumed_at)):
-            seq = Sequence(f"s{i}", 0, [(7 * i + 13 * j) % 40000 + 5 for j in range(n + 1)], params, None, None, 1)  # type: ignore[arg-type]
+        for i, n in enumerate(lengths):
+            tokens = [(7 * i + 13 * j) % 40000 + 5 for j in range(n + 1)]
+            seq = Sequence(f"s{i}", 0, tokens, params, None, None, 1)  # type: ignore[arg-type]
             blocks = -(-(n + 1) // BS)
             seq.block_ids, first = list(range(first, first + blocks)), first + blocks
             seqs.append(seq)
@@ -142,9 +144,12 @@ def test_bucketed_prefill_writes_the_same_kv_as_unpadded_prefill(smol: tuple[Any
         runner.prefill_rows(context)
         for seq, start in context:
             seq.num_computed_tokens = start
+        log.shapes.clear()
         runner.prefill_rows([(s, n - start) for s, n, start in zip(seqs, lengths, resumed_at)])
-        stores.append((store, seqs))
-    (plain, seqs), (padded, _) = stores
+        stores.append((store, seqs, log.shapes))
+    (plain, seqs, exact), (padded, _, bucketed) = stores
+    assert PrefillShape(5, 40, 40) in exact and PrefillShape(6, 48, 48) in bucketed  # padded rows, tokens
+    assert any(s.width > s.tokens and s.width == bucket(s.width) for s in bucketed)  # resumed: padded keys
     worst = 0.0
     for seq, n in zip(seqs, lengths):
         slots = mx.array(slot_ids(seq.block_ids, 0, n, BS))
