@@ -30,6 +30,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def ring_launch(ranks: int = 2) -> list[str]:
+    """`mlx.launch --backend ring -n RANKS --python PY` on loopback ports found free now: its default ports
+    (32323 and up) are the same for every launch, and a launch right after another could find them still
+    held by the last one's ranks. It polls its stdin: give it an open pipe, not /dev/null (at EOF it spins)."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + ranks < 65536 and all(_port_free(base + i) for i in range(ranks)):
+            break
+    return [
+        str(launcher),
+        "--backend",
+        "ring",
+        "-n",
+        str(ranks),
+        "--starting-port",
+        str(base),
+        "--python",
+        sys.executable,
+    ]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie (Linux /proc)."""
     try:

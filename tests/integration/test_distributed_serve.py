@@ -32,10 +32,9 @@ import pytest
 from server.models.cache import ModelCache
 from server.models.defaults import MINILM
 from tests.real_vocab import tiny_model_dir
-from tests.serving import alive, free_port, run_conformance_kit
+from tests.serving import alive, free_port, ring_launch, run_conformance_kit
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = Path(sys.executable).with_name("mlx.launch")
 COMMAND = Path(sys.executable).with_name("mlx-dropin")
 CHAT = {"model": "tiny", "temperature": 0, "max_tokens": 10}
 PROMPTS = ["Say something.", "Count to five.", "Name a colour and a fruit, please, in a short sentence."]
@@ -145,7 +144,7 @@ def launched(model_dir: Path, rank_0_models: list[str], tmp_path_factory: pytest
     root = tmp_path_factory.mktemp("launched")
     port = free_port()
     log = root / "launch.log"
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable]
+    command = ring_launch(2)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [*command, *serve_args(model_dir, root, port), *rank_0_models],

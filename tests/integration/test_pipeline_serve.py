@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from tests.integration.test_distributed_serve import (
-    LAUNCH,
     ROOT,
     Launch,
     chat_all,
@@ -26,7 +25,7 @@ from tests.integration.test_distributed_serve import (
     wait_ready,
 )
 from tests.real_vocab import tiny_model_dir
-from tests.serving import free_port
+from tests.serving import free_port, ring_launch
 from tests.test_distributed import MINISTRAL3
 
 
@@ -56,7 +55,7 @@ def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     one_root, split_root = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("split")
     one_port, split_port = free_port(), free_port()
     one, one_log = start([sys.executable, *serve_args(model_dir, one_root, one_port)], one_root, one_port)
-    launcher = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable]
+    launcher = ring_launch(2)
     split, split_log = start(
         [*launcher, *serve_args(model_dir, split_root, split_port), "--split", "pipeline"], split_root, split_port
     )
