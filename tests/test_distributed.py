@@ -33,6 +33,17 @@ MINISTRAL3 = {  # Ministral 3's config keys beyond tiny_model_dir's (untied: tie
 }
 
 
+def ministral3_dir(out: Path, layers: int) -> Path:
+    """A tiny random Ministral 3 (a model mlx-lm splits by pipeline) over GPT-2's vocabulary."""
+    return tiny_model_dir(
+        out,
+        vocab="gpt-2",
+        template="mistralai-Mistral-Nemo-Instruct-2407",
+        model_type="ministral3",
+        config_extra={**MINISTRAL3, "num_hidden_layers": layers},
+    )
+
+
 def launch(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`mlx.launch --backend ring -n 2` of one of this directory's rank scripts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
@@ -61,13 +72,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             eos_token="<|im_end|>",
             added=QWEN3_ADDED,
         ),
-        "ministral3": tiny_model_dir(
-            root / "ministral3",
-            vocab="gpt-2",
-            template="mistralai-Mistral-Nemo-Instruct-2407",
-            model_type="ministral3",
-            config_extra={**MINISTRAL3, "num_hidden_layers": 3},  # uneven: rank 0 runs two, rank 1 one
-        ),
+        "ministral3": ministral3_dir(root / "ministral3", layers=3),  # uneven: rank 0 runs two, rank 1 one
     }
 
 

@@ -72,8 +72,8 @@ class KVStore:
 
     @classmethod
     def for_model(cls, model: Any, block_size: int, kv_cache_gb: float, num_blocks: int | None = None) -> KVStore:
-        """The model's store: `num_blocks` blocks, else as many as `kv_cache_gb` holds. On a rank of a world it
-        holds that rank's heads, and every rank derives the same block count from the same settings."""
+        """The model's store: `num_blocks` blocks, else as many as `kv_cache_gb` holds. On rank 0 of a world it
+        holds rank 0's share of every block; the other ranks take its block count (follower.py)."""
         shape = probe_kv_shape(model)
         count = num_blocks or max(1, int(kv_cache_gb * (1 << 30)) // (shape.bytes_per_token * block_size))
         return cls(shape, count, block_size)

@@ -106,7 +106,8 @@ def warm_shapes(max_rows: int, budget: int, shared_prefix: int, block_size: int)
     shapes = fresh_shapes(max_rows, budget)
     cached = shared_prefix // block_size * block_size
     if cached:
-        shapes += [s for s in after_prefix(shapes, cached) if s not in set(shapes)]
+        fresh = set(shapes)
+        shapes += [s for s in after_prefix(shapes, cached) if s not in fresh]
     return shapes
 
 

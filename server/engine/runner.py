@@ -124,11 +124,10 @@ class ModelRunner:
         starts = [seq.num_computed_tokens for seq, _ in batch]
         for (seq, n), start in zip(batch, starts):
             assert start + n <= seq.num_tokens - 1, "prefill must leave the last token to decode"
-        rows, step = (
-            [seq.token_ids[start : start + n] for (seq, n), start in zip(batch, starts)],
-            max(n for _, n in batch),
-        )
-        tables, width = [seq.block_ids for seq, _ in batch], max(starts) + step
+        rows = [seq.token_ids[start : start + n] for (seq, n), start in zip(batch, starts)]
+        tables = [seq.block_ids for seq, _ in batch]
+        step = max(n for _, n in batch)
+        width = max(starts) + step
         if self.prefill_buckets:
             shape = padded_shape(len(rows), step, width)
             step, width = shape.tokens, shape.width

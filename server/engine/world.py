@@ -105,14 +105,18 @@ class Shard:
         )
 
 
+def _widths(model: Any) -> tuple[int, int, int]:
+    """The model's attention heads, KV heads and MLP intermediate size per layer (0 where its config lacks one)."""
+    args = getattr(model, "args", None)
+    heads = int(getattr(args, "num_attention_heads", 0) or 0)
+    return heads, int(getattr(args, "num_key_value_heads", 0) or heads), int(getattr(args, "intermediate_size", 0) or 0)
+
+
 def _tensor_split_problem(model: Any, size: int) -> str | None:
     """Why `model` cannot be split by tensor parallelism over `size` ranks, or None."""
     if not hasattr(model, "shard"):
         return f"{type(model).__module__} has no tensor-parallel split in mlx-lm (`shard`)"
-    args = getattr(model, "args", None)
-    heads = int(getattr(args, "num_attention_heads", 0) or 0)
-    kv_heads = int(getattr(args, "num_key_value_heads", 0) or heads)
-    intermediate = int(getattr(args, "intermediate_size", 0) or 0)
+    heads, kv_heads, intermediate = _widths(model)
     uneven = [
         f"{name} {value}"
         for name, value in (("attention heads", heads), ("KV heads", kv_heads), ("intermediate size", intermediate))
@@ -137,17 +141,16 @@ def shard_model(model: Any, world: World, split: str = "auto") -> Shard:
     pipeline. ValueError saying why when the model cannot be split that way."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
-    args = getattr(model, "args", None)
-    heads = int(getattr(args, "num_attention_heads", 0) or 0)
-    kv_heads = int(getattr(args, "num_key_value_heads", 0) or heads)
-    tensor = _tensor_split_problem(model, world.size)
-    pipeline = _pipeline_split_problem(model, world.size)
-    mode = split
-    if split == "auto":
-        mode = "tensor" if tensor is None else "pipeline" if pipeline is None else ""
-    problem = {"tensor": tensor, "pipeline": pipeline}.get(mode, f"{tensor}; {pipeline}")
-    if problem is not None:
-        raise ValueError(f"cannot split the model over {world.size} ranks: {problem}; serve it on one rank")
+    problems = {
+        "tensor": _tensor_split_problem(model, world.size),
+        "pipeline": _pipeline_split_problem(model, world.size),
+    }
+    modes = ("tensor", "pipeline") if split == "auto" else (split,)
+    mode = next((m for m in modes if problems[m] is None), None)
+    if mode is None:
+        reasons = "; ".join(problems[m] or "" for m in modes)
+        raise ValueError(f"cannot split the model over {world.size} ranks: {reasons}; serve it on one rank")
+    heads, kv_heads, _ = _widths(model)
     if mode == "tensor":
         model.shard(world.group)
         return Shard("tensor", world.rank, world.size, heads // world.size, kv_heads // world.size)

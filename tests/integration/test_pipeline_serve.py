@@ -24,20 +24,13 @@ from tests.integration.test_distributed_serve import (
     stop,
     wait_ready,
 )
-from tests.real_vocab import tiny_model_dir
 from tests.serving import free_port, ring_launch
-from tests.test_distributed import MINISTRAL3
+from tests.test_distributed import ministral3_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model_dir(
-        tmp_path_factory.mktemp("pipeline") / "ministral3",
-        vocab="gpt-2",
-        template="mistralai-Mistral-Nemo-Instruct-2407",
-        model_type="ministral3",
-        config_extra=MINISTRAL3,
-    )
+    return ministral3_dir(tmp_path_factory.mktemp("pipeline") / "ministral3", layers=2)
 
 
 def start(command: list[str], root: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
