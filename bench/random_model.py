@@ -1,7 +1,8 @@
 """Random-weight models in real architectures' shapes, for benchmarks: built in memory or saved as a model directory.
 
-Shapes: `llama-1b` (Llama-3.2-1B's config) and `smollm2-135m` (the default SmolLM2-135M-Instruct's
-config, read from the model cache). Random weights in a real shape do the same work per token as the
+Shapes: `llama-1b` (Llama-3.2-1B's config), `smollm2-135m` (the default SmolLM2-135M-Instruct's
+config, read from the model cache) and `tiny` (that config cut to two narrow layers: on a CPU its steps
+take milliseconds, so the serving path is what a benchmark of it measures). Random weights in a real shape do the same work per token as the
 trained ones; with EOS banned or ignored, lengths are fixed. `save_model_dir` writes an mlx-lm model
 directory (config.json, model.safetensors and the default SmolLM2 tokenizer's files) that both this
 server and `mlx_lm.server` load with `--model DIR`; its vocabulary is set to the tokenizer's, so every
@@ -38,7 +39,11 @@ LLAMA_1B: dict[str, Any] = {  # Llama-3.2-1B's config (weights random)
         "rope_type": "llama3",
     },
 }
-SHAPES = ("llama-1b", "smollm2-135m")
+# SmolLM2's config cut to two narrow layers: a step costs a few ms even on a CPU, so the serving path
+# around the engine (HTTP, admission, streaming) is what a CPU run of it measures, as on a fast GPU
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+TINY |= {"num_key_value_heads": 2, "head_dim": 16}
+SHAPES = ("llama-1b", "smollm2-135m", "tiny")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _DROPPED_KEYS = ("quantization", "quantization_config", "torch_dtype")
 
@@ -47,9 +52,10 @@ def shape_config(shape: str, tokenizer_dir: Path) -> dict[str, Any]:
     """The config.json of a named shape (`smollm2-135m` is read from the default model's directory)."""
     if shape == "llama-1b":
         return dict(LLAMA_1B)
-    if shape == "smollm2-135m":
+    if shape in ("smollm2-135m", "tiny"):
         config = json.loads((tokenizer_dir / "config.json").read_text())
-        return {k: v for k, v in config.items() if k not in _DROPPED_KEYS}
+        config = {k: v for k, v in config.items() if k not in _DROPPED_KEYS}
+        return config | TINY if shape == "tiny" else config
     raise ValueError(f"unknown shape {shape!r}: {', '.join(SHAPES)}")
 
 

@@ -23,7 +23,9 @@ TTFT p50/p95 = the request's submission (when its client began sending it) -> fi
 content; inter-token p50/p95 = gaps between content chunks divided by the request's mean tokens per
 chunk (a coalescing server sends fewer, larger chunks: tokens/chunk shows it); errors = failed
 requests or requests with fewer tokens than asked.
-Then the ratios ours / engine and ours / mlx_lm and the issue's targets as PASS / FAIL lines. With
+After each round an HTTP side's line names the CPU its server process and each process below it (the
+engine process) used, in cores (Linux); --profile DIR records the server process's Python stacks with
+py-spy during measured rounds (bench/process_cpu.py). Then the ratios ours / engine and ours / mlx_lm and the issue's targets as PASS / FAIL lines. With
 --repeat R every side runs R times, the sides taking turns (ours, engine, ours, engine, ...), and each
 side's best run per N is the one reported (all runs are in the --json file).
 
@@ -57,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from process_cpu import Profiler, cpu_line, tree_cpu  # noqa: E402
 from server_vs_mlxlm import Server, free_port  # noqa: E402  (bench/: start, wait for ready, stop)
 from stream_clients import Stream, run_clients  # noqa: E402
 from stream_report import best_runs, report, side_stats  # noqa: E402
@@ -205,12 +208,24 @@ def run_http_side(server: Server, rounds: list[dict[str, Any]], args: argparse.N
     started = time.perf_counter()
     server.start()
     print(f"  {server.name} ready in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    assert server.proc is not None
+    pid = server.proc.pid
+    profiler = Profiler(Path(args.profile) if args.profile else None)
     try:
         for spec in rounds:
-            records = run_clients(
-                url, bodies(server.model, spec["messages"], spec["max_tokens"], spec["logit_bias"]), args.client_procs
-            )
-            print(f"  {server.name}: {spec['label']} done", file=sys.stderr, flush=True)
+            before, t0 = tree_cpu(pid), time.perf_counter()
+            if spec["measured"]:
+                profiler.start(pid, f"{server.name.split()[0]}-{spec['label']}")
+            try:
+                records = run_clients(
+                    url,
+                    bodies(server.model, spec["messages"], spec["max_tokens"], spec["logit_bias"]),
+                    args.client_procs,
+                )
+            finally:
+                profiler.stop()
+            cpu = cpu_line(pid, before, tree_cpu(pid), time.perf_counter() - t0)
+            print(f"  {server.name}: {spec['label']} done{'; ' + cpu if cpu else ''}", file=sys.stderr, flush=True)
             if spec["measured"]:
                 out[spec["n"]] = records
     finally:
@@ -322,6 +337,9 @@ def main() -> int:
     )
     p.add_argument(
         "--mlxlm-arg", action="append", default=[], help="a flag for mlx_lm.server, e.g. --decode-concurrency=256"
+    )
+    p.add_argument(
+        "--profile", metavar="DIR", help="py-spy the HTTP sides' server process during measured rounds (raw stacks)"
     )
     p.add_argument("--json", metavar="OUT", help="write the raw records and the statistics here")
     p.add_argument("--seed", type=int, default=0)

@@ -37,7 +37,7 @@ ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5
 FINE_TUNED = "fine-tuned"  # the one label of every tenant's fine-tuned model
 FINE_TUNED_PREFIX = "ft:"
 ENGINE_GAUGES = ("blocks_used", "blocks_cached", "blocks_free", "blocks_pinned", "running", "waiting")
-ENGINE_COUNTERS = ("prompt_tokens_computed", "prompt_tokens_reused", "generated_tokens")
+ENGINE_COUNTERS = ("prompt_tokens_computed", "prompt_tokens_reused", "generated_tokens", "prefill_shapes_built")
 BATCHER_COUNTERS = ("batches", "inputs")
 
 
@@ -235,6 +235,11 @@ def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
     engine_tokens = CounterMetricFamily(
         "mlx_dropin_engine_generated_tokens", "Tokens the engine sampled", labels=("model",)
     )
+    shapes = CounterMetricFamily(
+        "mlx_dropin_prefill_shapes_built",
+        "Padded prefill shapes first run while serving, not at start-up (on CUDA each builds an attention graph)",
+        labels=("model",),
+    )
     gauges: dict[str, dict[str, float]] = {}
     counters: dict[str, tuple[int, str, dict[str, float]]] = {}
     for served in models:
@@ -256,7 +261,8 @@ def _engine_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:
         prompt.add_metric([label, "reused"], reused)
         reuse.add_metric([label], reused / (computed + reused) if computed + reused else 0.0)
         engine_tokens.add_metric([label], c["generated_tokens"])
-    yield from (blocks, seqs, queue, prompt, reuse, engine_tokens)
+        shapes.add_metric([label], c["prefill_shapes_built"])
+    yield from (blocks, seqs, queue, prompt, reuse, engine_tokens, shapes)
 
 
 def _embedding_metrics(models: list[Any], carried: _Carried) -> Iterator[Metric]:

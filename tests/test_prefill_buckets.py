@@ -12,6 +12,7 @@ from server.engine.config import EngineConfig
 from server.engine.paged_cache import StepLayout, slot_ids
 from server.engine.prefill_buckets import (
     MIN_TOKENS,
+    PREFIX_ROOM,
     PrefillShape,
     bucket,
     buckets_on,
@@ -31,8 +32,13 @@ def test_buckets_are_powers_of_two_and_one_and_a_half_times_them() -> None:
 
 
 def test_a_forward_pads_rows_tokens_and_width_to_buckets() -> None:
-    assert padded_shape(4, 57, 57) == PrefillShape(4, 64, 64)  # a fresh burst: width follows the tokens
-    assert padded_shape(5, 3, 3) == PrefillShape(6, MIN_TOKENS, MIN_TOKENS)
+    # a fresh burst: keys for the tokens and PREFIX_ROOM more (64 + 64 = 128; 16 + 64 = 80 -> 96)
+    assert padded_shape(4, 57, 57) == PrefillShape(4, 64, 128)
+    assert padded_shape(5, 3, 3) == PrefillShape(6, MIN_TOKENS, 96)
+    # the same burst after a cached prefix within PREFIX_ROOM (a template header, shared beginnings, an
+    # earlier chunk): the same shape; past it, wider keys
+    assert padded_shape(4, 57, 57 + PREFIX_ROOM) == padded_shape(4, 57, 57)
+    assert padded_shape(4, 57, 57 + PREFIX_ROOM + 8).width == 192
     # a resumed turn: 3 new tokens after 500 of context read 13 padded positions more, then round up
     assert padded_shape(1, 3, 503) == PrefillShape(1, 16, 768)
     shape = padded_shape(7, 100, 900)
@@ -41,13 +47,15 @@ def test_a_forward_pads_rows_tokens_and_width_to_buckets() -> None:
 
 def test_fresh_shapes_cover_every_burst_the_scheduler_can_make() -> None:
     shapes = fresh_shapes(max_rows=64, budget=512)
-    assert len(shapes) == len(set(shapes)) and all(s.width == s.tokens for s in shapes)
-    # any split of a 512-token budget into at most 64 fresh rows lands on a warmed shape
+    assert len(shapes) == len(set(shapes)) and all(s.width == bucket(s.tokens + PREFIX_ROOM) for s in shapes)
+    # any split of a 512-token budget into at most 64 rows, fresh or after up to PREFIX_ROOM cached tokens,
+    # lands on a warmed shape
     warmed = set(shapes)
     for rows in range(1, 65):
         for longest in range(1, 513):
             if rows * longest <= 512 * 1.5:
-                assert padded_shape(rows, longest, longest) in warmed, (rows, longest)
+                for cached in (0, 16, 32, 48, PREFIX_ROOM):
+                    assert padded_shape(rows, longest, cached + longest) in warmed, (rows, longest, cached)
     assert max(s.rows for s in shapes) == 64 and max(s.tokens for s in shapes) == 512
 
 
@@ -97,7 +105,8 @@ def test_warm_shapes_add_the_bursts_after_the_templates_cached_header() -> None:
     assert template_prefix(Template("")) == 0 and template_prefix(Template("x", fails=True)) == 0
     fresh = fresh_shapes(8, 256)
     assert warm_shapes(8, 256, 15, 16) == fresh  # less than a block: nothing is found cached
-    shapes = warm_shapes(8, 256, 40, 16)  # two full blocks found cached: keys 32 wider
-    assert shapes[: len(fresh)] == fresh and len(shapes) == len(set(shapes))
+    assert warm_shapes(8, 256, 40, 16) == fresh  # two full blocks: within PREFIX_ROOM, the fresh shapes
+    shapes = warm_shapes(8, 256, 130, 16)  # a long system header: 128 tokens found cached, keys wider
+    assert shapes[: len(fresh)] == fresh and len(shapes) == len(set(shapes)) and len(shapes) > len(fresh)
     for s in fresh:
-        assert padded_shape(s.rows, s.tokens, 32 + s.tokens) in set(shapes)
+        assert padded_shape(s.rows, s.tokens, 128 + s.tokens) in set(shapes)

@@ -76,6 +76,7 @@ class EngineStats:
     decode_steps_ahead: int = 0  # decode steps whose forward was launched a step early (overlapped)
     requests_submitted: int = 0  # accepted by submit()
     requests_finished: int = 0  # every sequence ended (done, aborted or failed); equal to submitted when idle
+    prefill_shapes_built: int = 0  # prefill bucket shapes first run while serving, not at start-up (CUDA: built)
 
 
 @dataclass
@@ -244,6 +245,7 @@ class Engine:
         with self._lock:
             stats = EngineStats(**vars(self._stats))
         stats.decode_steps_ahead = self.stepper.steps_ahead
+        stats.prefill_shapes_built = self.runner.shapes_built_serving
         now = time.monotonic()
         window = [(t, n) for t, n in self._decode_window if now - t < 10]
         if window:

@@ -8,9 +8,14 @@ differ by a few tokens. Padding each prefill forward's rows, tokens and key widt
 value of the series 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (each at most 1.5x the last, so padding costs at
 most 1.5x per dimension) leaves a few dozen shapes, and running every shape a burst of fresh prompts
 can take once, before the engine serves, moves their cost out of every request's time to first token.
-Bursts of chat prompts also share the chat template's system header, found in the KV cache after the
-first, so their keys are wider by its full blocks: those shapes are run too (`warm_shapes`). Wider keys
-of later turns (a conversation's context) are bucketed and built on first use.
+Keys are padded further, to at least the chunk's tokens plus PREFIX_ROOM: chunks that find up to that
+many tokens already in the KV cache (the chat template's system header, prompts sharing a beginning,
+a prompt's earlier chunk) run in the same shape as fresh ones, for attention over up to 64 more keys
+(1.5x at most, after the bucket). Without it every cached prefix length made shapes of their own: a
+trickled burst of 256 chat prompts ran two that start-up had not, and on the H100 a 256-stream run
+stalled 850 ms, what one cuDNN build costs (bench/README.md). A longer
+shared prefix (a long system prompt) adds its own set at start-up (`warm_shapes`); wider keys of later
+turns (a conversation's context) are bucketed and built on first use.
 
 Padding rows feed token 0 into the KV store's scratch block, padded key columns read it, and the mask
 hides both from every real token (paged_cache.StepLayout), so results do not change. On CPUs and Metal,
@@ -29,6 +34,7 @@ import mlx.core as mx
 from server.engine.config import EngineConfig
 
 MIN_TOKENS = 16  # fewer new tokens than this are padded to it: a 16-token forward costs what a 5-token one does
+PREFIX_ROOM = 64  # keys every padded forward has beyond its tokens: cached prefixes up to this change no shape
 SDPA_CACHE_VARIABLE = "MLX_CUDA_SDPA_CACHE_SIZE"
 SDPA_CACHE_SIZE = 2048  # cuDNN graphs kept per thread (MLX's default, 256, is below the warm shapes alone)
 
@@ -54,9 +60,10 @@ class PrefillShape:
 
 def padded_shape(rows: int, tokens: int, width: int) -> PrefillShape:
     """The bucket a forward of `rows` rows, `tokens` new tokens (the longest chunk) and `width` keys (the
-    widest row's context) runs as."""
+    widest row's context) runs as: keys at least the padded tokens plus PREFIX_ROOM."""
     padded_tokens = bucket(tokens, MIN_TOKENS)
-    return PrefillShape(bucket(rows), padded_tokens, bucket(width + padded_tokens - tokens, padded_tokens))
+    keys = max(width + padded_tokens - tokens, padded_tokens + PREFIX_ROOM)
+    return PrefillShape(bucket(rows), padded_tokens, bucket(keys))
 
 
 def fresh_shapes(max_rows: int, budget: int) -> list[PrefillShape]:
@@ -70,7 +77,7 @@ def fresh_shapes(max_rows: int, budget: int) -> list[PrefillShape]:
     while tokens <= bucket(budget, MIN_TOKENS):
         rows = 1
         while rows <= bucket(max_rows) and rows * tokens <= limit:
-            shapes.append(PrefillShape(rows, tokens, tokens))
+            shapes.append(padded_shape(rows, tokens, tokens))
             rows = bucket(rows + 1)
         tokens = bucket(tokens + 1)
     return shapes
@@ -78,8 +85,8 @@ def fresh_shapes(max_rows: int, budget: int) -> list[PrefillShape]:
 
 def after_prefix(shapes: list[PrefillShape], cached: int) -> list[PrefillShape]:
     """The shapes of the same chunks when each row already holds `cached` tokens (a shared prompt prefix
-    found in the KV cache): the same rows and tokens over wider keys."""
-    return [PrefillShape(s.rows, s.tokens, bucket(cached + s.tokens, s.tokens)) for s in shapes]
+    found in the KV cache): the same rows and tokens over keys wide enough (the same shapes up to PREFIX_ROOM)."""
+    return [padded_shape(s.rows, s.tokens, cached + s.tokens) for s in shapes]
 
 
 def template_prefix(tokenizer: Any) -> int:
@@ -102,7 +109,8 @@ def template_prefix(tokenizer: Any) -> int:
 
 def warm_shapes(max_rows: int, budget: int, shared_prefix: int, block_size: int) -> list[PrefillShape]:
     """What an engine runs at start-up: every fresh burst's shapes, and (when its chat template gives every
-    prompt `shared_prefix` tokens) the same bursts after the prefix's full blocks are found cached."""
+    prompt more than PREFIX_ROOM `shared_prefix` tokens) the same bursts after the prefix's full blocks are
+    found cached."""
     shapes = fresh_shapes(max_rows, budget)
     cached = shared_prefix // block_size * block_size
     if cached:

@@ -12,6 +12,7 @@ last token is fed by its first decode step, never by prefill.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -24,6 +25,8 @@ from server.engine.decode_rows import DecodeRows
 from server.engine.paged_cache import KVStore, StepLayout, step_caches
 from server.engine.prefill_buckets import PrefillShape, padded_shape
 from server.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 PromptLogprob = tuple[int, float, list[tuple[int, float]]]  # token id, its logprob, top alternatives
 
@@ -48,6 +51,8 @@ class ModelRunner:
         self.model = model
         self.store = store
         self.prefill_buckets = prefill_buckets
+        self.shapes_run: set[PrefillShape] = set()  # bucket shapes this runner ran (start-up's included)
+        self.shapes_built_serving = 0  # bucket shapes first run while serving (each built then, on CUDA)
         self._body = _body_of(model)
         self.rows = DecodeRows(store)
         compile_kernels([*store.keys, *store.values], store.block_size)
@@ -130,6 +135,15 @@ class ModelRunner:
         width = max(starts) + step
         if self.prefill_buckets:
             shape = padded_shape(len(rows), step, width)
+            if shape not in self.shapes_run:
+                self.shapes_run.add(shape)
+                self.shapes_built_serving += 1
+                log.info(
+                    "prefill shape %d rows x %d tokens over %d keys run for the first time (not run at start-up)",
+                    shape.rows,
+                    shape.tokens,
+                    shape.width,
+                )
             step, width = shape.tokens, shape.width
             extra = shape.rows - len(rows)
             rows, starts, tables = rows + [[]] * extra, starts + [0] * extra, tables + [[]] * extra
@@ -157,6 +171,7 @@ class ModelRunner:
         """Run one forward of each shape, every row padding (only the scratch block is written), so a
         device builds what it builds per shape before any request needs it."""
         for shape in shapes:
+            self.shapes_run.add(shape)
             rows: list[list[int]] = [[] for _ in range(shape.rows)]
             self._sync_pools(self._forward_padded(rows, [0] * shape.rows, shape.tokens, rows, shape.width))
 

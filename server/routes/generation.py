@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from server.registry import ModelRegistry
-from server.routes.admission import admit_generation, within_limits
+from server.routes.admission import admit_generation, off_loop, within_limits
 from server.routes.event_stream import EventStream
 from server.serving import chat, completions
 from server.serving.scope import RequestScope, conversation_id
@@ -38,7 +37,7 @@ def generation_endpoint(
         served = await registry.acquire(body.model, "chat", RequestScope.of(request).tenant)
         request.state.model = served.id
         conversation = conversation_id(request, body.prompt_cache_key, body.user)
-        plan = await run_in_threadpool(prepare, body, served, RequestScope.of(request), conversation)
+        plan = await off_loop(prepare, body, served, RequestScope.of(request), conversation)
         plan.timer = admit_generation(request, served, plan.requests)
         if body.stream:
             return EventStream(stream(plan), ping=request.app.state.settings.sse_keepalive)

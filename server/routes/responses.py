@@ -14,7 +14,7 @@ from starlette.routing import Route
 from server.errors import InvalidRequestError, NotFoundError
 from server.persistence.responses import ResponseStore
 from server.registry import ModelRegistry
-from server.routes.admission import admit_generation, within_limits
+from server.routes.admission import admit_generation, off_loop, within_limits
 from server.routes.event_stream import EventStream
 from server.serving import response_output, responses
 from server.serving.scope import RequestScope, conversation_header_safe, conversation_id
@@ -41,7 +41,7 @@ async def create_response(request: Request) -> Response:
     request.state.model = served.id
     store = _store(request)
     conversation = conversation_id(request, body.prompt_cache_key, body.user)
-    plan = await run_in_threadpool(responses.prepare, body, served, RequestScope.of(request), conversation, store)
+    plan = await off_loop(responses.prepare, body, served, RequestScope.of(request), conversation, store)
     plan.timer = admit_generation(request, served, [plan.request])
     if body.stream:
         answer: Response = EventStream(

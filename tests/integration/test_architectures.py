@@ -140,7 +140,7 @@ def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str, buckets:
     """Rows of different offsets and chunk lengths prefilled together (one forward, the shorter chunks
     padded, a boolean mask, per-row RoPE offsets, the sliding window) store the same K/V as each row
     alone, and the padding never lands in any sequence's slots. Bucketed (prefill_buckets.py, CUDA's
-    default): the forward runs 32 tokens over 48 keys instead of 30 over 38 (padded rows: test_prefill_buckets)."""
+    default): the forward runs 32 tokens over 96 keys instead of 30 over 38 (padded rows: test_prefill_buckets)."""
     model = build(model_type)
     bs = 8
     prompts = [[(i * 7919 + k * 31) % 5000 + 100 for i in range(length)] for k, length in enumerate((30, 22, 41))]
@@ -148,7 +148,7 @@ def test_batched_prefill_writes_the_kv_of_solo_prefill(model_type: str, buckets:
     chunks = [29, 13, 30]  # different lengths: one forward of 30, two rows padded
     tables = [list(range(6)), list(range(6, 12)), list(range(12, 18))]
     if buckets:
-        assert padded_shape(3, 30, 38) == PrefillShape(3, 32, 48)
+        assert padded_shape(3, 30, 38) == PrefillShape(3, 32, 96)
     stores = []
     for batched in (False, True):
         store = KVStore(probe_kv_shape(model), num_blocks=18, block_size=bs)

@@ -102,6 +102,7 @@ def test_bucketed_engine_matches_mlx_lm_and_a_burst_runs_only_warmed_shapes(
     assert agree >= len(prompts) - 1  # float32 sums over other batch shapes may differ in the last bits
     warmed = set(warm_shapes(8, 256, template_prefix(tokenizer), BS))
     assert log.shapes and all(shape in warmed for shape in log.shapes)
+    assert engine.stats().prefill_shapes_built == 0  # none first run while serving (the /metrics counter)
     engine.check_integrity()
 
 
@@ -147,8 +148,11 @@ def test_bucketed_prefill_writes_the_same_kv_as_unpadded_prefill(smol: tuple[Any
         log.shapes.clear()
         runner.prefill_rows([(s, n - start) for s, n, start in zip(seqs, lengths, resumed_at)])
         stores.append((store, seqs, log.shapes))
+        if buckets:  # nothing ran at start-up here: every shape was a first use, counted once
+            assert runner.shapes_built_serving == len(runner.shapes_run) >= len(set(log.shapes)) > 0
+            assert set(log.shapes) <= runner.shapes_run
     (plain, seqs, exact), (padded, _, bucketed) = stores
-    assert PrefillShape(5, 40, 40) in exact and PrefillShape(6, 48, 48) in bucketed  # padded rows, tokens
+    assert PrefillShape(5, 40, 40) in exact and PrefillShape(6, 48, 128) in bucketed  # padded rows, tokens
     assert any(s.width > s.tokens and s.width == bucket(s.width) for s in bucketed)  # resumed: padded keys
     worst = 0.0
     for seq, n in zip(seqs, lengths):
