@@ -1,6 +1,7 @@
-"""EventStream, the SSE response of every streamed answer, over real hypercorn: its headers, keep-alive comments
-in silent gaps only (never inside an item, none with ping 0), a body that ends or fails ends the response, and a
-client that leaves closes the body (its `finally` runs: that is where the engine's sequences are aborted)."""
+"""EventStream, the SSE response of every streamed answer, over real hypercorn: its headers (sent with the first
+write), keep-alive comments in silent gaps only (never inside an item, none with ping 0), a body that ends or fails ends the response, and a
+client that leaves closes the body (its `finally` runs: that is where the engine's sequences are aborted), and one
+that leaves before the first write ends the route with a 499."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.routes.disconnect import ClientDisconnectedError
 from server.routes.event_stream import PING, EventStream
 from tests.serving import running_server
 
@@ -49,6 +51,15 @@ class Bodies:
         finally:
             self.closed.set()
 
+    async def late(self, wait: float) -> AsyncGenerator[bytes, None]:
+        """Nothing for `wait` seconds (a prompt prefilling), then one event."""
+        self.closed.clear()
+        try:
+            await asyncio.sleep(wait)
+            yield b"data: late\n\n"
+        finally:
+            self.closed.set()
+
     async def failing(self) -> AsyncGenerator[bytes, None]:
         yield b"data: before\n\n"
         await asyncio.sleep(0.05)
@@ -68,6 +79,7 @@ def base(bodies: Bodies) -> Iterator[str]:
             "gap": lambda: bodies.gap(float(request.query_params.get("pause", "0.6"))),
             "big": lambda: bodies.big(int(request.query_params.get("items", "8"))),
             "endless": bodies.endless,
+            "late": lambda: bodies.late(float(request.query_params.get("wait", "0.5"))),
             "failing": bodies.failing,
         }[kind]()
         return EventStream(body, ping=ping)
@@ -158,6 +170,31 @@ def test_a_client_that_leaves_closes_the_body(base: str, bodies: Bodies) -> None
         assert next(lines) == "data: tick"
         assert not bodies.closed.is_set()
     assert bodies.closed.wait(5), "the body kept running after its client left"
+
+
+def test_the_response_starts_with_its_first_write(base: str) -> None:
+    """No status or headers before the body's first item (or a keep-alive comment): admitting a request writes
+    nothing to its socket."""
+    for ping, least in ((0.0, 0.45), (0.1, 0.08)):
+        started = time.monotonic()
+        with httpx.stream("GET", base + f"/stream/late?wait=0.5&ping={ping}", timeout=10) as response:
+            headers_after = time.monotonic() - started
+            raw = response.read()
+        assert response.status_code == 200 and headers_after >= least, (ping, headers_after)
+        assert headers_after < 0.45 or not ping  # with keep-alives, the first comment starts the response
+        assert _events(raw)[-1] == b"data: late\n\n"
+
+
+def test_a_client_that_leaves_before_the_first_write_ends_the_route_with_499(base: str, bodies: Bodies) -> None:
+    bodies.raised.clear()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting for the response to start
+        httpx.get(base + "/stream/late?wait=30&ping=0", timeout=httpx.Timeout(10, read=0.3))
+    assert bodies.closed.wait(5), "the body kept running after its client left"
+    deadline = time.monotonic() + 5
+    while not bodies.raised and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [type(e) for e in bodies.raised] == [ClientDisconnectedError]  # the access log's 499, as for JSON
+    assert bodies.raised[0].status == 499  # type: ignore[attr-defined]
 
 
 def test_a_body_failing_after_the_start_ends_the_response(base: str, bodies: Bodies) -> None:

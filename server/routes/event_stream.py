@@ -5,6 +5,12 @@ step produced for this request, already encoded by the service). Each item is on
 timeout scope or re-encoding per chunk. While the body is quiet (a long prompt prefilling, a queue
 wait), a comment line goes out every `ping` seconds so proxies keep the connection open.
 
+The response starts (status and headers) with the first write, not before: a request's first write is its
+first engine batch (chat.py's `stream`), so admitting a request costs the event loop no socket write, and
+a burst of requests reaches the engine sooner. A client that leaves before anything was written ends the
+route with a 499, as a non-streamed request's does (`ClientDisconnectedError`: the access log and the
+request metrics record it).
+
 When the client disconnects (the ASGI server's `http.disconnect` on the receive channel, read only
 after the route read the whole body) the writer is cancelled; closing the body runs the service's
 cleanup, which aborts the engine's sequences at its next step. A slow client needs nothing special:
@@ -22,7 +28,7 @@ from collections.abc import AsyncGenerator
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from server.routes.disconnect import disconnected
+from server.routes.disconnect import ClientDisconnectedError, disconnected
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -47,9 +53,9 @@ class EventStream(Response):
         self.ping = ping
         self._last_write = time.monotonic()
         self._lock = asyncio.Lock()  # a ping never lands inside a chunk
+        self._started = False  # whether http.response.start went out (with the first write)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         writer = asyncio.ensure_future(self._write(send))
         watcher = asyncio.ensure_future(disconnected(receive))
         pinger = asyncio.ensure_future(self._keep_alive(send)) if self.ping > 0 else None
@@ -64,6 +70,10 @@ class EventStream(Response):
             if not writer.done():  # the client left (or this response was cancelled): stop, and clean up
                 writer.cancel()
                 await asyncio.wait((writer,))
+        if not self._started and watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+            raise ClientDisconnectedError(
+                "The client closed the connection before the stream's first event; its generation was stopped."
+            )
         if not writer.cancelled():
             writer.result()  # a failure while writing is the route's
 
@@ -75,6 +85,9 @@ class EventStream(Response):
 
     async def _send(self, send: Send, message: Message) -> None:
         async with self._lock:
+            if not self._started:
+                self._started = True
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send(message)
             self._last_write = time.monotonic()
 

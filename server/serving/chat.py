@@ -330,15 +330,18 @@ def _usage_event(plan: ChatPlan, usage: Usage) -> bytes:
 
 async def stream(plan: ChatPlan) -> AsyncGenerator[bytes, None]:
     """SSE bytes for a streamed chat completion, one item per engine batch; errors after the start become an
-    error event."""
+    error event.
+
+    The role chunks go out with the first batch, and the last batch with the usage chunk and `[DONE]`: each
+    item is a socket write, and a write before the request reaches the engine is paid on the event loop
+    while a burst of requests waits to be admitted (bench/README.md, "Writes a request costs")."""
     n = plan.request.params.n
     builder = _Logprobs(plan.served) if plan.want_logprobs else None
     chunks = ChatChunks(plan.id, plan.created, plan.served.id)
     for i in range(n):
         chunks.chunk(i, Delta(role="assistant", content=""))
-    yield chunks.take()
     counts = [0] * n
-    cached = 0
+    cached = finished = 0
     outputs = [plan.output() for _ in range(n)]
     try:
         async for events in timed(plan.timer, plan.engine.stream(plan.request)):
@@ -354,6 +357,7 @@ async def stream(plan: ChatPlan) -> AsyncGenerator[bytes, None]:
                 for delta in _call_deltas(i, out.calls, first_call):
                     chunks.chunk(i, delta)
                 if event.finish_reason is not None:
+                    finished += 1
                     counts[i] = event.completion_tokens
                     if i == 0:
                         cached = event.cached_tokens
@@ -361,10 +365,12 @@ async def stream(plan: ChatPlan) -> AsyncGenerator[bytes, None]:
                     chunks.chunk(
                         i, Delta(), "tool_calls" if calls and event.finish_reason == "stop" else event.finish_reason
                     )
-            yield chunks.take()
+            if finished < n and (data := chunks.take()):
+                yield data
     except (PoolExhaustedError, GenerationError) as exc:
         yield chunks.take() + data_event(encode(engine_failure(exc).body()))
         return
+    tail = chunks.take()
     if plan.include_usage:
-        yield _usage_event(plan, _usage(plan, sum(counts), cached, sum(o.reasoning_tokens for o in outputs)))
-    yield DONE
+        tail += _usage_event(plan, _usage(plan, sum(counts), cached, sum(o.reasoning_tokens for o in outputs)))
+    yield tail + DONE

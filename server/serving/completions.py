@@ -303,24 +303,30 @@ def _batch_choices(plan: CompletionPlan, acc: _Accumulator, p: int, events: list
 
 
 async def stream(plan: CompletionPlan) -> AsyncGenerator[bytes, None]:
-    """SSE bytes, one item per engine batch of a prompt: each sequence's tokens in the batch are one chunk."""
+    """SSE bytes, one item per engine batch of a prompt: each sequence's tokens in the batch are one chunk. An
+    echo goes out with the first batch, the last batch with the usage chunk and `[DONE]` (one socket write
+    each, as chat's `stream` says)."""
     acc = _Accumulator(plan)
     frame = _frame(plan)
+    data = b""
     if plan.echo:
-        yield frame.event(
+        data = frame.event(
             [
                 CompletionChoice(index=p * plan.n + j, text=text, finish_reason=None)
                 for p, text in enumerate(plan.prompt_texts)
                 for j in range(plan.n)
             ]
         )
+    sequences, finished = len(plan.requests) * plan.n, 0
     try:
         async for p, events in _merged(plan):
-            data = b"".join(frame.event([choice]) for choice in _batch_choices(plan, acc, p, events))
-            if data:
+            finished += sum(event.finish_reason is not None for event in events)
+            data += b"".join(frame.event([choice]) for choice in _batch_choices(plan, acc, p, events))
+            if data and finished < sequences:
                 yield data
+                data = b""
     except (PoolExhaustedError, GenerationError) as exc:
-        yield data_event(encode(engine_failure(exc).body()))
+        yield data + data_event(encode(engine_failure(exc).body()))
         return
     if plan.include_usage:
         usage = Completion(
@@ -331,5 +337,5 @@ async def stream(plan: CompletionPlan) -> AsyncGenerator[bytes, None]:
             system_fingerprint=SYSTEM_FINGERPRINT,
             usage=acc.usage(),
         )
-        yield data_event(encode(usage))
-    yield DONE
+        data += data_event(encode(usage))
+    yield data + DONE
