@@ -81,6 +81,9 @@ def _announce_when_ready(
     print(f"mlx-dropin ready at {base}\nmodels:\n" + format_model_table(listed), flush=True)
 
 
+LISTEN_BACKLOG = 4096
+
+
 def _hypercorn_config(settings: Settings) -> Config:
     from hypercorn.config import Config
 
@@ -91,6 +94,11 @@ def _hypercorn_config(settings: Settings) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()
     config.keep_alive_timeout = 75
+    # connections the kernel queues until the event loop accepts them. hypercorn's 100 overflowed when 256
+    # streaming clients connected at once: the dropped SYNs were retried by the clients' kernels a second
+    # later, which was the ~1 s first-token wave of the H100 benchmark's last ~70 requests (bench/README.md).
+    # Linux caps it at net.core.somaxconn (4096 by default since 5.4).
+    config.backlog = LISTEN_BACKLOG
     return config
 
 

@@ -1,8 +1,10 @@
-"""The `mlx-dropin` command: models list / pull / convert, --version, start-up failures and the start-up table."""
+"""The `mlx-dropin` command: models list / pull / convert, --version, start-up failures, the start-up table and
+the listen backlog a burst of clients needs."""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -173,12 +175,44 @@ def test_start_up_says_running_on_once_and_lists_the_models(smollm2_dir: Path, t
             while "ready at" not in out.read_text():
                 assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
                 time.sleep(0.2)
+            assert _connections_queued_while_stopped(proc, port, 300) >= min(300, _somaxconn())
         finally:
+            proc.send_signal(signal.SIGCONT)
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     assert err.read_text().count("Running on") == 1, err.read_text()
     table = out.read_text().split("models:\n", 1)[1].splitlines()
     assert table == [f"  {model_id}  chat  {smollm2_dir}"]
+
+
+def _somaxconn() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except OSError:  # not Linux: the kernel's own cap
+        return 128
+
+
+def _connections_queued_while_stopped(proc: subprocess.Popen[str], port: int, count: int) -> int:
+    """How many of `count` connections opened at once complete their handshake while the server accepts
+    none (its process stopped): the listen backlog. hypercorn's default of 100 left the rest of a burst
+    of clients waiting a second for their kernels to retry (server/cli.py LISTEN_BACKLOG)."""
+    proc.send_signal(signal.SIGSTOP)
+    clients = []
+    try:
+        for _ in range(count):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+        pending, deadline = set(clients), time.monotonic() + 2
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.1)
+            pending -= {c for c in writable if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+        return count - len(pending)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        for client in clients:
+            client.close()
 
 
 def test_the_model_table_aligns_long_ids_and_shows_adapters(tmp_path: Path) -> None:

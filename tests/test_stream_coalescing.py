@@ -99,9 +99,9 @@ def _chat_coalesced(served: ServedModel, **extra: Any) -> tuple[list[list[dict[s
 
 
 def _usage(items: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """The usage chunk: the last before [DONE]."""
-    assert items[-1] == [] and items[-2][-1].get("usage") is not None
-    usage: dict[str, Any] = items[-2][-1]["usage"]
+    """The usage chunk: the last before [DONE], in the last item (the last batch, usage and [DONE] are one write)."""
+    assert items[-1][-1].get("usage") is not None and not items[-1][-1]["choices"]
+    usage: dict[str, Any] = items[-1][-1]["usage"]
     return usage
 
 
@@ -113,12 +113,14 @@ def test_a_slow_chat_reader_gets_the_waiting_tokens_in_one_chunk(served: ServedM
     items, expected = _chat_coalesced(served)
     chunks = _content_chunks(items)
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == expected
-    # the item read after the wait is every remaining token: its content is one chunk, then the finish chunk
+    # the first item is the role chunk with the first batch; the item read after the wait is every remaining
+    # token (its content one chunk), the finish chunk and the usage chunk: one write
+    assert items[0][0]["choices"][0]["delta"]["role"] == "assistant" and len(items) == 3
     after = items[2]
     contents = [c for c in after if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert len(contents) == 1
     assert len(contents[0]["choices"][0]["delta"]["content"]) > len(chunks[0]["choices"][0]["delta"]["content"])
-    assert after[-1]["choices"][0]["finish_reason"] == "length"
+    assert [c for c in after if c["choices"]][-1]["choices"][0]["finish_reason"] == "length"
     usage = _usage(items)
     assert usage["completion_tokens"] == MAX_TOKENS
 
@@ -161,7 +163,8 @@ def test_a_slow_completion_reader_gets_the_waiting_tokens_in_one_chunk(
     expected = asyncio.run(completions.complete(_completion_plan(served, False, **extra))).choices[0].text
     chunks = [c for item in items for c in item if c["choices"]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected
-    assert len(items[1]) == 1  # after the wait: one chunk with every remaining token and the finish
+    # after the wait: one chunk with every remaining token and the finish, then usage, in one write
+    assert len(items) == 2 and len([c for c in items[1] if c["choices"]]) == 1
     rest = items[1][0]["choices"][0]
     assert rest["finish_reason"] == "length" and len(rest["text"]) > len(items[0][0]["choices"][0]["text"])
     assert _usage(items)["completion_tokens"] == MAX_TOKENS
