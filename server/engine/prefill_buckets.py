@@ -12,10 +12,10 @@ Keys are padded further, to at least the chunk's tokens plus PREFIX_ROOM: chunks
 many tokens already in the KV cache (the chat template's system header, prompts sharing a beginning,
 a prompt's earlier chunk) run in the same shape as fresh ones, for attention over up to 64 more keys
 (1.5x at most, after the bucket). Without it every cached prefix length made shapes of their own: a
-trickled burst of 256 chat prompts ran two that start-up had not, and on the H100 a 256-stream run
-stalled 850 ms, what one cuDNN build costs (bench/README.md). A longer
-shared prefix (a long system prompt) adds its own set at start-up (`warm_shapes`); wider keys of later
-turns (a conversation's context) are bucketed and built on first use.
+trickled burst of 256 chat prompts, replayed on a CPU, ran two that start-up had not (bench/README.md,
+fifth pass). A longer shared prefix (a long system prompt) adds its own set at start-up
+(`warm_shapes`); wider keys of later turns (a conversation's context) are bucketed and built on first
+use.
 
 Padding rows feed token 0 into the KV store's scratch block, padded key columns read it, and the mask
 hides both from every real token (paged_cache.StepLayout), so results do not change. On CPUs and Metal,
