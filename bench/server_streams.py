@@ -46,12 +46,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,13 @@ def build_model_dir(args: argparse.Namespace) -> Path:
         tokenizer_dir = Path(args.tokenizer_dir)
     else:
         tokenizer_dir = cache_location.default_model_dir("smollm2-135m-instruct", cache)
-    return random_model.save_model_dir(args.shape, args.dtype, tokenizer_dir, cache / "bench", args.seed)
+    # built in a process of its own: MLX's device memory (the weights, its cache, CUDA's pool) goes with it,
+    # instead of staying with this process while the servers and the engine alone run on the same GPU
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        build = pool.submit(
+            random_model.save_model_dir, args.shape, args.dtype, tokenizer_dir, cache / "bench", args.seed
+        )
+        return build.result()
 
 
 def prompt_text(rng: random.Random, tag: str, kind: str, long_tokens: int, tokenizer: Any) -> str:

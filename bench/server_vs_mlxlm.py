@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -135,12 +137,34 @@ class Server:
         raise RuntimeError(f"{self.name} did not start")
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """SIGTERM, then wait for the server and every process it started (engine processes, ranks) to be gone,
+        so the next side never shares the device with a leftover (SIGKILL after 30 s)."""
+        if self.proc is None:
+            return
+        from process_cpu import tree_cpu
+
+        tree = set(tree_cpu(self.proc.pid)) - {self.proc.pid}
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        deadline = time.monotonic() + 30
+        while (left := [p for p in tree if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (Linux /proc; elsewhere: never waited for)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def servers(model_dir: Path, data_dir: Path, logs: Path, extra: list[str]) -> list[Server]:

@@ -110,6 +110,30 @@ def test_multibyte_characters_split_across_tokens_are_held_until_complete(tok: A
     assert sum(1 for d in deltas if d == "") >= len(ids) - len(text)  # some steps had to wait
 
 
+def test_bytes_that_can_never_complete_a_character_are_not_held_to_the_end(tok: Any) -> None:
+    """A greedy loop on a lone lead byte (seen from random-weight models on the GPU: 300 tokens of a stream
+    arrived in its last chunk): U+FFFD that no later byte can complete flow within a few tokens."""
+    lead = tok.convert_tokens_to_ids("\u00e2")  # byte-level BPE's token for the byte 0xE2 alone
+    ids = encode(tok, "Hello there") + [lead] * 300
+    assert tok.decode([lead, lead]) == "\ufffd\ufffd"
+    deltas, _ = stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    waits = longest = 0
+    for d in deltas[:-1]:
+        waits = 0 if d else waits + 1
+        longest = max(longest, waits)
+    assert longest <= 3
+    assert len(deltas[-1]) <= 1  # the flush holds at most the one U+FFFD that might still have completed
+
+
+def test_a_character_completed_after_a_run_of_invalid_bytes_still_comes_out_whole(tok: Any) -> None:
+    lead, cont = tok.convert_tokens_to_ids("\u00e2"), encode(tok, "\u20ac")  # a run of 0xE2, then a whole euro sign
+    ids = [lead] * 9 + cont + encode(tok, " ok")
+    deltas, _ = stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids) == "\ufffd" * 9 + "\u20ac ok"
+    assert all(set(d) <= {"\ufffd"} for d in deltas[:9])
+
+
 def test_special_tokens_are_skipped(tok: Any) -> None:
     ids = encode(tok, "Hi there") + [tok.eos_token_id]
     deltas, detok = stream(tok, ids)

@@ -6,7 +6,11 @@ Owns the conversion of one sequence's generated token ids into text deltas. Two 
   so the cost per token is bounded. A window starts on a character boundary and keeps at least one
   already-emitted token as context, so SentencePiece's "strip the first leading space", byte
   fallback and byte-level BPE come out the same as decoding everything at once. Text ending in
-  U+FFFD (an incomplete UTF-8 character) is held back until the character completes.
+  U+FFFD (an incomplete UTF-8 character) is held back until the character completes, but not for
+  ever: once _PENDING_LIMIT tokens went by without the text moving on, the bytes behind those U+FFFD
+  can no longer form a character (UTF-8 has at most 4 bytes), and all but the last are passed on.
+  Without that, a model repeating a lone lead byte (a greedy loop of a random or confused model) streamed
+  nothing until its last token.
 * stop strings: decoded text that ends with the beginning of a stop string is held back until it is
   decided; a completed stop string ends the sequence, and neither it nor anything after it is emitted.
 """
@@ -18,6 +22,7 @@ from typing import Any
 
 _REPLACEMENT = "\ufffd"
 _WINDOW = 8  # a complete window of at least this many tokens restarts at its last token
+_PENDING_LIMIT = 4  # tokens without new text after which trailing U+FFFD (all but the last) are final
 
 
 class IdsToText:
@@ -92,6 +97,7 @@ class IncrementalDetokenizer:
         self._window_start = 0  # index in _tokens where the decode window begins
         self._window_emitted = 0  # characters of decode(window) already passed on
         self._complete_at = 0  # token count at the last step whose decoded text ended on a character boundary
+        self._progress_at = 0  # token count at the last step that emitted text or ended on a boundary
         self._held = ""  # decoded text kept back because it may be the start of a stop string
         self._chunks: list[str] = []
         self._text_cache: str | None = ""
@@ -144,8 +150,13 @@ class IncrementalDetokenizer:
         if not final:
             while end > self._window_emitted and text[end - 1] == _REPLACEMENT:
                 end -= 1
+            if end == self._window_emitted < len(text) - 1 and len(self._tokens) - self._progress_at >= _PENDING_LIMIT:
+                # U+FFFD for _PENDING_LIMIT tokens: no later byte completes them, except perhaps the last
+                end = len(text) - 1
         new = text[self._window_emitted : end] if end > self._window_emitted else ""
         self._window_emitted = max(self._window_emitted, end)
+        if new or end == len(text):
+            self._progress_at = len(self._tokens)
         if end == len(text):
             if len(window) >= _WINDOW:
                 # restart at the previous boundary: the tokens since then decode to whole characters on
