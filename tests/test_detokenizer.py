@@ -126,6 +126,22 @@ def test_bytes_that_can_never_complete_a_character_are_not_held_to_the_end(tok: 
     assert len(deltas[-1]) <= 1  # the flush holds at most the one U+FFFD that might still have completed
 
 
+def test_a_long_run_of_bytes_that_complete_nothing_costs_linear_time(tok: Any) -> None:
+    """The decode window restarts inside such a run: tokens decoded in all stay proportional to the output."""
+    decoded = [0]
+
+    class Counting:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            decoded[0] += len(ids)
+            return str(tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    lead = tok.convert_tokens_to_ids("\u00e2")
+    ids = encode(tok, "Hi") + [lead] * 3000 + encode(tok, " done")
+    deltas, _ = stream(Counting(), ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    assert decoded[0] <= 16 * len(ids)
+
+
 def test_a_character_completed_after_a_run_of_invalid_bytes_still_comes_out_whole(tok: Any) -> None:
     lead, cont = tok.convert_tokens_to_ids("\u00e2"), encode(tok, "\u20ac")  # a run of 0xE2, then a whole euro sign
     ids = [lead] * 9 + cont + encode(tok, " ok")

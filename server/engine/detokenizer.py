@@ -10,7 +10,7 @@ Owns the conversion of one sequence's generated token ids into text deltas. Two 
   ever: once _PENDING_LIMIT tokens went by without the text moving on, the bytes behind those U+FFFD
   can no longer form a character (UTF-8 has at most 4 bytes), and all but the last are passed on.
   Without that, a model repeating a lone lead byte (a greedy loop of a random or confused model) streamed
-  nothing until its last token.
+  nothing until its last token; the window then restarts near the end, so such a run costs linear time.
 * stop strings: decoded text that ends with the beginning of a stop string is held back until it is
   decided; a completed stop string ends the sequence, and neither it nor anything after it is emitted.
 """
@@ -157,6 +157,11 @@ class IncrementalDetokenizer:
         self._window_emitted = max(self._window_emitted, end)
         if new or end == len(text):
             self._progress_at = len(self._tokens)
+        if end == len(text) - 1 and text[-1] == _REPLACEMENT and len(window) >= _WINDOW:
+            # passed on all but one U+FFFD (above, or a character that completed before it): restart the window
+            # at the tokens that may hold its bytes, so a long run of them is not decoded again at every token
+            self._window_start = self._complete_at = len(self._tokens) - (_PENDING_LIMIT - 1)
+            self._window_emitted = len(self._decode(self._tokens[self._window_start :])) - 1
         if end == len(text):
             if len(window) >= _WINDOW:
                 # restart at the previous boundary: the tokens since then decode to whole characters on
