@@ -142,6 +142,15 @@ def test_a_long_run_of_bytes_that_complete_nothing_costs_linear_time(tok: Any) -
     assert decoded[0] <= 16 * len(ids)
 
 
+@pytest.mark.parametrize("between", [[0], [0, 0, 0], [1, 2, 0, 0, 0]])
+def test_a_run_of_lone_bytes_between_special_tokens(tok: Any, between: list[int]) -> None:
+    """Special tokens decode to nothing: a window restarted inside the run still holds the bytes' tokens."""
+    lead = tok.convert_tokens_to_ids("\u00e2")
+    ids = encode(tok, "Hi") + [lead, *between] * 200 + encode(tok, " ok")
+    deltas, _ = stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+
+
 def test_a_character_completed_after_a_run_of_invalid_bytes_still_comes_out_whole(tok: Any) -> None:
     lead, cont = tok.convert_tokens_to_ids("\u00e2"), encode(tok, "\u20ac")  # a run of 0xE2, then a whole euro sign
     ids = [lead] * 9 + cont + encode(tok, " ok")

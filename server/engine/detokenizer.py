@@ -147,21 +147,19 @@ class IncrementalDetokenizer:
             return ""
         text = self._decode(window)
         end = len(text)
+        released = False
         if not final:
             while end > self._window_emitted and text[end - 1] == _REPLACEMENT:
                 end -= 1
             if end == self._window_emitted < len(text) - 1 and len(self._tokens) - self._progress_at >= _PENDING_LIMIT:
                 # U+FFFD for _PENDING_LIMIT tokens: no later byte completes them, except perhaps the last
-                end = len(text) - 1
+                end, released = len(text) - 1, True
         new = text[self._window_emitted : end] if end > self._window_emitted else ""
         self._window_emitted = max(self._window_emitted, end)
         if new or end == len(text):
             self._progress_at = len(self._tokens)
-        if end == len(text) - 1 and text[-1] == _REPLACEMENT and len(window) >= _WINDOW:
-            # passed on all but one U+FFFD (above, or a character that completed before it): restart the window
-            # at the tokens that may hold its bytes, so a long run of them is not decoded again at every token
-            self._window_start = self._complete_at = len(self._tokens) - (_PENDING_LIMIT - 1)
-            self._window_emitted = len(self._decode(self._tokens[self._window_start :])) - 1
+        if released and len(window) >= _WINDOW:
+            self._restart_in_run()
         if end == len(text):
             if len(window) >= _WINDOW:
                 # restart at the previous boundary: the tokens since then decode to whole characters on
@@ -170,6 +168,19 @@ class IncrementalDetokenizer:
                 self._window_emitted = len(self._decode(self._tokens[self._window_start :]))
             self._complete_at = len(self._tokens)
         return new
+
+    def _restart_in_run(self) -> None:
+        """After a run of U+FFFD was passed on but its last: restart the window at the last tokens that carry
+        text (the bytes of a character that may still complete are among them), so a long run is not decoded
+        again at every token. Tokens that decode to nothing (special tokens) do not count."""
+        start, carrying = len(self._tokens), 0
+        while start > self._window_start and carrying < _PENDING_LIMIT - 1:
+            start -= 1
+            carrying += bool(self._decode([self._tokens[start]]))
+        text = self._decode(self._tokens[start:])
+        if text.endswith(_REPLACEMENT):
+            self._window_start = self._complete_at = start
+            self._window_emitted = len(text) - 1
 
     def _release(self, new: str, final: bool) -> str:
         """Run new text through the stop-string filter; return what may be emitted now."""
