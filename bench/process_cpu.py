@@ -27,6 +27,15 @@ def _stat(pid: int) -> tuple[str, float] | None:
     return name, (int(fields[11]) + int(fields[12])) / TICK
 
 
+def running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (False where /proc is missing)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2] not in "ZX"
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):

@@ -141,7 +141,7 @@ class Server:
         so the next side never shares the device with a leftover (SIGKILL after 30 s)."""
         if self.proc is None:
             return
-        from process_cpu import tree_cpu
+        from process_cpu import running, tree_cpu
 
         tree = set(tree_cpu(self.proc.pid)) - {self.proc.pid}
         self.proc.terminate()
@@ -151,20 +151,11 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         deadline = time.monotonic() + 30
-        while (left := [p for p in tree if _running(p)]) and time.monotonic() < deadline:
+        while (left := [p for p in tree if running(p)]) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    """Whether a process exists and is not a zombie (Linux /proc; elsewhere: never waited for)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def servers(model_dir: Path, data_dir: Path, logs: Path, extra: list[str]) -> list[Server]:
